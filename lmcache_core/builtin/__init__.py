@@ -1,0 +1,25 @@
+"""Built-in plugins, registered through the ``lmcache`` entry-point group like any other."""
+
+from __future__ import annotations
+
+from ..hookspecs import RegisterDevice, RegisterStorage, RegisterTransport, hookimpl
+
+
+@hookimpl
+def lmcache_register_devices(register: RegisterDevice) -> None:
+    register("cpu", "lmcache_core.builtin.cpu:CPUDevice", requires=("torch",), extra="torch",
+             description="Host CPU: torch gather/scatter for every layout")
+
+
+@hookimpl
+def lmcache_register_storage(register: RegisterStorage) -> None:
+    register("memory", "lmcache_core.builtin.memory_store:MemoryStore", schemes=("memory", "cpu"),
+             description="Process memory, LRU under a byte capacity, zero-copy")
+    register("disk", "lmcache_core.builtin.disk_store:DiskStore", schemes=("disk", "file"),
+             description="Local disk, LRU across restarts, atomic writes, O_DIRECT")
+
+
+@hookimpl
+def lmcache_register_transports(register: RegisterTransport) -> None:
+    register("local", "lmcache_core.builtin.local_transport:LocalTransport",
+             description="In-process buffer copies (reference transport)")

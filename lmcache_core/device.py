@@ -1,0 +1,138 @@
+"""The device contract: what a device plugin provides to the engine.
+
+A device moves KV between an engine's paged cache (:class:`PagedKV`) and chunk
+tensors ``[layers, planes, tokens, hidden]`` in host buffers, allocates those
+host buffers (pinned where it can), and offers streams and events so the engine
+can load layer ``i + 1`` while layer ``i`` computes. ``detect()`` must never
+create a device context: it probes management libraries and says why not.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from .layout import PagedKV
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Result of ``Device.detect()``: is the hardware usable, and if not, why."""
+
+    available: bool
+    reason: str = ""
+    count: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+    """What a device can do; the engine and the conformance suite read these."""
+
+    async_copy: bool = False  # copies run on streams and overlap compute
+    pinned_memory: bool = False  # alloc_host returns page-locked memory
+    ipc: bool = False  # ipc_export / ipc_import (daemon mode)
+    direct_storage: bool = False  # storage <-> device without a host bounce (GDS)
+    accelerator: bool = False  # False for host CPU devices (cpu, arm)
+
+
+class Event(abc.ABC):
+    """Completion marker of work queued on a stream."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Block the calling thread until the work is done."""
+
+    def wait_on_compute(self) -> None:
+        """Make the engine's compute stream wait (no host block). Defaults to synchronize."""
+        self.synchronize()
+
+    def query(self) -> bool:
+        return True
+
+
+class DoneEvent(Event):
+    """An event for work that ran synchronously."""
+
+    def synchronize(self) -> None:
+        return None
+
+
+class Device(abc.ABC):
+    """Base class of device plugins. Subclasses set ``name`` and ``capabilities``."""
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[DeviceCapabilities] = DeviceCapabilities()
+
+    @classmethod
+    @abc.abstractmethod
+    def detect(cls) -> Detection:
+        """Probe for the hardware without creating a context; explain an absence."""
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+    @property
+    @abc.abstractmethod
+    def torch_device(self) -> "torch.device":
+        """Where the engine's KV tensors for this device live."""
+
+    # -- memory ------------------------------------------------------------------
+    def alloc_host(self, nbytes: int) -> "torch.Tensor":
+        """A 1-D uint8 host tensor of ``nbytes`` (pinned when ``capabilities.pinned_memory``)."""
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.capabilities.pinned_memory)
+
+    # -- data movement -------------------------------------------------------------
+    @abc.abstractmethod
+    def gather(
+        self, kv: "PagedKV", slots: "torch.Tensor", out: "torch.Tensor", layers: Sequence[int] | None = None
+    ) -> None:
+        """Copy tokens at ``slots`` of ``kv`` into ``out[layers, :, :len(slots)]`` (chunk layout).
+
+        ``out`` is a host (or device) tensor ``[layers, planes, tokens, hidden]`` of the
+        KV dtype. Enqueued on the current stream; completion via ``record_event``.
+        """
+
+    @abc.abstractmethod
+    def scatter(
+        self, kv: "PagedKV", slots: "torch.Tensor", src: "torch.Tensor", layers: Sequence[int] | None = None
+    ) -> None:
+        """Copy ``src[layers, :, :len(slots)]`` into ``kv`` at ``slots``; the inverse of gather."""
+
+    # -- streams and events ------------------------------------------------------------
+    def new_stream(self) -> Any:
+        """A stream for transfers; None where work is synchronous."""
+        return None
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: Any) -> Iterator[None]:
+        """Run enclosed work on ``stream``."""
+        yield
+
+    def record_event(self, stream: Any = None) -> Event:
+        """An event completing when work queued so far on ``stream`` is done."""
+        return DoneEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    # -- optional capabilities ---------------------------------------------------------
+    def ipc_export(self, tensor: "torch.Tensor") -> bytes:
+        raise NotImplementedError(f"device {self.name!r} does not support IPC (capabilities.ipc is False)")
+
+    def ipc_import(self, handle: bytes) -> "torch.Tensor":
+        raise NotImplementedError(f"device {self.name!r} does not support IPC (capabilities.ipc is False)")
+
+    def telemetry(self) -> dict[str, Any]:
+        """Memory, utilisation, link facts; whatever the management library offers."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "index": self.index, "capabilities": self.capabilities.__dict__}

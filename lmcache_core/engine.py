@@ -1,0 +1,472 @@
+"""CacheEngine: lookup, store and retrieve chunks of KV, whole or layer by layer.
+
+One engine serves one chunk geometry (a model's layers, heads, dim, dtype) in
+one namespace. Integrations (vLLM, SGLang, transformers, the daemon) call it
+with token ids, the engine's KV cache bound as :class:`PagedKV`, and the
+request's block table (or slot mapping).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from . import chunk as chunkmod
+from .chunk import ChunkBuffer
+from .config import Config
+from .device import Device, Event
+from .errors import ConfigError, LayoutError, MissingDependencyError, PluginError
+from .keys import ChunkKey, Namespace, chunk_keys
+from .layout import ChunkGeometry, PagedKV, slot_mapping
+from .memory import BufferPool
+from .metrics import Metrics, serve
+from .plugins import PluginManager, get_plugin_manager
+from .storage import Store, StoreContext
+from .tiers import TierStack
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How many leading tokens are cached, and which tier holds each hit chunk."""
+
+    hit_tokens: int
+    keys: tuple[ChunkKey, ...]  # the hit chunks' keys
+    tiers: tuple[str, ...]  # the tier of each hit chunk
+    pinned: bool = False
+
+    @property
+    def by_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key, tier in zip(self.keys, self.tiers):
+            out[tier] = out.get(tier, 0) + key.num_tokens
+        return out
+
+
+@dataclass
+class RetrieveResult:
+    hit_tokens: int
+    by_tier: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_device(name: str, plugins: PluginManager) -> Device:
+    """``auto``: the one accelerator present, else a host device other than cpu, else cpu."""
+    regs = plugins.registrations("device")
+    if name != "auto":
+        cls = plugins.get("device", name).load()
+        det = cls.detect()
+        if not det.available:
+            raise PluginError(f"device {name!r} is not available: {det.reason}")
+        return cls()
+    accel: list[tuple[str, type[Device]]] = []
+    host: list[tuple[str, type[Device]]] = []
+    for reg_name, reg in sorted(regs.items()):
+        if reg_name == "cpu":
+            continue
+        try:
+            cls = reg.load()
+            det = cls.detect()
+        except MissingDependencyError as exc:
+            logger.debug("device %s skipped: %s", reg_name, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - detection must never take the engine down
+            logger.debug("device %s detection failed: %s", reg_name, exc)
+            continue
+        if not det.available:
+            logger.debug("device %s not available: %s", reg_name, det.reason)
+            continue
+        (accel if cls.capabilities.accelerator else host).append((reg_name, cls))
+    if len(accel) > 1:
+        names = ", ".join(n for n, _ in accel)
+        raise PluginError(f"device: auto found several accelerators ({names}); set device to one of them")
+    if accel:
+        return accel[0][1]()
+    if len(host) == 1:
+        return host[0][1]()
+    return plugins.get("device", "cpu").load()()
+
+
+def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreContext) -> list[Store]:
+    stores: list[Store] = []
+    names: set[str] = set()
+    for url in urls:
+        scheme = url.split("://", 1)[0].lower()
+        reg = plugins.storage_for_scheme(scheme)
+        cls = reg.load()
+        try:
+            store = cls.from_url(url, context)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unreachable remote tier must not stop the engine
+            logger.warning("tier %s could not be created (%s: %s); running without it",
+                           url, type(exc).__name__, exc)
+            continue
+        base, n = store.name, 2
+        while store.name in names:
+            store.name = f"{base}{n}"
+            n += 1
+        names.add(store.name)
+        stores.append(store)
+    if not stores:
+        raise ConfigError(f"tiers: none of {list(urls)} could be created; see the log above")
+    return stores
+
+
+class CacheEngine:
+    """The cache for one model's KV geometry. Thread-safe; close() when done."""
+
+    def __init__(
+        self,
+        geometry: ChunkGeometry,
+        config: Config | None = None,
+        *,
+        model: str | None = None,
+        device: Device | str | None = None,
+        plugins: PluginManager | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config or Config.load()
+        logging.getLogger("lmcache_core").setLevel(self.config.log_level)
+        self.geometry = geometry
+        self.plugins = plugins or get_plugin_manager()
+        if isinstance(device, Device):
+            self.device = device
+        else:
+            self.device = resolve_device(device or self.config.device, self.plugins)
+        self.metrics = metrics or Metrics()
+        if self.config.metrics_port:
+            serve(self.metrics, self.config.metrics_port)
+        self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size)
+        self.namespace = Namespace(model or self.config.model or "unknown", geometry.signature,
+                                   self.config.tenant, self.config.salt)
+        ctx = StoreContext(self.pool, self.config.to_dict(),
+                           on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n))
+        self.tiers = TierStack(
+            build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
+            queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
+            reader_threads=self.config.reader_threads, promote=self.config.promote,
+        )
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="lmcache-seal")
+        self._sealing = 0
+        self._sealing_cv = threading.Condition()
+        self._closed = False
+
+    # -- keys and lookup ----------------------------------------------------------------
+    def keys(self, tokens: Sequence[int] | Any) -> list[ChunkKey]:
+        return chunk_keys(tokens, self.namespace, self.config.chunk_size,
+                          save_partial=self.config.save_partial, algorithm=self.config.hash_algorithm)
+
+    def lookup(self, tokens: Sequence[int] | Any, *, pin: bool = False) -> LookupResult:
+        """Longest cached prefix of ``tokens`` (whole chunks). ``pin`` protects the hit chunks
+        from eviction until :meth:`release` (or a retrieve given this result) ends."""
+        keys = self.keys(tokens)
+        presence = self.tiers.lookup(keys)
+        hit_keys = tuple(keys[: presence.hits])
+        if pin and hit_keys:
+            self.tiers.pin(hit_keys)
+        result = LookupResult(sum(k.num_tokens for k in hit_keys), hit_keys, presence.tiers, pin and bool(hit_keys))
+        self.metrics.lookups.inc()
+        self.metrics.lookup_tokens.inc(len(keys) and sum(k.num_tokens for k in keys))
+        return result
+
+    def release(self, lookup: LookupResult) -> None:
+        if lookup.pinned:
+            self.tiers.unpin(lookup.keys)
+
+    # -- slots ----------------------------------------------------------------------------
+    @staticmethod
+    def _slots(kv: PagedKV, block_ids: "torch.Tensor | Sequence[int] | None",
+               slots: "torch.Tensor | None", start: int, end: int) -> "torch.Tensor":
+        import torch
+
+        if slots is not None:
+            if slots.numel() < end:
+                raise LayoutError(f"slot mapping has {slots.numel()} entries, tokens up to {end} are needed")
+            return slots[start:end].to(torch.int64)
+        if block_ids is None:
+            raise ValueError("pass block_ids (the request's block table) or slots")
+        if not isinstance(block_ids, torch.Tensor):
+            block_ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
+        return slot_mapping(block_ids, kv.block_size, start, end)
+
+    def _check_kv(self, kv: PagedKV) -> None:
+        if kv.geometry != self.geometry:
+            raise LayoutError(
+                f"KV cache layout {kv.geometry.signature} does not match this engine's {self.geometry.signature}"
+            )
+        if kv.kind != "hf":
+            self.config.check_block_size(kv.block_size)
+
+    # -- store ------------------------------------------------------------------------------
+    def store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
+              slots: "torch.Tensor | None" = None, wait: bool = False) -> int:
+        """Gather the chunks of ``tokens`` not cached yet and write them to every tier.
+
+        Returns once the KV is copied out of ``kv`` (the engine may reuse its blocks);
+        checksumming and writing continue in the background unless ``wait``.
+        Returns the number of tokens queued for storing.
+        """
+        task = self.start_store(tokens, kv, block_ids, slots=slots)
+        for layer in range(self.geometry.num_layers):
+            task.save_layer(layer)
+        return task.finish(wait=wait)
+
+    def start_store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
+                    slots: "torch.Tensor | None" = None) -> "LayerwiseStore":
+        """Layer-by-layer store: call ``save_layer(i)`` as each layer's KV is final, then ``finish()``."""
+        self._check_kv(kv)
+        keys = self.keys(tokens)
+        present = self.tiers.lookup(keys).hits
+        todo: list[tuple[ChunkBuffer, "torch.Tensor"]] = []
+        pos = sum(k.num_tokens for k in keys[:present])
+        try:
+            for key in keys[present:]:
+                c = chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens)
+                todo.append((c, self._slots(kv, block_ids, slots, pos, pos + key.num_tokens)))
+                pos += key.num_tokens
+        except BaseException:
+            for c, _ in todo:
+                c.release()
+            raise
+        return LayerwiseStore(self, kv, todo)
+
+    def _seal_and_put(self, chunks: list[ChunkBuffer]) -> None:
+        try:
+            for c in chunks:
+                try:
+                    sealed = chunkmod.seal(c, self.config.codec, self.pool)
+                except Exception:  # noqa: BLE001
+                    logger.exception("sealing chunk %s failed; not storing it", c.key)
+                    c.release()
+                    continue
+                try:
+                    self.tiers.put(sealed.key, sealed)
+                finally:
+                    sealed.release()
+        finally:
+            with self._sealing_cv:
+                self._sealing -= 1
+                self._sealing_cv.notify_all()
+
+    # -- retrieve ---------------------------------------------------------------------------
+    def retrieve(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
+                 slots: "torch.Tensor | None" = None, max_tokens: int | None = None,
+                 lookup: LookupResult | None = None) -> RetrieveResult:
+        """Load the cached prefix of ``tokens`` into ``kv``; returns how many tokens were loaded.
+
+        ``max_tokens`` caps the load (an engine must compute at least one token
+        itself). A chunk that fails to load ends the prefix there; nothing
+        after it is used.
+        """
+        task = self.start_retrieve(tokens, kv, block_ids, slots=slots, max_tokens=max_tokens, lookup=lookup)
+        task.finish()
+        return RetrieveResult(task.hit_tokens, task.by_tier)
+
+    def start_retrieve(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
+                       slots: "torch.Tensor | None" = None, max_tokens: int | None = None,
+                       lookup: LookupResult | None = None) -> "LayerwiseRetrieve":
+        """Fetch the hit chunks to host memory, then load into ``kv`` layer by layer.
+
+        Iterate the result (or call ``wait_layer(i)``) to get each layer as it lands.
+        """
+        self._check_kv(kv)
+        owned_lookup = lookup is None
+        if lookup is None:
+            lookup = self.lookup(tokens, pin=True)
+        keys = list(lookup.keys)
+        cap = lookup.hit_tokens if max_tokens is None else min(max_tokens, lookup.hit_tokens)
+        n_chunks, covered = 0, 0
+        while n_chunks < len(keys) and covered < cap:
+            covered += keys[n_chunks].num_tokens
+            n_chunks += 1
+        fetched = self.tiers.get_many(keys[:n_chunks])
+        parts: list[tuple[ChunkBuffer, "torch.Tensor", int]] = []
+        by_tier: dict[str, int] = {}
+        pos = 0
+        ok = True
+        for key, got in zip(keys, fetched):
+            if got is None or not ok:
+                ok = False
+                if got is not None:
+                    got[0].release()
+                continue
+            c, tier = got
+            n = min(c.num_tokens, cap - pos)
+            if c.num_tokens != key.num_tokens or c.header.geometry != self.geometry:
+                logger.warning("chunk %s has %d tokens of %s, expected %d of %s; treating as a miss",
+                               key, c.num_tokens, c.header.geometry.signature, key.num_tokens,
+                               self.geometry.signature)
+                c.release()
+                ok = False
+                continue
+            parts.append((c, self._slots(kv, block_ids, slots, pos, pos + n), n))
+            by_tier[tier] = by_tier.get(tier, 0) + n
+            pos += n
+        for tier, n in by_tier.items():
+            self.metrics.hit_tokens.labels(tier).inc(n)
+        if owned_lookup:
+            self.release(lookup)
+        return LayerwiseRetrieve(self, kv, parts, pos, by_tier)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every store started so far is in every tier."""
+        with self._sealing_cv:
+            if not self._sealing_cv.wait_for(lambda: self._sealing == 0, timeout):
+                return False
+        return self.tiers.flush(timeout)
+
+    def clear(self) -> None:
+        for tier in self.tiers.tiers:
+            try:
+                tier.store.clear()
+            except NotImplementedError:
+                logger.info("tier %s cannot be cleared", tier.name)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout=60)
+        self._sealer.shutdown(wait=True)
+        self.tiers.close()
+
+    def __enter__(self) -> "CacheEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LayerwiseStore:
+    """A store in progress: gather layer by layer, then seal and write in the background."""
+
+    def __init__(self, engine: CacheEngine, kv: PagedKV, todo: list[tuple[ChunkBuffer, "torch.Tensor"]]) -> None:
+        self.engine = engine
+        self.kv = kv
+        self.todo = todo
+        self.stream = engine.device.new_stream() if todo else None
+        self.saved: list[bool] = [False] * engine.geometry.num_layers
+        self._done = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c, _ in self.todo)
+
+    def save_layer(self, layer: int) -> None:
+        """Copy layer ``layer`` of every pending chunk out of the engine's cache (async on devices
+        with streams; the engine must not overwrite those blocks before ``finish``)."""
+        if self.saved[layer]:
+            return
+        dev = self.engine.device
+        with dev.use_stream(self.stream):
+            for c, slots in self.todo:
+                dev.gather(self.kv, slots, c.kv(), layers=(layer,))
+        self.saved[layer] = True
+
+    def finish(self, wait: bool = False) -> int:
+        """Wait for the copies, then seal and write. Returns the tokens stored."""
+        if self._done:
+            return 0
+        self._done = True
+        if not self.todo:
+            return 0
+        if not all(self.saved):
+            missing = [i for i, s in enumerate(self.saved) if not s]
+            for c, _ in self.todo:
+                c.release()
+            raise RuntimeError(f"store finished before layers {missing} were saved; nothing was stored")
+        self.engine.device.record_event(self.stream).synchronize()
+        chunks = [c for c, _ in self.todo]
+        eng = self.engine
+        with eng._sealing_cv:
+            eng._sealing += 1
+        future = eng._sealer.submit(eng._seal_and_put, chunks)
+        if wait:
+            future.result()
+            eng.tiers.flush()
+        return self.num_tokens
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            for c, _ in self.todo:
+                c.release()
+
+
+class LayerwiseRetrieve:
+    """A load in progress. Layers land in order; ``wait_layer(i)`` returns once layer ``i`` is in
+    the engine's cache. Devices with async copies queue every layer at once on a transfer
+    stream; synchronous devices copy each layer when it is first waited for."""
+
+    def __init__(self, engine: CacheEngine, kv: PagedKV, parts: list[tuple[ChunkBuffer, "torch.Tensor", int]],
+                 hit_tokens: int, by_tier: dict[str, int]) -> None:
+        self.engine = engine
+        self.kv = kv
+        self.parts = parts
+        self.hit_tokens = hit_tokens
+        self.by_tier = by_tier
+        self.num_layers = engine.geometry.num_layers
+        self.events: list[Event | None] = [None] * self.num_layers
+        self.order: list[int] = []  # layers in the order they completed (pipelining contract)
+        self._released = False
+        dev = engine.device
+        self.stream = dev.new_stream() if parts else None
+        if parts and dev.capabilities.async_copy:
+            for layer in range(self.num_layers):
+                self._load(layer)
+
+    def _load(self, layer: int) -> None:
+        dev = self.engine.device
+        with dev.use_stream(self.stream):
+            for c, slots, n in self.parts:
+                dev.scatter(self.kv, slots, c.kv()[:, :, :n], layers=(layer,))
+            self.events[layer] = dev.record_event(self.stream)
+
+    def wait_layer(self, layer: int) -> None:
+        if not self.parts:
+            return
+        for earlier in range(layer + 1):
+            if self.events[earlier] is None:
+                self._load(earlier)
+        ev = self.events[layer]
+        assert ev is not None
+        ev.wait_on_compute()
+        if layer not in self.order:
+            self.order.append(layer)
+
+    def __iter__(self) -> Iterator[int]:
+        for layer in range(self.num_layers):
+            self.wait_layer(layer)
+            yield layer
+
+    def finish(self) -> None:
+        """Wait for every layer and release the host chunks."""
+        try:
+            for layer in range(self.num_layers):
+                if self.events[layer] is None:
+                    self._load(layer)
+            for ev in self.events:
+                if ev is not None:
+                    ev.synchronize()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            for c, _, _ in self.parts:
+                c.release()
+
+    def __del__(self) -> None:  # a forgotten task must not leak pool buffers
+        try:
+            self._release()
+        except Exception:  # noqa: BLE001
+            pass

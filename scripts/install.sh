@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install lmcache-core with what a profile needs.
+#   scripts/install.sh VENV demo   core + transformers (the demo)
+#   scripts/install.sh VENV test   everything: every plugin distribution in this tree, test tools
+# Torch: a CPU build (torch==2.13.0) unless torch is already in the venv. GPU users
+# install their CUDA/ROCm torch into the venv first; this script then keeps it.
+set -euo pipefail
+VENV=${1:-.venv}
+PROFILE=${2:-test}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${LMCACHE_TORCH_SPEC:-torch==2.13.0}
+cd "$(dirname "$0")/.."
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_SPEC"
+
+if [ "$PROFILE" = demo ]; then
+    "${PIP[@]}" -e ".[transformers]"
+    exit 0
+fi
+
+# Every plugin distribution of this tree, editable, so `lmcache plugins` lists them.
+projects=()
+for f in devices/*/pyproject.toml storage_plugins/*/pyproject.toml backends/*/pyproject.toml \
+         kernels/pyproject.toml conformance/pyproject.toml conformance/testing_plugins/*/pyproject.toml; do
+    [ -f "$f" ] && projects+=(-e "$(dirname "$f")")
+done
+"${PIP[@]}" -e ".[transformers,test]" "${projects[@]}"
+if [ -f requirements-test.txt ]; then "${PIP[@]}" -r requirements-test.txt; fi
