@@ -1,0 +1,403 @@
+"""Contract tests every device plugin runs: chunk round trips, pipelining, zero-copy.
+
+Use them the zarr/fsspec way: subclass and supply a ``device`` fixture::
+
+    from lmcache_conformance import DeviceChunkTests
+
+    class TestMyDevice(DeviceChunkTests):
+        @pytest.fixture
+        def device(self):
+            return MyDevice()
+
+Under ``lmcache conformance`` the fixtures come from the plugin registry
+instead (``lmcache_device``, ``lmcache_chunk_store``), one parameter per
+registered plugin. Values are compared with :mod:`groundtruth`, never with
+the device's own output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pytest
+
+from lmcache_core.keys import Namespace, chunk_keys
+
+from . import harness as h
+from .capabilities import layout_skip_reason
+from .groundtruth import DTYPES, LAYOUTS, KVShape, build, expected_chunk, raw
+from .targets import Target
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcache_core.device import Device
+
+
+def load_device(target: Target) -> "Device":
+    """An instance of the target's device class; skips with the detection reason if absent."""
+    from lmcache_core.plugins import get_plugin_manager
+
+    if target.skip:
+        pytest.skip(target.skip)
+    cls = get_plugin_manager().get("device", target.name).load()
+    return cls()
+
+
+def store_url(target: Target, tmp_path: Any) -> str:
+    if target.skip:
+        pytest.skip(f"store {target.name}: {target.skip}")
+    assert target.url is not None
+    return h.fill_url(target.url, tmp_path)
+
+
+class ContractTests:
+    """Base of every contract class: ``kind`` and ``contract`` label the report's table."""
+
+    kind: ClassVar[str] = ""
+    contract: ClassVar[str] = ""
+
+
+class DeviceContract(ContractTests):
+    kind = "device"
+
+    @pytest.fixture
+    def device(self, lmcache_device: Target) -> "Device":
+        return load_device(lmcache_device)
+
+    @pytest.fixture
+    def chunk_store(self, lmcache_chunk_store: Target, tmp_path: Any) -> str:
+        """URL of the store a round trip goes through (parametrised over every selected store)."""
+        return store_url(lmcache_chunk_store, tmp_path)
+
+    @staticmethod
+    def kv_for(device: "Device", layout: str, dtype: str, seed: int = 0, shape: KVShape = KVShape()) -> h.EngineKV:
+        reason = layout_skip_reason(device, layout, dtype)
+        if reason:
+            pytest.skip(reason)
+        return build(layout, dtype, device.torch_device, shape, seed)
+
+    @staticmethod
+    def host_chunk(device: "Device", kv: h.EngineKV, tokens: int) -> "torch.Tensor":
+        """A chunk tensor in the device's host memory, filled with the sentinel pattern."""
+        from lmcache_core.layout import torch_dtype
+
+        g = kv.kv.geometry
+        t = device.alloc_host(g.nbytes(tokens))
+        t.fill_(h.SENTINEL)
+        return t.view(torch_dtype(g.dtype)).view(g.shape(tokens))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+class DeviceChunkTests(DeviceContract):
+    """Chunk contract: bit-exact gather, scatter and store -> retrieve for every layout and dtype."""
+
+    contract = "chunk"
+
+    def test_gather(self, device: "Device", layout: str, dtype: str) -> None:
+        """Full and partial chunks from a shuffled block table equal the ground truth, and a
+        partial chunk writes nothing past its tokens."""
+        import torch
+
+        kv = self.kv_for(device, layout, dtype, seed=11)
+        truth = kv.logical()
+        p = h.place(kv, h.NUM_TOKENS, seed=3)
+        for start, end in ((0, h.CHUNK_SIZE), (2 * h.CHUNK_SIZE, h.NUM_TOKENS)):
+            out = self.host_chunk(device, kv, h.CHUNK_SIZE)
+            slots = torch.as_tensor(p.slots[start:end], dtype=torch.int64)
+            device.gather(kv.kv, slots, out)
+            device.record_event(None).synchronize()
+            device.synchronize()
+            n = end - start
+            got = raw(out)
+            assert torch.equal(got[:, :, :n].cpu(), expected_chunk(truth, p.slots[start:end])), (
+                f"{device.name}: gather of tokens {start}..{end} ({layout}, {dtype}) differs from the ground truth")
+            tail = out.view(torch.uint8)[:, :, n:] if n < h.CHUNK_SIZE else None
+            if tail is not None:
+                assert bool((tail == h.SENTINEL).all()), (
+                    f"{device.name}: gather of {n} tokens wrote past token {n} of the chunk buffer")
+
+    def test_gather_single_layer(self, device: "Device", layout: str, dtype: str) -> None:
+        """``layers=(i,)`` copies layer i only (what layer-by-layer saving relies on)."""
+        import torch
+
+        kv = self.kv_for(device, layout, dtype, seed=12)
+        truth = kv.logical()
+        p = h.place(kv, h.CHUNK_SIZE, seed=4)
+        out = self.host_chunk(device, kv, h.CHUNK_SIZE)
+        layer = kv.kv.geometry.num_layers - 2
+        device.gather(kv.kv, torch.as_tensor(p.slots, dtype=torch.int64), out, layers=(layer,))
+        device.record_event(None).synchronize()
+        device.synchronize()
+        exp = expected_chunk(truth, p.slots)
+        assert torch.equal(raw(out)[layer].cpu(), exp[layer]), f"{device.name}: layer {layer} differs"
+        others = [l for l in range(kv.kv.geometry.num_layers) if l != layer]
+        assert bool((out.view(torch.uint8)[others] == h.SENTINEL).all()), (
+            f"{device.name}: gather(layers=({layer},)) also wrote other layers")
+
+    def test_scatter(self, device: "Device", layout: str, dtype: str) -> None:
+        """A chunk scattered into a shuffled block table lands bit-exact at those slots and
+        nowhere else; a partial chunk touches only its tokens."""
+        import torch
+
+        src = self.kv_for(device, layout, dtype, seed=13)
+        src_truth = src.logical()
+        sp = h.place(src, h.NUM_TOKENS, seed=5)
+        dst = self.kv_for(device, layout, dtype, seed=14)
+        dst.fill_raw(h.SENTINEL)
+        before = dst.logical()
+        dp = h.place(dst, h.NUM_TOKENS, seed=6)
+        for start, end in ((0, h.CHUNK_SIZE), (2 * h.CHUNK_SIZE, h.NUM_TOKENS)):
+            chunk = self.host_chunk(device, src, h.CHUNK_SIZE)
+            raw(chunk)[:, :, : end - start].copy_(expected_chunk(src_truth, sp.slots[start:end]))
+            device.scatter(dst.kv, torch.as_tensor(dp.slots[start:end], dtype=torch.int64),
+                           chunk[:, :, : end - start])
+        device.record_event(None).synchronize()
+        device.synchronize()
+        moved = h.Placement(sp.block_ids, sp.slots[: h.CHUNK_SIZE] + sp.slots[2 * h.CHUNK_SIZE:])
+        landed = h.Placement(dp.block_ids, dp.slots[: h.CHUNK_SIZE] + dp.slots[2 * h.CHUNK_SIZE:])
+        problem = h.check_loaded(dst, before, src_truth, moved, landed, len(moved.slots))
+        assert problem is None, f"{device.name}: scatter ({layout}, {dtype}): {problem}"
+
+    def test_roundtrip_through_store(self, device: "Device", layout: str, dtype: str, chunk_store: str) -> None:
+        """gather -> seal -> store -> (new engine) -> verify -> scatter is bit-exact for full and
+        partial chunks, into a different, non-contiguous block table."""
+        src = self.kv_for(device, layout, dtype, seed=21)
+        truth = src.logical()
+        sp = h.place(src, h.NUM_TOKENS, seed=7)
+        tokens = h.tokens_for(seed=1)
+        salt = f"rt-{time.time_ns()}"
+        dst = self.kv_for(device, layout, dtype, seed=22)
+        dst.fill_raw(h.SENTINEL)
+        before = dst.logical()
+        dp = h.place(dst, h.NUM_TOKENS, seed=8)
+        with h.make_engine(device, src, [chunk_store], salt=salt) as eng:
+            stored = eng.store(tokens, src.kv, list(sp.block_ids), wait=True)
+            assert stored == h.NUM_TOKENS, f"engine queued {stored} of {h.NUM_TOKENS} tokens for storing"
+            assert eng.flush(timeout=60)
+            caps = eng.tiers.tiers[0].store.capabilities
+            if not (caps.shared or caps.persistent):
+                got = eng.retrieve(tokens, dst.kv, list(dp.block_ids))
+        if caps.shared or caps.persistent:
+            # A second engine decodes from what rests in the store, not from the first one's buffers.
+            with h.make_engine(device, src, [chunk_store], salt=salt) as eng2:
+                got = eng2.retrieve(tokens, dst.kv, list(dp.block_ids))
+        assert got.hit_tokens == h.NUM_TOKENS, f"retrieved {got.hit_tokens} of {h.NUM_TOKENS} tokens"
+        problem = h.check_loaded(dst, before, truth, sp, dp, h.NUM_TOKENS)
+        assert problem is None, f"{device.name} via {chunk_store}: {problem}"
+
+
+class DeviceKeyTests(DeviceContract):
+    """Keys are bytes of the tokens and namespace only: equal in every process."""
+
+    contract = "chunk"
+
+    def test_keys_identical_across_processes(self, device: "Device") -> None:
+        """Asked per device so every device row of the report shows it; the keys never depend on it."""
+        tokens = h.tokens_for(600, seed=9)
+        ns = Namespace("m", "L2-P2-H2-D8-float16", "t", "s")
+        here = [k.path for k in chunk_keys(tokens, ns, 256)]
+        code = ("import sys, json; from lmcache_core.keys import Namespace, chunk_keys; "
+                "t = json.loads(sys.stdin.read()); "
+                "print('\\n'.join(k.path for k in chunk_keys(t, Namespace('m','L2-P2-H2-D8-float16','t','s'), 256)))")
+        import json
+        import os
+
+        for seed in ("1", "12345"):
+            env = {**os.environ, "PYTHONHASHSEED": seed}
+            out = subprocess.run([sys.executable, "-c", code], input=json.dumps(tokens), capture_output=True,
+                                 text=True, env=env, timeout=120, check=True).stdout.split()
+            assert out == here, f"keys differ in a process with PYTHONHASHSEED={seed}"
+        assert len(set(here)) == len(here) == 3
+
+
+@pytest.mark.parametrize("layout", ["vllm_flash", "mla"])
+class DeviceCorruptionTests(DeviceContract):
+    """A corrupted payload at rest is a miss: nothing is scattered, the bad object is deleted."""
+
+    contract = "chunk"
+
+    def test_corrupted_payload_is_miss(self, device: "Device", layout: str, chunk_store: str) -> None:
+        src = self.kv_for(device, layout, "bfloat16", seed=31)
+        truth = src.logical()
+        sp = h.place(src, h.NUM_TOKENS, seed=9)
+        tokens = h.tokens_for(seed=2)
+        with h.make_engine(device, src, [chunk_store]) as eng:
+            store = eng.tiers.tiers[0].store
+            if store.capabilities.holds_buffers:
+                pytest.skip(f"{store.name} holds buffers in process memory (capabilities.holds_buffers); "
+                            "no bytes rest there to corrupt")
+            eng.store(tokens, src.kv, list(sp.block_ids), wait=True)
+            assert eng.flush(timeout=60)
+            keys = eng.keys(tokens)
+            assert h.corrupt_stored(store, keys[1])
+            dst = self.kv_for(device, layout, "bfloat16", seed=32)
+            dst.fill_raw(h.SENTINEL)
+            before = dst.logical()
+            dp = h.place(dst, h.NUM_TOKENS, seed=10)
+            got = eng.retrieve(tokens, dst.kv, list(dp.block_ids))
+            assert got.hit_tokens == h.CHUNK_SIZE, (
+                f"with chunk 1 corrupted, {got.hit_tokens} tokens were loaded; expected the {h.CHUNK_SIZE} before it")
+            problem = h.check_loaded(dst, before, truth, sp, dp, h.CHUNK_SIZE)
+            assert problem is None, f"after a corrupt chunk: {problem}"
+            assert eng.metrics.value("lmcache_corrupt_chunks", tier=store.name) >= 1, "corruption was not counted"
+            assert store.exists([keys[1]]) == [False], "the corrupt object was not deleted"
+
+
+class PipeliningTests(DeviceContract):
+    """Pipelining contract: layers land in order, each complete before compute gets it; overlap."""
+
+    contract = "pipelining"
+    OVERLAP_MIN: ClassVar[float] = 0.10  # below this a device claiming async copies has "no overlap"
+
+    def _stored(self, device: "Device", shape: KVShape, chunk_size: int, seed: int) -> Any:
+        src = self.kv_for(device, "vllm_flash", "float16", seed=seed, shape=shape)
+        n = shape.slots
+        sp = h.place(src, n, seed=seed)
+        tokens = h.tokens_for(n, seed=seed)
+        eng = h.make_engine(device, src, ["memory://?capacity=2GiB"], chunk_size=chunk_size)
+        eng.store(tokens, src.kv, list(sp.block_ids), wait=True)
+        assert eng.flush(timeout=60)
+        return src, sp, tokens, eng
+
+    def test_layers_in_order_and_complete_before_release(self, device: "Device") -> None:
+        import torch
+
+        shape = KVShape(num_layers=6, num_heads=2, head_dim=8, block_size=16, num_blocks=8)
+        src, sp, tokens, eng = self._stored(device, shape, 32, seed=41)
+        try:
+            truth = src.logical()
+            dst = self.kv_for(device, "vllm_flash", "float16", seed=42, shape=shape)
+            dst.fill_raw(h.SENTINEL)
+            dp = h.place(dst, shape.slots, seed=43)
+            idx_d = torch.as_tensor(dp.slots, dtype=torch.int64)
+            idx_s = torch.as_tensor(sp.slots, dtype=torch.int64)
+            task = eng.start_retrieve(tokens, dst.kv, list(dp.block_ids))
+            assert task.hit_tokens == shape.slots
+            seen = []
+            for layer in task:
+                seen.append(layer)
+                assert task.order == seen, f"layers completed in order {task.order}, expected {seen}"
+                # What compute sees now: read layer `layer` on the compute side (no extra sync).
+                got = raw(dst.tensors[layer]).cpu().reshape(2, -1, shape.num_heads, shape.head_dim)
+                assert torch.equal(got[:, idx_d], truth[layer][:, idx_s]), (
+                    f"{device.name}: layer {layer} was released to compute before its load completed")
+                for earlier in range(layer + 1):
+                    ev = task.events[earlier]
+                    assert ev is None or ev.query(), f"layer {earlier} not complete when layer {layer} was"
+            task.finish()
+            assert seen == list(range(shape.num_layers))
+        finally:
+            eng.close()
+        assert eng.pool.live_count() == 0, f"{eng.pool.live_count()} buffers not returned after close"
+
+    def test_overlap(self, device: "Device", record_property: Any) -> None:
+        """Fraction of load time hidden behind a stand-in compute (a report figure)."""
+        if not device.capabilities.async_copy:
+            pytest.skip(f"device {device.name!r} does not declare async_copy; loads run in the compute "
+                        "thread, so there is no overlap to measure")
+        accel = device.capabilities.accelerator
+        shape = (KVShape(num_layers=16, num_heads=8, head_dim=128, block_size=16, num_blocks=256) if accel
+                 else KVShape(num_layers=8, num_heads=8, head_dim=64, block_size=16, num_blocks=64))
+        src, sp, tokens, eng = self._stored(device, shape, 256, seed=51)
+        try:
+            dst = self.kv_for(device, "vllm_flash", "float16", seed=52, shape=shape)
+            dp = h.place(dst, shape.slots, seed=53)
+            figures = measure_overlap(device, eng, tokens, dst, list(dp.block_ids), shape.num_layers)
+        finally:
+            eng.close()
+        for k, v in figures.items():
+            record_property(f"figure:{k}", v)
+        hidden = figures["overlap_hidden_fraction"]
+        assert hidden >= self.OVERLAP_MIN, (
+            f"{device.name} declares async_copy but hid {hidden:.0%} of load time behind compute "
+            f"(load {figures['load_ms']:.2f} ms, compute {figures['compute_ms']:.2f} ms, "
+            f"both {figures['both_ms']:.2f} ms)")
+
+
+def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.EngineKV, block_ids: list[int],
+                    layers: int, rounds: int = 3) -> dict[str, float]:
+    """Best-of-``rounds`` times of load alone, compute alone, and both pipelined; the hidden
+    fraction is ``(load + compute - both) / min(load, compute)``, clipped to [0, 1]."""
+    import torch
+
+    dev = device.torch_device
+    n = 256 if device.capabilities.accelerator else 96
+    a = torch.randn(n, n, device=dev)
+
+    def sync() -> None:
+        device.synchronize()
+        if dev.type != "cpu":
+            getattr(torch, dev.type).synchronize()
+
+    def compute(reps: int) -> None:
+        x = a
+        for _ in range(reps):
+            x = torch.tanh(x @ a)
+
+    def time_load() -> float:
+        sync()
+        t0 = time.perf_counter()
+        eng.retrieve(tokens, dst.kv, block_ids)
+        sync()
+        return time.perf_counter() - t0
+
+    def time_compute(reps: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(layers):
+            compute(reps)
+        sync()
+        return time.perf_counter() - t0
+
+    def time_both(reps: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        task = eng.start_retrieve(tokens, dst.kv, block_ids)
+        for _ in task:
+            compute(reps)
+        task.finish()
+        sync()
+        return time.perf_counter() - t0
+
+    time_load()  # warm up allocations and caches
+    load = min(time_load() for _ in range(rounds))
+    reps, one = 1, time_compute(1)
+    while one * reps < load and reps < 4096:  # size compute like the load: the fraction is then fair
+        reps *= 2
+    comp = min(time_compute(reps) for _ in range(rounds))
+    both = min(time_both(reps) for _ in range(rounds))
+    hidden = max(0.0, min(1.0, (load + comp - both) / max(min(load, comp), 1e-9)))
+    return {"overlap_hidden_fraction": round(hidden, 3), "load_ms": round(load * 1e3, 3),
+            "compute_ms": round(comp * 1e3, 3), "both_ms": round(both * 1e3, 3)}
+
+
+class DeviceZeroCopyTests(DeviceContract):
+    """Zero-copy contract, device side: pinned host memory where declared, and the fan-out check
+    of :mod:`zerocopy` over the default tiers plus the selected store."""
+
+    contract = "zero-copy"
+
+    def test_alloc_host_pinned(self, device: "Device") -> None:
+        if not device.capabilities.pinned_memory:
+            pytest.skip(f"device {device.name!r} does not declare pinned_memory")
+        t = device.alloc_host(1 << 20)
+        assert t.is_pinned(), f"{device.name}: alloc_host returned pageable memory but declares pinned_memory"
+        assert t.numel() == 1 << 20 and str(t.dtype) == "torch.uint8"
+
+    def test_fanout(self, device: "Device", chunk_store: str, tmp_path: Any) -> None:
+        from .zerocopy import check_fanout
+
+        urls = ["memory://?capacity=512MiB", f"disk://{tmp_path}/zc-disk"]
+        if chunk_store.split("://")[0] not in ("memory", "cpu", "disk", "file"):
+            urls.append(chunk_store)
+        kv = self.kv_for(device, "vllm_flash", "bfloat16", seed=61)
+        check_fanout(device, kv, urls)
+
+
+__all__ = ["ContractTests", "DeviceChunkTests", "DeviceContract", "DeviceCorruptionTests", "DeviceKeyTests",
+           "DeviceZeroCopyTests", "PipeliningTests", "load_device", "measure_overlap", "store_url"]
