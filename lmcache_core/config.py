@@ -222,6 +222,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError
             return tuple(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         pass
     else:
