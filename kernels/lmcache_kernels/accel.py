@@ -1,0 +1,184 @@
+"""StreamDevice: the part of an accelerator device plugin that CUDA, ROCm and Ascend share.
+
+It implements the data-movement half of :class:`lmcache_core.device.Device` over a
+torch backend module with streams and events (``torch.cuda`` for CUDA and HIP
+builds, ``torch.npu`` for Ascend) and a :class:`~lmcache_kernels.transfer.KVTransfer`.
+
+Batching without changing the engine: inside ``use_stream(s)`` the per-chunk,
+per-layer ``gather``/``scatter`` calls the engine makes are collected and launched
+as one batch (one kernel for every chunk of the layer) when the block ends or an
+event is recorded, whichever comes first. Outside a ``use_stream`` block every
+call runs at once. ``gather_many``/``scatter_many`` take a whole batch directly
+(all layers of many chunks in one launch); an engine may call them when present.
+Subclasses add detection, telemetry, IPC and direct storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+from lmcache_core.device import Device, Event
+
+from .transfer import KVTransfer, TransferOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcache_core.layout import PagedKV
+
+    from .reference import Batch
+
+logger = logging.getLogger(__name__)
+
+
+class TorchEvent(Event):
+    """A backend event: ``synchronize`` blocks the host, ``wait_on_compute`` only the current stream."""
+
+    def __init__(self, event: Any, backend: Any, device: "torch.device") -> None:
+        self.event = event
+        self.backend = backend
+        self.device = device
+
+    def synchronize(self) -> None:
+        self.event.synchronize()
+
+    def wait_on_compute(self) -> None:
+        self.backend.current_stream(self.device).wait_event(self.event)
+
+    def query(self) -> bool:
+        return bool(self.event.query())
+
+
+class _Pending(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0
+        self.key: tuple[Any, ...] | None = None
+        self.kv: Any = None
+        self.layers: Sequence[int] | None = None
+        self.batch: list[tuple[Any, Any]] = []
+
+
+class StreamDevice(Device):
+    """Device base over a torch backend with streams; subclasses set ``backend_name``."""
+
+    backend_name: ClassVar[str] = "cuda"  # torch.<backend_name> holds Stream, Event, stream(), ...
+    torch_type: ClassVar[str] = "cuda"  # the torch device type of KV tensors
+
+    def __init__(self, index: int = 0, options: TransferOptions | None = None) -> None:
+        super().__init__(index)
+        self._options = options
+        self._transfer: KVTransfer | None = None
+        self._pending = _Pending()
+        self._init_lock = threading.Lock()
+
+    # -- basics ------------------------------------------------------------------------------
+    @property
+    def backend(self) -> Any:
+        import torch
+
+        return getattr(torch, self.backend_name)
+
+    @property
+    def torch_device(self) -> "torch.device":
+        import torch
+
+        return torch.device(self.torch_type, self.index)
+
+    @property
+    def transfer(self) -> KVTransfer:
+        if self._transfer is None:
+            with self._init_lock:
+                if self._transfer is None:
+                    self._transfer = KVTransfer(self.torch_device, self._options or TransferOptions.from_env(),
+                                                self.backend)
+        return self._transfer
+
+    def alloc_host(self, nbytes: int) -> "torch.Tensor":
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    # -- data movement -------------------------------------------------------------------------
+    def gather(self, kv: "PagedKV", slots: "torch.Tensor", out: "torch.Tensor",
+               layers: Sequence[int] | None = None) -> None:
+        self._submit(True, kv, slots, out, layers)
+
+    def scatter(self, kv: "PagedKV", slots: "torch.Tensor", src: "torch.Tensor",
+                layers: Sequence[int] | None = None) -> None:
+        self._submit(False, kv, slots, src, layers)
+
+    def gather_many(self, kv: "PagedKV", batch: "Batch", layers: Sequence[int] | None = None) -> None:
+        """Gather a whole batch of ``(slots, chunk)`` pairs in one go (one launch per layer run)."""
+        self._flush()
+        self.transfer.gather(kv, batch, layers)
+
+    def scatter_many(self, kv: "PagedKV", batch: "Batch", layers: Sequence[int] | None = None) -> None:
+        """Scatter a whole batch of ``(slots, chunk)`` pairs in one go."""
+        self._flush()
+        self.transfer.scatter(kv, batch, layers)
+
+    def _submit(self, gather: bool, kv: "PagedKV", slots: "torch.Tensor", chunk: "torch.Tensor",
+                layers: Sequence[int] | None) -> None:
+        st = self._pending
+        if st.depth == 0:
+            (self.transfer.gather if gather else self.transfer.scatter)(kv, [(slots, chunk)], layers)
+            return
+        key = (gather, id(kv), None if layers is None else tuple(int(l) for l in layers))
+        if st.batch and st.key != key:
+            self._flush()
+        st.key, st.kv, st.layers = key, kv, layers
+        st.batch.append((slots, chunk))
+
+    def _flush(self) -> None:
+        st = self._pending
+        if not st.batch:
+            return
+        batch, kv, layers, key = st.batch, st.kv, st.layers, st.key
+        st.batch, st.kv, st.key = [], None, None
+        assert key is not None
+        (self.transfer.gather if key[0] else self.transfer.scatter)(kv, batch, layers)
+
+    def _drop_pending(self) -> None:
+        st = self._pending
+        st.batch, st.kv, st.key = [], None, None
+
+    # -- streams and events ----------------------------------------------------------------------
+    def new_stream(self) -> Any:
+        return self.backend.Stream(self.torch_device)
+
+    @contextlib.contextmanager
+    def use_stream(self, stream: Any) -> Iterator[None]:
+        self._flush()  # work batched by an enclosing block belongs to the enclosing stream
+        ctx = self.backend.stream(stream) if stream is not None else contextlib.nullcontext()
+        st = self._pending
+        with ctx:
+            st.depth += 1
+            try:
+                yield
+            except BaseException:
+                self._drop_pending()  # the caller is unwinding; its buffers may be released
+                raise
+            else:
+                self._flush()
+            finally:
+                st.depth -= 1
+
+    def record_event(self, stream: Any = None) -> Event:
+        self._flush()
+        backend = self.backend
+        ev = backend.Event()
+        ev.record(stream if stream is not None else backend.current_stream(self.torch_device))
+        return TorchEvent(ev, backend, self.torch_device)
+
+    def synchronize(self) -> None:
+        self._flush()
+        self.backend.synchronize(self.torch_device)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        if self._transfer is not None:
+            out["transfer"] = self._transfer.describe()
+        return out

@@ -1,0 +1,378 @@
+"""KVTransfer: choose and run the path that moves a batch of chunks for one paged cache.
+
+Three paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
+
+- ``direct``: one kernel launch reads the paged cache and writes the chunks in
+  place, also when they are pinned host buffers (mapped into the device's address
+  space, UVA): no staging copy, no DMA queue, one launch per layer group.
+- ``staged``: the kernel gathers into a device staging ring, then the copy engine
+  moves each chunk with one DMA on a copy stream (the reverse for loads); the
+  kernel of group ``i + 1`` runs while group ``i`` is on the bus.
+- ``torch``: the reference (indexing ops and per-plane copies); also the fallback
+  whenever the kernel cannot run, with the reason logged once.
+
+``auto`` picks per direction from :data:`AUTO`, which holds the winner of the
+measurements in ``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py`` records
+every variant). Everything is enqueued on the caller's current stream; work on
+copy streams is joined back to it before a call returns, so an event recorded
+on the current stream afterwards covers the whole transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from . import reference, triton_copy
+from .reference import Batch, layer_list
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcache_core.layout import PagedKV
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "direct", "staged", "torch")
+# Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
+AUTO = {"store": "direct", "load": "direct"}
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How KV moves between the device and host chunks; see the module docstring."""
+
+    store_mode: str = "auto"
+    load_mode: str = "auto"
+    copy_streams: int = 1  # copy streams the staged path spreads DMAs over
+    staging_bytes: int = 64 << 20  # bytes per staging ring slot (grown to fit one chunk)
+    staging_slots: int = 2  # ring depth: the kernel fills slot i+1 while slot i is copied
+
+    def __post_init__(self) -> None:
+        for name in ("store_mode", "load_mode"):
+            if getattr(self, name) not in MODES:
+                raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {getattr(self, name)!r}")
+        if self.copy_streams < 1 or self.staging_slots < 1 or self.staging_bytes < 1:
+            raise ValueError("copy_streams, staging_slots and staging_bytes must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "TransferOptions":
+        """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
+        ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``; ``overrides`` win."""
+        env = os.environ if env is None else env
+        kw: dict[str, Any] = {}
+        for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
+                                ("COPY_STREAMS", "copy_streams", int), ("STAGING_BYTES", "staging_bytes", int),
+                                ("STAGING_SLOTS", "staging_slots", int)):
+            value = env.get(f"LMCACHE_KV_{key}")
+            if value:
+                try:
+                    kw[name] = conv(value.strip().lower() if conv is str else value)
+                except ValueError as exc:
+                    raise ValueError(f"LMCACHE_KV_{key}={value!r} is not valid: {exc}") from exc
+        kw.update(overrides)
+        return cls(**kw)
+
+    def mode(self, gather: bool) -> str:
+        m = self.store_mode if gather else self.load_mode
+        return AUTO["store" if gather else "load"] if m == "auto" else m
+
+
+@dataclass
+class TransferStats:
+    """Counters for tests and the benchmark: which path moved how many chunks."""
+
+    direct: int = 0
+    staged: int = 0
+    torch: int = 0
+    launches: int = 0
+    dmas: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class _Streams:
+    """The few stream operations the staged path needs, for torch.cuda-like modules or none."""
+
+    def __init__(self, backend: Any, device: "torch.device") -> None:
+        self.backend = backend
+        self.device = device
+
+    def current(self) -> Any:
+        return None if self.backend is None else self.backend.current_stream(self.device)
+
+    def new(self) -> Any:
+        return None if self.backend is None else self.backend.Stream(self.device)
+
+    def record(self, stream: Any) -> Any:
+        if self.backend is None:
+            return None
+        ev = self.backend.Event()
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def wait(stream: Any, event: Any) -> None:
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def use(self, stream: Any) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext() if self.backend is None else self.backend.stream(stream)
+
+
+class KVTransfer:
+    """Moves batches of chunks between one device's paged caches and host or device chunks.
+
+    ``backend`` is ``torch.cuda`` (CUDA and ROCm builds), ``torch.npu``, or None for
+    synchronous devices. Thread-safe: the staging ring is used under a lock.
+    """
+
+    def __init__(self, device: "torch.device", options: TransferOptions | None = None,
+                 backend: Any = None) -> None:
+        self.device = device
+        self.options = options or TransferOptions.from_env()
+        self.streams = _Streams(backend, device)
+        self.kernel_ok, self.kernel_reason = triton_copy.kernel_available(device)
+        self.stats = TransferStats()
+        self._lock = threading.Lock()
+        self._mapped: tuple[bool, str] | None = None
+        self._ring: list["torch.Tensor"] = []
+        self._ring_free: list[Any] = []
+        self._next_slot = 0
+        self._copy_streams: list[Any] = []
+        self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
+        self._warned: set[str] = set()
+
+    # -- public --------------------------------------------------------------------------
+    def gather(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+        """Copy ``kv`` at each pair's slots into its chunk (``[L, P, T, hidden]``)."""
+        self._run(kv, batch, layers, True)
+
+    def scatter(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+        """Copy each pair's chunk into ``kv`` at its slots."""
+        self._run(kv, batch, layers, False)
+
+    def mapped_host(self) -> tuple[bool, str]:
+        """Whether kernels on this device can address pinned host memory (probed once)."""
+        if self._mapped is None:
+            self._mapped = self._probe_mapped()
+        return self._mapped
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel_ok, "kernel_reason": self.kernel_reason,
+            "store_mode": self.options.mode(True), "load_mode": self.options.mode(False),
+            "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
+            "mapped_host": self._mapped[0] if self._mapped else None,
+        }
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _run(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
+        sel = layer_list(kv, layers)
+        items = [(s, c) for s, c in batch if int(s.numel()) > 0]
+        for s, c in items:
+            reference.check_chunk(kv, s, c)
+        if not items or not sel:
+            return
+        mode = self.options.mode(gather)
+        table = None
+        if mode != "torch":
+            if not self.kernel_ok:
+                self._fallback(f"kernel unavailable on {self.device}: {self.kernel_reason}")
+            else:
+                table, why = triton_copy.plane_table(kv)
+                if table is None:
+                    self._fallback(f"{kv.kind}: {why}")
+        if table is None:
+            self._reference(kv, items, sel, gather)
+            return
+        near, far = self._split(kv, items, mode)
+        try:
+            if near:
+                slots = self._device_slots(near)
+                triton_copy.launch(kv, table, near, sel, gather, slots=slots)
+                self.stats.direct += len(near)
+                self.stats.launches += 1
+            if far:
+                self._staged(kv, table, far, sel, gather)
+        except Exception as exc:  # noqa: BLE001 - a kernel failure falls back, the engine keeps going
+            self.kernel_ok, self.kernel_reason = False, f"{type(exc).__name__}: {exc}"
+            logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
+                           self.device, self.kernel_reason)
+            self._reference(kv, items, sel, gather)
+
+    def _fallback(self, why: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            logger.info("KV transfer uses the torch path: %s", why)
+            self.stats.fallbacks.append(why)
+
+    def _reference(self, kv: "PagedKV", items: Batch, sel: list[int], gather: bool) -> None:
+        (reference.gather_batch if gather else reference.scatter_batch)(kv, items, sel)
+        self.stats.torch += len(items)
+
+    def _split(self, kv: "PagedKV", items: Batch, mode: str) -> tuple[list[Any], list[Any]]:
+        near: list[Any] = []
+        far: list[Any] = []
+        for s, c in items:
+            if kv.device.type == "cpu" and c.device.type == "cpu":
+                # host KV (the interpreter): 'staged' still goes through the ring so CI tests it
+                (far if mode == "staged" else near).append((s, c))
+            elif c.device == kv.device:
+                near.append((s, c))
+            elif c.device.type == "cpu":
+                if mode == "direct" and c.is_pinned() and self.mapped_host()[0]:
+                    near.append((s, c))
+                else:
+                    far.append((s, c))
+            else:
+                raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
+        return near, far
+
+    def _device_slots(self, items: Batch) -> "torch.Tensor":
+        """Concatenated slots on the KV device; the last few batches are cached (layer-by-layer
+        loads reuse the same slots for every layer)."""
+        import torch
+
+        key = tuple((id(s), s._version) for s, _ in items)
+        for k, _, dev_slots in self._slot_cache:
+            if k == key:
+                return dev_slots
+        dev_slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in items]).to(self.device, non_blocking=True)
+        self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
+        del self._slot_cache[4:]
+        return dev_slots
+
+    # -- staged ------------------------------------------------------------------------------
+    def _ensure_ring(self, nbytes: int) -> None:
+        import torch
+
+        size = max(self.options.staging_bytes, nbytes)
+        if self._ring and self._ring[0].numel() >= size:
+            return
+        cur = self.streams.current()
+        if cur is not None:
+            self.streams.backend.synchronize(self.device)  # old ring slots may still be in use
+        self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
+                      for _ in range(self.options.staging_slots)]
+        self._ring_free = [None] * len(self._ring)
+        if not self._copy_streams:
+            self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
+
+    def _staged(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        runs: list[list[int]] = []
+        for l in sel:  # contiguous layer runs: each run stages [n_layers, P, n, hidden] per chunk
+            if runs and l == runs[-1][-1] + 1:
+                runs[-1].append(l)
+            else:
+                runs.append([l])
+        with self._lock:
+            for run in runs:
+                per_item = [len(run) * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
+                self._ensure_ring(max(per_item))
+                cap = self._ring[0].numel()
+                group: list[int] = []
+                used = 0
+                for i, nbytes in enumerate(per_item):
+                    if group and used + nbytes > cap:
+                        self._stage_group(kv, table, [items[k] for k in group], run, gather)
+                        group, used = [], 0
+                    group.append(i)
+                    used += nbytes
+                if group:
+                    self._stage_group(kv, table, [items[k] for k in group], run, gather)
+            self.stats.staged += len(items)
+            if gather:  # later events on the current stream must cover the DMAs
+                cur = self.streams.current()
+                for cs in self._copy_streams:
+                    self.streams.wait(cur, self.streams.record(cs))
+
+    def _stage_group(self, kv: "PagedKV", table: Any, items: Batch, run: list[int], gather: bool) -> None:
+        import torch
+
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        dtype = kv.layers[0].k.dtype
+        slot_i = self._next_slot % len(self._ring)
+        self._next_slot += 1
+        ring = self._ring[slot_i]
+        cs = self._copy_streams[slot_i % len(self._copy_streams)] if self._copy_streams else None
+        cur = self.streams.current()
+        l0, nl = run[0], len(run)
+        views: list["torch.Tensor"] = []
+        rows: list[int] = []
+        offset = 0
+        start = 0
+        for s, _ in items:
+            n = int(s.numel())
+            count = nl * g.kv_planes * n * g.hidden
+            view = ring[offset: offset + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
+            offset += (count * elem + 255) // 256 * 256
+            views.append(view)
+            s_l, s_p, s_t = g.kv_planes * n * g.hidden, n * g.hidden, g.hidden
+            rows += [int(view.data_ptr()) - l0 * s_l * elem, s_l, s_p, s_t, start, n]
+            start += n
+        aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
+        slots = self._device_slots(items)
+        if gather:
+            self.streams.wait(cur, self._ring_free[slot_i])
+            triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned)
+            self.streams.wait(cs, self.streams.record(cur))
+            with self.streams.use(cs):
+                for (s, chunk), view in zip(items, views):
+                    self._copy(chunk[l0: l0 + nl, :, : int(s.numel())], view)
+            self._ring_free[slot_i] = self.streams.record(cs)
+        else:
+            self.streams.wait(cs, self._ring_free[slot_i])
+            with self.streams.use(cs):
+                for (s, chunk), view in zip(items, views):
+                    self._copy(view, chunk[l0: l0 + nl, :, : int(s.numel())])
+            self.streams.wait(cur, self.streams.record(cs))
+            triton_copy.launch(kv, table, items, run, False, slots=slots, rows=rows, rows_aligned=aligned)
+            self._ring_free[slot_i] = self.streams.record(cur)
+        self.stats.launches += 1
+
+    def _copy(self, dst: "torch.Tensor", src: "torch.Tensor") -> None:
+        """One DMA when both sides are contiguous, else one per (layer, plane) row block."""
+        if dst.is_contiguous() and src.is_contiguous():
+            dst.copy_(src, non_blocking=True)
+            self.stats.dmas += 1
+            return
+        for l in range(dst.shape[0]):
+            for p in range(dst.shape[1]):
+                dst[l, p].copy_(src[l, p], non_blocking=True)
+                self.stats.dmas += 1
+
+    # -- probes ----------------------------------------------------------------------------
+    def _probe_mapped(self) -> tuple[bool, str]:
+        """Write through a kernel into a small pinned buffer and read it back."""
+        import torch
+
+        from lmcache_core.layout import PagedKV
+
+        if self.device.type == "cpu":
+            return True, "host memory"
+        if not self.kernel_ok:
+            return False, self.kernel_reason
+        try:
+            src = torch.arange(4 * 16 * 64, dtype=torch.int16, device=self.device).view(4, 16, 64)
+            kv = PagedKV.from_mla([src.view(torch.float16)])
+            host = torch.full((1, 1, 16, 64), -1, dtype=torch.float16).pin_memory()
+            slots = torch.arange(16, 32, dtype=torch.int64)
+            table, why = triton_copy.plane_table(kv)
+            if table is None:
+                return False, why
+            triton_copy.launch(kv, table, [(slots, host)], None, True,
+                               slots=slots.to(self.device))
+            self.streams.backend.synchronize(self.device)
+            ok = torch.equal(host.view(torch.int16)[0, 0], src[1].cpu())
+            return (True, "kernels write pinned host memory through UVA") if ok else \
+                (False, "a kernel write to pinned host memory did not arrive")
+        except Exception as exc:  # noqa: BLE001
+            return False, f"mapped pinned memory is not usable from kernels: {type(exc).__name__}: {exc}"

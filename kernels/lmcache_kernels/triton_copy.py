@@ -1,0 +1,281 @@
+"""One Triton kernel for every layout: KV between paged plane views and chunk tensors.
+
+The kernel reads only descriptors: a table of per-(layer, plane) base addresses
+with one set of element strides ``(block, token, head, dim)`` shared by all
+planes (true of every constructor in :mod:`lmcache_core.layout`), and a table of
+chunks (base address, layer/plane/token strides, where its slots start, how many
+tokens). One launch covers every selected layer, both planes and every chunk of
+a batch; the grid is ``(token tiles, chunks, layers * planes)``.
+
+Addresses are plain 64-bit integers cast to pointers inside the kernel, so a
+chunk may live in device memory or in pinned host memory mapped into the device's
+address space (UVA): the same kernel then writes straight over PCIe. Values move
+as integers of the element's width, bit for bit for every dtype.
+
+On a CPU the kernel runs under ``TRITON_INTERPRET=1`` (slowly: tests use small
+shapes); :func:`kernel_available` says whether it can run for a given device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .reference import Batch, check_chunk, layer_list
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcache_core.layout import PagedKV
+
+logger = logging.getLogger(__name__)
+
+try:  # Triton is optional: without it devices use the torch reference.
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR = ""
+except Exception as exc:  # noqa: BLE001 - a broken Triton install must not break the import
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
+
+TILE_BYTES = 16384  # bytes one program moves per plane: 16 KiB keeps 16-byte accesses busy
+_CHUNK_COLS = 6  # addr, stride_layer, stride_plane, stride_token, slot_start, n_tokens
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_available(device: "torch.device") -> tuple[bool, str]:
+    """Whether the kernel can run for KV on ``device``, and why not."""
+    if triton is None:
+        return False, _TRITON_ERROR
+    if device.type == "cpu":
+        if interpreting():
+            return True, "Triton interpreter (TRITON_INTERPRET=1)"
+        return False, "KV on the CPU: set TRITON_INTERPRET=1 to run the kernel in the interpreter"
+    if device.type != "cuda":  # torch's HIP build also reports 'cuda'
+        return False, f"Triton has no backend for {device.type!r} devices here"
+    return True, "Triton"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kv_copy_kernel(
+        plane_addrs,  # int64 [num_layers * P]: base address of each (layer, plane) view
+        layer_ids,  # int32 [n_sel]: the selected layers
+        chunk_tab,  # int64 [n_chunks, 6]
+        slots,  # int64 [total tokens]: concatenated slots of all chunks
+        s_blk,
+        s_tok,
+        s_head,
+        s_dim,
+        block_size,
+        P: tl.constexpr,
+        DIM: tl.constexpr,
+        HIDDEN: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        ELEM: tl.constexpr,  # the integer element type moved (tl.int8/int16/int32)
+        GATHER: tl.constexpr,
+        VEC: tl.constexpr,  # elements per 16 bytes when every address and stride allows it, else 1
+    ):
+        pid_t = tl.program_id(0)
+        c = tl.program_id(1)
+        lp = tl.program_id(2)
+        p = lp % P
+        layer = tl.load(layer_ids + lp // P).to(tl.int64)
+        row = chunk_tab + c * 6
+        buf_addr = tl.load(row)
+        s_l = tl.load(row + 1)
+        s_p = tl.load(row + 2)
+        s_t = tl.load(row + 3)
+        start = tl.load(row + 4)
+        n = tl.load(row + 5)
+        plane_addr = tl.load(plane_addrs + layer * P + p)
+        if VEC > 1:
+            buf_addr = tl.multiple_of(buf_addr, 16)
+            plane_addr = tl.multiple_of(plane_addr, 16)
+            s_l = tl.multiple_of(s_l, VEC)
+            s_p = tl.multiple_of(s_p, VEC)
+            s_t = tl.multiple_of(s_t, VEC)
+        plane = plane_addr.to(tl.pointer_type(ELEM), bitcast=True)
+        buf = buf_addr.to(tl.pointer_type(ELEM), bitcast=True)
+        if VEC > 1:
+            plane = tl.multiple_of(plane, 16)
+            buf = tl.multiple_of(buf, 16)
+
+        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = tok < n
+        slot = tl.load(slots + start + tok, mask=tmask, other=0)
+        blk = slot // block_size
+        off = slot - blk * block_size
+        j = tl.arange(0, BLOCK_H)
+        inner = (j // DIM) * s_head + (j % DIM) * s_dim
+        paged = blk[:, None] * s_blk + off[:, None] * s_tok + inner[None, :]
+        chunk = layer * s_l + p * s_p + tok.to(tl.int64)[:, None] * s_t + j[None, :]
+        if BLOCK_H == HIDDEN:
+            mask = tmask[:, None]
+        else:
+            mask = tmask[:, None] & (j < HIDDEN)[None, :]
+        if GATHER:
+            vals = tl.load(plane + paged, mask=mask)
+            tl.store(buf + chunk, vals, mask=mask)
+        else:
+            vals = tl.load(buf + chunk, mask=mask)
+            tl.store(plane + paged, vals, mask=mask)
+
+
+@dataclass(frozen=True)
+class PlaneTable:
+    """A paged cache as the kernel sees it: plane addresses on the device plus shared strides."""
+
+    addrs: "torch.Tensor"  # int64 [num_layers * planes] on the KV device
+    strides: tuple[int, int, int, int]  # (block, token, head, dim) in elements
+    aligned: bool  # every plane base 16-byte aligned and block/token/head strides multiples of VEC
+
+
+class _PlaneCache:
+    """Plane tables per PagedKV (by identity; the cache keeps the PagedKV alive), LRU-bounded."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[int, tuple[Any, PlaneTable | None, str]] = OrderedDict()
+
+    def get(self, kv: "PagedKV") -> tuple[PlaneTable | None, str]:
+        with self._lock:
+            hit = self._items.get(id(kv))
+            if hit is not None and hit[0] is kv:
+                self._items.move_to_end(id(kv))
+                return hit[1], hit[2]
+        table, why = _build_plane_table(kv)
+        with self._lock:
+            self._items[id(kv)] = (kv, table, why)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return table, why
+
+
+def _build_plane_table(kv: "PagedKV") -> tuple[PlaneTable | None, str]:
+    import torch
+
+    planes = [pl for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))]
+    strides = tuple(int(s) for s in planes[0].stride())
+    for i, pl in enumerate(planes):
+        if tuple(int(s) for s in pl.stride()) != strides:
+            return None, (f"plane {i} has strides {tuple(pl.stride())}, plane 0 {strides}: the kernel "
+                          "takes one stride set for all planes")
+    elem = planes[0].element_size()
+    if elem not in (1, 2, 4):
+        return None, f"element size {elem} is not moved by the kernel"
+    vec = 16 // elem
+    addrs = [int(pl.data_ptr()) for pl in planes]
+    aligned = all(a % 16 == 0 for a in addrs) and strides[3] == 1 and all(s % vec == 0 for s in strides[:3])
+    table = torch.tensor(addrs, dtype=torch.int64).to(kv.device)
+    return PlaneTable(table, strides, aligned), ""  # type: ignore[arg-type]
+
+
+_PLANES = _PlaneCache()
+
+
+def plane_table(kv: "PagedKV") -> tuple[PlaneTable | None, str]:
+    """The kernel's description of ``kv``, or None and the reason the kernel cannot take it."""
+    return _PLANES.get(kv)
+
+
+_ELEM_TYPES: dict[int, Any] = {}
+
+
+def _elem_type(size: int) -> Any:
+    if not _ELEM_TYPES:
+        _ELEM_TYPES.update({1: tl.int8, 2: tl.int16, 4: tl.int32})
+    return _ELEM_TYPES[size]
+
+
+def chunk_rows(batch: Batch, elem: int) -> tuple[list[int], bool]:
+    """Flattened chunk table rows for ``batch`` and whether all are 16-byte friendly."""
+    rows: list[int] = []
+    vec = 16 // elem
+    aligned = True
+    start = 0
+    for slots, chunk in batch:
+        st = chunk.stride()
+        if st[3] != 1:
+            raise ValueError(f"chunk hidden dimension must be contiguous, strides are {tuple(st)}")
+        addr = int(chunk.data_ptr())
+        n = int(slots.numel())
+        rows += [addr, int(st[0]), int(st[1]), int(st[2]), start, n]
+        aligned = aligned and addr % 16 == 0 and st[0] % vec == 0 and st[1] % vec == 0 and st[2] % vec == 0
+        start += n
+    return rows, aligned
+
+
+def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int] | None, gather: bool,
+           *, slots: "torch.Tensor | None" = None, rows: list[int] | None = None,
+           rows_aligned: bool | None = None) -> None:
+    """Enqueue one kernel launch for ``batch`` (every chunk must be reachable from the KV device).
+
+    ``slots`` (the batch's slots concatenated, on the KV device) and ``rows`` (from
+    :func:`chunk_rows`) may be passed when the caller already has them.
+    """
+    import torch
+
+    if triton is None:
+        raise RuntimeError(_TRITON_ERROR)
+    sel = layer_list(kv, layers)
+    if not batch or not sel:
+        return
+    for s, ch in batch:
+        check_chunk(kv, s, ch)
+    dev = kv.device
+    elem = kv.layers[0].k.element_size()
+    if rows is None:
+        rows, rows_aligned = chunk_rows(batch, elem)
+    max_n = max(int(s.numel()) for s, _ in batch)
+    if max_n == 0:
+        return
+    if slots is None:
+        slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in batch]).to(dev, non_blocking=True)
+    tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
+    lid = torch.tensor(sel, dtype=torch.int32).to(dev, non_blocking=True)
+    g = kv.geometry
+    block_h = triton.next_power_of_2(g.hidden)
+    block_t = max(1, min(triton.next_power_of_2(max_n), TILE_BYTES // (block_h * elem)))
+    if interpreting():  # the interpreter pays per program, not per element
+        block_t = triton.next_power_of_2(max_n)
+    vec = 16 // elem if (table.aligned and rows_aligned) else 1
+    grid = (triton.cdiv(max_n, block_t), len(batch), len(sel) * g.kv_planes)
+    sb, stok, sh, sd = table.strides
+    if dev.type == "cuda":  # cached tables may come from another stream: keep them alive for this one
+        stream = torch.cuda.current_stream(dev)
+        table.addrs.record_stream(stream)
+        slots.record_stream(stream)
+    _kv_copy_kernel[grid](
+        table.addrs, lid, tab, slots, sb, stok, sh, sd, kv.block_size,
+        P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
+        ELEM=_elem_type(elem), GATHER=gather, VEC=vec, num_warps=4,
+    )
+
+
+def gather_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    """Kernel gather of a batch whose chunks the KV device can address (device or mapped memory)."""
+    table, why = plane_table(kv)
+    if table is None:
+        raise ValueError(why)
+    launch(kv, table, batch, layers, True)
+
+
+def scatter_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    """Kernel scatter; the inverse of :func:`gather_batch`."""
+    table, why = plane_table(kv)
+    if table is None:
+        raise ValueError(why)
+    launch(kv, table, batch, layers, False)

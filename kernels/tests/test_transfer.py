@@ -1,0 +1,117 @@
+"""KVTransfer's paths (direct, staged ring, torch) agree bit for bit, and the plugin entry point."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lmcache_kernels import triton_copy  # noqa: E402
+from lmcache_kernels.testing import bits, chunk_like, make_kv, random_slots  # noqa: E402
+from lmcache_kernels.transfer import KVTransfer, TransferOptions  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKEND = torch.cuda if DEVICE.type == "cuda" else None
+KERNEL_OK, KERNEL_WHY = triton_copy.kernel_available(DEVICE)
+
+
+def _batch(kv, sizes, seed, pin=False):
+    g = torch.Generator().manual_seed(seed)
+    total = random_slots(sum(sizes), kv, g)
+    out, start = [], 0
+    for n in sizes:
+        out.append((total[start:start + n], chunk_like(kv, max(sizes), "cpu", pin=pin)))
+        start += n
+    return out
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+@pytest.mark.parametrize("mode", ["direct", "staged", "torch"])
+@pytest.mark.parametrize("layers", [None, (1,), (0, 2)])
+def test_every_path_round_trips_bit_for_bit(mode: str, layers) -> None:
+    # a staging slot smaller than the batch forces several groups through the ring
+    opts = TransferOptions(store_mode=mode, load_mode=mode, staging_bytes=6000, staging_slots=2)
+    xfer = KVTransfer(DEVICE, opts, BACKEND)
+    kv, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(1))
+    ref_kv, _ = make_kv("vllm_blocks_heads", num_blocks=16, generator=torch.Generator().manual_seed(1))
+    batch = _batch(kv, [8, 5, 8], 2, pin=DEVICE.type == "cuda")
+    xfer.gather(kv, batch, layers)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for slots, chunk in batch:
+        want = chunk_like(ref_kv, chunk.shape[2])
+        from lmcache_kernels import reference
+
+        reference.gather_batch(ref_kv, [(slots, want)], layers)
+        assert torch.equal(bits(chunk), bits(want))
+    stats = xfer.stats
+    assert {"direct": stats.direct, "staged": stats.staged, "torch": stats.torch}[mode] == 3
+    # load the chunks into a second, different cache and read them back
+    kv2, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(9))
+    xfer.scatter(kv2, batch, layers)
+    back = [(s, chunk_like(kv2, c.shape[2])) for s, c in batch]
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv2, back, layers)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for (s, c), (_, b) in zip(batch, back):
+        assert torch.equal(bits(c), bits(b))
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+def test_staged_partial_chunk_scatter_uses_row_copies() -> None:
+    opts = TransferOptions(store_mode="staged", load_mode="staged", staging_bytes=1 << 16)
+    xfer = KVTransfer(DEVICE, opts, BACKEND)
+    kv, keep = make_kv("flashinfer", device=DEVICE, generator=torch.Generator().manual_seed(3))
+    slots = random_slots(5, kv, torch.Generator().manual_seed(4))
+    src = chunk_like(kv, 8)
+    src.copy_(torch.randn(src.shape).to(src.dtype))
+    xfer.scatter(kv, [(slots, src[:, :, :5])])  # a non-contiguous view, as the engine passes for partial loads
+    back = chunk_like(kv, 5)
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, [(slots, back)])
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    assert torch.equal(bits(back), bits(src[:, :, :5]))
+    assert xfer.stats.dmas == 3 * 2  # one per (layer, plane) row block
+
+
+def test_kernel_failure_falls_back_to_torch_and_says_why() -> None:
+    from lmcache_core.layout import PagedKV
+
+    a = torch.randn(2, 8, 4, 2, 16).to(torch.bfloat16)
+    b = torch.randn(2, 4, 8, 2, 16).to(torch.bfloat16).transpose(1, 2)
+    kv = PagedKV.from_vllm_flash([a, b])
+    xfer = KVTransfer(torch.device("cpu"), TransferOptions(store_mode="direct"), None)
+    slots = torch.tensor([1, 2, 9, 30])
+    out = chunk_like(kv, 4)
+    xfer.gather(kv, [(slots, out)])
+    assert xfer.stats.torch == 1 and xfer.stats.direct == 0
+    assert xfer.stats.fallbacks and ("strides" in xfer.stats.fallbacks[0] or "kernel" in xfer.stats.fallbacks[0])
+    want = chunk_like(kv, 4)
+    from lmcache_kernels import reference
+
+    reference.gather_batch(kv, [(slots, want)])
+    assert torch.equal(bits(out), bits(want))
+
+
+def test_options_from_env_and_validation() -> None:
+    env = {"LMCACHE_KV_STORE_MODE": "Staged", "LMCACHE_KV_COPY_STREAMS": "2", "LMCACHE_KV_STAGING_BYTES": "4096"}
+    opts = TransferOptions.from_env(env)
+    assert (opts.store_mode, opts.copy_streams, opts.staging_bytes) == ("staged", 2, 4096)
+    assert opts.mode(False) in ("direct", "staged", "torch")
+    with pytest.raises(ValueError, match="store_mode"):
+        TransferOptions(store_mode="fast")
+    with pytest.raises(ValueError, match="LMCACHE_KV_COPY_STREAMS"):
+        TransferOptions.from_env({"LMCACHE_KV_COPY_STREAMS": "two"})
+
+
+def test_entry_point_is_listed_without_hooks() -> None:
+    eps = [ep for ep in md.entry_points(group="lmcache") if ep.name == "kernels"]
+    assert len(eps) == 1 and eps[0].value == "lmcache_kernels.plugin"
+    from lmcache_core.plugins import PluginManager
+
+    pm = PluginManager(allow="kernels", block="")
+    info = pm.plugins["kernels"]
+    assert info.status == "loaded" and info.distribution == "lmcache-kernels"
+    assert info.hooks == [] and info.registrations == []
