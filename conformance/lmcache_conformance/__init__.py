@@ -16,6 +16,15 @@ from .device_tests import (
     DeviceZeroCopyTests,
     PipeliningTests,
 )
+from .store_tests import (
+    StorageSemanticsTests,
+    StoreAvailabilityTests,
+    StoreChunkTests,
+    StoreCorruptionTests,
+    StoreSharingTests,
+    StoreZeroCopyTests,
+)
+from .transport_tests import TransportTests
 
 __version__ = "0.1.0"
 
@@ -29,5 +38,12 @@ __all__ = [
     "DeviceZeroCopyTests",
     "HasConformanceURL",
     "PipeliningTests",
+    "StorageSemanticsTests",
+    "StoreAvailabilityTests",
+    "StoreChunkTests",
+    "StoreCorruptionTests",
+    "StoreSharingTests",
+    "StoreZeroCopyTests",
+    "TransportTests",
     "__version__",
 ]

@@ -1,0 +1,121 @@
+"""Contract tests every transport plugin runs: buffers arrive intact, failures are reported.
+
+Two endpoints (``transport_pair``) stand for two agents; by default both are
+``cls()`` of the registered class. A vendor whose transport needs setup (agent
+names, metadata exchange, a second process) overrides ``transport_pair``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+
+from lmcache_core.transport import Descriptor, Transport
+
+from .device_tests import ContractTests
+from .targets import Target
+
+SIZES = (1, 4097, 4 << 20)
+
+
+def wait(t: Transport, handle: Any, timeout: float = 30.0) -> None:
+    """Poll ``handle`` until done; raises what poll raises, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while not t.poll(handle):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"transfer not complete after {timeout} s")
+        time.sleep(0.0005)
+
+
+def pattern(n: int, seed: int) -> bytearray:
+    import numpy as np
+
+    return bytearray(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes())
+
+
+class TransportTests(ContractTests):
+    kind = "transport"
+    contract = "transport"
+
+    @pytest.fixture
+    def transport_pair(self, lmcache_transport: Target) -> Iterator[tuple[Transport, Transport]]:
+        from lmcache_core.plugins import get_plugin_manager
+
+        if lmcache_transport.skip:
+            pytest.skip(lmcache_transport.skip)
+        cls = get_plugin_manager().get("transport", lmcache_transport.name).load()
+        a, b = cls(), cls()
+        yield a, b
+        a.close()
+        b.close()
+
+    @pytest.mark.parametrize("nbytes", SIZES)
+    def test_write_arrives_intact(self, transport_pair: tuple[Transport, Transport], nbytes: int) -> None:
+        a, b = transport_pair
+        src, dst = pattern(nbytes, 1), bytearray(nbytes)
+        ls, rd = a.register(memoryview(src)), b.register(memoryview(dst))
+        try:
+            assert isinstance(ls, Descriptor) and ls.nbytes == nbytes and rd.nbytes == nbytes
+            wait(a, a.write(ls, rd))
+            assert dst == src, "written bytes differ at the peer"
+            assert src == pattern(nbytes, 1), "write changed the source buffer"
+        finally:
+            a.deregister(ls)
+            b.deregister(rd)
+
+    @pytest.mark.parametrize("nbytes", SIZES)
+    def test_read_arrives_intact(self, transport_pair: tuple[Transport, Transport], nbytes: int) -> None:
+        a, b = transport_pair
+        remote, local = pattern(nbytes, 2), bytearray(nbytes)
+        rd, ld = b.register(memoryview(remote)), a.register(memoryview(local))
+        try:
+            wait(a, a.read(ld, rd))
+            assert local == remote, "read bytes differ from the peer's buffer"
+        finally:
+            a.deregister(ld)
+            b.deregister(rd)
+
+    def test_many_transfers_in_flight(self, transport_pair: tuple[Transport, Transport]) -> None:
+        a, b = transport_pair
+        srcs = [pattern(65536, 10 + i) for i in range(16)]
+        dsts = [bytearray(65536) for _ in srcs]
+        lds = [a.register(memoryview(s)) for s in srcs]
+        rds = [b.register(memoryview(d)) for d in dsts]
+        try:
+            handles = [a.write(l, r) for l, r in zip(lds, rds)]
+            for hd in handles:
+                wait(a, hd)
+            assert all(d == s for d, s in zip(dsts, srcs)), "a transfer among several in flight arrived wrong"
+        finally:
+            for d in lds:
+                a.deregister(d)
+            for d in rds:
+                b.deregister(d)
+
+    def test_write_to_deregistered_peer_fails(self, transport_pair: tuple[Transport, Transport]) -> None:
+        a, b = transport_pair
+        src, dst = pattern(4096, 3), bytearray(4096)
+        ls, rd = a.register(memoryview(src)), b.register(memoryview(dst))
+        b.deregister(rd)
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - any error, as long as it is reported
+                wait(a, a.write(ls, rd), timeout=10)
+            assert dst == bytearray(4096), "a buffer deregistered by its owner was written"
+        finally:
+            a.deregister(ls)
+
+    def test_oversized_write_fails(self, transport_pair: tuple[Transport, Transport]) -> None:
+        a, b = transport_pair
+        src, dst = pattern(8192, 4), bytearray(4096)
+        ls, rd = a.register(memoryview(src)), b.register(memoryview(dst))
+        try:
+            with pytest.raises(Exception):  # noqa: B017
+                wait(a, a.write(ls, rd), timeout=10)
+        finally:
+            a.deregister(ls)
+            b.deregister(rd)
+
+
+__all__ = ["TransportTests", "pattern", "wait"]
