@@ -91,7 +91,14 @@ def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any
                         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
                     tmp = target.with_name(target.name + ".tmp")
                     shutil.rmtree(tmp, ignore_errors=True)
-                    model.to(torch.bfloat16).save_pretrained(tmp)
+                    # A GGUF-loaded model refuses save_pretrained; rebuild it from its
+                    # config and the dequantised weights instead.
+                    cfg = model.config
+                    if hasattr(cfg, "quantization_config"):
+                        del cfg.quantization_config
+                    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+                    plain.load_state_dict(model.state_dict())
+                    plain.save_pretrained(tmp)
                     tok.save_pretrained(tmp)
                     tmp.rename(target)
             with console.status("loading SmolLM2-135M-Instruct (bf16) ..."):

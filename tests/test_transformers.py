@@ -1,0 +1,49 @@
+"""The transformers integration: identical greedy tokens with and without the cache."""
+from __future__ import annotations
+
+import torch
+
+from lmcache_core import Config
+from lmcache_core.integrations.transformers import CachedModel, random_llama
+
+
+def test_greedy_tokens_identical_and_hit_length_reported(tmp_path):
+    model = random_llama(num_layers=3, hidden=128, heads=4, kv_heads=2, vocab=500, seed=1)
+    cfg = Config.from_dict({"tiers": ["memory://", f"disk://{tmp_path}"], "chunk_size": 64, "device": "cpu"})
+    cm = CachedModel(model, config=cfg, model_name="tiny")
+    g = torch.Generator().manual_seed(0)
+    doc = torch.randint(0, 500, (200,), generator=g).tolist()
+    q1, q2 = torch.randint(0, 500, (30,), generator=g).tolist(), torch.randint(0, 500, (17,), generator=g).tolist()
+    try:
+        ref1 = cm.generate(doc + q1, 12, use_cache=False)
+        first = cm.generate(doc + q1, 12)
+        assert first.hit_tokens == 0 and first.tokens == ref1.tokens and first.stored_tokens == 230
+        cm.engine.flush()
+        ref2 = cm.generate(doc + q2, 12, use_cache=False)
+        second = cm.generate(doc + q2, 12)
+        assert second.hit_tokens == 192  # 3 whole chunks of the shared document
+        assert second.by_tier == {"memory": 192}
+        assert second.tokens == ref2.tokens
+        again = cm.generate(doc + q1, 12)  # exact repeat: everything but the last token
+        assert again.hit_tokens == 229 and again.tokens == ref1.tokens
+    finally:
+        cm.close()
+    # a new process-like engine on the same disk: hits come from disk
+    cm2 = CachedModel(model, config=cfg, model_name="tiny")
+    try:
+        third = cm2.generate(doc + q2, 12)
+        assert third.by_tier == {"disk": 216} and third.tokens == ref2.tokens  # stored by `second`
+    finally:
+        cm2.close()
+
+
+def test_other_model_name_never_hits(tmp_path):
+    model = random_llama(num_layers=2, hidden=64, heads=2, kv_heads=1, vocab=100)
+    cfg = Config.from_dict({"tiers": [f"disk://{tmp_path}"], "chunk_size": 16, "device": "cpu"})
+    ids = list(range(50))
+    a = CachedModel(model, config=cfg, model_name="a")
+    a.generate(ids, 2)
+    a.close()
+    b = CachedModel(model, config=cfg, model_name="b")
+    assert b.generate(ids, 2).hit_tokens == 0
+    b.close()
