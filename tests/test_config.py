@@ -68,3 +68,12 @@ def test_sizes():
     assert parse_size("1.5 KiB") == 1536
     with pytest.raises(ConfigError):
         parse_size(-1)
+
+
+def test_every_key_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in fields(Config) if f"`{f.name}`" not in doc]
+    assert not missing, f"document these keys in docs/configuration.md: {missing}"
