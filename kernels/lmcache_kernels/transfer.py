@@ -238,13 +238,18 @@ class KVTransfer:
         loads reuse the same slots for every layer)."""
         import torch
 
-        key = tuple((id(s), s._version) for s, _ in items)
-        for k, _, dev_slots in self._slot_cache:
-            if k == key:
-                return dev_slots
+        try:
+            key: tuple[Any, ...] | None = tuple((id(s), s._version) for s, _ in items)
+        except RuntimeError:  # inference-mode tensors keep no version counter: do not cache them
+            key = None
+        if key is not None:
+            for k, _, dev_slots in self._slot_cache:
+                if k == key:
+                    return dev_slots
         dev_slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in items]).to(self.device, non_blocking=True)
-        self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
-        del self._slot_cache[4:]
+        if key is not None:
+            self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
+            del self._slot_cache[4:]
         return dev_slots
 
     # -- staged ------------------------------------------------------------------------------

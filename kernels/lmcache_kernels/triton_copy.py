@@ -7,10 +7,12 @@ chunks (base address, layer/plane/token strides, where its slots start, how many
 tokens). One launch covers every selected layer, both planes and every chunk of
 a batch; the grid is ``(token tiles, chunks, layers * planes)``.
 
-Addresses are plain 64-bit integers cast to pointers inside the kernel, so a
-chunk may live in device memory or in pinned host memory mapped into the device's
-address space (UVA): the same kernel then writes straight over PCIe. Values move
-as integers of the element's width, bit for bit for every dtype.
+Every address is an element offset from one base tensor of the moved integer
+type (all of them share the device's unified virtual address space), so a chunk
+may live in device memory or in pinned host memory mapped into that space (UVA):
+the same kernel then writes straight over PCIe. Offsets and strides carry
+16-byte divisibility hints where they hold, so loads and stores are 16 bytes
+wide. Values move as integers of the element's width, bit for bit for every dtype.
 
 On a CPU the kernel runs under ``TRITON_INTERPRET=1`` (slowly: tests use small
 shapes); :func:`kernel_available` says whether it can run for a given device.
@@ -69,9 +71,10 @@ if triton is not None:
 
     @triton.jit
     def _kv_copy_kernel(
-        plane_addrs,  # int64 [num_layers * P]: base address of each (layer, plane) view
+        base,  # any tensor of the moved integer type: every address is an element offset from it
+        plane_offs,  # int64 [num_layers * P]: element offset of each (layer, plane) view from base
         layer_ids,  # int32 [n_sel]: the selected layers
-        chunk_tab,  # int64 [n_chunks, 6]
+        chunk_tab,  # int64 [n_chunks, 6]: offset, stride_layer, stride_plane, stride_token, slot_start, n
         slots,  # int64 [total tokens]: concatenated slots of all chunks
         s_blk,
         s_tok,
@@ -83,9 +86,8 @@ if triton is not None:
         HIDDEN: tl.constexpr,
         BLOCK_T: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        ELEM: tl.constexpr,  # the integer element type moved (tl.int8/int16/int32)
         GATHER: tl.constexpr,
-        VEC: tl.constexpr,  # elements per 16 bytes when every address and stride allows it, else 1
+        VEC: tl.constexpr,  # elements per 16 bytes when every offset and stride allows it, else 1
     ):
         pid_t = tl.program_id(0)
         c = tl.program_id(1)
@@ -93,24 +95,19 @@ if triton is not None:
         p = lp % P
         layer = tl.load(layer_ids + lp // P).to(tl.int64)
         row = chunk_tab + c * 6
-        buf_addr = tl.load(row)
+        buf_off = tl.load(row)
         s_l = tl.load(row + 1)
         s_p = tl.load(row + 2)
         s_t = tl.load(row + 3)
         start = tl.load(row + 4)
         n = tl.load(row + 5)
-        plane_addr = tl.load(plane_addrs + layer * P + p)
+        plane_off = tl.load(plane_offs + layer * P + p)
         if VEC > 1:
-            buf_addr = tl.multiple_of(buf_addr, 16)
-            plane_addr = tl.multiple_of(plane_addr, 16)
+            buf_off = tl.multiple_of(buf_off, VEC)
+            plane_off = tl.multiple_of(plane_off, VEC)
             s_l = tl.multiple_of(s_l, VEC)
             s_p = tl.multiple_of(s_p, VEC)
             s_t = tl.multiple_of(s_t, VEC)
-        plane = plane_addr.to(tl.pointer_type(ELEM), bitcast=True)
-        buf = buf_addr.to(tl.pointer_type(ELEM), bitcast=True)
-        if VEC > 1:
-            plane = tl.multiple_of(plane, 16)
-            buf = tl.multiple_of(buf, 16)
 
         tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = tok < n
@@ -119,25 +116,26 @@ if triton is not None:
         off = slot - blk * block_size
         j = tl.arange(0, BLOCK_H)
         inner = (j // DIM) * s_head + (j % DIM) * s_dim
-        paged = blk[:, None] * s_blk + off[:, None] * s_tok + inner[None, :]
-        chunk = layer * s_l + p * s_p + tok.to(tl.int64)[:, None] * s_t + j[None, :]
+        paged = plane_off + blk[:, None] * s_blk + off[:, None] * s_tok + inner[None, :]
+        chunk = buf_off + layer * s_l + p * s_p + tok.to(tl.int64)[:, None] * s_t + j[None, :]
         if BLOCK_H == HIDDEN:
             mask = tmask[:, None]
         else:
             mask = tmask[:, None] & (j < HIDDEN)[None, :]
         if GATHER:
-            vals = tl.load(plane + paged, mask=mask)
-            tl.store(buf + chunk, vals, mask=mask)
+            vals = tl.load(base + paged, mask=mask)
+            tl.store(base + chunk, vals, mask=mask)
         else:
-            vals = tl.load(buf + chunk, mask=mask)
-            tl.store(plane + paged, vals, mask=mask)
+            vals = tl.load(base + chunk, mask=mask)
+            tl.store(base + paged, vals, mask=mask)
 
 
 @dataclass(frozen=True)
 class PlaneTable:
     """A paged cache as the kernel sees it: plane addresses on the device plus shared strides."""
 
-    addrs: "torch.Tensor"  # int64 [num_layers * planes] on the KV device
+    addrs: "torch.Tensor"  # int64 [num_layers * planes] element offsets from ``base`` on the KV device
+    base: "torch.Tensor"  # a one-element tensor of the moved integer type on the KV device
     strides: tuple[int, int, int, int]  # (block, token, head, dim) in elements
     aligned: bool  # every plane base 16-byte aligned and block/token/head strides multiples of VEC
 
@@ -177,10 +175,14 @@ def _build_plane_table(kv: "PagedKV") -> tuple[PlaneTable | None, str]:
     if elem not in (1, 2, 4):
         return None, f"element size {elem} is not moved by the kernel"
     vec = 16 // elem
+    base = torch.empty(256 // elem, dtype=_INT_TYPES[elem], device=kv.device)
     addrs = [int(pl.data_ptr()) for pl in planes]
+    if any((a - base.data_ptr()) % elem for a in addrs):
+        return None, f"plane addresses are not multiples of the element size {elem}"
+    offs = [(a - base.data_ptr()) // elem for a in addrs]
     aligned = all(a % 16 == 0 for a in addrs) and strides[3] == 1 and all(s % vec == 0 for s in strides[:3])
-    table = torch.tensor(addrs, dtype=torch.int64).to(kv.device)
-    return PlaneTable(table, strides, aligned), ""  # type: ignore[arg-type]
+    table = torch.tensor(offs, dtype=torch.int64).to(kv.device)
+    return PlaneTable(table, base, strides, aligned), ""  # type: ignore[arg-type]
 
 
 _PLANES = _PlaneCache()
@@ -191,17 +193,24 @@ def plane_table(kv: "PagedKV") -> tuple[PlaneTable | None, str]:
     return _PLANES.get(kv)
 
 
-_ELEM_TYPES: dict[int, Any] = {}
+def _int_types() -> dict[int, Any]:
+    import torch
+
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 
-def _elem_type(size: int) -> Any:
-    if not _ELEM_TYPES:
-        _ELEM_TYPES.update({1: tl.int8, 2: tl.int16, 4: tl.int32})
-    return _ELEM_TYPES[size]
+class _IntTypes(dict):  # resolved lazily so importing this module does not import torch
+    def __missing__(self, key: int) -> Any:
+        self.update(_int_types())
+        return dict.__getitem__(self, key)
+
+
+_INT_TYPES: dict[int, Any] = _IntTypes()
 
 
 def chunk_rows(batch: Batch, elem: int) -> tuple[list[int], bool]:
-    """Flattened chunk table rows for ``batch`` and whether all are 16-byte friendly."""
+    """Flattened chunk table rows for ``batch`` (absolute byte addresses in column 0, turned
+    into element offsets by :func:`launch`) and whether all are 16-byte friendly."""
     rows: list[int] = []
     vec = 16 // elem
     aligned = True
@@ -244,6 +253,13 @@ def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int]
         return
     if slots is None:
         slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in batch]).to(dev, non_blocking=True)
+    base_addr = int(table.base.data_ptr())
+    rows = list(rows)
+    for i in range(0, len(rows), _CHUNK_COLS):
+        delta = rows[i] - base_addr
+        if delta % elem:
+            raise ValueError(f"chunk address {rows[i]:#x} is not a multiple of the element size {elem}")
+        rows[i] = delta // elem
     tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
     lid = torch.tensor(sel, dtype=torch.int32).to(dev, non_blocking=True)
     g = kv.geometry
@@ -257,11 +273,12 @@ def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int]
     if dev.type == "cuda":  # cached tables may come from another stream: keep them alive for this one
         stream = torch.cuda.current_stream(dev)
         table.addrs.record_stream(stream)
+        table.base.record_stream(stream)
         slots.record_stream(stream)
     _kv_copy_kernel[grid](
-        table.addrs, lid, tab, slots, sb, stok, sh, sd, kv.block_size,
+        table.base, table.addrs, lid, tab, slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
-        ELEM=_elem_type(elem), GATHER=gather, VEC=vec, num_warps=4,
+        GATHER=gather, VEC=vec, num_warps=4,
     )
 
 

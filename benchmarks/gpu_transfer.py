@@ -1,0 +1,526 @@
+"""GPU transfer benchmark of the CUDA device plugin: ceilings, store/load, overlap, TTFT.
+
+One run measures, on a Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head
+dim 128, bf16, 16-token blocks, random block ids, 256-token chunks):
+
+1. pinned copy ceilings, D2H and H2D (1 GiB, plus 32 MiB and 1 MiB);
+2. store (paged GPU -> pinned chunks) and load (pinned chunks -> paged GPU) GB/s
+   at 1K, 4K, 16K and 32K tokens for every path: the engine's per-layer calls
+   (direct kernel into mapped pinned memory, or kernel into a staging ring plus
+   DMA), the batched all-layer call, one and two copy streams, and the plain
+   torch path; each path is checked bit for bit against the torch reference;
+3. layer-by-layer load through ``CacheEngine.start_retrieve`` overlapped with a
+   per-layer stand-in compute (a bf16 matmul sized to the layer's load time):
+   how much of the shorter side is hidden;
+4. time to first token of a full cache hit vs recompute through the transformers
+   integration (``CachedModel``) on a random-weight Llama-3-8B-shaped model,
+   against the bound KV bytes / H2D ceiling.
+
+``--dry-run`` runs every section on the CPU with tiny shapes (kernels in the
+Triton interpreter) so the script is checked before it spends GPU time.
+Results: ``gpu_transfer.json`` under ``--out``; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from lmcache_core.config import Config  # noqa: E402
+from lmcache_core.engine import CacheEngine  # noqa: E402
+from lmcache_core.layout import ChunkGeometry, PagedKV, slot_mapping  # noqa: E402
+from lmcache_kernels import reference  # noqa: E402
+from lmcache_kernels.testing import bits, random_bits  # noqa: E402
+from lmcache_kernels.transfer import TransferOptions  # noqa: E402
+
+log = logging.getLogger("gpu_transfer")
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The benchmark's KV geometry (Llama-3-8B on the GPU, a toy in dry runs)."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    block: int
+    chunk: int
+    tokens: tuple[int, ...]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.heads * self.head_dim * 2
+
+
+GPU_SHAPE = Shape(32, 8, 128, 16, 256, (1024, 4096, 16384, 32768))
+DRY_SHAPE = Shape(2, 2, 16, 4, 16, (32, 64))
+
+
+# -- timing ---------------------------------------------------------------------------------
+class Timer:
+    """Wall time of a synchronised callable: median over ``reps`` after ``warmup`` runs."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> dict[str, float]:
+        for _ in range(warmup):
+            fn()
+            self.sync()
+        times = []
+        for _ in range(reps):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "reps": reps}
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# -- section 1: ceilings -------------------------------------------------------------------------
+def ceilings(timer: Timer, cuda: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sizes = (GiB, 32 * MiB, MiB) if cuda else (8 * MiB,)
+    dev = "cuda" if cuda else "cpu"
+    for size in sizes:
+        d = torch.randint(0, 255, (size,), dtype=torch.uint8, device=dev)
+        h = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+        reps = 10 if size >= 32 * MiB else 50
+        d2h = timer(lambda: h.copy_(d, non_blocking=True), reps=reps, warmup=2)
+        h2d = timer(lambda: d.copy_(h, non_blocking=True), reps=reps, warmup=2)
+        out[f"{size // MiB}MiB"] = {"d2h_GBps": gbps(size, d2h["median_s"]), "h2d_GBps": gbps(size, h2d["median_s"])}
+        del d, h
+    top = out[f"{sizes[0] // MiB}MiB"]
+    out["d2h_GBps"], out["h2d_GBps"] = top["d2h_GBps"], top["h2d_GBps"]
+    return out
+
+
+# -- the paged cache --------------------------------------------------------------------------
+def make_cache(shape: Shape, num_blocks: int, device: str) -> tuple[PagedKV, list[torch.Tensor]]:
+    """vLLM flash-attn layout: per layer ``[2, blocks, block, heads, dim]`` of random bf16 bits."""
+    g = torch.Generator(device=device).manual_seed(1)
+    caches = []
+    for _ in range(shape.layers):
+        t = torch.randint(-(2 ** 15), 2 ** 15, (2, num_blocks, shape.block, shape.heads, shape.head_dim),
+                          dtype=torch.int16, device=device, generator=g)
+        caches.append(t.view(torch.bfloat16))
+    return PagedKV.from_vllm_flash(caches), caches
+
+
+def make_chunks(dev: Any, geom: ChunkGeometry, n_chunks: int, chunk: int) -> list[torch.Tensor]:
+    out = []
+    for _ in range(n_chunks):
+        buf = dev.alloc_host(geom.nbytes(chunk))
+        out.append(buf.view(torch.bfloat16).view(geom.shape(chunk)))
+    return out
+
+
+# -- section 2: store / load ------------------------------------------------------------------------
+VARIANTS = {
+    # name: (options, call style)
+    "engine_direct": (dict(store_mode="direct", load_mode="direct"), "layerwise"),
+    "engine_staged": (dict(store_mode="staged", load_mode="staged"), "layerwise"),
+    "batched_direct": (dict(store_mode="direct", load_mode="direct"), "batched"),
+    "batched_staged_1cs": (dict(store_mode="staged", load_mode="staged", copy_streams=1), "batched"),
+    "batched_staged_2cs": (dict(store_mode="staged", load_mode="staged", copy_streams=2,
+                                staging_slots=4), "batched"),
+    "torch_reference": (dict(store_mode="torch", load_mode="torch"), "batched"),
+}
+
+
+def run_store(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], style: str,
+              stream: Any) -> None:
+    if style == "batched":
+        with dev.use_stream(stream):
+            dev.gather_many(kv, parts)
+    else:  # what CacheEngine.LayerwiseStore does: per layer, per chunk, inside use_stream
+        for layer in range(kv.geometry.num_layers):
+            with dev.use_stream(stream):
+                for s, c in parts:
+                    dev.gather(kv, s, c, layers=(layer,))
+    dev.record_event(stream).synchronize()
+
+
+def run_load(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], style: str,
+             stream: Any) -> None:
+    if style == "batched":
+        with dev.use_stream(stream):
+            dev.scatter_many(kv, parts)
+        dev.record_event(stream).synchronize()
+        return
+    events = []  # what CacheEngine.LayerwiseRetrieve does with an async device
+    for layer in range(kv.geometry.num_layers):
+        with dev.use_stream(stream):
+            for s, c in parts:
+                dev.scatter(kv, s, c, layers=(layer,))
+            events.append(dev.record_event(stream))
+    for ev in events:
+        ev.synchronize()
+
+
+def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: int) -> dict[str, Any]:
+    devname = "cuda" if cuda else "cpu"
+    max_t = max(shape.tokens)
+    num_blocks = 2 * max_t // shape.block
+    kv, caches = make_cache(shape, num_blocks, devname)
+    geom = kv.geometry
+    g = torch.Generator().manual_seed(2)
+    blocks = torch.randperm(num_blocks, generator=g)[: max_t // shape.block]
+    all_slots = slot_mapping(blocks, shape.block, 0, max_t)
+    base_dev = device_cls(0, TransferOptions(store_mode="direct"))
+    chunks = make_chunks(base_dev, geom, max_t // shape.chunk, shape.chunk)
+    results: dict[str, Any] = {}
+    check_t = sorted(shape.tokens)[min(1, len(shape.tokens) - 1)]
+    for name, (opts, style) in VARIANTS.items():
+        dev = device_cls(0, TransferOptions(**opts))
+        stream = dev.new_stream()
+        row: dict[str, Any] = {"style": style, **opts}
+        for T in shape.tokens:
+            n = T // shape.chunk
+            parts = [(all_slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(n)]
+            nbytes = T * geom.bytes_per_token
+            r = max(1, reps if name != "torch_reference" else min(reps, 2))
+            st = timer(lambda: run_store(dev, kv, parts, style, stream), reps=r)
+            if T == check_t:
+                row["store_bit_exact"] = check_store(kv, parts, devname)
+            ld = timer(lambda: run_load(dev, kv, parts, style, stream), reps=r)
+            if T == check_t:  # the load wrote back what store read: the cache must be unchanged
+                row["load_bit_exact"] = check_store(kv, parts, devname)
+            row[str(T)] = {"store_GBps": gbps(nbytes, st["median_s"]), "load_GBps": gbps(nbytes, ld["median_s"]),
+                           "store_ms": st["median_s"] * 1e3, "load_ms": ld["median_s"] * 1e3}
+            log.info("%-20s T=%-6d store %6.1f GB/s  load %6.1f GB/s", name, T, row[str(T)]["store_GBps"],
+                     row[str(T)]["load_GBps"])
+        row["transfer_stats"] = asdict(dev.transfer.stats) if dev._transfer is not None else {}
+        results[name] = row
+    del caches, kv, chunks
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return results
+
+
+def check_store(kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], devname: str) -> bool:
+    """Every chunk equals the torch reference gather of its slots (bits, not values)."""
+    for s, c in parts:
+        want = torch.empty(c.shape, dtype=c.dtype, device=devname)
+        reference.gather_batch(kv, [(s, want)])
+        if not torch.equal(bits(c), bits(want)):
+            return False
+    return True
+
+
+# -- section 3: overlap ---------------------------------------------------------------------------
+def overlap(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str, Any]:
+    """Engine layer-by-layer load with a per-layer matmul on the compute stream."""
+    devname = "cuda" if cuda else "cpu"
+    T = max(shape.tokens)
+    num_blocks = 2 * T // shape.block
+    kv, caches = make_cache(shape, num_blocks, devname)
+    dev = device_cls(0)
+    cfg = Config.load(overrides={"tiers": [f"memory://?capacity={2 * T * shape.bytes_per_token + 64 * MiB}"],
+                                 "chunk_size": shape.chunk, "host_pool_size": 2 * T * shape.bytes_per_token,
+                                 "save_partial": True}, env={})
+    tokens = list(range(10, 10 + T))
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randperm(num_blocks, generator=g)[: T // shape.block]
+    out: dict[str, Any] = {"tokens": T}
+    with CacheEngine(kv.geometry, cfg, model="overlap", device=dev) as eng:
+        eng.store(tokens, kv, blocks, wait=True)
+        n = 2048 if cuda else 64
+        a = torch.randn(n, n, device=devname, dtype=torch.bfloat16 if cuda else torch.float32)
+        b = torch.randn_like(a)
+
+        def compute_once() -> None:
+            torch.mm(a, b)
+
+        mm = timer(compute_once, reps=20, warmup=3)["median_s"]
+        load = timer(lambda: eng.retrieve(tokens, kv, blocks), reps=3)["median_s"]
+        per_layer = load / shape.layers
+        k = max(1, round(per_layer / mm))
+
+        def compute_all() -> None:
+            for _ in range(shape.layers):
+                for _ in range(k):
+                    torch.mm(a, b)
+
+        comp = timer(compute_all, reps=3)["median_s"]
+
+        def both() -> None:
+            task = eng.start_retrieve(tokens, kv, blocks)
+            for _layer in task:  # wait_layer: the compute stream waits for this layer's event
+                for _ in range(k):
+                    torch.mm(a, b)
+            task.finish()
+
+        both_t = timer(both, reps=3)["median_s"]
+        hidden = (load + comp - both_t) / min(load, comp)
+        out.update(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both_t * 1e3,
+                   matmuls_per_layer=k, hidden_fraction=hidden,
+                   load_GBps=gbps(T * shape.bytes_per_token, load))
+        log.info("overlap T=%d load %.1f ms compute %.1f ms both %.1f ms hidden %.0f%%", T, load * 1e3,
+                 comp * 1e3, both_t * 1e3, 100 * hidden)
+    del caches, kv
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# -- section 4: TTFT ------------------------------------------------------------------------------------
+def llama_model(cuda: bool) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cuda:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                          max_position_embeddings=131072, rope_theta=500000.0)
+    else:
+        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda" if cuda else "cpu"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def ttft(shape: Shape, cuda: bool, device_cls: Any, h2d_ceiling: float, reps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        from lmcache_core.integrations.transformers import CachedModel, geometry_for
+        out["method"] = "transformers integration: CachedModel.generate (ttft_s)"
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"transformers integration unavailable: {type(exc).__name__}: {exc}"
+        return out
+    t0 = time.perf_counter()
+    model = llama_model(cuda)
+    out["model_init_s"] = time.perf_counter() - t0
+    geom = geometry_for(model)
+    max_t = max(shape.tokens)
+    cap = 2 * max_t * geom.bytes_per_token + 256 * MiB
+    cfg = Config.load(overrides={"tiers": [f"memory://?capacity={cap}"], "chunk_size": shape.chunk,
+                                 "host_pool_size": cap}, env={})
+    eng = CacheEngine(geom, cfg, model="llama3-8b-random", device=device_cls(0))
+    cm = CachedModel(model, eng)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, model.config.vocab_size, (max_t,), generator=g).tolist()
+    rows = {}
+    try:
+        for T in sorted(shape.tokens):
+            ids = prompt[:T]
+            rec = [cm.generate(ids, 1, use_cache=False).ttft_s for _ in range(reps)]
+            cold = cm.generate(ids, 1)  # computes, then stores the prompt's chunks
+            eng.flush()
+            hits = [cm.generate(ids, 1) for _ in range(reps)]
+            hit_s = statistics.median(r.ttft_s for r in hits)
+            bound = T * geom.bytes_per_token / (h2d_ceiling * 1e9) if h2d_ceiling > 0 else float("nan")
+            rows[str(T)] = {"recompute_ms": statistics.median(rec) * 1e3, "hit_ms": hit_s * 1e3,
+                            "hit_tokens": hits[-1].hit_tokens, "by_tier": hits[-1].by_tier,
+                            "stored_tokens": cold.stored_tokens, "bound_ms": bound * 1e3,
+                            "hit_over_bound": hit_s / bound if bound else None,
+                            "speedup": statistics.median(rec) / hit_s,
+                            "same_token": hits[-1].tokens[0] == cm.generate(ids, 1, use_cache=False).tokens[0]}
+            log.info("ttft T=%d recompute %.1f ms hit %.1f ms bound %.1f ms", T, rows[str(T)]["recompute_ms"],
+                     rows[str(T)]["hit_ms"], rows[str(T)]["bound_ms"])
+    finally:
+        eng.close()
+    out["rows"] = rows
+    del cm, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------
+def env_info(cuda: bool) -> dict[str, Any]:
+    info: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "cuda": torch.version.cuda, "host": platform.node()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        info["triton"] = f"unavailable: {exc}"
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_memory=p.total_memory)
+        from lmcache_device_cuda.device import CUDADevice
+
+        d = CUDADevice(0)
+        info["telemetry"] = d.telemetry()
+        info["mapped_host"] = d.transfer.mapped_host()
+        st = d.gds_status()
+        info["gds"] = {"mode": st.mode, "reason": st.reason, "version": st.version}
+    return info
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = []
+    c = res.get("ceilings", {})
+    lines.append(f"ceilings: D2H {c.get('d2h_GBps', 0):.1f} GB/s  H2D {c.get('h2d_GBps', 0):.1f} GB/s")
+    sl = res.get("store_load", {})
+    if sl:
+        toks = [k for k in next(iter(sl.values())) if k.isdigit()]
+        lines.append("variant               " + "  ".join(f"{t:>15}" for t in toks) + "   exact")
+        for name, row in sl.items():
+            cells = "  ".join(f"{row[t]['store_GBps']:6.1f}/{row[t]['load_GBps']:6.1f}  " for t in toks)
+            lines.append(f"{name:<22}{cells}  {row.get('store_bit_exact')}/{row.get('load_bit_exact')}")
+    ov = res.get("overlap", {})
+    if "hidden_fraction" in ov:
+        lines.append(f"overlap: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
+                     f"{ov['overlapped_ms']:.1f} ms hidden {100 * ov['hidden_fraction']:.0f}%")
+    for T, r in res.get("ttft", {}).get("rows", {}).items():
+        lines.append(f"ttft {T:>6}: recompute {r['recompute_ms']:8.1f} ms  hit {r['hit_ms']:7.1f} ms  "
+                     f"bound {r['bound_ms']:6.1f} ms  hit/bound {r['hit_over_bound']:.2f}")
+    for k, v in res.get("errors", {}).items():
+        lines.append(f"ERROR {k}: {v.splitlines()[-1] if v else v}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
+    ap.add_argument("--sections", default="ceilings,store_load,overlap,ttft")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        print("no CUDA device: run with --dry-run to check the script on a CPU", file=sys.stderr)
+        return 2
+    shape = DRY_SHAPE if args.dry_run else GPU_SHAPE
+    if cuda:
+        from lmcache_device_cuda.device import CUDADevice as device_cls
+    else:
+        from lmcache_kernels.accel import StreamDevice
+
+        class device_cls(StreamDevice):  # type: ignore[no-redef]  # the CPU stand-in for dry runs
+            name = "cpu-dry"
+            capabilities = __import__("lmcache_core.device", fromlist=["x"]).DeviceCapabilities(async_copy=True)
+
+            @classmethod
+            def detect(cls) -> Any:
+                raise NotImplementedError
+
+            @property
+            def backend(self) -> Any:
+                return _CpuBackend()
+
+            @property
+            def torch_device(self) -> torch.device:
+                return torch.device("cpu")
+
+            def alloc_host(self, nbytes: int) -> torch.Tensor:
+                return torch.empty(nbytes, dtype=torch.uint8)
+
+            @property
+            def transfer(self) -> Any:
+                from lmcache_kernels.transfer import KVTransfer
+
+                if self._transfer is None:
+                    self._transfer = KVTransfer(torch.device("cpu"), self._options or TransferOptions(), None)
+                return self._transfer
+
+    timer = Timer(cuda)
+    os.makedirs(args.out, exist_ok=True)
+    res: dict[str, Any] = {"shape": asdict(shape), "errors": {}}
+    res["env"] = env_info(cuda)
+    log.info("env: %s", json.dumps(res["env"], default=str))
+    sections = args.sections.split(",")
+    path = os.path.join(args.out, "gpu_transfer.json")
+
+    def save() -> None:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+    for name, fn in (("ceilings", lambda: ceilings(timer, cuda)),
+                     ("store_load", lambda: store_load(shape, timer, cuda, device_cls, args.reps)),
+                     ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
+                     ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
+                                           3 if cuda else 1))):
+        if name not in sections:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception:  # noqa: BLE001 - one failed section must not lose the others
+            res["errors"][name] = traceback.format_exc()
+            log.error("section %s failed:\n%s", name, res["errors"][name])
+        res.setdefault("section_s", {})[name] = time.perf_counter() - t0
+        save()
+    print(table(res))
+    return 1 if res["errors"] else 0
+
+
+class _CpuBackend:
+    """The stream API of torch.cuda, synchronous, for the CPU dry run."""
+
+    class Stream:
+        def __init__(self, *a: Any) -> None:
+            pass
+
+        def wait_event(self, ev: Any) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+    class Event:
+        def record(self, stream: Any = None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return True
+
+    def stream(self, s: Any) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def current_stream(self, device: Any = None) -> Any:
+        return self.Stream()
+
+    def synchronize(self, device: Any = None) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
