@@ -33,6 +33,6 @@ else
     echo "conformance not run (lmcache_conformance not importable or --quick)"
 fi
 
-SECTIONS=ceilings,store_load,overlap,ttft
+SECTIONS=ceilings,store_load,tune,overlap,ttft
 [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
 timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" 2>&1 | tee "$OUT/bench.log" | tail -n 40

@@ -236,6 +236,44 @@ def check_store(kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], dev
     return True
 
 
+def tune(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: int) -> dict[str, Any]:
+    """Direct kernel tile size and warps, batched and per layer, at the second-largest token count."""
+    from lmcache_kernels import triton_copy
+
+    devname = "cuda" if cuda else "cpu"
+    T = sorted(shape.tokens)[-2] if len(shape.tokens) > 1 else shape.tokens[0]
+    num_blocks = 2 * T // shape.block
+    kv, caches = make_cache(shape, num_blocks, devname)
+    g = torch.Generator().manual_seed(5)
+    blocks = torch.randperm(num_blocks, generator=g)[: T // shape.block]
+    slots = slot_mapping(blocks, shape.block, 0, T)
+    dev = device_cls(0, TransferOptions(store_mode="direct", load_mode="direct"))
+    chunks = make_chunks(dev, kv.geometry, T // shape.chunk, shape.chunk)
+    parts = [(slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(T // shape.chunk)]
+    stream = dev.new_stream()
+    nbytes = T * kv.geometry.bytes_per_token
+    out: dict[str, Any] = {"tokens": T}
+    old = (triton_copy.TILE_BYTES, triton_copy.NUM_WARPS)
+    try:
+        for tile in (8192, 16384, 32768):
+            for warps in (4, 8):
+                triton_copy.TILE_BYTES, triton_copy.NUM_WARPS = tile, warps
+                row = {}
+                for style in ("batched", "layerwise"):
+                    st = timer(lambda: run_store(dev, kv, parts, style, stream), reps=reps)["median_s"]
+                    ld = timer(lambda: run_load(dev, kv, parts, style, stream), reps=reps)["median_s"]
+                    row[style] = {"store_GBps": gbps(nbytes, st), "load_GBps": gbps(nbytes, ld)}
+                out[f"tile{tile // 1024}k_w{warps}"] = row
+                log.info("tune T=%d tile %dk warps %d: %s", T, tile // 1024, warps, row)
+    finally:
+        triton_copy.TILE_BYTES, triton_copy.NUM_WARPS = old
+    del caches, kv, chunks
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 # -- section 3: overlap ---------------------------------------------------------------------------
 def overlap(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str, Any]:
     """Engine layer-by-layer load with a per-layer matmul on the compute stream."""
@@ -399,6 +437,11 @@ def table(res: dict[str, Any]) -> str:
         for name, row in sl.items():
             cells = "  ".join(f"{row[t]['store_GBps']:6.1f}/{row[t]['load_GBps']:6.1f}  " for t in toks)
             lines.append(f"{name:<22}{cells}  {row.get('store_bit_exact')}/{row.get('load_bit_exact')}")
+    tn = res.get("tune", {})
+    for k, v in tn.items():
+        if isinstance(v, dict):
+            lines.append(f"tune {k:<12} batched {v['batched']['store_GBps']:5.1f}/{v['batched']['load_GBps']:5.1f}"
+                         f"  layerwise {v['layerwise']['store_GBps']:5.1f}/{v['layerwise']['load_GBps']:5.1f}")
     ov = res.get("overlap", {})
     if "hidden_fraction" in ov:
         lines.append(f"overlap: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
@@ -415,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
-    ap.add_argument("--sections", default="ceilings,store_load,overlap,ttft")
+    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,ttft")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -470,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn in (("ceilings", lambda: ceilings(timer, cuda)),
                      ("store_load", lambda: store_load(shape, timer, cuda, device_cls, args.reps)),
+                     ("tune", lambda: tune(shape, timer, cuda, device_cls, args.reps)),
                      ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
                      ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
                                            3 if cuda else 1))):

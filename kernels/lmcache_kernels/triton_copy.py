@@ -47,6 +47,7 @@ except Exception as exc:  # noqa: BLE001 - a broken Triton install must not brea
     _TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 TILE_BYTES = 16384  # bytes one program moves per plane: 16 KiB keeps 16-byte accesses busy
+NUM_WARPS = 4  # warps per program (benchmarks/gpu_transfer.py sweeps both knobs)
 _CHUNK_COLS = 6  # addr, stride_layer, stride_plane, stride_token, slot_start, n_tokens
 
 
@@ -278,7 +279,7 @@ def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int]
     _kv_copy_kernel[grid](
         table.base, table.addrs, lid, tab, slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
-        GATHER=gather, VEC=vec, num_warps=4,
+        GATHER=gather, VEC=vec, num_warps=NUM_WARPS,
     )
 
 
