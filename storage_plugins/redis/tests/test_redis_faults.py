@@ -18,7 +18,7 @@ def raw_set(store: Store, key: ChunkKey, data: bytes) -> None:
 
 def remote_for(server: RedisServer, name: str, url: str | None = None) -> RemoteTier:
     return RemoteTier(url=(url or server.url) + "?timeout=2&connect_timeout=0.5", name=name, stop=server.kill,
-                      start=server.start, raw_set=raw_set, pid=lambda: server.proc.pid if server.proc else None)
+                      start=server.start, raw_set=raw_set, pid=lambda: server.proc.pid if server.proc else None, call_timeout_s=2.5)
 
 
 class TestRedisFaults(RemoteTierFaultTests):

@@ -202,7 +202,8 @@ class S3Store(ByteStore):
 
     @staticmethod
     def _code(exc: Exception) -> str:
-        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        response = getattr(exc, "response", None) or {}
+        return str(response.get("Error", {}).get("Code", ""))
 
     def _is_missing(self, exc: Exception) -> bool:
         return self._code(exc) in ("404", "NoSuchKey", "NotFound")

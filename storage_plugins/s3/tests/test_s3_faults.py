@@ -31,7 +31,7 @@ class TestS3Faults(RemoteTierFaultTests):
         server = private_s3
         if not server.running:
             server.restart()
-        url = server.url("faults", "lm", create_bucket="true", max_attempts="2", connect_timeout="0.5",
-                         read_timeout="2")
+        url = server.url("faults", "lm", create_bucket="true", max_attempts="1", connect_timeout="0.5",
+                         read_timeout="1")
         return RemoteTier(url=url, name="s3", stop=server.kill, start=lambda: server.restart(keep_data=False),
-                          raw_set=raw_set, pid=lambda: server.proc.pid if server.proc else None)
+                          raw_set=raw_set, pid=lambda: server.proc.pid if server.proc else None, call_timeout_s=1.5)

@@ -21,7 +21,7 @@ class TestValkeyFaults(RemoteTierFaultTests):
         server = server_factory.valkey()
         return RemoteTier(url=server.url + "?timeout=2&connect_timeout=0.5", name="valkey", stop=server.kill,
                           start=server.start, raw_set=raw_set,
-                          pid=lambda: server.proc.pid if server.proc else None)
+                          pid=lambda: server.proc.pid if server.proc else None, call_timeout_s=2.5)
 
 
 def test_past_maxmemory_engine_keeps_answering(server_factory: ServerFactory) -> None:
