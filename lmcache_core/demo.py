@@ -113,10 +113,14 @@ def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any
     return model, ByteTokenizer(), "random-weight Llama (8 layers, 512 hidden)"
 
 
-def _workload() -> tuple[str, dict[str, list[str]]]:
+def _workload(quick: bool = False) -> tuple[str, dict[str, list[str]]]:
+    """The document and requests; ``quick``: a quarter of the document, two of each request."""
     data = resources.files("lmcache_core") / "data"
     doc = (data / "demo_document.md").read_text()
     work = json.loads((data / "demo_workload.json").read_text())
+    if quick:
+        doc = doc[: len(doc) // 4]
+        work = {k: v[:2] for k, v in work.items()}
     return doc, work
 
 
@@ -152,7 +156,7 @@ def _progress(console: Console) -> Progress:
 def run_first(model: Any, tok: Any, cache_dir: Path, args: argparse.Namespace, console: Console) -> list[Row]:
     from .integrations.transformers import CachedModel
 
-    doc, work = _workload()
+    doc, work = _workload(args.quick)
     shutil.rmtree(cache_dir / "demo-chunks", ignore_errors=True)
     cm = CachedModel(model, config=_engine_config(cache_dir))
     rows: list[Row] = []
@@ -187,7 +191,7 @@ def run_reuse(model: Any, tok: Any, cache_dir: Path, args: argparse.Namespace) -
     """A fresh process: empty memory tier, the disk tier from the first process."""
     from .integrations.transformers import CachedModel
 
-    doc, work = _workload()
+    doc, work = _workload(args.quick)
     cm = CachedModel(model, config=_engine_config(cache_dir))
     rows = []
     try:
@@ -217,7 +221,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     console.print("second process: a fresh engine (empty memory tier) on the same disk tier ...")
     cmd = [sys.executable, "-m", "lmcache_core.cli", "demo", "--phase", "reuse", "--cache-dir", str(cache_dir),
-           "--max-new-tokens", str(args.max_new_tokens)] + (["--random-model"] if args.random_model else [])
+           "--max-new-tokens", str(args.max_new_tokens)] + (["--random-model"] if args.random_model else []) \
+        + (["--quick"] if args.quick else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
