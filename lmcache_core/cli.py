@@ -25,7 +25,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     for p in infos:
         provides = "\n".join(
             f"{r.kind} {r.name}" + (f" ({', '.join(s + '://' for s in r.schemes)})" if r.schemes else "")
-            + ("" if not r.missing_modules() else f"  [needs: pip install \"lmcache-core[{r.extra}]\"]")
+            + ("" if not r.missing_modules() else f"  [needs: {r.install_hint()}]")
             for r in p.registrations
         )
         status = p.status + (f": {p.reason}" if p.reason else "")

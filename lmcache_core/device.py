@@ -68,6 +68,9 @@ class Device(abc.ABC):
 
     name: ClassVar[str] = ""
     capabilities: ClassVar[DeviceCapabilities] = DeviceCapabilities()
+    #: May ``device: auto`` pick this device? False for test and reference devices,
+    #: which are used only when named.
+    auto_select: ClassVar[bool] = True
 
     @classmethod
     @abc.abstractmethod

@@ -82,6 +82,9 @@ def resolve_device(name: str, plugins: PluginManager) -> Device:
         if not det.available:
             logger.debug("device %s not available: %s", reg_name, det.reason)
             continue
+        if not getattr(cls, "auto_select", True):
+            logger.debug("device %s is only used when named", reg_name)
+            continue
         (accel if cls.capabilities.accelerator else host).append((reg_name, cls))
     if len(accel) > 1:
         names = ", ".join(n for n, _ in accel)
