@@ -85,7 +85,9 @@ def dead_url(url: str) -> str | None:
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     out, n = re.subn(r"(?<=[/@=,])(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}", f"127.0.0.1:{port}", url)
-    return out if n else None
+    # endpoints inside query values are often percent-encoded (endpoint_url=http%3A%2F%2Fhost%3A9000)
+    out, m = re.subn(r"(?<=%2F)[A-Za-z0-9.\-]+%3A\d{1,5}", f"127.0.0.1%3A{port}", out, flags=re.IGNORECASE)
+    return out if n + m else None
 
 
 class StoreAvailabilityTests(StoreContract):
