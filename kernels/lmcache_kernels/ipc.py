@@ -48,6 +48,7 @@ def import_tensor(data: bytes) -> "torch.Tensor":
         dtype = getattr(torch, m["dtype"])
     except (KeyError, TypeError, AttributeError, msgpack.UnpackException) as exc:
         raise ValueError(f"not a CUDA IPC handle of lmcache-kernels: {exc}") from exc
+    torch.cuda._lazy_init()  # opening a handle needs the runtime up; torch's own rebuild does the same
     storage = torch.UntypedStorage._new_shared_cuda(
         m["device"], m["handle"], m["size"], m["offset"], m["ref_handle"], m["ref_offset"],
         m["event"], m["event_sync"],

@@ -11,9 +11,11 @@ Three paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 - ``torch``: the reference (indexing ops and per-plane copies); also the fallback
   whenever the kernel cannot run, with the reason logged once.
 
-``auto`` picks per direction from :data:`AUTO`, which holds the winner of the
-measurements in ``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py`` records
-every variant). Everything is enqueued on the caller's current stream; work on
+``auto`` picks by the shape of the call, from :data:`AUTO`, which holds the
+winners of the measurements in ``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py``
+records every variant): a call that moves one layer (the engine's layer-by-layer
+path) goes ``direct``, since staging it would cost one small DMA per chunk; a call
+that moves several layers of each chunk goes ``staged``, one whole-chunk DMA each. Everything is enqueued on the caller's current stream; work on
 copy streams is joined back to it before a call returns, so an event recorded
 on the current stream afterwards covers the whole transfer.
 """
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "direct", "staged", "torch")
 # Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
-AUTO = {"store": "direct", "load": "direct"}
+AUTO = {"store_layer": "direct", "load_layer": "direct", "store_many": "staged", "load_many": "staged"}
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,11 @@ class TransferOptions:
         kw.update(overrides)
         return cls(**kw)
 
-    def mode(self, gather: bool) -> str:
+    def mode(self, gather: bool, num_layers: int = 1) -> str:
         m = self.store_mode if gather else self.load_mode
-        return AUTO["store" if gather else "load"] if m == "auto" else m
+        if m != "auto":
+            return m
+        return AUTO[("store" if gather else "load") + ("_many" if num_layers > 1 else "_layer")]
 
 
 @dataclass
@@ -144,7 +148,7 @@ class KVTransfer:
         self._ring_free: list[Any] = []
         self._next_slot = 0
         self._copy_streams: list[Any] = []
-        self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
+        self._plans: list[tuple[tuple[Any, ...], Any, Any]] = []
         self._warned: set[str] = set()
 
     # -- public --------------------------------------------------------------------------
@@ -165,7 +169,8 @@ class KVTransfer:
     def describe(self) -> dict[str, Any]:
         return {
             "kernel": self.kernel_ok, "kernel_reason": self.kernel_reason,
-            "store_mode": self.options.mode(True), "load_mode": self.options.mode(False),
+            "store_mode": f"{self.options.mode(True, 1)} per layer, {self.options.mode(True, 2)} for several",
+            "load_mode": f"{self.options.mode(False, 1)} per layer, {self.options.mode(False, 2)} for several",
             "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
@@ -178,7 +183,7 @@ class KVTransfer:
             reference.check_chunk(kv, s, c)
         if not items or not sel:
             return
-        mode = self.options.mode(gather)
+        mode = self.options.mode(gather, len(sel))
         table = None
         if mode != "torch":
             if not self.kernel_ok:
@@ -193,8 +198,7 @@ class KVTransfer:
         near, far = self._split(kv, items, mode)
         try:
             if near:
-                slots = self._device_slots(near)
-                triton_copy.launch(kv, table, near, sel, gather, slots=slots)
+                triton_copy.run(kv, table, self._plan(kv, table, near), sel, gather)
                 self.stats.direct += len(near)
                 self.stats.launches += 1
             if far:
@@ -233,24 +237,24 @@ class KVTransfer:
                 raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
         return near, far
 
-    def _device_slots(self, items: Batch) -> "torch.Tensor":
-        """Concatenated slots on the KV device; the last few batches are cached (layer-by-layer
-        loads reuse the same slots for every layer)."""
-        import torch
-
+    def _plan(self, kv: "PagedKV", table: Any, items: Batch) -> "triton_copy.Prepared":
+        """The prepared batch, cached: the engine repeats one batch for every layer. The key is
+        the slots (identity and version) and the chunks' addresses and strides; inference-mode
+        slots keep no version counter, so those batches are prepared afresh each time."""
         try:
-            key: tuple[Any, ...] | None = tuple((id(s), s._version) for s, _ in items)
-        except RuntimeError:  # inference-mode tensors keep no version counter: do not cache them
+            key: tuple[Any, ...] | None = (id(kv),) + tuple(
+                (id(s), s._version, int(c.data_ptr()), int(c.shape[2]), tuple(c.stride()[:3])) for s, c in items)
+        except RuntimeError:
             key = None
         if key is not None:
-            for k, _, dev_slots in self._slot_cache:
+            for k, _, prep in self._plans:
                 if k == key:
-                    return dev_slots
-        dev_slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in items]).to(self.device, non_blocking=True)
+                    return prep
+        prep = triton_copy.prepare(kv, table, items)
         if key is not None:
-            self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
-            del self._slot_cache[4:]
-        return dev_slots
+            self._plans.insert(0, (key, (kv, [s for s, _ in items]), prep))
+            del self._plans[8:]
+        return prep
 
     # -- staged ------------------------------------------------------------------------------
     def _ensure_ring(self, nbytes: int) -> None:
@@ -324,7 +328,7 @@ class KVTransfer:
             rows += [int(view.data_ptr()) - l0 * s_l * elem, s_l, s_p, s_t, start, n]
             start += n
         aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
-        slots = self._device_slots(items)
+        slots = triton_copy.concat_slots([s for s, _ in items], self.device)
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
             triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned)

@@ -228,32 +228,63 @@ def chunk_rows(batch: Batch, elem: int) -> tuple[list[int], bool]:
     return rows, aligned
 
 
-def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int] | None, gather: bool,
-           *, slots: "torch.Tensor | None" = None, rows: list[int] | None = None,
-           rows_aligned: bool | None = None) -> None:
-    """Enqueue one kernel launch for ``batch`` (every chunk must be reachable from the KV device).
+def to_device(values: "list[int] | torch.Tensor", dtype: "torch.dtype", device: "torch.device") -> "torch.Tensor":
+    """A small host table on ``device`` without stalling the host: pageable host-to-device
+    copies wait for the stream, so accelerator copies go through pinned memory."""
+    import torch
 
-    ``slots`` (the batch's slots concatenated, on the KV device) and ``rows`` (from
-    :func:`chunk_rows`) may be passed when the caller already has them.
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    if t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+_LAYER_IDS: OrderedDict[tuple[Any, ...], "torch.Tensor"] = OrderedDict()
+
+
+def layer_ids(sel: Sequence[int], device: "torch.device") -> "torch.Tensor":
+    """The selected layers as an int32 tensor on ``device``, cached (the same few repeat)."""
+    import torch
+
+    key = (str(device), tuple(sel))
+    t = _LAYER_IDS.get(key)
+    if t is None:
+        t = to_device(list(sel), torch.int32, device)
+        _LAYER_IDS[key] = t
+        while len(_LAYER_IDS) > 512:
+            _LAYER_IDS.popitem(last=False)
+    return t
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch as the kernel takes it, reusable for every layer of that batch."""
+
+    tab: "torch.Tensor"  # int64 [n_chunks, 6] on the KV device
+    slots: "torch.Tensor"  # int64 [total tokens] on the KV device
+    n_chunks: int
+    max_n: int
+    aligned: bool
+
+
+def prepare(kv: "PagedKV", table: PlaneTable, batch: Batch, *, slots: "torch.Tensor | None" = None,
+            rows: list[int] | None = None, rows_aligned: bool | None = None) -> Prepared:
+    """Build the chunk table (and concatenated slots) of ``batch`` on the KV device.
+
+    ``rows`` (from :func:`chunk_rows`, absolute addresses) and ``slots`` may be given
+    when the caller has them (the staged path points rows at its staging ring).
     """
     import torch
 
-    if triton is None:
-        raise RuntimeError(_TRITON_ERROR)
-    sel = layer_list(kv, layers)
-    if not batch or not sel:
-        return
-    for s, ch in batch:
-        check_chunk(kv, s, ch)
     dev = kv.device
     elem = kv.layers[0].k.element_size()
     if rows is None:
         rows, rows_aligned = chunk_rows(batch, elem)
-    max_n = max(int(s.numel()) for s, _ in batch)
-    if max_n == 0:
-        return
+    max_n = max((int(s.numel()) for s, _ in batch), default=0)
     if slots is None:
-        slots = torch.cat([s.reshape(-1).to(torch.int64) for s, _ in batch]).to(dev, non_blocking=True)
+        slots = concat_slots([s for s, _ in batch], dev)
     base_addr = int(table.base.data_ptr())
     rows = list(rows)
     for i in range(0, len(rows), _CHUNK_COLS):
@@ -261,26 +292,60 @@ def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int]
         if delta % elem:
             raise ValueError(f"chunk address {rows[i]:#x} is not a multiple of the element size {elem}")
         rows[i] = delta // elem
-    tab = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-    lid = torch.tensor(sel, dtype=torch.int32).to(dev, non_blocking=True)
+    tab = to_device(rows, torch.int64, dev)
+    return Prepared(tab, slots, len(batch), max_n, bool(rows_aligned))
+
+
+def concat_slots(slots: Sequence["torch.Tensor"], device: "torch.device") -> "torch.Tensor":
+    """All slots in one int64 tensor on ``device`` (concatenated where they already are)."""
+    import torch
+
+    parts = [s.reshape(-1).to(torch.int64) for s in slots]
+    if all(p.device == device for p in parts):
+        return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+    return to_device(torch.cat([p.cpu() for p in parts]), torch.int64, device)
+
+
+def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] | None, gather: bool) -> None:
+    """Enqueue one kernel launch on the current stream for a prepared batch and a layer selection."""
+    import torch
+
+    if triton is None:
+        raise RuntimeError(_TRITON_ERROR)
+    sel = layer_list(kv, layers)
+    if not sel or prep.max_n == 0 or prep.n_chunks == 0:
+        return
+    dev = kv.device
+    elem = kv.layers[0].k.element_size()
+    lid = layer_ids(sel, dev)
     g = kv.geometry
     block_h = triton.next_power_of_2(g.hidden)
-    block_t = max(1, min(triton.next_power_of_2(max_n), TILE_BYTES // (block_h * elem)))
+    block_t = max(1, min(triton.next_power_of_2(prep.max_n), TILE_BYTES // (block_h * elem)))
     if interpreting():  # the interpreter pays per program, not per element
-        block_t = triton.next_power_of_2(max_n)
-    vec = 16 // elem if (table.aligned and rows_aligned) else 1
-    grid = (triton.cdiv(max_n, block_t), len(batch), len(sel) * g.kv_planes)
+        block_t = triton.next_power_of_2(prep.max_n)
+    vec = 16 // elem if (table.aligned and prep.aligned) else 1
+    grid = (triton.cdiv(prep.max_n, block_t), prep.n_chunks, len(sel) * g.kv_planes)
     sb, stok, sh, sd = table.strides
     if dev.type == "cuda":  # cached tables may come from another stream: keep them alive for this one
         stream = torch.cuda.current_stream(dev)
-        table.addrs.record_stream(stream)
-        table.base.record_stream(stream)
-        slots.record_stream(stream)
+        for t in (table.addrs, table.base, prep.slots, prep.tab, lid):
+            t.record_stream(stream)
     _kv_copy_kernel[grid](
-        table.base, table.addrs, lid, tab, slots, sb, stok, sh, sd, kv.block_size,
+        table.base, table.addrs, lid, prep.tab, prep.slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
         GATHER=gather, VEC=vec, num_warps=NUM_WARPS,
     )
+
+
+def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int] | None, gather: bool,
+           *, slots: "torch.Tensor | None" = None, rows: list[int] | None = None,
+           rows_aligned: bool | None = None) -> None:
+    """Check, prepare and launch ``batch`` in one call (every chunk reachable from the KV device)."""
+    for s, ch in batch:
+        check_chunk(kv, s, ch)
+    if not batch or not layer_list(kv, layers):
+        return
+    run(kv, table, prepare(kv, table, batch, slots=slots, rows=rows, rows_aligned=rows_aligned), layers, gather)
 
 
 def gather_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:

@@ -13,8 +13,10 @@ Three outcomes, each with its reason:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,8 +67,44 @@ def _dev_names() -> list[str]:
         return []
 
 
+def _compat_config() -> None:
+    """Without an explicit cuFile config, point cuFile at one that allows compatibility mode
+    and logs to a temporary folder (its default writes ``cufile.log`` into the cwd)."""
+    if os.environ.get("CUFILE_ENV_PATH_JSON") or os.path.exists("/etc/cufile.json"):
+        return
+    d = tempfile.mkdtemp(prefix="lmcache-cufile-")
+    path = os.path.join(d, "cufile.json")
+    with open(path, "w") as f:
+        json.dump({"logging": {"dir": d, "level": "ERROR"},
+                   "properties": {"allow_compat_mode": True, "use_poll_mode": False}}, f)
+    os.environ["CUFILE_ENV_PATH_JSON"] = path
+
+
+def _probe_register(cufile: Any, directory: str | None = None) -> str:
+    """Register a scratch file with cuFile; '' on success, else the error."""
+    fd = -1
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix="lmcache-gds-probe-", delete=True) as tmp:
+            try:
+                fd = os.open(tmp.name, os.O_RDWR | os.O_DIRECT)
+            except OSError:
+                fd = os.open(tmp.name, os.O_RDWR)
+            descr = cufile.Descr()
+            descr.type = cufile.FileHandleType.OPAQUE_FD
+            descr.handle.fd = fd
+            descr.fs_ops = 0
+            handle = cufile.handle_register(descr.ptr)
+            cufile.handle_deregister(handle)
+        return ""
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def status(open_driver: bool = True) -> GDSStatus:
-    """Probe once per process: import cuFile's bindings and open its driver."""
+    """Probe once per process: import cuFile's bindings, open its driver, register a file."""
     global _STATUS
     with _LOCK:
         if _STATUS is not None:
@@ -78,6 +116,7 @@ def status(open_driver: bool = True) -> GDSStatus:
                                      'install it with: pip install "lmcache-device-cuda[gds]"')
         if not open_driver:
             return GDSStatus("none", "cuFile driver not opened yet")
+        _compat_config()
         try:
             version = str(cufile.get_version())
         except Exception:  # noqa: BLE001
@@ -87,7 +126,13 @@ def status(open_driver: bool = True) -> GDSStatus:
         except Exception as exc:  # noqa: BLE001
             _STATUS = GDSStatus("none", f"cuFile driver_open failed: {type(exc).__name__}: {exc}", version)
             return _STATUS
-        if nvidia_fs_loaded():
+        err = _probe_register(cufile)
+        nvfs = nvidia_fs_loaded()
+        if err:
+            why = "nvidia-fs driver not loaded and " if not nvfs else ""
+            _STATUS = GDSStatus("none", f"{why}cuFile cannot register files in {tempfile.gettempdir()} ({err})",
+                                version)
+        elif nvfs:
             _STATUS = GDSStatus("gds", "cuFile opened with the nvidia-fs driver: file <-> GPU DMA", version)
         else:
             _STATUS = GDSStatus("compat", "nvidia-fs driver not loaded: cuFile runs in compatibility mode "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lmcache_core.plugins import PluginManager
@@ -31,9 +34,12 @@ def test_detection_gives_a_reason_and_creates_no_context() -> None:
     if not det.available:
         assert det.reason and det.count >= 0
         assert any(w in det.reason for w in ("NVML", "driver", "GPU", "torch", "CUDA_VISIBLE_DEVICES"))
-    import torch
-
-    assert not torch.cuda.is_initialized()  # detection never initialises CUDA
+    # in a fresh process (other tests here may have initialised CUDA): detect, then ask torch
+    code = ("from lmcache_device_cuda.device import CUDADevice; d = CUDADevice.detect(); "
+            "import torch; print(d.available, torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
 
 
 @pytest.mark.parametrize(
