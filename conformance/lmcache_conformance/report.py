@@ -24,7 +24,7 @@ CONTRACT_ORDER = ("chunk", "pipelining", "zero-copy", "storage", "transport")
 
 
 @dataclass
-class TestResult:
+class ContractResult:
     """One test's outcome: passed, failed, error, skipped, xfailed or xpassed."""
 
     id: str
@@ -40,10 +40,10 @@ class TestResult:
 
 
 class Collector:
-    """A pytest plugin object gathering :class:`TestResult` s (passed to ``pytest.main``)."""
+    """A pytest plugin object gathering :class:`ContractResult` s (passed to ``pytest.main``)."""
 
     def __init__(self) -> None:
-        self.results: dict[str, TestResult] = {}
+        self.results: dict[str, ContractResult] = {}
         self.config: pytest.Config | None = None
 
     def pytest_configure(self, config: pytest.Config) -> None:
@@ -55,7 +55,7 @@ class Collector:
             return
         res = self.results.get(report.nodeid)
         if res is None:
-            res = TestResult(info["id"], info["kind"], info["plugin"], info["contract"], info["test"],
+            res = ContractResult(info["id"], info["kind"], info["plugin"], info["contract"], info["test"],
                              "passed", nodeid=report.nodeid)
             self.results[report.nodeid] = res
         res.duration_s = round(res.duration_s + report.duration, 4)
@@ -124,7 +124,7 @@ def versions(distributions: Iterable[str]) -> dict[str, str | None]:
     return {n: _version(n) for n in sorted(names) if n}
 
 
-def summarize(results: Iterable[TestResult]) -> dict[str, int]:
+def summarize(results: Iterable[ContractResult]) -> dict[str, int]:
     out = {k: 0 for k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
     for r in results:
         out[r.outcome] = out.get(r.outcome, 0) + 1
@@ -132,7 +132,7 @@ def summarize(results: Iterable[TestResult]) -> dict[str, int]:
     return out
 
 
-def build_report(results: list[TestResult], targets: list[dict[str, Any]], *, argv: list[str],
+def build_report(results: list[ContractResult], targets: list[dict[str, Any]], *, argv: list[str],
                  exit_status: int, xfail: dict[str, Any] | None, telemetry: dict[str, Any]) -> dict[str, Any]:
     dists = {t.get("distribution", "") for t in targets}
     return {
@@ -158,9 +158,9 @@ class Cell:
     text: str
 
 
-def table_cells(results: Iterable[TestResult]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+def table_cells(results: Iterable[ContractResult]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
     """Rows (``kind:plugin``), columns (contracts) and cell summaries."""
-    groups: dict[tuple[str, str], list[TestResult]] = {}
+    groups: dict[tuple[str, str], list[ContractResult]] = {}
     for r in results:
         groups.setdefault((f"{r.kind}:{r.plugin}", r.contract), []).append(r)
     rows = sorted({k[0] for k in groups})
@@ -184,7 +184,7 @@ def table_cells(results: Iterable[TestResult]) -> tuple[list[str], list[str], di
     return rows, cols, cells
 
 
-def render_table(results: list[TestResult], *, width: int | None = None) -> str:
+def render_table(results: list[ContractResult], *, width: int | None = None) -> str:
     """The plugin x contract table as text (rich, no colour codes), ready for a log."""
     from io import StringIO
 
@@ -203,5 +203,5 @@ def render_table(results: list[TestResult], *, width: int | None = None) -> str:
     return buf.getvalue()
 
 
-__all__ = ["SCHEMA", "Cell", "Collector", "TestResult", "build_report", "machine", "render_table",
+__all__ = ["SCHEMA", "Cell", "Collector", "ContractResult", "build_report", "machine", "render_table",
            "summarize", "table_cells", "versions"]
