@@ -16,9 +16,13 @@ Copies, per chunk:
   ``PythonRespSerializer``, which sends a memoryview as its own ``sendall``
   item. (The default hiredis packer would copy the value twice: ``bytes(view)``
   and ``hiredis.pack_command``.) The kernel copies into the socket buffer.
-- get: one copy that the client forces (the hiredis reply parser returns a
-  ``bytes`` object), plus one copy into the pooled, 4096-aligned buffer that
-  the device scatters from (a ``bytes`` object cannot be handed to the pool).
+- get (standalone, TLS, unix): none here. The GET is sent on a pooled
+  connection and the bulk reply is read from the socket with ``recv_into``
+  straight into the pooled, 4096-aligned buffer that the device scatters from
+  (``direct_read=false`` turns this off).
+- get (cluster, batched ``get_many``, ``direct_read=false``): one copy that the
+  client forces (hiredis returns a ``bytes`` object) plus one copy into the
+  pooled buffer (a ``bytes`` object cannot be handed to the pool).
 
 Connecting is lazy: ``from_url`` never touches the network, so a server that
 is down at start makes ``health()`` False and the tier stack runs without the
@@ -28,6 +32,7 @@ tier until a re-probe succeeds; the connection pool reconnects by itself.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -45,6 +50,7 @@ logger = logging.getLogger(__name__)
 OPTIONS = (
     "prefix", "ttl", "timeout", "connect_timeout", "max_connections", "batch", "db", "username", "password",
     "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname", "ssl", "retries",
+    "direct_read",
 )
 
 
@@ -84,6 +90,7 @@ class RespOptions:
     max_connections: int
     batch: int
     retries: int
+    direct_read: bool
 
     def describe(self) -> str:
         where = self.path if self.mode == "unix" else ",".join(f"{h}:{p}" for h, p in self.hosts)
@@ -143,7 +150,7 @@ def parse_options(url: str, schemes: dict[str, str], password_env: str) -> RespO
         prefix=u.option("prefix", "lmcache"), ttl=ttl, timeout=u.float_option("timeout", 5.0),
         connect_timeout=u.float_option("connect_timeout", 2.0),
         max_connections=u.int_option("max_connections", 32), batch=u.int_option("batch", 16),
-        retries=u.int_option("retries", 1),
+        retries=u.int_option("retries", 1), direct_read=u.bool_option("direct_read", True),
     )
     if opts.max_connections < 1 or opts.batch < 1 or opts.timeout <= 0 or opts.connect_timeout <= 0:
         raise ConfigError(f"{url}: max_connections and batch must be >= 1, timeouts > 0")
@@ -177,6 +184,9 @@ class RespStore(ByteStore):
         self._client: Any = None
         self._lock = threading.Lock()
         self._closed = False
+        # redis-py >= 5.3 deprecates get_connection("GET"); valkey-py still requires the name.
+        params = inspect.signature(self._mod.connection.ConnectionPool.get_connection).parameters
+        self._get_conn_no_args = params["command_name"].default is not inspect.Parameter.empty
 
     @classmethod
     def from_url(cls, url: str, context: StoreContext) -> "RespStore":
@@ -238,7 +248,42 @@ class RespStore(ByteStore):
         self.client.set(self.key_name(key), image, ex=self.options.ttl)
 
     def _read(self, key: ChunkKey, alloc: Any) -> tuple[PooledBuffer, int] | None:
-        return self._land(self.client.get(self.key_name(key)), alloc)
+        if self.options.mode == "cluster" or not self.options.direct_read:
+            return self._land(self.client.get(self.key_name(key)), alloc)
+        for attempt in (0, 1):
+            try:
+                return self._direct_get(self.key_name(key), alloc)
+            except (ConnectionError, OSError, self._mod.exceptions.ConnectionError) as exc:
+                # A pooled connection may be stale after a server restart: retry once on a fresh one.
+                if attempt:
+                    raise
+                logger.debug("tier %s direct GET failed (%s); retrying on a new connection", self.name, exc)
+        return None  # not reached
+
+    def _connection(self) -> Any:
+        pool = self.client.connection_pool
+        return pool.get_connection() if self._get_conn_no_args else pool.get_connection("GET")
+
+    def _direct_get(self, name: str, alloc: Any) -> tuple[PooledBuffer, int] | None:
+        """GET that reads the bulk reply from the socket straight into a pooled buffer.
+
+        The reply parser is bypassed for this one reply, so the value is copied once, by the
+        kernel, into the buffer the device reads (instead of hiredis bytes plus a copy). Any
+        error disconnects the connection, so no half-read reply is left in it.
+        """
+        pool = self.client.connection_pool
+        conn = self._connection()
+        try:
+            conn.send_command("GET", name)
+            got = _read_bulk_into(conn._sock, alloc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if isinstance(got, str):
+            raise self._mod.exceptions.ResponseError(got)
+        return got
 
     @staticmethod
     def _land(value: bytes | None, alloc: Any) -> tuple[PooledBuffer, int] | None:
@@ -355,6 +400,57 @@ class RespStore(ByteStore):
                 client.close()
             except Exception as exc:  # noqa: BLE001
                 logger.debug("closing %s: %s", self.name, exc)
+
+
+def _read_bulk_into(sock: Any, alloc: Any) -> tuple[PooledBuffer, int] | None | str:
+    """Read one RESP2/RESP3 reply to GET from ``sock``: a bulk string lands in ``alloc(n)``.
+
+    Returns ``(buffer, n)``, None for a nil reply, or the error text of an error reply.
+    """
+    head = bytearray()
+    while b"\r\n" not in head:
+        part = sock.recv(65536)
+        if not part:
+            raise ConnectionError("server closed the connection")
+        head += part
+        if len(head) > (1 << 20) and b"\r\n" not in head:
+            raise ConnectionError("malformed reply: no line end")
+    line, _, rest = bytes(head).partition(b"\r\n")
+    if line[:1] == b"-":
+        if len(rest) != 0:
+            raise ConnectionError("unexpected bytes after an error reply")
+        return line[1:].decode(errors="replace")
+    if line[:1] == b"_" and not rest:  # RESP3 null (redis-py 8 speaks RESP3 by default)
+        return None
+    if line[:1] != b"$":
+        raise ConnectionError(f"unexpected reply to GET: {line[:40]!r}")
+    n = int(line[1:])
+    if n < 0:
+        return None
+    buf = alloc(n)
+    try:
+        mv = buf.memoryview(0, n) if n else memoryview(bytearray(0))
+        take = min(len(rest), n)
+        mv[:take] = rest[:take]  # the few bytes that came with the header line
+        trailer = len(rest) - take
+        done = take
+        while done < n:
+            k = sock.recv_into(mv[done:], n - done)
+            if not k:
+                raise ConnectionError("server closed the connection mid-value")
+            done += k
+        crlf = bytearray(2)
+        while trailer < 2:
+            k = sock.recv_into(memoryview(crlf)[trailer:], 2 - trailer)
+            if not k:
+                raise ConnectionError("server closed the connection mid-reply")
+            trailer += k
+        if len(rest) > n + 2:
+            raise ConnectionError("unexpected bytes after the reply")
+    except BaseException:
+        buf.release()
+        raise
+    return buf, n
 
 
 class RedisStore(RespStore):

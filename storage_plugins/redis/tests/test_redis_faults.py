@@ -30,7 +30,7 @@ class TestRedisFaults(RemoteTierFaultTests):
 @pytest.mark.parametrize("policy", ["noeviction", "allkeys-lru"])
 def test_past_maxmemory_engine_keeps_answering(server_factory: ServerFactory, policy: str) -> None:
     """Fill a 4 MiB server with 16 MiB of chunks: writes fail (noeviction) or evict (LRU); every
-    hit a cold engine gets is correct and nothing raises."""
+    hit a cold engine gets is bit-exact (retrieve_into_zeros checks) and nothing raises."""
     import torch
 
     server = server_factory.redis(maxmemory="4mb", maxmemory_policy=policy)
@@ -50,9 +50,12 @@ def test_past_maxmemory_engine_keeps_answering(server_factory: ServerFactory, po
         for tokens, layers in runs:
             hits, by_tier = retrieve_into_zeros(b, tokens, layers)  # asserts bit-exact hits
             served += by_tier.get("redis", 0)
-        assert served > 0, "some chunks fit and must be served"
-        if policy == "noeviction":
+        if policy == "noeviction":  # the first chunks fit and stay; later writes fail with OOM
+            assert served > 0, "the chunks that fit must be served"
             assert a.metrics.value("lmcache_errors", tier="redis", op="put") >= 1, "OOM errors must be counted"
+        else:  # LRU evicts the oldest values, often a run's first chunk: misses, never wrong KV
+            evicted = int(server.command("info", "stats").split("evicted_keys:")[1].split()[0])
+            assert evicted > 0
     finally:
         a.close()
         b.close()

@@ -119,3 +119,43 @@ def test_connections_send_values_without_copying(redis_server: RedisServer, redi
                     p.release(conn)
         finally:
             store.close()
+
+
+def test_direct_read_error_reply_and_reuse(redis_server: RedisServer, unique_prefix: str) -> None:
+    """An error reply (WRONGTYPE) raises and leaves the connection usable; a restart is survived."""
+    import redis as redis_py
+
+    pool = BufferPool()
+    store = RedisStore.from_url(f"{redis_server.url}?prefix={unique_prefix}&max_connections=1", StoreContext(pool))
+    key = make_key(1)
+    try:
+        store.client.rpush(store.key_name(key), "x")
+        with pytest.raises(redis_py.exceptions.ResponseError, match="WRONGTYPE"):
+            store.get(key)
+        store.client.delete(store.key_name(key))
+        assert store.get(key) is None
+        c = make_chunk(pool, key)
+        try:
+            store.put(key, c)
+        finally:
+            c.release()
+        got = store.get(key)
+        assert got is not None
+        got.release()
+    finally:
+        store.clear()
+        store.close()
+    assert pool.live_count() == 0
+
+
+def test_direct_read_survives_server_restart(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory.redis()
+    pool = BufferPool()
+    store = RedisStore.from_url(server.url, StoreContext(pool))
+    key = make_key(2)
+    try:
+        assert store.get(key) is None  # opens a pooled connection
+        server.restart()  # that connection is now stale
+        assert store.get(key) is None, "the stale connection must be replaced, not reported as an error"
+    finally:
+        store.close()
