@@ -5,6 +5,8 @@ Public fixtures (stable; the conformance suite uses them):
 - ``redis_server`` (session): a :class:`~lmcache_core.testing.servers.RedisServer`
   running Debian's redis-server; ``.url`` is ``redis://127.0.0.1:PORT``.
 - ``redis_cluster`` (session): a 3-node Redis Cluster; ``.url`` is ``redis+cluster://...``.
+- ``redis_tls_server`` (session): redis-server serving TLS only; ``.url`` is
+  ``rediss://127.0.0.1:PORT``, ``.ca_file`` the CA to verify it with.
 - ``valkey_server`` (session), ``valkey_cluster`` (session): the same with valkey-server.
 - ``s3_server`` (session): a :class:`~lmcache_core.testing.servers.SeaweedS3`.
 - ``s3_bucket`` (function): a fresh bucket name on ``s3_server``.
@@ -87,6 +89,13 @@ def redis_cluster() -> Iterator[RedisCluster]:
 
 
 @pytest.fixture(scope="session")
+def redis_tls_server() -> Iterator[RedisServer]:
+    server = _start(lambda: RedisServer.redis(tls=True).start())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def valkey_server() -> Iterator[RedisServer]:
     server = _start(lambda: RedisServer.valkey().start())
     yield server
@@ -124,5 +133,5 @@ def unique_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-__all__ = ["ServerFactory", "redis_cluster", "redis_server", "s3_bucket", "s3_server", "server_factory",
+__all__ = ["ServerFactory", "redis_cluster", "redis_server", "redis_tls_server", "s3_bucket", "s3_server", "server_factory",
            "unique_prefix", "valkey_cluster", "valkey_server"]

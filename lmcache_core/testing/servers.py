@@ -6,7 +6,8 @@ Public names (stable; the conformance suite imports them):
   the message names the fix.
 - :class:`RedisServer` - one ``redis-server`` or ``valkey-server`` process
   (``RedisServer.redis()``, ``RedisServer.valkey()``); ``.url``, ``.port``,
-  ``.stop()``, ``.kill()``, ``.restart()``, ``.command(...)``.
+  ``.stop()``, ``.kill()``, ``.restart()``, ``.command(...)``; ``tls=True``
+  serves TLS only, with a throw-away CA in ``.ca_file`` (:func:`make_test_ca`).
 - :class:`RedisCluster` - three cluster-mode nodes joined with
   ``redis-cli --cluster create`` (or ``valkey-cli``); ``.url``
   (``redis+cluster://`` or ``valkey+cluster://``), ``.nodes``.
@@ -121,10 +122,39 @@ def _cli_for(server_binary: str) -> str:
     return found
 
 
-def _ping(port: int, password: str | None = None, timeout: float = 0.5) -> bool:
+def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (``openssl``); returns (ca, cert, key)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise ServerUnavailable("openssl not found; apt-get install openssl (TLS test servers need it)")
+    d = directory
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    steps = [
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+         "-subj", "/CN=lmcache-test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.crt", "-days", "2", "-extfile", "san.ext"],
+    ]
+    for args in steps:
+        out = subprocess.run([openssl, *args], cwd=d, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise ServerUnavailable(f"openssl {args[0]} failed: {out.stderr}")
+    return d / "ca.crt", d / "server.crt", d / "server.key"
+
+
+def _ping(port: int, password: str | None = None, timeout: float = 0.5, tls: bool = False) -> bool:
     """True when a RESP server on ``port`` answers PING (NOAUTH counts as up)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            s = raw
+            if tls:
+                import ssl
+
+                ctx = ssl.create_default_context()
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
             s.sendall(b"PING\r\n")
             reply = s.recv(64)
     except OSError:
@@ -195,8 +225,11 @@ class RedisServer(_Process):
 
     def __init__(self, binary: str, *, port: int | None = None, password: str | None = None,
                  maxmemory: str | None = None, maxmemory_policy: str = "noeviction",
-                 cluster: bool = False, extra_args: Sequence[str] = (), scheme: str = "redis") -> None:
+                 cluster: bool = False, extra_args: Sequence[str] = (), scheme: str = "redis",
+                 tls: bool = False) -> None:
         super().__init__("valkey" if "valkey" in Path(binary).name else "redis")
+        self.tls = tls
+        self.ca_file: Path | None = None  # with tls: the CA that signed the server certificate
         self.binary = binary
         self.port = port or free_port((0, 10000) if cluster else (0,))
         self.password = password
@@ -215,7 +248,16 @@ class RedisServer(_Process):
         return cls(find_valkey_server(), scheme="valkey", **kw)  # type: ignore[arg-type]
 
     def argv(self) -> list[str]:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            if self.ca_file is None:
+                self.ca_file, cert, key = make_test_ca(self.workdir)
+            else:
+                cert, key = self.workdir / "server.crt", self.workdir / "server.key"
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                     "--tls-key-file", str(key), "--tls-ca-cert-file", str(self.ca_file),
+                     "--tls-auth-clients", "no"]
+        args = [self.binary, *ports, "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
                 "--proto-max-bulk-len", "1gb", "--client-output-buffer-limit", "normal 0 0 0"]
         if self.password:
@@ -233,7 +275,7 @@ class RedisServer(_Process):
         if self.cluster:
             (self.workdir / "nodes.conf").unlink(missing_ok=True)
         self._spawn(self.argv())
-        self._wait_ready(lambda: _ping(self.port, self.password), f"{self.name} on port {self.port}")
+        self._wait_ready(lambda: _ping(self.port, self.password, tls=self.tls), f"{self.name} on port {self.port}")
         logger.info("%s started on 127.0.0.1:%d", self.name, self.port)
         return self
 
@@ -252,12 +294,16 @@ class RedisServer(_Process):
 
     @property
     def url(self) -> str:
+        """``redis://`` (``rediss://`` with tls; pass ``ssl_ca_certs=<ca_file>`` to verify it)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"{self.scheme}://{auth}127.0.0.1:{self.port}"
+        scheme = self.scheme + ("s" if self.tls else "")
+        return f"{scheme}://{auth}127.0.0.1:{self.port}"
 
     def command(self, *args: str) -> str:
         """Run one command through the server's CLI and return its output (test setup)."""
         argv = [_cli_for(self.binary), "-h", "127.0.0.1", "-p", str(self.port)]
+        if self.tls:
+            argv += ["--tls", "--cacert", str(self.ca_file)]
         if self.password:
             argv += ["-a", self.password, "--no-auth-warning"]
         out = subprocess.run(argv + list(args), capture_output=True, text=True, timeout=30)
@@ -450,5 +496,5 @@ class SeaweedS3(_Process):
         self.close()
 
 
-__all__ = ["RedisCluster", "RedisServer", "SeaweedS3", "ServerUnavailable", "find_redis_server",
+__all__ = ["RedisCluster", "RedisServer", "SeaweedS3", "ServerUnavailable", "find_redis_server", "make_test_ca",
            "find_valkey_server", "find_weed", "free_port"]

@@ -32,6 +32,22 @@ class TestRedisStandalone(_Backdoor):
         return lambda ctx: RedisStore.from_url(f"{redis_server.url}?prefix={unique_prefix}", ctx)
 
 
+class TestRedisTls(_Backdoor):
+    large_nbytes = 16 << 20
+    state_machine_examples = 5
+
+    @pytest.fixture
+    def store_factory(self, redis_tls_server: RedisServer, unique_prefix: str) -> Callable[[StoreContext], Store]:
+        url = f"{redis_tls_server.url}?prefix={unique_prefix}&ssl_ca_certs={redis_tls_server.ca_file}"
+        return lambda ctx: RedisStore.from_url(url, ctx)
+
+    def test_unverified_certificate_is_unhealthy(self, redis_tls_server: RedisServer) -> None:
+        store = RedisStore.from_url(redis_tls_server.url, StoreContext(BufferPool()))  # system CAs only
+        h = store.health()
+        store.close()
+        assert not h.ok and "certificate" in h.reason.lower()
+
+
 class TestRedisCluster(_Backdoor):
     large_nbytes = 16 << 20
 
