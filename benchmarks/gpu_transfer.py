@@ -317,6 +317,7 @@ def overlap(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str
 
             both_t = timer(both, reps=3)["median_s"]
         hidden = (load + comp - both_t) / min(load, comp)
+        out[f"device_{mode}"] = device_overlap(shape, timer, kv, blocks, dev, a, b, mm)
         out[mode] = dict(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both_t * 1e3,
                          matmuls_per_layer=k, hidden_fraction=hidden, load_GBps=gbps(nbytes, load))
         log.info("overlap %s T=%d load %.1f ms compute %.1f ms both %.1f ms hidden %.0f%%", mode, T, load * 1e3,
@@ -326,6 +327,54 @@ def overlap(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def device_overlap(shape: Shape, timer: Timer, kv: PagedKV, blocks: torch.Tensor, dev: Any, a: torch.Tensor,
+                   b: torch.Tensor, mm: float) -> dict[str, Any]:
+    """The device alone: every layer's load queued on a transfer stream with one ``scatter_many``
+    per layer, then per layer the compute stream waits for that layer's event and multiplies."""
+    T = max(shape.tokens)
+    chunks = make_chunks(dev, kv.geometry, T // shape.chunk, shape.chunk)
+    slots = slot_mapping(blocks, shape.block, 0, T)
+    parts = [(slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(T // shape.chunk)]
+    dev.gather_many(kv, parts)
+    dev.synchronize()
+    ts = dev.new_stream()
+
+    def enqueue() -> list[Any]:
+        evs = []
+        for layer in range(shape.layers):
+            with dev.use_stream(ts):
+                dev.scatter_many(kv, parts, layers=(layer,))
+                evs.append(dev.record_event(ts))
+        return evs
+
+    def load_only() -> None:
+        for ev in enqueue():
+            ev.synchronize()
+
+    load = timer(load_only, reps=3)["median_s"]
+    k = max(1, round(load / shape.layers / mm))
+
+    def compute_all() -> None:
+        for _ in range(shape.layers):
+            for _ in range(k):
+                torch.mm(a, b)
+
+    comp = timer(compute_all, reps=3)["median_s"]
+
+    def both() -> None:
+        for ev in enqueue():
+            ev.wait_on_compute()
+            for _ in range(k):
+                torch.mm(a, b)
+
+    both_t = timer(both, reps=3)["median_s"]
+    hidden = (load + comp - both_t) / min(load, comp)
+    log.info("device overlap %s: load %.1f ms compute %.1f ms both %.1f ms hidden %.0f%%",
+             dev.transfer.options.load_mode, load * 1e3, comp * 1e3, both_t * 1e3, 100 * hidden)
+    return dict(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both_t * 1e3, matmuls_per_layer=k,
+                hidden_fraction=hidden, load_GBps=gbps(T * shape.bytes_per_token, load))
 
 
 # -- section 4: TTFT ------------------------------------------------------------------------------------
@@ -382,6 +431,8 @@ def ttft(shape: Shape, cuda: bool, device_cls: Any, h2d_ceiling: float, reps: in
             hit_s = statistics.median(r.ttft_s for r in hits)
             batched = [hit_batched(model, eng, ids) for _ in range(reps)]
             bat_s = statistics.median(t for t, _ in batched)
+            breakdown: dict[str, float] = {}
+            hit_batched(model, eng, ids, breakdown)
             bound = T * geom.bytes_per_token / (h2d_ceiling * 1e9) if h2d_ceiling > 0 else float("nan")
             rows[str(T)] = {"recompute_ms": statistics.median(rec) * 1e3, "hit_ms": hit_s * 1e3,
                             "hit_tokens": hits[-1].hit_tokens, "by_tier": hits[-1].by_tier,
@@ -389,6 +440,7 @@ def ttft(shape: Shape, cuda: bool, device_cls: Any, h2d_ceiling: float, reps: in
                             "hit_over_bound": hit_s / bound if bound else None,
                             "hit_batched_ms": bat_s * 1e3, "batched_over_bound": bat_s / bound if bound else None,
                             "batched_same_token": batched[-1][1] == hits[-1].tokens[0],
+                            "batched_breakdown_ms": breakdown,
                             "speedup": statistics.median(rec) / hit_s,
                             "same_token": hits[-1].tokens[0] == cm.generate(ids, 1, use_cache=False).tokens[0]}
             log.info("ttft T=%d recompute %.1f ms hit %.1f ms batched hit %.1f ms bound %.1f ms", T,
@@ -403,7 +455,8 @@ def ttft(shape: Shape, cuda: bool, device_cls: Any, h2d_ceiling: float, reps: in
     return out
 
 
-def hit_batched(model: Any, eng: CacheEngine, ids: list[int]) -> tuple[float, int]:
+def hit_batched(model: Any, eng: CacheEngine, ids: list[int], parts_out: dict[str, float] | None = None
+                ) -> tuple[float, int]:
     """A full hit as the engine would run it with the device's batched call: lookup, fetch, one
     ``scatter_many`` of every chunk into a fresh HF cache (all layers), then the last token's
     forward. Returns (seconds to the first token, that token)."""
@@ -429,7 +482,13 @@ def hit_batched(model: Any, eng: CacheEngine, ids: list[int]) -> tuple[float, in
                 n = min(c.num_tokens, want - pos)
                 parts.append((slots[pos:pos + n], c.kv()[:, :, :n]))
                 pos += n
+            if parts_out is not None:
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                parts_out["lookup_fetch_ms"] = (time.perf_counter() - t0) * 1e3
             eng.device.scatter_many(kv, parts)  # type: ignore[attr-defined]
+            if parts_out is not None:
+                eng.device.synchronize()
+                parts_out["load_ms"] = (time.perf_counter() - t0) * 1e3 - parts_out["lookup_fetch_ms"]
             try:
                 cache = DynamicCache(config=model.config)
             except TypeError:
@@ -444,6 +503,9 @@ def hit_batched(model: Any, eng: CacheEngine, ids: list[int]) -> tuple[float, in
             logits = model(input_ids=rest, use_cache=True, position_ids=position, logits_to_keep=1,
                            **{kw: cache}).logits[0, -1]
             token = int(torch.argmax(logits))
+            if parts_out is not None:
+                parts_out["forward_ms"] = (time.perf_counter() - t0) * 1e3 - parts_out["lookup_fetch_ms"] \
+                    - parts_out["load_ms"]
         finally:
             for item in got:
                 if item is not None:
@@ -492,7 +554,7 @@ def table(res: dict[str, Any]) -> str:
         if isinstance(v, dict):
             lines.append(f"tune {k:<12} batched {v['batched']['store_GBps']:5.1f}/{v['batched']['load_GBps']:5.1f}"
                          f"  layerwise {v['layerwise']['store_GBps']:5.1f}/{v['layerwise']['load_GBps']:5.1f}")
-    for mode, ov in res.get("overlap", {}).items():
+    for mode, ov in sorted(res.get("overlap", {}).items()):
         if isinstance(ov, dict):
             lines.append(f"overlap {mode}: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
                          f"{ov['overlapped_ms']:.1f} ms hidden {100 * ov['hidden_fraction']:.0f}%")

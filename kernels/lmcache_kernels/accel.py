@@ -126,7 +126,7 @@ class StreamDevice(Device):
         if st.depth == 0:
             (self.transfer.gather if gather else self.transfer.scatter)(kv, [(slots, chunk)], layers)
             return
-        key = (gather, id(kv), None if layers is None else tuple(int(l) for l in layers))
+        key = (gather, id(kv), layers if layers is None or isinstance(layers, tuple) else tuple(layers))
         if st.batch and st.key != key:
             self._flush()
         st.key, st.kv, st.layers = key, kv, layers

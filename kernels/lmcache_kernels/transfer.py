@@ -97,6 +97,19 @@ class TransferStats:
     fallbacks: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Plan:
+    """What a batch shape resolved to: which chunks go which way, and the kernel's chunk table."""
+
+    nonempty: list[int]
+    table: Any  # triton_copy.PlaneTable, or None for the torch path
+    near: list[int] = field(default_factory=list)
+    far: list[int] = field(default_factory=list)
+    tab: Any = None
+    aligned: bool = False
+    max_n: int = 0
+
+
 class _Streams:
     """The few stream operations the staged path needs, for torch.cuda-like modules or none."""
 
@@ -148,7 +161,8 @@ class KVTransfer:
         self._ring_free: list[Any] = []
         self._next_slot = 0
         self._copy_streams: list[Any] = []
-        self._plans: list[tuple[tuple[Any, ...], Any, Any]] = []
+        self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
+        self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
         self._warned: set[str] = set()
 
     # -- public --------------------------------------------------------------------------
@@ -178,36 +192,30 @@ class KVTransfer:
     # -- dispatch --------------------------------------------------------------------------
     def _run(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
         sel = layer_list(kv, layers)
-        items = [(s, c) for s, c in batch if int(s.numel()) > 0]
-        for s, c in items:
-            reference.check_chunk(kv, s, c)
-        if not items or not sel:
+        if not batch or not sel:
             return
         mode = self.options.mode(gather, len(sel))
-        table = None
-        if mode != "torch":
-            if not self.kernel_ok:
-                self._fallback(f"kernel unavailable on {self.device}: {self.kernel_reason}")
-            else:
-                table, why = triton_copy.plane_table(kv)
-                if table is None:
-                    self._fallback(f"{kv.kind}: {why}")
-        if table is None:
-            self._reference(kv, items, sel, gather)
+        plan = self._plan(kv, batch, mode)
+        if plan is None:
             return
-        near, far = self._split(kv, items, mode)
+        if plan.table is None:
+            self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
+            return
         try:
-            if near:
-                triton_copy.run(kv, table, self._plan(kv, table, near), sel, gather)
+            if plan.near:
+                near = [batch[i] for i in plan.near]
+                prep = triton_copy.Prepared(plan.tab, self._slots(near), len(near), plan.max_n, plan.aligned)
+                triton_copy.run(kv, plan.table, prep, sel, gather)
                 self.stats.direct += len(near)
                 self.stats.launches += 1
-            if far:
-                self._staged(kv, table, far, sel, gather)
+            if plan.far:
+                self._staged(kv, plan.table, [batch[i] for i in plan.far], sel, gather)
         except Exception as exc:  # noqa: BLE001 - a kernel failure falls back, the engine keeps going
             self.kernel_ok, self.kernel_reason = False, f"{type(exc).__name__}: {exc}"
+            self._plans.clear()
             logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
                            self.device, self.kernel_reason)
-            self._reference(kv, items, sel, gather)
+            self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
 
     def _fallback(self, why: str) -> None:
         if why not in self._warned:
@@ -219,42 +227,78 @@ class KVTransfer:
         (reference.gather_batch if gather else reference.scatter_batch)(kv, items, sel)
         self.stats.torch += len(items)
 
-    def _split(self, kv: "PagedKV", items: Batch, mode: str) -> tuple[list[Any], list[Any]]:
-        near: list[Any] = []
-        far: list[Any] = []
-        for s, c in items:
+    def _plan(self, kv: "PagedKV", batch: Batch, mode: str) -> "_Plan | None":
+        """Checks, path choice and the kernel's chunk table for a batch, cached by the chunks'
+        addresses, shapes and strides and the slot counts (not the slot values): the engine
+        repeats one batch for every layer, with fresh views of the same buffers."""
+        key = (id(kv), mode, self.kernel_ok) + tuple(
+            (int(s.numel()), int(c.data_ptr()), tuple(c.shape), tuple(c.stride()), c.dtype) for s, c in batch)
+        for k, _, plan in self._plans:
+            if k == key:
+                return plan
+        nonempty = [i for i, (s, _) in enumerate(batch) if int(s.numel()) > 0]
+        if not nonempty:
+            return None
+        for i in nonempty:
+            reference.check_chunk(kv, *batch[i])
+        table = None
+        if mode != "torch":
+            if not self.kernel_ok:
+                self._fallback(f"kernel unavailable on {self.device}: {self.kernel_reason}")
+            else:
+                table, why = triton_copy.plane_table(kv)
+                if table is None:
+                    self._fallback(f"{kv.kind}: {why}")
+        plan = _Plan(nonempty, table)
+        if table is not None:
+            plan.near, plan.far = self._split(kv, batch, nonempty, mode)
+            if plan.near:
+                near = [batch[i] for i in plan.near]
+                rows, aligned = triton_copy.chunk_rows(near, kv.layers[0].k.element_size())
+                prep = triton_copy.prepare(kv, table, near, rows=rows, rows_aligned=aligned,
+                                           slots=near[0][0])  # slots are supplied per call
+                plan.tab, plan.aligned = prep.tab, prep.aligned
+                plan.max_n = max(int(s.numel()) for s, _ in near)
+        self._plans.insert(0, (key, kv, plan))
+        del self._plans[16:]
+        return plan
+
+    def _split(self, kv: "PagedKV", batch: Batch, idx: list[int], mode: str) -> tuple[list[int], list[int]]:
+        """Indices of chunks the kernel reaches in place (``near``) and of those to stage (``far``)."""
+        near: list[int] = []
+        far: list[int] = []
+        for i in idx:
+            c = batch[i][1]
             if kv.device.type == "cpu" and c.device.type == "cpu":
                 # host KV (the interpreter): 'staged' still goes through the ring so CI tests it
-                (far if mode == "staged" else near).append((s, c))
+                (far if mode == "staged" else near).append(i)
             elif c.device == kv.device:
-                near.append((s, c))
+                near.append(i)
             elif c.device.type == "cpu":
                 if mode == "direct" and c.is_pinned() and self.mapped_host()[0]:
-                    near.append((s, c))
+                    near.append(i)
                 else:
-                    far.append((s, c))
+                    far.append(i)
             else:
                 raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
         return near, far
 
-    def _plan(self, kv: "PagedKV", table: Any, items: Batch) -> "triton_copy.Prepared":
-        """The prepared batch, cached: the engine repeats one batch for every layer. The key is
-        the slots (identity and version) and the chunks' addresses and strides; inference-mode
-        slots keep no version counter, so those batches are prepared afresh each time."""
+    def _slots(self, items: Batch) -> "torch.Tensor":
+        """The batch's slots concatenated on the KV device; cached by identity and version
+        (inference-mode tensors keep no version counter and are concatenated afresh)."""
         try:
-            key: tuple[Any, ...] | None = (id(kv),) + tuple(
-                (id(s), s._version, int(c.data_ptr()), int(c.shape[2]), tuple(c.stride()[:3])) for s, c in items)
+            key: tuple[Any, ...] | None = tuple((id(s), s._version) for s, _ in items)
         except RuntimeError:
             key = None
         if key is not None:
-            for k, _, prep in self._plans:
+            for k, _, dev_slots in self._slot_cache:
                 if k == key:
-                    return prep
-        prep = triton_copy.prepare(kv, table, items)
+                    return dev_slots
+        dev_slots = triton_copy.concat_slots([s for s, _ in items], self.device)
         if key is not None:
-            self._plans.insert(0, (key, (kv, [s for s, _ in items]), prep))
-            del self._plans[8:]
-        return prep
+            self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
+            del self._slot_cache[4:]
+        return dev_slots
 
     # -- staged ------------------------------------------------------------------------------
     def _ensure_ring(self, nbytes: int) -> None:
@@ -328,7 +372,7 @@ class KVTransfer:
             rows += [int(view.data_ptr()) - l0 * s_l * elem, s_l, s_p, s_t, start, n]
             start += n
         aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
-        slots = triton_copy.concat_slots([s for s, _ in items], self.device)
+        slots = self._slots(items)
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
             triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned)

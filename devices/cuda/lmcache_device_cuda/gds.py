@@ -36,6 +36,7 @@ class GDSStatus:
     mode: str  # "gds" | "compat" | "none"
     reason: str
     version: str = ""
+    directory: str = ""  # where a probe file registered (cuFile support depends on the filesystem)
 
     @property
     def usable(self) -> bool:
@@ -126,17 +127,23 @@ def status(open_driver: bool = True) -> GDSStatus:
         except Exception as exc:  # noqa: BLE001
             _STATUS = GDSStatus("none", f"cuFile driver_open failed: {type(exc).__name__}: {exc}", version)
             return _STATUS
-        err = _probe_register(cufile)
         nvfs = nvidia_fs_loaded()
-        if err:
+        errors = []
+        where = ""
+        for d in dict.fromkeys([os.environ.get("LMCACHE_GDS_DIR") or tempfile.gettempdir(), os.getcwd()]):
+            err = _probe_register(cufile, d)
+            if not err:
+                where = d
+                break
+            errors.append(f"{d}: {err}")
+        if not where:
             why = "nvidia-fs driver not loaded and " if not nvfs else ""
-            _STATUS = GDSStatus("none", f"{why}cuFile cannot register files in {tempfile.gettempdir()} ({err})",
-                                version)
+            _STATUS = GDSStatus("none", f"{why}cuFile cannot register files ({'; '.join(errors)})", version)
         elif nvfs:
-            _STATUS = GDSStatus("gds", "cuFile opened with the nvidia-fs driver: file <-> GPU DMA", version)
+            _STATUS = GDSStatus("gds", "cuFile opened with the nvidia-fs driver: file <-> GPU DMA", version, where)
         else:
             _STATUS = GDSStatus("compat", "nvidia-fs driver not loaded: cuFile runs in compatibility mode "
-                                          "(POSIX I/O through a host bounce buffer)", version)
+                                          "(POSIX I/O through a host bounce buffer)", version, where)
         return _STATUS
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -152,14 +153,17 @@ def test_gds_round_trip_or_reason(tmp_path) -> None:
     if not st.usable:
         pytest.skip(f"GPUDirect Storage unavailable: {st.reason}")
     src = torch.randint(-(2 ** 31), 2 ** 31 - 1, (1 << 18,), dtype=torch.int32, device="cuda")
-    path = tmp_path / "chunk.bin"
+    path = Path(st.directory or tmp_path) / f"lmcache-gds-test-{os.getpid()}.bin"
     with dev.open_direct(path, write=True) as f:
         assert f.write_from(src) == src.numel() * 4
-    dst = torch.full_like(src, 7)
-    with dev.open_direct(path) as f:
-        assert f.read_into(dst) == src.numel() * 4
-    torch.cuda.synchronize()
-    assert torch.equal(src, dst)
+    try:
+        dst = torch.full_like(src, 7)
+        with dev.open_direct(path) as f:
+            assert f.read_into(dst) == src.numel() * 4
+        torch.cuda.synchronize()
+        assert torch.equal(src, dst)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_telemetry_reads_the_gpu() -> None:
