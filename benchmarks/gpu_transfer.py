@@ -151,6 +151,8 @@ VARIANTS = {
     "batched_staged_1cs": (dict(store_mode="staged", load_mode="staged", copy_streams=1), "batched"),
     "batched_staged_2cs": (dict(store_mode="staged", load_mode="staged", copy_streams=2,
                                 staging_slots=4), "batched"),
+    "batched_staged_1chunk_4s": (dict(store_mode="staged", load_mode="staged", staging_bytes=32 * MiB,
+                                      staging_slots=4, copy_streams=2), "batched"),
     "batched_staged_128m_3s": (dict(store_mode="staged", load_mode="staged", staging_bytes=128 * MiB,
                                     staging_slots=3), "batched"),
     "torch_reference": (dict(store_mode="torch", load_mode="torch"), "batched"),
