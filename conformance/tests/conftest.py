@@ -28,6 +28,10 @@ class Run:
     def failed(self, **match: str) -> list[str]:
         return sorted(i for i, o in self.outcomes(**match).items() if o in ("failed", "error"))
 
+    def failures(self) -> dict[str, str]:
+        """Failing test id -> its message (for assertion messages that explain themselves)."""
+        return {r["id"]: r["reason"] for r in self.report.get("results", []) if r["outcome"] in ("failed", "error")}
+
 
 def run_cli(args: Sequence[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: int = 600) -> Run:
     report = tmp_path / f"report-{len(list(tmp_path.glob('report-*.json')))}.json"

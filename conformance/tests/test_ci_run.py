@@ -76,7 +76,7 @@ def test_conformance_over_cpu_plugins(conformance_cli: Any, tmp_path: Path, caps
         Path(keep).parent.mkdir(parents=True, exist_ok=True)
         Path(keep).write_text(json.dumps(run.report, indent=2) + "\n")
     assert run.report, "no report was written"
-    assert run.returncode == 0, f"conformance failures: {run.failed()}"
+    assert run.returncode == 0, f"conformance failures: {json.dumps(run.failures(), indent=1)}"
     assert run.report["summary"]["failed"] == 0 and run.report["summary"]["error"] == 0
     assert "LMCACHE-CONFORMANCE-REPORT-BEGIN" in run.stdout  # the JSON is in the log
     results = run.report["results"]
