@@ -18,6 +18,9 @@ class ExampleDevice(Device):
     # Synchronous host copies: no async_copy, no pinned memory. The suite skips the
     # overlap measurement and the pinned-memory check, with these flags as the reason.
     capabilities = DeviceCapabilities()
+    # `device: auto` takes the one accelerator present, else a host device other than cpu.
+    # An example must never win that choice: it is used only when named.
+    auto_select = False
 
     @classmethod
     def detect(cls) -> Detection:

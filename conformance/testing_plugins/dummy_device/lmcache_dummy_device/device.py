@@ -156,6 +156,7 @@ class DummyDevice(Device):
 
     name = "dummy"
     capabilities = DeviceCapabilities(async_copy=True, pinned_memory=False, accelerator=False)
+    auto_select = False  # a test device: used only when named, never by `device: auto`
 
     @classmethod
     def detect(cls) -> Detection:
