@@ -19,6 +19,8 @@ from typing import Any, Iterable
 
 import pytest
 
+from .targets import redact_argv
+
 SCHEMA = "lmcache-conformance-report/1"
 CONTRACT_ORDER = ("chunk", "pipelining", "zero-copy", "storage", "transport")
 
@@ -138,7 +140,7 @@ def build_report(results: list[ContractResult], targets: list[dict[str, Any]], *
     return {
         "schema": SCHEMA,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": ["lmcache", "conformance", *argv],
+        "command": ["lmcache", "conformance", *redact_argv(argv)],
         "machine": machine(),
         "versions": versions(dists),
         "plugins": targets,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import logging
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -50,13 +51,29 @@ class Target:
         return out
 
 
+_SECRET_OPTION = re.compile(r"secret|password|passwd|token|credential|private", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL without a password, fit for a published report."""
+    """The URL without a password or secret query options, fit for a published report."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_OPTION.search(k) for k, _ in pairs):
+            query = urllib.parse.urlencode([(k, "***" if _SECRET_OPTION.search(k) else v) for k, v in pairs],
+                                           safe="*:/")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # untouched (urlunsplit would also drop the "//" of an empty host)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with every URL redacted."""
+    return [redact(a) if "://" in a else a for a in argv]
 
 
 def _version(dist: str) -> str:
@@ -168,4 +185,4 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["Target", "device_targets", "redact", "storage_targets", "transport_targets"]
+__all__ = ["Target", "device_targets", "redact", "redact_argv", "storage_targets", "transport_targets"]

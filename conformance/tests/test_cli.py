@@ -134,3 +134,5 @@ def test_table_folds_results_per_plugin_and_contract() -> None:
 def test_redact_hides_passwords() -> None:
     assert redact("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
     assert redact("disk:///x") == "disk:///x"
+    s3 = redact("s3://b/p?endpoint_url=http%3A%2F%2Fh%3A1&access_key_id=AK&secret_access_key=SK&region=r")
+    assert "SK" not in s3 and "secret_access_key=***" in s3 and "region=r" in s3 and "h:1" in s3
