@@ -184,10 +184,22 @@ def contract_id(item: pytest.Item) -> dict[str, Any] | None:
 @pytest.hookimpl(tryfirst=True)  # before -m/-k deselection sees the contract markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     xf = config.stash.get(_XFAIL, None)
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    unrunnable: set[tuple[str, str, str]] = set()
     for item in items:
         info = contract_id(item)
         if info is None:
+            kept.append(item)
             continue
+        if _target_skip(item):
+            # A plugin that cannot run here is reported once per contract, not once per test.
+            group = (info["kind"], info["plugin"], info["contract"])
+            if group in unrunnable:
+                dropped.append(item)
+                continue
+            unrunnable.add(group)
+        kept.append(item)
         item.user_properties.append(("lmcache", info))
         item.add_marker(getattr(pytest.mark, "lmcache_" + info["contract"].replace("-", "_")))
         if xf is None:
@@ -198,6 +210,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(reason=f"xfail file line {entry.line}: {entry.reason}",
                                                   strict=False))
                 break
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def _target_skip(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return ""
+    for name in TARGET_PARAMS:
+        target = callspec.params.get(name)
+        if isinstance(target, Target) and target.skip:
+            return target.skip
+    return ""
 
 
 def xfail_state(config: pytest.Config) -> XfailState | None:

@@ -102,6 +102,16 @@ class DummyStore(ByteStore):
         return ChunkBuffer(buf, ChunkHeader(key, header.geometry, header.num_tokens, header.codec,
                                             header.payload_len, header.stored_len, header.checksum))
 
+    # -- the conformance backdoor (SupportsRawAccess): the table, around the store's logic -----------
+    def raw_get(self, key: ChunkKey) -> bytes | None:
+        with _LOCK:
+            value = self._data.get(key)
+        return None if value is None else bytes(value)
+
+    def raw_set(self, key: ChunkKey, data: bytes) -> None:
+        with _LOCK:
+            self._data[key] = bytes(data)
+
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with _LOCK:
             return [k in self._data for k in keys]
