@@ -569,13 +569,71 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict[str, Any], png: str) -> None:
+    """Three panels: store and load GB/s per path against the ceilings, and TTFT hit vs recompute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sl = res["store_load"]
+    toks = sorted(int(k) for k in next(iter(sl.values())) if k.isdigit())
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    show = ["engine_direct", "engine_staged", "batched_direct", "batched_staged_1chunk_4s", "batched_staged_128m_3s",
+            "torch_reference"]
+    for ax, key, ceil_key, title in ((axes[0], "store_GBps", "d2h_GBps", "store: paged GPU -> pinned chunks"),
+                                     (axes[1], "load_GBps", "h2d_GBps", "load: pinned chunks -> paged GPU")):
+        for name in show:
+            if name in sl:
+                ax.plot(toks, [sl[name][str(t)][key] for t in toks], marker="o", label=name)
+        ceil = max(res["ceilings"][ceil_key], res["ceilings"].get("32MiB", {}).get(ceil_key, 0.0))
+        ax.axhline(ceil, color="k", ls="--", lw=1, label=f"pinned copy ceiling {ceil:.1f} (best of 1 GiB, 32 MiB)")
+        ax.axhline(0.95 * ceil, color="grey", ls=":", lw=1, label="95% of it")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(toks, [f"{t // 1024}K" for t in toks])
+        ax.set_ylim(0, ceil * 1.1)
+        ax.set_xlabel("tokens (Llama-3-8B KV, 128 KiB/token)")
+        ax.set_ylabel("GB/s")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    rows = res.get("ttft", {}).get("rows", {})
+    if rows:
+        ts = sorted(int(t) for t in rows)
+        ax = axes[2]
+        ax.plot(ts, [rows[str(t)]["recompute_ms"] for t in ts], marker="o", label="recompute (prefill)")
+        ax.plot(ts, [rows[str(t)]["hit_ms"] for t in ts], marker="o", label="full hit, CachedModel")
+        ax.plot(ts, [rows[str(t)]["hit_batched_ms"] for t in ts], marker="o", label="full hit, scatter_many")
+        ax.plot(ts, [rows[str(t)]["bound_ms"] for t in ts], ls="--", color="k", label="KV bytes / H2D ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ts, [f"{t // 1024}K" for t in ts])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("time to first token (ms)")
+        ax.set_title("TTFT, random-weight Llama-3-8B shape, bf16")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    env = res.get("env", {})
+    fig.suptitle(f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}, "
+                 f"{env.get('date', '?')[:10]}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
     ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,ttft")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
+    ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
     args = ap.parse_args(argv)
+    if args.plot:
+        with open(args.plot) as f:
+            plot(json.load(f), args.png)
+        print(f"wrote {args.png}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:

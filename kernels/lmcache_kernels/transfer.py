@@ -49,9 +49,11 @@ class TransferOptions:
 
     store_mode: str = "auto"
     load_mode: str = "auto"
-    copy_streams: int = 1  # copy streams the staged path spreads DMAs over
-    staging_bytes: int = 64 << 20  # bytes per staging ring slot (grown to fit one chunk)
-    staging_slots: int = 2  # ring depth: the kernel fills slot i+1 while slot i is copied
+    # Staging defaults measured on an H100 (docs/benchmarks.md): one 32 MiB chunk per ring
+    # slot, four slots, DMAs alternating over two copy streams.
+    copy_streams: int = 2  # copy streams the staged path spreads DMAs over
+    staging_bytes: int = 32 << 20  # bytes per staging ring slot (grown to fit one chunk)
+    staging_slots: int = 4  # ring depth: the kernel fills slot i+1 while slot i is copied
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
