@@ -70,7 +70,6 @@ def kernel_available(device: "torch.device") -> tuple[bool, str]:
 
 if triton is not None:
 
-    @triton.jit
     def _kv_copy_kernel(
         base,  # any tensor of the moved integer type: every address is an element offset from it
         plane_offs,  # int64 [num_layers * P]: element offset of each (layer, plane) view from base
@@ -129,6 +128,18 @@ if triton is not None:
         else:
             vals = tl.load(base + chunk, mask=mask)
             tl.store(base + paged, vals, mask=mask)
+
+
+_JITTED: Any = None
+
+
+def _kernel() -> Any:
+    """The kernel, jitted on first use: Triton decides between compiling and interpreting
+    (``TRITON_INTERPRET``) when a function is decorated, so decorate as late as possible."""
+    global _JITTED
+    if _JITTED is None:
+        _JITTED = triton.jit(_kv_copy_kernel)
+    return _JITTED
 
 
 @dataclass(frozen=True)
@@ -330,7 +341,7 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
         stream = torch.cuda.current_stream(dev)
         for t in (table.addrs, table.base, prep.slots, prep.tab, lid):
             t.record_stream(stream)
-    _kv_copy_kernel[grid](
+    _kernel()[grid](
         table.base, table.addrs, lid, prep.tab, prep.slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
         GATHER=gather, VEC=vec, num_warps=NUM_WARPS,
