@@ -252,7 +252,10 @@ class PipeliningTests(DeviceContract):
     """Pipelining contract: layers land in order, each complete before compute gets it; overlap."""
 
     contract = "pipelining"
-    OVERLAP_MIN: ClassVar[float] = 0.10  # below this a device claiming async copies has "no overlap"
+    # The overlap is a report figure; only "none at all" fails a device that claims async copies.
+    # 2% leaves room for timer noise: for work that truly serialises, the best "both" time is
+    # never below the best load plus the best compute, so noise cannot lift it over this.
+    OVERLAP_MIN: ClassVar[float] = 0.02
 
     def _stored(self, device: "Device", shape: KVShape, chunk_size: int, seed: int) -> Any:
         src = self.kv_for(device, "vllm_flash", "float16", seed=seed, shape=shape)
@@ -334,9 +337,11 @@ class PipeliningTests(DeviceContract):
             pytest.skip(f"device {device.name!r} does not declare async_copy; loads run in the compute "
                         "thread, so there is no overlap to measure")
         accel = device.capabilities.accelerator
-        shape = (KVShape(num_layers=16, num_heads=8, head_dim=128, block_size=16, num_blocks=256) if accel
+        # Accelerators: 512 MiB of KV in chunks of 1024 tokens (few, large copies, so the load is
+        # bound by the device and its link, not by Python queueing many small ones).
+        shape = (KVShape(num_layers=16, num_heads=8, head_dim=128, block_size=16, num_blocks=512) if accel
                  else KVShape(num_layers=8, num_heads=8, head_dim=64, block_size=16, num_blocks=64))
-        src, sp, tokens, eng = self._stored(device, shape, 256, seed=51)
+        src, sp, tokens, eng = self._stored(device, shape, 1024 if accel else 256, seed=51)
         try:
             dst = self.kv_for(device, "vllm_flash", "float16", seed=52, shape=shape)
             dp = h.place(dst, shape.slots, seed=53)
@@ -364,22 +369,33 @@ class PipeliningTests(DeviceContract):
 def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.EngineKV, block_ids: list[int],
                     layers: int, rounds: int = 5) -> dict[str, float]:
     """Best-of-``rounds`` times of load alone, compute alone, and both pipelined; the hidden
-    fraction is ``(load + compute - both) / min(load, compute)``, clipped to [0, 1]."""
+    fraction is ``(load + compute - both) / min(load, compute)``, clipped to [0, 1].
+
+    The stand-in compute is one matrix product per layer, sized so that all layers
+    take about as long as the load: on an accelerator one launch per layer keeps the
+    host free (what is measured is the device's copies against its compute, not
+    Python launching both); on a host device a few small products per layer.
+    """
     import torch
 
     dev = device.torch_device
-    n = 256 if device.capabilities.accelerator else 96
-    a = torch.randn(n, n, device=dev)
+    accel = dev.type != "cpu"
 
     def sync() -> None:
         device.synchronize()
-        if dev.type != "cpu":
+        if accel:
             getattr(torch, dev.type).synchronize()
 
-    def compute(reps: int) -> None:
+    def make(size: int) -> "torch.Tensor":
+        return torch.randn(size, size, device=dev, dtype=torch.float16 if accel else torch.float32)
+
+    work: dict[str, Any] = {"a": make(256 if accel else 96), "reps": 1}
+
+    def compute() -> None:
+        a = work["a"]
         x = a
-        for _ in range(reps):
-            x = torch.tanh(x @ a)
+        for _ in range(work["reps"]):
+            x = x @ a if accel else torch.tanh(x @ a)
 
     def time_load() -> float:
         sync()
@@ -388,20 +404,20 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
         sync()
         return time.perf_counter() - t0
 
-    def time_compute(reps: int) -> float:
+    def time_compute() -> float:
         sync()
         t0 = time.perf_counter()
         for _ in range(layers):
-            compute(reps)
+            compute()
         sync()
         return time.perf_counter() - t0
 
-    def time_both(reps: int) -> float:
+    def time_both() -> float:
         sync()
         t0 = time.perf_counter()
         task = eng.start_retrieve(tokens, dst.kv, block_ids)
         for _ in task:
-            compute(reps)
+            compute()
         task.finish()
         sync()
         return time.perf_counter() - t0
@@ -409,22 +425,28 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
     # On a host device copies and compute share the cores: give compute one thread, as an
     # engine pinned to its cores would, so the figure measures the device and not the scheduler.
     threads = torch.get_num_threads()
-    if dev.type == "cpu":
+    if not accel:
         torch.set_num_threads(1)
     try:
-        time_load()  # warm up allocations and caches
+        time_load()  # warm up allocations, caches, kernels
         load = min(time_load() for _ in range(rounds))
-        time_compute(1)
-        reps = 1
-        while time_compute(reps) < load and reps < 4096:  # compute sized like the load: a fair fraction
-            reps *= 2
-        comp = min(time_compute(reps) for _ in range(rounds))
-        both = min(time_both(reps) for _ in range(rounds))
+        time_compute()
+        while time_compute() < load:  # size the compute like the load: a fair fraction
+            if accel and work["a"].shape[0] < 16384:
+                work["a"] = make(work["a"].shape[0] * 2)
+            elif work["reps"] < 4096:
+                work["reps"] *= 2
+            else:
+                break
+        comp = min(time_compute() for _ in range(rounds))
+        both = min(time_both() for _ in range(rounds))
     finally:
         torch.set_num_threads(threads)
     hidden = max(0.0, min(1.0, (load + comp - both) / max(min(load, comp), 1e-9)))
     return {"overlap_hidden_fraction": round(hidden, 3), "load_ms": round(load * 1e3, 3),
-            "compute_ms": round(comp * 1e3, 3), "both_ms": round(both * 1e3, 3)}
+            "compute_ms": round(comp * 1e3, 3), "both_ms": round(both * 1e3, 3),
+            "load_bytes": int(dst.kv.geometry.nbytes(len(block_ids) * dst.block_size)),
+            "compute_matrix": int(work["a"].shape[0]), "compute_reps_per_layer": int(work["reps"])}
 
 
 class DeviceZeroCopyTests(DeviceContract):
