@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     code = int(pytest.main(pytest_args(args, kinds), plugins=[collector]))
     results = list(collector.results.values())
     xf = xfail_state(collector.config) if collector.config is not None else None
-    xfail = None
+    xfail: dict[str, Any] | None = None
     if xf is not None:
         xfail = {"file": xf.path, "entries": len(xf.entries),
                  "unmatched": [{"line": e.line, "pattern": e.pattern, "reason": e.reason} for e in xf.unmatched()]}

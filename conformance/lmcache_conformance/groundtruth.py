@@ -126,8 +126,6 @@ def build(layout: str, dtype: str, device: "torch.device | str", shape: KVShape 
     L, H, D, S = shape.num_layers, shape.num_heads, shape.head_dim, shape.slots
     bs = 1 if layout in _PER_TOKEN else shape.block_size
     B = S // bs
-    dt = torch_dtype(dtype)
-
     def put(host: "torch.Tensor") -> "torch.Tensor":
         return host.to(device)
 

@@ -52,7 +52,7 @@ class Collector:
         self.config = config
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        info = dict(report.user_properties).get("lmcache")
+        info: dict[str, Any] | None = dict(report.user_properties).get("lmcache")  # type: ignore[assignment]
         if info is None:
             return
         res = self.results.get(report.nodeid)

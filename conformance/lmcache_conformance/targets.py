@@ -101,7 +101,8 @@ def device_targets(pm: PluginManager, names: Sequence[str] | None) -> list[Targe
             known = ", ".join(sorted(regs)) or "none"
             out.append(Target("device", name, skip=f"no device named {name!r} is registered (registered: {known})"))
             continue
-        base = dict(plugin=reg.plugin, distribution=reg.distribution, version=_version(reg.distribution))
+        base: dict[str, Any] = dict(plugin=reg.plugin, distribution=reg.distribution,
+                                    version=_version(reg.distribution))
         cls, err = _load(reg)
         if cls is None:
             out.append(Target("device", name, skip=err, **base))
@@ -137,13 +138,13 @@ def storage_targets(pm: PluginManager, urls: Sequence[str] | None) -> list[Targe
         return out
     for name, reg in sorted(pm.registrations("storage").items()):
         cls, err = _load(reg)
-        url = default_url(name, cls)
+        default = default_url(name, cls)
         skip = err
-        if not skip and url is None:
+        if not skip and default is None:
             skip = (f"needs a server: pass --storage {reg.schemes[0]}://HOST:PORT/... "
                     f"(the store declares no conformance_url)")
         out.append(Target("storage", _unique(name, seen), reg.plugin, reg.distribution,
-                          _version(reg.distribution), url, skip, _store_details(cls)))
+                          _version(reg.distribution), default, skip, _store_details(cls)))
     return out
 
 
