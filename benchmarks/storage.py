@@ -26,6 +26,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -168,13 +169,17 @@ def bench_raw_dd(root: Path, size: int, ops: int, reps: int) -> tuple[float, flo
     return _rate(bs * ops, put_t), _rate(bs * ops, get_t)
 
 
+def _no_ceiling(size: int) -> tuple[float, float]:
+    return 0.0, 0.0
+
+
 def run(backends: list[str], sizes: list[int], ops: int, reps: int, disk_root: Path) -> list[Row]:
     rows: list[Row] = []
     pool = BufferPool(max_idle_bytes=2 << 30)
     ctx = StoreContext(pool)
     for backend in backends:
         cleanup: list[Callable[[], None]] = []
-        c_client: Callable[[int], tuple[float, float]] = lambda s: (0.0, 0.0)
+        c_client: Callable[[int], tuple[float, float]] = _no_ceiling
         try:
             if backend in ("redis", "valkey"):
                 server = (RedisServer.redis() if backend == "redis" else RedisServer.valkey()).start()
@@ -183,16 +188,16 @@ def run(backends: list[str], sizes: list[int], ops: int, reps: int, disk_root: P
                     import redis
 
                     from lmcache_storage_redis.store import RedisStore as StoreCls
-                    raw_client = redis.Redis(port=server.port)
+                    raw_client: Any = redis.Redis(port=server.port)
                 else:
                     import valkey
 
                     from lmcache_storage_valkey.store import ValkeyStore as StoreCls  # type: ignore[assignment]
                     raw_client = valkey.Valkey(port=server.port)
                 store: Store = StoreCls.from_url(server.url, ctx)
-                raw: Callable[[int], tuple[float, float]] = lambda s: bench_raw_kv(raw_client, s, ops, reps)
+                raw: Callable[[int], tuple[float, float]] = partial(bench_raw_kv, raw_client, ops=ops, reps=reps)
                 raw_what = f"{backend}-py SET/GET loop"
-                c_client = lambda s, port=server.port: bench_redis_benchmark(port, s, ops)
+                c_client = partial(bench_redis_benchmark, server.port, ops=ops)
             elif backend == "s3":
                 from lmcache_storage_s3.store import S3Store
 
@@ -201,15 +206,15 @@ def run(backends: list[str], sizes: list[int], ops: int, reps: int, disk_root: P
                 bucket = s3.create_bucket("bench")
                 store = S3Store.from_url(s3.url(bucket, "lm"), ctx)
                 s3_client = s3.client()
-                raw = lambda s: bench_raw_s3(s3_client, bucket, s, ops, reps)
+                raw = partial(bench_raw_s3, s3_client, bucket, ops=ops, reps=reps)
                 raw_what = "boto3 put_object/get_object"
             elif backend == "disk":
                 from lmcache_core.builtin.disk_store import DiskStore
 
                 root = Path(tempfile.mkdtemp(prefix="lmcache-bench-", dir=disk_root))
-                cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
+                cleanup.append(partial(shutil.rmtree, root, ignore_errors=True))
                 store = DiskStore.from_url(f"disk://{root}/store", ctx)
-                raw = lambda s: bench_raw_dd(root, s, ops, reps)
+                raw = partial(bench_raw_dd, root, ops=ops, reps=reps)
                 raw_what = "dd O_DIRECT"
             else:
                 raise SystemExit(f"unknown backend {backend!r}; choose from redis, valkey, s3, disk")

@@ -203,13 +203,13 @@ class StoreTests:
         got = store.get_many(keys)
         try:
             assert len(got) == len(keys)
-            for k, c in zip(keys[:8], got[:8]):
-                assert_chunk_is(c, k)
+            for k, g in zip(keys[:8], got[:8]):
+                assert_chunk_is(g, k)
             assert got[8:] == [None] * 4
         finally:
-            for c in got:
-                if c is not None:
-                    c.release()
+            for g in got:
+                if g is not None:
+                    g.release()
         assert store.contains(keys) == 8
 
     def test_partial_chunk_and_dtypes(self, store: Store, pool: BufferPool, namespace: str) -> None:
