@@ -6,9 +6,10 @@ set by ``VLLM_KV_CACHE_LAYOUT``), but backends read ``C`` differently:
 
 - FlashAttention, Triton, FlexAttention, FlashInfer's 0.3x view: ``C = K || V``
   per token (``split(head_dim, dim=-1)``);
-- CPU_ATTN: the ``(block, head)`` slab of ``block_size * 2 * head_dim``
-  elements holds all K rows of the block, then all V rows
-  (``view(blocks, heads, 2 * block_size, head_dim).chunk(2, dim=2)``).
+- CPU_ATTN (ISAs ``vec`` and ``vec16``): the ``(block, head)`` slab of
+  ``block_size * 2 * head_dim`` elements holds K transposed
+  (``[head_dim, block_size]``), then V (``[block_size, head_dim]``); checked
+  against vLLM's own ``cpu_attn_reshape_and_cache`` in the tests.
 
 The two cannot be told apart from shapes and strides, so the backend name
 decides, and a layout we cannot describe is a startup error. Older vLLM
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 # Backends whose 4-D per-layer view keeps K rows then V rows inside each (block, head) slab.
 SPLIT_BLOCK_BACKENDS = frozenset({"CPU_ATTN"})
+# CPU_ATTN kernels whose in-slab order is verified (AMX, NEON, ... pack K differently or unverified).
+SPLIT_BLOCK_ISAS = frozenset({"vec", "vec16"})
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -47,7 +50,7 @@ def layer_order(names: Sequence[str]) -> list[str]:
 
 def from_split_blocks(caches: Sequence["torch.Tensor"], head_dim: int) -> PagedKV:
     """CPU_ATTN: per layer ``[blocks, heads, block_size, 2 * head_dim]`` whose slab per
-    (block, head) is ``K[block_size, head_dim]`` followed by ``V[block_size, head_dim]``."""
+    (block, head) is ``K^T[head_dim, block_size]`` followed by ``V[block_size, head_dim]``."""
     import torch
 
     layers: list[LayerPlanes] = []
@@ -72,9 +75,8 @@ def from_split_blocks(caches: Sequence["torch.Tensor"], head_dim: int) -> PagedK
                 "backend's default"
             )
         size = (blocks, block_size, heads, head_dim)
-        stride = (s_block, head_dim, s_head, 1)
-        k = torch.as_strided(t, size, stride, t.storage_offset())
-        v = torch.as_strided(t, size, stride, t.storage_offset() + block_size * head_dim)
+        k = torch.as_strided(t, size, (s_block, 1, s_head, block_size), t.storage_offset())
+        v = torch.as_strided(t, size, (s_block, head_dim, s_head, 1), t.storage_offset() + block_size * head_dim)
         layers.append(LayerPlanes(k, v))
     geom = ChunkGeometry(len(layers), int(t0.shape[1]), head_dim, dtype_name(t0.dtype), 2)
     return PagedKV("vllm_split_blocks", tuple(layers), int(t0.shape[2]), geom)
@@ -87,10 +89,12 @@ def bind_vllm_caches(
     use_mla: bool = False,
     backend: str | None = None,
     block_size: int | None = None,
+    isa: str | None = None,
 ) -> tuple[PagedKV, list[str]]:
     """The engine's caches as one :class:`PagedKV` plus the layer names in model order.
 
-    ``backend`` is the attention backend name (``Attention.attn_backend.get_name()``);
+    ``backend`` is the attention backend name (``Attention.attn_backend.get_name()``), ``isa``
+    the CPU_ATTN kernel (``Attention.isa``) where known;
     ``block_size`` the scheduler's block size, which must equal the tensors' block
     size (a split kernel block size would make vLLM's block ids point elsewhere).
     """
@@ -104,6 +108,11 @@ def bind_vllm_caches(
             raise LayoutError(f"MLA KV cache of shape {tuple(t.shape)}: expected [blocks, 1, block_size, latent]")
         kv = PagedKV.from_mla([c[:, 0] for c in caches])
     elif not use_mla and t.dim() == 4 and backend in SPLIT_BLOCK_BACKENDS:
+        if isa is not None and isa not in SPLIT_BLOCK_ISAS:
+            raise LayoutError(
+                f"{backend} with the {isa!r} kernel packs K in a way lmcache-core has not verified "
+                f"(verified: {', '.join(sorted(SPLIT_BLOCK_ISAS))}); not binding the KV cache"
+            )
         kv = from_split_blocks(caches, head_dim)
     elif not use_mla and t.dim() == 4 and t.shape[3] != 2 * head_dim:
         raise LayoutError(

@@ -1,0 +1,267 @@
+"""The vLLM connector's worker half on vLLM-shaped paged caches, without vLLM: bit-exact and timed.
+
+    python benchmarks/connector_gpu.py --out DIR                 # CUDA, Llama-3-8B-shaped KV
+    python benchmarks/connector_gpu.py --out DIR --device cpu    # the same logic, small, on the CPU
+
+For every layout vLLM hands a connector (0.32's per-layer ``[blocks, heads,
+block, K||V]`` views over one LBNHC buffer, the older ``[2, blocks, block,
+heads, dim]``, and CPU_ATTN's split slabs), it drives
+:class:`lmcache_core.integrations._vllm_worker.VLLMWorker` exactly as vLLM's
+model runner does (bind a step plan, ``start_load``, per layer ``wait_layer``
+then ``save_layer``, ``wait_for_save``, ``get_finished``) and checks:
+
+1. store: every prompt token's K and V gathered into chunks (async save,
+   reported through ``get_finished``), timed to the report;
+2. load (sync, layer by layer) into other blocks of a second cache, with the
+   first ``--skip`` tokens left to "vLLM's prefix cache" (redirected to the
+   null block): the loaded tokens equal the source bit for bit, the skipped
+   ones are untouched;
+3. the same as an async load (a thread; reported through ``get_finished``);
+4. a load whose middle chunk vanished: the right block ids are reported for
+   recompute and the blocks before it are still correct;
+5. pipelining: layer ``i``'s wait then a stand-in compute per layer (a matmul),
+   against load-everything-first; the hidden share of the shorter side.
+
+Imports no vLLM (the GPU host has none). Writes ``connector_gpu.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from lmcache_core import CacheEngine, Config  # noqa: E402
+from lmcache_core.integrations._vllm_common import LoadSpec, SaveSpec, StepPlan  # noqa: E402
+from lmcache_core.integrations._vllm_layout import bind_vllm_caches, geometry_from_spec  # noqa: E402
+from lmcache_core.integrations._vllm_worker import VLLMWorker  # noqa: E402
+
+
+def make_caches(layout: str, layers: int, blocks: int, heads: int, block: int, dim: int, dtype: torch.dtype,
+                device: str, fill: bool, seed: int) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Per-layer tensors as vLLM would register them, plus the attention backend name."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def buf(*shape: int) -> torch.Tensor:
+        if fill:
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        return torch.zeros(*shape, device=device, dtype=dtype)
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    if layout == "vllm032_flash":  # LBNHC buffer, logical [B, H, N, 2D] views (non-contiguous)
+        b = buf(layers, blocks, block, heads, 2 * dim)
+        return {n: b[i].permute(0, 2, 1, 3) for i, n in enumerate(names)}, "FLASH_ATTN"
+    if layout == "vllm_flash_old":  # [2, B, N, H, D] per layer
+        return {n: buf(2, blocks, block, heads, dim) for n in names}, "FLASH_ATTN"
+    if layout == "cpu_attn":  # LBHNC buffer, [B, H, N, 2D] views, K rows then V rows per slab
+        b = buf(layers, blocks, heads, block, 2 * dim)
+        return {n: b[i] for i, n in enumerate(names)}, "CPU_ATTN"
+    raise SystemExit(f"unknown layout {layout}")
+
+
+def token_kv(worker: VLLMWorker, blocks: list[int], start: int, end: int) -> torch.Tensor:
+    dev = worker.kv.device
+    idx = torch.arange(start, end, device=dev)
+    b = torch.tensor(blocks, device=dev)[idx // worker.kv.block_size]
+    off = idx % worker.kv.block_size
+    return torch.stack([torch.stack([lp.k[b, off], lp.v[b, off]]) for lp in worker.kv.layers])
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step(w: VLLMWorker, plan: StepPlan, compute: Callable[[int], None] | None = None) -> None:
+    w.bind(plan)
+    w.start_load()
+    for i, name in enumerate(w.layer_names):
+        w.wait_layer(name)
+        if compute is not None:
+            compute(i)
+        w.save_layer(name)
+    w.wait_for_save()
+
+
+def wait_finished(w: VLLMWorker, req: str, kind: int, timeout: float = 120.0) -> float:
+    t0 = time.perf_counter()
+    seen: set[str] = set()
+    while req not in seen:
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{req} not reported finished in {timeout}s")
+        seen |= w.get_finished({req})[kind]
+        if req not in seen:
+            time.sleep(0.0005)
+    return time.perf_counter()
+
+
+def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: int) -> dict[str, Any]:
+    dtype = getattr(torch, a.dtype)
+    nblocks = (a.tokens + a.block - 1) // a.block
+    total_blocks = 2 * nblocks + 8
+    src_caches, backend = make_caches(layout, a.layers, total_blocks, a.heads, a.block, a.dim, dtype, a.device,
+                                      True, seed)
+    dst_caches, _ = make_caches(layout, a.layers, total_blocks, a.heads, a.block, a.dim, dtype, a.device, False,
+                                seed)
+    kv_src, names = bind_vllm_caches(src_caches, head_dim=a.dim, backend=backend, block_size=a.block)
+    kv_dst, _ = bind_vllm_caches(dst_caches, head_dim=a.dim, backend=backend, block_size=a.block)
+    src, dst = VLLMWorker(engine, kv_src, names), VLLMWorker(engine, kv_dst, names)
+    perm = torch.randperm(total_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1  # 0 = null block
+    src_blocks, dst_blocks = perm[:nblocks].tolist(), perm[nblocks : 2 * nblocks].tolist()
+    tokens = tuple(int(x) for x in torch.randint(1, 50000, (a.tokens,), generator=torch.Generator().manual_seed(seed)))
+    nbytes = engine.geometry.nbytes(a.tokens)
+    out: dict[str, Any] = {"layout": kv_src.kind, "backend": backend, "tokens": a.tokens, "bytes": nbytes}
+
+    # 1. store (async save: timed until get_finished reports the request), after an untimed warm-up
+    warm = tuple(t + 1 for t in tokens)
+    step(src, StepPlan(saves=(SaveSpec("warm", warm, tuple(src_blocks)),)))
+    wait_finished(src, "warm", 0)
+    engine.flush()
+    src.take_stats()
+    sync(a.device)
+    t0 = time.perf_counter()
+    step(src, StepPlan(saves=(SaveSpec("store", tokens, tuple(src_blocks)),)))
+    t_done = wait_finished(src, "store", 0)
+    out["store_s"] = t_done - t0
+    engine.flush()
+    out["store_GBps"] = nbytes / out["store_s"] / 1e9
+    out["stored_tokens"] = src.take_stats()["stored_tokens"]
+
+    # 2. sync layer-wise load with a skipped (locally cached) prefix
+    skip = min(a.skip, a.tokens - 1)
+    before = token_kv(dst, dst_blocks, 0, skip).clone() if skip else None
+    times = []
+    step(dst, StepPlan(loads=(LoadSpec("warm", tokens, tuple(dst_blocks), skip, a.tokens),)))  # warm the pool
+    dst.load_errors()
+    for _ in range(a.repeat):
+        sync(a.device)
+        t0 = time.perf_counter()
+        step(dst, StepPlan(loads=(LoadSpec("load", tokens, tuple(dst_blocks), skip, a.tokens),)))
+        sync(a.device)
+        times.append(time.perf_counter() - t0)
+    out["load_s"] = min(times)
+    out["load_GBps"] = engine.geometry.nbytes(a.tokens - skip) / out["load_s"] / 1e9
+    out["load_bit_exact"] = bool(torch.equal(token_kv(dst, dst_blocks, skip, a.tokens),
+                                             token_kv(src, src_blocks, skip, a.tokens)))
+    out["skipped_untouched"] = before is None or bool(torch.equal(token_kv(dst, dst_blocks, 0, skip), before))
+    out["load_errors"] = sorted(dst.load_errors())
+
+    # 3. async load into fresh zeros
+    for t in dst_caches.values():
+        t.zero_()
+    t0 = time.perf_counter()
+    step(dst, StepPlan(loads=(LoadSpec("aload", tokens, tuple(dst_blocks), 0, a.tokens, is_async=True),)))
+    out["async_load_s"] = wait_finished(dst, "aload", 1) - t0
+    sync(a.device)
+    out["async_bit_exact"] = bool(torch.equal(token_kv(dst, dst_blocks, 0, a.tokens),
+                                              token_kv(src, src_blocks, 0, a.tokens)))
+
+    # 4. a vanished middle chunk -> block ids to recompute
+    keys = engine.keys(tokens)
+    mid = len(keys) // 2
+    engine.tiers.delete([keys[mid]])
+    for t in dst_caches.values():
+        t.zero_()
+    step(dst, StepPlan(loads=(LoadSpec("fail", tokens, tuple(dst_blocks), 0, a.tokens),)))
+    chunk = engine.config.chunk_size
+    expect = set(dst_blocks[mid * chunk // a.block : (a.tokens - 1) // a.block + 1])
+    errors = dst.load_errors()
+    out["failure_blocks_ok"] = errors == expect
+    out["failure_prefix_exact"] = bool(torch.equal(token_kv(dst, dst_blocks, 0, mid * chunk),
+                                                   token_kv(src, src_blocks, 0, mid * chunk)))
+    # re-store the whole prompt for the pipelining section
+    step(src, StepPlan(saves=(SaveSpec("store2", tokens, tuple(src_blocks)),)))
+    wait_finished(src, "store2", 0)
+    engine.flush()
+
+    # 5. pipelining: per-layer wait + stand-in compute, vs all layers first
+    if a.compute_dim:
+        x = torch.randn(a.compute_dim, a.compute_dim, device=a.device, dtype=dtype)
+
+        def compute(_: int) -> None:
+            for _ in range(a.compute_iters):
+                torch.mm(x, x)
+
+        sync(a.device)
+        t0 = time.perf_counter()
+        for i in range(a.layers):
+            compute(i)
+        sync(a.device)
+        compute_s = time.perf_counter() - t0
+        sync(a.device)
+        t0 = time.perf_counter()
+        step(dst, StepPlan(loads=(LoadSpec("pipe", tokens, tuple(dst_blocks), 0, a.tokens),)), compute)
+        sync(a.device)
+        piped_s = time.perf_counter() - t0
+        shorter = min(compute_s, out["load_s"])
+        out["pipeline"] = {"compute_s": compute_s, "load_s": out["load_s"], "pipelined_s": piped_s,
+                           "hidden_share": min(1.0, max(0.0, (compute_s + out["load_s"] - piped_s) / shorter)) if shorter else 0.0}
+    src.close()
+    dst.close()
+    out["ok"] = bool(out["load_bit_exact"] and out["skipped_untouched"] and out["async_bit_exact"]
+                     and out["failure_blocks_ok"] and out["failure_prefix_exact"] and not out["load_errors"]
+                     and out["stored_tokens"] == a.tokens)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device-plugin", default=None, help="lmcache device plugin (default: auto on GPU, cpu on CPU)")
+    p.add_argument("--layouts", default="vllm032_flash,vllm_flash_old,cpu_attn")
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--skip", type=int, default=None, help="tokens already in vLLM's prefix cache")
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    # Llama-3-8B KV on the GPU; a small model on the CPU so the check runs in seconds.
+    a.layers, a.heads, a.dim, a.block, a.dtype = (32, 8, 128, 16, "bfloat16") if gpu else (4, 2, 64, 16, "bfloat16")
+    a.tokens = a.tokens or (8192 if gpu else 1000)
+    a.skip = a.skip if a.skip is not None else 256
+    a.compute_dim, a.compute_iters = (4096, 4) if gpu else (256, 2)
+    outdir = Path(a.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    cfg = Config.from_dict({"tiers": ["memory://?capacity=16GiB" if gpu else "memory://?capacity=1GiB"],
+                            "chunk_size": 256, "device": a.device_plugin or ("auto" if gpu else "cpu"),
+                            "host_pool_size": "16GiB" if gpu else "1GiB"})
+    geometry = geometry_from_spec(a.layers, a.heads, a.dim, getattr(torch, a.dtype), False)
+    report: dict[str, Any] = {
+        "host": platform.node(), "torch": torch.__version__, "device": a.device,
+        "gpu": torch.cuda.get_device_name() if gpu else None,
+        "shape": {"layers": a.layers, "kv_heads": a.heads, "head_dim": a.dim, "block": a.block, "dtype": a.dtype,
+                  "tokens": a.tokens, "chunk": 256}, "results": [], "errors": []}
+    engine = CacheEngine(geometry, cfg, model="connector-gpu-bench")
+    report["device_plugin"] = engine.device.name
+    report["async_copy"] = engine.device.capabilities.async_copy
+    for seed, layout in enumerate(a.layouts.split(",")):
+        try:
+            res = run_layout(layout, a, engine, seed)
+            report["results"].append(res)
+            print(f"{res['layout']:>18}: store {res['store_GBps']:6.2f} GB/s  load {res['load_GBps']:6.2f} GB/s  "
+                  f"async {res['async_load_s'] * 1e3:7.1f} ms  ok={res['ok']}"
+                  + (f"  hidden={res['pipeline']['hidden_share']:.0%}" if "pipeline" in res else ""), flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next layout
+            report["errors"].append({"layout": layout, "error": f"{type(exc).__name__}: {exc}",
+                                     "trace": traceback.format_exc()})
+            print(f"{layout}: FAILED {type(exc).__name__}: {exc}", flush=True)
+    engine.close()
+    report["ok"] = not report["errors"] and all(r["ok"] for r in report["results"])
+    (outdir / "connector_gpu.json").write_text(json.dumps(report, indent=2))
+    print(f"ok={report['ok']} -> {outdir / 'connector_gpu.json'} (device plugin {report['device_plugin']})")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What the vLLM connector's scheduler and worker halves share: options, the step plan, engines.
+
+Nothing here imports vLLM: the plan travels from the scheduler process to the
+workers inside vLLM's connector metadata (pickled), and the GPU benchmark
+drives the worker half with plans it builds itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from ..config import Config
+from ..engine import CacheEngine
+from ..errors import ConfigError
+from ..layout import ChunkGeometry
+
+logger = logging.getLogger(__name__)
+
+ASYNC_LOAD_CHOICES = ("auto", "true", "false")
+
+
+@dataclass(frozen=True)
+class ConnectorOptions:
+    """Connector-only settings, read from ``kv_connector_extra_config`` next to the
+    :class:`~lmcache_core.config.Config` keys (which configure the cache itself)."""
+
+    # auto: load asynchronously (the request waits, the batch runs on) when a hit
+    # chunk lives outside the fastest tier; true/false force one way.
+    async_load: str = "auto"
+    # Keep gathering a step's stores off the engine's step: report them through
+    # get_finished and let vLLM delay freeing the request's blocks until then.
+    async_save: bool = True
+
+    @classmethod
+    def split(cls, extra: Mapping[str, Any] | None) -> tuple["ConnectorOptions", dict[str, Any]]:
+        """Separate connector options from cache config keys; validate the former."""
+        own = {f.name for f in fields(cls)}
+        options: dict[str, Any] = {}
+        rest: dict[str, Any] = {}
+        for key, value in (extra or {}).items():
+            name = key.replace("-", "_").lower()
+            (options if name in own else rest)[name if name in own else key] = value
+        async_load = str(options.get("async_load", "auto")).lower()
+        if async_load not in ASYNC_LOAD_CHOICES:
+            raise ConfigError(
+                f"async_load: {options['async_load']!r} is not allowed; choose one of {', '.join(ASYNC_LOAD_CHOICES)}"
+            )
+        async_save = options.get("async_save", True)
+        if isinstance(async_save, str):
+            if async_save.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ConfigError(f"async_save: expected true or false, got {async_save!r}")
+            async_save = async_save.lower() in ("true", "1", "yes", "on")
+        return cls(async_load=async_load, async_save=bool(async_save)), rest
+
+
+def load_config(extra: Mapping[str, Any] | None) -> tuple[ConnectorOptions, Config]:
+    """Options and cache config from ``kv_connector_extra_config`` (plus the YAML file and
+    ``LMCACHE_*`` environment, as everywhere else). Unknown keys are an error naming both sets."""
+    options, rest = ConnectorOptions.split(extra)
+    try:
+        config = Config.load(overrides=rest)
+    except ConfigError as exc:
+        own = ", ".join(f.name for f in fields(ConnectorOptions))
+        raise ConfigError(f"kv_connector_extra_config: {exc} (connector options: {own})") from exc
+    return options, config
+
+
+# -- the plan of one engine step, scheduler -> workers -----------------------------------------------
+@dataclass(frozen=True)
+class LoadSpec:
+    """Load the cached prefix ``[start, end)`` of a request into its blocks.
+
+    ``token_ids`` are the prompt the scheduler looked up (chunk keys depend on
+    every token of a chunk, so a partial last chunk is only found under the
+    full prompt); ``end`` caps the load. Tokens before ``start`` are already in
+    vLLM's own cache and are not written (their slots point at the null block).
+    """
+
+    req_id: str
+    token_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]
+    start: int
+    end: int
+    is_async: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """Store the chunks of a request's first ``end`` tokens (those not stored yet)."""
+
+    req_id: str
+    token_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    loads: tuple[LoadSpec, ...] = ()
+    saves: tuple[SaveSpec, ...] = ()
+    preempted: tuple[str, ...] = ()
+    null_block: int = 0  # vLLM's never-allocated block; a sink for slots that must not be written
+
+
+# -- engines shared within a process ---------------------------------------------------------------
+@dataclass
+class _Shared:
+    engine: CacheEngine
+    users: int = 0
+
+
+_ENGINES: dict[tuple[Any, ...], _Shared] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EngineHandle:
+    """A reference to a process-wide engine; ``close()`` drops it (the last one closes the engine)."""
+
+    key: tuple[Any, ...]
+    engine: CacheEngine = field(compare=False)
+
+    def close(self) -> None:
+        with _ENGINES_LOCK:
+            shared = _ENGINES.get(self.key)
+            if shared is None:
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del _ENGINES[self.key]
+        shared.engine.close()
+
+
+def shared_engine(geometry: ChunkGeometry, config: Config, model: str) -> EngineHandle:
+    """One engine per (geometry, config, model) per process.
+
+    When vLLM runs the scheduler and the worker in one process (uni-process
+    executor), both halves then see the same memory tier; in separate processes
+    the scheduler's lookups see the shared tiers (disk, Redis) only.
+    """
+    key = (geometry, tuple(sorted((k, repr(v)) for k, v in config.to_dict().items())), model)
+    with _ENGINES_LOCK:
+        shared = _ENGINES.get(key)
+        if shared is None:
+            shared = _ENGINES[key] = _Shared(CacheEngine(geometry, config, model=model))
+        shared.users += 1
+        return EngineHandle(key, shared.engine)
+
+
+def warn_without_shared_tier(engine: CacheEngine) -> None:
+    """The scheduler process cannot see a worker's memory tier: say so once at startup."""
+    if not any(t.store.capabilities.shared for t in engine.tiers.tiers):
+        logger.warning(
+            "lmcache-core: no shared tier in %s; vLLM's scheduler runs in another process than its "
+            "workers and will find no hits. Add a disk:// or redis:// tier.",
+            [t.name for t in engine.tiers.tiers],
+        )

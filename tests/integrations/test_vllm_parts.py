@@ -1,0 +1,240 @@
+"""The vLLM connector's halves without vLLM: layout binding, the worker's layer-wise loads and
+stores over vLLM-shaped caches, and the scheduler's plans (duck-typed requests). Fast; the
+end-to-end behaviour with real engines is in test_vllm_connector.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from lmcache_core import CacheEngine, Config
+from lmcache_core.errors import ConfigError, LayoutError
+from lmcache_core.integrations._vllm_common import ConnectorOptions, LoadSpec, SaveSpec, StepPlan, load_config
+from lmcache_core.integrations._vllm_layout import bind_vllm_caches, layer_order
+from lmcache_core.integrations._vllm_scheduler import VLLMScheduler
+from lmcache_core.integrations._vllm_worker import VLLMWorker
+
+L, B, H, N, D = 3, 12, 2, 16, 8
+
+
+def cpu_attn_caches(seed: int = 0) -> dict[str, torch.Tensor]:
+    """vLLM 0.32 CPU_ATTN: one LBHNC buffer, per-layer [B, H, N, 2D] views."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(L, B, H, N, 2 * D, generator=g)
+    return {f"model.layers.{i}.self_attn.attn": buf[i] for i in reversed(range(L))}
+
+
+def flash_caches(seed: int = 0) -> dict[str, torch.Tensor]:
+    """vLLM 0.32 FlashAttention: one LBNHC buffer viewed per layer as [B, H, N, 2D] (non-contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(L, B, N, H, 2 * D, generator=g)
+    return {f"model.layers.{i}.self_attn.attn": buf[i].permute(0, 2, 1, 3) for i in range(L)}
+
+
+def test_layer_order_follows_layer_numbers() -> None:
+    assert layer_order(["m.layers.10.attn", "m.layers.2.attn", "m.layers.1.attn"]) == [
+        "m.layers.1.attn", "m.layers.2.attn", "m.layers.10.attn"]
+
+
+def test_cpu_attn_layout_splits_k_and_v_inside_each_slab() -> None:
+    caches = cpu_attn_caches()
+    kv, names = bind_vllm_caches(caches, head_dim=D, backend="CPU_ATTN", block_size=N)
+    assert kv.kind == "vllm_split_blocks" and names[0].startswith("model.layers.0")
+    t = caches["model.layers.1.self_attn.attn"]
+    slab = t.reshape(B, H, 2 * N * D)  # per (block, head): K^T [D, N], then V [N, D] (vec/vec16 kernels)
+    k_ref = slab[..., : N * D].reshape(B, H, D, N).permute(0, 3, 1, 2)
+    v_ref = slab[..., N * D :].reshape(B, H, N, D).permute(0, 2, 1, 3)
+    assert torch.equal(kv.layers[1].k, k_ref)
+    assert torch.equal(kv.layers[1].v, v_ref)
+    assert kv.layers[1].k.data_ptr() == t.data_ptr()  # views, not copies
+
+
+def test_flash_layout_reads_k_concat_v_per_token() -> None:
+    caches = flash_caches()
+    kv, _ = bind_vllm_caches(caches, head_dim=D, backend="FLASH_ATTN", block_size=N)
+    t = caches["model.layers.2.self_attn.attn"]
+    assert torch.equal(kv.layers[2].k, t.transpose(1, 2)[..., :D])
+    assert torch.equal(kv.layers[2].v, t.transpose(1, 2)[..., D:])
+
+
+def test_older_and_mla_layouts() -> None:
+    old = {f"l.{i}": torch.zeros(2, B, N, H, D) for i in range(L)}
+    assert bind_vllm_caches(old, head_dim=D)[0].kind == "vllm_flash"
+    mla = {f"l.{i}": torch.zeros(B, 1, N, 24) for i in range(L)}
+    kv, _ = bind_vllm_caches(mla, head_dim=24, use_mla=True)
+    assert kv.geometry.kv_planes == 1 and kv.geometry.head_dim == 24
+
+
+def test_unsupported_layouts_are_startup_errors() -> None:
+    with pytest.raises(LayoutError, match="not 2 \\* head_dim"):
+        bind_vllm_caches({"l.0": torch.zeros(B, H, N, 3 * D)}, head_dim=D, backend="FLASH_ATTN")
+    with pytest.raises(LayoutError, match="--block-size 16"):
+        bind_vllm_caches(cpu_attn_caches(), head_dim=D, backend="CPU_ATTN", block_size=32)
+    with pytest.raises(LayoutError, match="slab contiguous"):
+        bind_vllm_caches(flash_caches(), head_dim=D, backend="CPU_ATTN")
+    with pytest.raises(LayoutError, match="'amx' kernel"):
+        bind_vllm_caches(cpu_attn_caches(), head_dim=D, backend="CPU_ATTN", isa="amx")
+
+
+def test_options_and_config_come_from_one_dict() -> None:
+    options, config = load_config({"async_load": "false", "chunk_size": 32, "tiers": ["memory://"]})
+    assert options == ConnectorOptions(async_load="false") and config.chunk_size == 32
+    with pytest.raises(ConfigError, match="connector options: async_load"):
+        load_config({"no_such_key": 1})
+    with pytest.raises(ConfigError, match="async_load"):
+        load_config({"async_load": "sometimes"})
+    with pytest.raises(ConfigError, match="multiple of the engine block size 16, got 40"):
+        Config.from_dict({"chunk_size": 40}).check_block_size(16)
+
+
+# -- worker and scheduler over a shared disk tier --------------------------------------------------
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[tuple[CacheEngine, CacheEngine]]:
+    """Two engines as two processes would have: own memory tier, one shared disk tier."""
+    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+
+    geom = geometry_from_spec(L, H, D, torch.float32, False)
+    made = [CacheEngine(geom, Config.from_dict({
+        "tiers": ["memory://?capacity=64MiB", f"disk://{tmp_path / 'disk'}?capacity=256MiB"],
+        "chunk_size": 32, "device": "cpu"}), model="m") for _ in range(2)]
+    yield made[0], made[1]
+    for e in made:
+        e.close()
+
+
+def _worker(engine: CacheEngine, caches: dict[str, torch.Tensor], async_save: bool = True) -> VLLMWorker:
+    kv, names = bind_vllm_caches(caches, head_dim=D, backend="CPU_ATTN", block_size=N)
+    return VLLMWorker(engine, kv, names, async_save=async_save)
+
+
+def _step(w: VLLMWorker, plan: StepPlan) -> None:
+    """What vLLM does in one step: bind, start loads, per layer wait/save, wait_for_save."""
+    w.bind(plan)
+    w.start_load()
+    for name in w.layer_names:
+        w.wait_layer(name)
+        w.save_layer(name)
+    w.wait_for_save()
+
+
+def _tokens_kv(w: VLLMWorker, blocks: list[int], start: int, end: int) -> torch.Tensor:
+    idx = torch.arange(start, end)
+    b = torch.tensor(blocks)[idx // N]
+    return torch.stack([torch.stack([lp.k[b, idx % N], lp.v[b, idx % N]]) for lp in w.kv.layers])
+
+
+def test_store_then_load_across_engines_is_bit_exact(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    src_engine, dst_engine = engines
+    src, dst = _worker(src_engine, cpu_attn_caches(1)), _worker(dst_engine, cpu_attn_caches(2))
+    tokens = tuple(range(100, 170))  # 70 tokens: two chunks of 32 and a partial of 6
+    _step(src, StepPlan(saves=(SaveSpec("r1", tokens, (3, 7, 1, 9, 4)),)))
+    assert src.get_finished({"r1"}) in (({"r1"}, set()), (set(), set()))
+    src.wait_requests(["r1"], timeout=10)
+    src_engine.flush()
+    sending, _ = src.get_finished(set())
+    assert src.take_stats()["stored_tokens"] == 70
+    # Load tokens [16, 69) into other blocks; [0, 16) is "vLLM's own" and must not be written.
+    before = _tokens_kv(dst, [5, 0, 2, 11, 6], 0, 16).clone()
+    _step(dst, StepPlan(loads=(LoadSpec("r2", tokens, (5, 0, 2, 11, 6), 16, 69),), null_block=8))
+    assert torch.equal(_tokens_kv(dst, [5, 0, 2, 11, 6], 16, 69), _tokens_kv(src, [3, 7, 1, 9, 4], 16, 69))
+    assert torch.equal(_tokens_kv(dst, [5, 0, 2, 11, 6], 0, 16), before)
+    assert dst.load_errors() == set()
+    stats = dst.take_stats()
+    assert stats["loaded_tokens"] == 53 and stats["load_failed_tokens"] == 0
+
+
+def test_async_load_and_load_failure_report_blocks(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    src_engine, dst_engine = engines
+    src, dst = _worker(src_engine, cpu_attn_caches(1), async_save=False), _worker(dst_engine, cpu_attn_caches(3))
+    tokens = tuple(range(1, 97))  # three full chunks
+    _step(src, StepPlan(saves=(SaveSpec("s", tokens, (0, 1, 2, 3, 4, 5)),)))
+    src_engine.flush()
+    src_engine.tiers.delete([src_engine.keys(tokens)[1]])  # chunk 1 vanishes after the lookup
+    _step(dst, StepPlan(loads=(LoadSpec("a", tokens, (6, 7, 8, 9, 10, 11), 0, 95, is_async=True),)))
+    deadline = 50
+    recving: set[str] = set()
+    while "a" not in recving and deadline:
+        import time
+
+        time.sleep(0.1)
+        deadline -= 1
+        recving |= dst.get_finished(set())[1]
+    assert recving == {"a"}
+    # Tokens 32..95 could not be loaded: blocks 8..11 (16 tokens each) must be recomputed.
+    assert dst.load_errors() == {8, 9, 10, 11}
+    assert torch.equal(_tokens_kv(dst, [6, 7], 0, 32), _tokens_kv(src, [0, 1], 0, 32))
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    num_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_tokens = self.num_tokens or len(self.prompt_token_ids)
+
+
+@dataclass
+class NewReq:
+    req_id: str
+    prompt_token_ids: list[int]
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int
+
+
+@dataclass
+class Cached:
+    req_ids: list[str] = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
+    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    scheduled_new_reqs: list[NewReq]
+    scheduled_cached_reqs: Cached
+    num_scheduled_tokens: dict[str, int]
+    preempted_req_ids: set[str] | None = None
+
+
+def test_scheduler_plans_chunked_prefill_stores_and_capped_hits(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    engine = engines[0]
+    sched = VLLMScheduler(engine, N, ConnectorOptions())
+    prompt = list(range(500, 580))  # 80 tokens: chunks of 32, 32 and a partial 16
+    # Step 1 computes 40 tokens: only chunk 0 is complete.
+    plan = sched.build_plan(Output([NewReq("r", prompt, ([1, 2, 3],), 0)], Cached(), {"r": 40}))
+    assert [s.end for s in plan.saves] == [32]
+    # Step 2 computes the rest (one more block): chunks 1 and the partial chunk.
+    plan = sched.build_plan(Output([], Cached(["r"], set(), [([4, 5],)], [40]), {"r": 40}))
+    assert [s.end for s in plan.saves] == [80] and plan.saves[0].block_ids == (1, 2, 3, 4, 5)
+    assert sched.build_plan(Output([], Cached(["r"], set(), [None], [80]), {"r": 1})).saves == ()
+    assert sched.request_finished("r") is True  # a store ran: vLLM keeps the blocks until get_finished
+    assert sched.request_finished("other") is False
+    # Nothing stored yet (the plans never ran on a worker): no hit.
+    assert sched.get_num_new_matched_tokens(FakeRequest("q", prompt), 0) == (0, False)
+
+
+def test_scheduler_hit_is_capped_and_async_outside_the_fast_tier(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    writer, reader = engines
+    w = _worker(writer, cpu_attn_caches(4), async_save=False)
+    prompt = list(range(1, 81))
+    _step(w, StepPlan(saves=(SaveSpec("s", tuple(prompt), (0, 1, 2, 3, 4)),)))
+    writer.flush()
+    sched = VLLMScheduler(reader, N, ConnectorOptions())
+    req = FakeRequest("q", prompt)
+    ext, is_async = sched.get_num_new_matched_tokens(req, 16)
+    assert (ext, is_async) == (79 - 16, True)  # whole prompt cached; one token left to compute; disk -> async
+    assert sched.get_num_new_matched_tokens(req, 16) == (ext, is_async)  # repeatable
+    sched.update_state_after_alloc(req, [9, 8, 7, 6, 5], ext)
+    plan = sched.build_plan(Output([], Cached(), {}), null_block=0)
+    assert plan.loads == (LoadSpec("q", tuple(prompt), (9, 8, 7, 6, 5), 16, 79, True),)
+    assert sched.hit_sources("q") == {"disk": 80}
+    sync = VLLMScheduler(reader, N, ConnectorOptions(async_load="false"))
+    assert sync.get_num_new_matched_tokens(req, 0) == (79, False)
+    assert VLLMScheduler(reader, N, ConnectorOptions(), can_load=False).get_num_new_matched_tokens(req, 0) == (0, False)
