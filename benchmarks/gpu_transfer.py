@@ -643,34 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         from lmcache_device_cuda.device import CUDADevice as device_cls
     else:
-        from lmcache_kernels.accel import StreamDevice
-
-        class device_cls(StreamDevice):  # type: ignore[no-redef]  # the CPU stand-in for dry runs
-            name = "cpu-dry"
-            capabilities = __import__("lmcache_core.device", fromlist=["x"]).DeviceCapabilities(async_copy=True)
-
-            @classmethod
-            def detect(cls) -> Any:
-                raise NotImplementedError
-
-            @property
-            def backend(self) -> Any:
-                return _CpuBackend()
-
-            @property
-            def torch_device(self) -> torch.device:
-                return torch.device("cpu")
-
-            def alloc_host(self, nbytes: int) -> torch.Tensor:
-                return torch.empty(nbytes, dtype=torch.uint8)
-
-            @property
-            def transfer(self) -> Any:
-                from lmcache_kernels.transfer import KVTransfer
-
-                if self._transfer is None:
-                    self._transfer = KVTransfer(torch.device("cpu"), self._options or TransferOptions(), None)
-                return self._transfer
+        from lmcache_kernels.accel import HostStreamDevice as device_cls  # the CPU stand-in
 
     timer = Timer(cuda)
     os.makedirs(args.out, exist_ok=True)
@@ -702,41 +675,6 @@ def main(argv: list[str] | None = None) -> int:
         save()
     print(table(res))
     return 1 if res["errors"] else 0
-
-
-class _CpuBackend:
-    """The stream API of torch.cuda, synchronous, for the CPU dry run."""
-
-    class Stream:
-        def __init__(self, *a: Any) -> None:
-            pass
-
-        def wait_event(self, ev: Any) -> None:
-            pass
-
-        def synchronize(self) -> None:
-            pass
-
-    class Event:
-        def record(self, stream: Any = None) -> None:
-            pass
-
-        def synchronize(self) -> None:
-            pass
-
-        def query(self) -> bool:
-            return True
-
-    def stream(self, s: Any) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def current_stream(self, device: Any = None) -> Any:
-        return self.Stream()
-
-    def synchronize(self, device: Any = None) -> None:
-        pass
 
 
 if __name__ == "__main__":

@@ -182,3 +182,72 @@ class StreamDevice(Device):
         if self._transfer is not None:
             out["transfer"] = self._transfer.describe()
         return out
+
+
+class SyncBackend:
+    """The slice of the ``torch.cuda`` stream API that :class:`StreamDevice` uses, for host
+    memory: streams and events exist, work runs at once. It lets the batching logic run (and be
+    tested) on a CPU, with the kernels in the Triton interpreter."""
+
+    class Stream:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def wait_event(self, event: Any) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+    class Event:
+        def record(self, stream: Any = None) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return True
+
+    def stream(self, stream: Any) -> Any:
+        return contextlib.nullcontext()
+
+    def current_stream(self, device: Any = None) -> Any:
+        return self.Stream()
+
+    def synchronize(self, device: Any = None) -> None:
+        pass
+
+
+class HostStreamDevice(StreamDevice):
+    """A StreamDevice over host memory and :class:`SyncBackend`: the CPU stand-in the tests and
+    the benchmark's ``--dry-run`` use to exercise batching, plans and every transfer path."""
+
+    name = "host-stream"
+    auto_select = False
+    torch_type = "cpu"
+
+    @classmethod
+    def detect(cls) -> "Any":
+        from lmcache_core.device import Detection
+
+        return Detection(True, "host memory with the torch.cuda stream API emulated synchronously", 1)
+
+    @property
+    def backend(self) -> Any:
+        return _SYNC
+
+    @property
+    def transfer(self) -> KVTransfer:
+        if self._transfer is None:
+            self._transfer = KVTransfer(self.torch_device, self._options or TransferOptions.from_env(), None)
+        return self._transfer
+
+    def alloc_host(self, nbytes: int) -> "torch.Tensor":
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+_SYNC = SyncBackend()
+
