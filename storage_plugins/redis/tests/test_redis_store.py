@@ -95,7 +95,8 @@ class TestRedisUnixSocketWithAclUser(_Backdoor):
         store = RedisStore.from_url(url, StoreContext(pool))
         h = store.health()
         store.close()
-        assert not h.ok and "WRONGPASS" in h.reason.upper() or "invalid" in h.reason.lower()
+        assert not h.ok
+        assert "WRONGPASS" in h.reason.upper() or "invalid" in h.reason.lower(), h.reason
 
 
 class TestRedisTtl:
