@@ -462,6 +462,43 @@ class DeviceZeroCopyTests(DeviceContract):
         assert t.is_pinned(), f"{device.name}: alloc_host returned pageable memory but declares pinned_memory"
         assert t.numel() == 1 << 20 and str(t.dtype) == "torch.uint8"
 
+    def test_ipc_shares_memory(self, device: "Device") -> None:
+        """A tensor exported with ``ipc_export`` is the same memory in another process (daemon mode
+        moves KV by handle, not by copy): the child sees its bytes and its writes show here."""
+        import json
+        import os
+
+        import torch
+
+        if not device.capabilities.ipc:
+            pytest.skip(f"device {device.name!r} does not declare ipc")
+        n = 3 * 4096 + 5
+        t = (torch.arange(n, dtype=torch.int64) % 251).to(torch.uint8).to(device.torch_device)
+        handle = device.ipc_export(t)
+        assert isinstance(handle, bytes) and handle, "ipc_export must return handle bytes"
+        code = (
+            "import importlib, json, sys, torch\n"
+            "a = json.loads(sys.stdin.read())\n"
+            "mod, _, name = a['cls'].partition(':')\n"
+            "dev = getattr(importlib.import_module(mod), name)(a['index'])\n"
+            "x = dev.ipc_import(bytes.fromhex(a['handle']))\n"
+            "want = (torch.arange(a['n'], dtype=torch.int64) % 251).to(torch.uint8)\n"
+            "same = x.numel() == a['n'] and torch.equal(x.reshape(-1).cpu(), want)\n"
+            "x.reshape(-1)[:16].fill_(0xEE)\n"
+            "dev.synchronize()\n"
+            "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+            "print('SAME' if same else 'DIFFERENT')\n"
+        )
+        args = {"cls": f"{type(device).__module__}:{type(device).__qualname__}", "index": device.index,
+                "handle": handle.hex(), "n": n}
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(args), capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ))
+        assert proc.returncode == 0, f"ipc_import in another process failed: {proc.stderr[-2000:]}"
+        assert proc.stdout.split()[-1] == "SAME", "the imported tensor holds other bytes than the exported one"
+        device.synchronize()
+        assert bool((t[:16].cpu() == 0xEE).all()), "writes through the imported tensor do not show here: a copy"
+        assert torch.equal(t[16:].cpu(), (torch.arange(16, n, dtype=torch.int64) % 251).to(torch.uint8))
+
     def test_fanout(self, device: "Device", chunk_store: str, tmp_path: Any) -> None:
         from .zerocopy import check_fanout
 
