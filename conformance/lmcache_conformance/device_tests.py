@@ -487,6 +487,7 @@ class DeviceZeroCopyTests(DeviceContract):
             "x.reshape(-1)[:16].fill_(0xEE)\n"
             "dev.synchronize()\n"
             "torch.cuda.synchronize() if torch.cuda.is_available() else None\n"
+            "del x\n"
             "print('SAME' if same else 'DIFFERENT')\n"
         )
         args = {"cls": f"{type(device).__module__}:{type(device).__qualname__}", "index": device.index,
