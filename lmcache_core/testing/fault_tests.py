@@ -199,6 +199,47 @@ class RemoteTierFaultTests:
             a.close()
             b.close()
 
+    def test_killed_during_reads_never_returns_wrong_kv(self, remote: RemoteTier) -> None:
+        """Kill the server while a cold engine keeps loading 8 MiB prompts from it: every load is a
+        bit-exact prefix (possibly empty), nothing raises, and no pooled buffer leaks."""
+        import threading
+
+        tokens = list(range(1, CHUNK * 64 + 1))  # 64 chunks, 8 MiB of KV
+        a = self._engine(remote)
+        b = engine_for(["memory://?capacity=64MiB", remote.url], promote=False)
+        errors: list[BaseException] = []
+        loads: list[int] = []
+        try:
+            expected = _store(a, tokens, seed=21)
+            assert a.flush(60)
+            stop, first_done = threading.Event(), threading.Event()
+
+            def reader() -> None:
+                try:
+                    while not stop.is_set():
+                        loads.append(retrieve_into_zeros(b, tokens, expected)[0])
+                        first_done.set()
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    first_done.set()
+
+            t = threading.Thread(target=reader)
+            t.start()
+            assert first_done.wait(120), "the first load did not finish"
+            time.sleep(0.05)  # the kill lands inside a later load
+            remote.stop()
+            time.sleep(0.5)
+            stop.set()
+            t.join(120)
+            assert not t.is_alive(), "a load hung after the server died"
+            assert not errors, f"a load raised into the caller: {errors[0]!r}"
+            assert loads and loads[0] == len(tokens), f"loads before the kill must hit fully: {loads}"
+            assert b.pool.live_count() == 0, f"{b.pool.live_count()} pooled buffers leaked"
+        finally:
+            remote.start()
+            a.close()
+            b.close()
+
     def test_hung_server_bounds_the_wait(self, remote: RemoteTier, tokens: list[int]) -> None:
         """SIGSTOP the server: each call waits at most the tier timeout, the tier then backs off and
         later stores run at memory speed; the write queue never grows past its bound."""
