@@ -444,6 +444,10 @@ class SeaweedS3(_Process):
     def close(self) -> None:
         self.kill()
         self._cleanup()
+        # weed also listens on /tmp/seaweedfs-<role>[-grpc]-<port>.sock; remove this server's ones.
+        for port in (self.port, *self._ports.values()):
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     @property
     def endpoint_url(self) -> str:
