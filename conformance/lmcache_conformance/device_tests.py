@@ -163,6 +163,36 @@ class DeviceChunkTests(DeviceContract):
         problem = h.check_loaded(dst, before, src_truth, moved, landed, len(moved.slots))
         assert problem is None, f"{device.name}: scatter ({layout}, {dtype}): {problem}"
 
+    def test_batched_gather_and_scatter(self, device: "Device", layout: str, dtype: str) -> None:
+        """``gather_many``/``scatter_many`` (what the engine calls: all chunks of a request in one
+        batch, kernels launch once) move full and partial chunks as the single calls do."""
+        import torch
+
+        if not hasattr(device, "gather_many"):
+            pytest.skip("this lmcache-core has no batched gather_many/scatter_many")
+        src = self.kv_for(device, layout, dtype, seed=15)
+        truth = src.logical()
+        sp = h.place(src, h.NUM_TOKENS, seed=16)
+        bounds = [(0, h.CHUNK_SIZE), (h.CHUNK_SIZE, 2 * h.CHUNK_SIZE), (2 * h.CHUNK_SIZE, h.NUM_TOKENS)]
+        outs = [self.host_chunk(device, src, end - start) for start, end in bounds]
+        batch = [(torch.as_tensor(sp.slots[a:b], dtype=torch.int64), out) for (a, b), out in zip(bounds, outs)]
+        device.gather_many(src.kv, batch)
+        device.record_event(None).synchronize()
+        device.synchronize()
+        for (a, b), out in zip(bounds, outs):
+            assert torch.equal(raw(out).cpu(), expected_chunk(truth, sp.slots[a:b])), (
+                f"{device.name}: gather_many of tokens {a}..{b} ({layout}, {dtype}) differs from the ground truth")
+        dst = self.kv_for(device, layout, dtype, seed=17)
+        dst.fill_raw(h.SENTINEL)
+        before = dst.logical()
+        dp = h.place(dst, h.NUM_TOKENS, seed=18)
+        device.scatter_many(dst.kv, [(torch.as_tensor(dp.slots[a:b], dtype=torch.int64), out)
+                                     for (a, b), out in zip(bounds, outs)])
+        device.record_event(None).synchronize()
+        device.synchronize()
+        problem = h.check_loaded(dst, before, truth, sp, dp, h.NUM_TOKENS)
+        assert problem is None, f"{device.name}: scatter_many ({layout}, {dtype}): {problem}"
+
     def test_roundtrip_through_store(self, device: "Device", layout: str, dtype: str, chunk_store: str) -> None:
         """gather -> seal -> store -> (new engine) -> verify -> scatter is bit-exact for full and
         partial chunks, into a different, non-contiguous block table."""
@@ -253,9 +283,10 @@ class PipeliningTests(DeviceContract):
 
     contract = "pipelining"
     # The overlap is a report figure; only "none at all" fails a device that claims async copies.
-    # 2% leaves room for timer noise: for work that truly serialises, the best "both" time is
-    # never below the best load plus the best compute, so noise cannot lift it over this.
+    # "None" allows for timer noise: 2% on accelerators (device timings are steady), 10% on host
+    # devices, where a busy machine moves a wait-based figure by a few percent.
     OVERLAP_MIN: ClassVar[float] = 0.02
+    OVERLAP_MIN_HOST: ClassVar[float] = 0.10
 
     def _stored(self, device: "Device", shape: KVShape, chunk_size: int, seed: int) -> Any:
         src = self.kv_for(device, "vllm_flash", "float16", seed=seed, shape=shape)
@@ -299,7 +330,11 @@ class PipeliningTests(DeviceContract):
         assert eng.pool.live_count() == 0, f"{eng.pool.live_count()} buffers not returned after close"
 
     def test_loads_complete_in_layer_order(self, device: "Device") -> None:
-        """With every layer queued at once, completion is always a prefix of the layers."""
+        """Queued layer loads complete in order: completion is always a prefix of the layers.
+
+        The engine keeps a few layers queued ahead of the one being waited for; a layer
+        with no event yet is not complete, and waiting for it queues it (and the next ones).
+        """
         import time as _time
 
         if not device.capabilities.async_copy:
@@ -310,7 +345,8 @@ class PipeliningTests(DeviceContract):
         try:
             dst = self.kv_for(device, "vllm_flash", "float16", seed=45, shape=shape)
             dp = h.place(dst, shape.slots, seed=46)
-            task = eng.start_retrieve(tokens, dst.kv, list(dp.block_ids))
+            # Everything queued at once: the widest window for a device to reorder copies.
+            task = eng.start_retrieve(tokens, dst.kv, list(dp.block_ids), lookahead=shape.num_layers)
             deadline = _time.monotonic() + 15
             seen: list[list[bool]] = []
             while True:
@@ -318,7 +354,7 @@ class PipeliningTests(DeviceContract):
                 states = [False] * shape.num_layers
                 for i in reversed(range(shape.num_layers)):
                     ev = task.events[i]
-                    states[i] = ev is None or ev.query()
+                    states[i] = ev is not None and ev.query()
                 if not seen or seen[-1] != states:
                     seen.append(states)
                 bad = [(i, j) for j in range(shape.num_layers) for i in range(j) if states[j] and not states[i]]
@@ -326,6 +362,9 @@ class PipeliningTests(DeviceContract):
                                  f"(completion states seen: {[''.join('x' if s else '.' for s in st) for st in seen]})")
                 if all(states):
                     break
+                first = states.index(False)
+                if task.events[first] is None:
+                    task.wait_layer(first)  # not queued yet: queue it and the lookahead window
                 assert _time.monotonic() < deadline, "layer loads did not complete within 15 s of being queued (does query() make progress?)"
             task.finish()
         finally:
@@ -348,28 +387,35 @@ class PipeliningTests(DeviceContract):
             # Up to three attempts, keeping the best: a busy machine can steal one measurement, but a
             # device that truly serialises copies and compute never reaches the threshold.
             figures: dict[str, float] = {}
+            threshold = self.OVERLAP_MIN if device.torch_device.type != "cpu" else self.OVERLAP_MIN_HOST
             for attempt in range(1, 4):
                 got = measure_overlap(device, eng, tokens, dst, list(dp.block_ids), shape.num_layers,
                                       rounds=5 if accel else 3)
                 if not figures or got["overlap_hidden_fraction"] > figures["overlap_hidden_fraction"]:
                     figures = {**got, "attempts": attempt}
-                if figures["overlap_hidden_fraction"] >= self.OVERLAP_MIN:
+                if figures["overlap_hidden_fraction"] >= threshold:
                     break
         finally:
             eng.close()
         for k, v in figures.items():
             record_property(f"figure:{k}", v)
         hidden = figures["overlap_hidden_fraction"]
-        assert hidden >= self.OVERLAP_MIN, (
+        assert hidden >= threshold, (
             f"{device.name} declares async_copy but hid {hidden:.0%} of load time behind compute "
             f"(load {figures['load_ms']:.2f} ms, compute {figures['compute_ms']:.2f} ms, "
-            f"both {figures['both_ms']:.2f} ms)")
+            f"both {figures['both_ms']:.2f} ms, load time exposed to compute {figures['exposed_load_ms']:.2f} ms)")
 
 
 def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.EngineKV, block_ids: list[int],
                     layers: int, rounds: int = 5) -> dict[str, float]:
-    """Best-of-``rounds`` times of load alone, compute alone, and both pipelined; the hidden
-    fraction is ``(load + compute - both) / min(load, compute)``, clipped to [0, 1].
+    """Times of load alone, compute alone and both pipelined (best of ``rounds`` each).
+
+    ``overlap_hidden_fraction``: on an accelerator, ``(load + compute - both) /
+    min(load, compute)``; compute runs asynchronously there, so only the totals are
+    observable. On a host device compute is synchronous, so the suite times what the
+    compute thread spends waiting for loads inside the pipelined run ("exposed"), and
+    the fraction is ``1 - exposed / load``: immune to the compute's timing noise on a
+    busy machine. Both are clipped to [0, 1]; the classic formula is reported as well.
 
     The stand-in compute is one matrix product per layer, sized so that all layers
     take about as long as the load: on an accelerator one launch per layer keeps the
@@ -397,12 +443,27 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
         for _ in range(work["reps"]):
             x = x @ a if accel else torch.tanh(x @ a)
 
-    def time_load() -> float:
+    def pipelined(with_compute: bool) -> tuple[float, float]:
+        """(total, exposed): wall time of a layer-by-layer load, and the part spent outside compute."""
         sync()
         t0 = time.perf_counter()
-        eng.retrieve(tokens, dst.kv, block_ids)
+        task = eng.start_retrieve(tokens, dst.kv, block_ids)
+        exposed = time.perf_counter() - t0
+        it = iter(task)
+        while True:
+            tw = time.perf_counter()
+            try:
+                next(it)
+            except StopIteration:
+                break
+            exposed += time.perf_counter() - tw
+            if with_compute:
+                compute()
+        tf = time.perf_counter()
+        task.finish()
         sync()
-        return time.perf_counter() - t0
+        end = time.perf_counter()
+        return end - t0, exposed + (end - tf)
 
     def time_compute() -> float:
         sync()
@@ -412,24 +473,14 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
         sync()
         return time.perf_counter() - t0
 
-    def time_both() -> float:
-        sync()
-        t0 = time.perf_counter()
-        task = eng.start_retrieve(tokens, dst.kv, block_ids)
-        for _ in task:
-            compute()
-        task.finish()
-        sync()
-        return time.perf_counter() - t0
-
     # On a host device copies and compute share the cores: give compute one thread, as an
     # engine pinned to its cores would, so the figure measures the device and not the scheduler.
     threads = torch.get_num_threads()
     if not accel:
         torch.set_num_threads(1)
     try:
-        time_load()  # warm up allocations, caches, kernels
-        load = min(time_load() for _ in range(rounds))
+        pipelined(False)  # warm up allocations, caches, kernels
+        load = min(pipelined(False)[0] for _ in range(rounds))
         time_compute()
         while time_compute() < load:  # size the compute like the load: a fair fraction
             if accel and work["a"].shape[0] < 16384:
@@ -439,12 +490,17 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
             else:
                 break
         comp = min(time_compute() for _ in range(rounds))
-        both = min(time_both() for _ in range(rounds))
+        runs = [pipelined(True) for _ in range(rounds)]
     finally:
         torch.set_num_threads(threads)
-    hidden = max(0.0, min(1.0, (load + comp - both) / max(min(load, comp), 1e-9)))
-    return {"overlap_hidden_fraction": round(hidden, 3), "load_ms": round(load * 1e3, 3),
+    both = min(r[0] for r in runs)
+    exposed = min(r[1] for r in runs)
+    classic = max(0.0, min(1.0, (load + comp - both) / max(min(load, comp), 1e-9)))
+    by_wait = max(0.0, min(1.0, 1.0 - exposed / max(load, 1e-9)))
+    return {"overlap_hidden_fraction": round(classic if accel else by_wait, 3),
+            "overlap_classic_fraction": round(classic, 3), "load_ms": round(load * 1e3, 3),
             "compute_ms": round(comp * 1e3, 3), "both_ms": round(both * 1e3, 3),
+            "exposed_load_ms": round(exposed * 1e3, 3),
             "load_bytes": int(dst.kv.geometry.nbytes(len(block_ids) * dst.block_size)),
             "compute_matrix": int(work["a"].shape[0]), "compute_reps_per_layer": int(work["reps"])}
 
