@@ -109,6 +109,22 @@ class Device(abc.ABC):
     ) -> None:
         """Copy ``src[layers, :, :len(slots)]`` into ``kv`` at ``slots``; the inverse of gather."""
 
+    def gather_many(self, kv: "PagedKV", batch: Sequence[tuple["torch.Tensor", "torch.Tensor"]],
+                    layers: Sequence[int] | None = None) -> None:
+        """Gather a batch of ``(slots, out)`` pairs (several chunks of one request) in one go.
+
+        The engine always calls this; the default loops over :meth:`gather`. Devices
+        with kernels override it to launch once per batch (all chunks, all ``layers``).
+        """
+        for slots, out in batch:
+            self.gather(kv, slots, out, layers)
+
+    def scatter_many(self, kv: "PagedKV", batch: Sequence[tuple["torch.Tensor", "torch.Tensor"]],
+                     layers: Sequence[int] | None = None) -> None:
+        """Scatter a batch of ``(slots, src)`` pairs in one go; the inverse of :meth:`gather_many`."""
+        for slots, src in batch:
+            self.scatter(kv, slots, src, layers)
+
     # -- streams and events ------------------------------------------------------------
     def new_stream(self) -> Any:
         """A stream for transfers; None where work is synchronous."""

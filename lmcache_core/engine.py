@@ -217,8 +217,7 @@ class CacheEngine:
         Returns the number of tokens queued for storing.
         """
         task = self.start_store(tokens, kv, block_ids, slots=slots)
-        for layer in range(self.geometry.num_layers):
-            task.save_layer(layer)
+        task.save_all()
         return task.finish(wait=wait)
 
     def start_store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
@@ -268,16 +267,22 @@ class CacheEngine:
         itself). A chunk that fails to load ends the prefix there; nothing
         after it is used.
         """
-        task = self.start_retrieve(tokens, kv, block_ids, slots=slots, max_tokens=max_tokens, lookup=lookup)
+        task = self.start_retrieve(tokens, kv, block_ids, slots=slots, max_tokens=max_tokens, lookup=lookup,
+                                   layerwise=False)
         task.finish()
         return RetrieveResult(task.hit_tokens, task.by_tier)
 
     def start_retrieve(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
                        slots: "torch.Tensor | None" = None, max_tokens: int | None = None,
-                       lookup: LookupResult | None = None) -> "LayerwiseRetrieve":
+                       lookup: LookupResult | None = None, layerwise: bool = True,
+                       lookahead: int | None = None) -> "LayerwiseRetrieve":
         """Fetch the hit chunks to host memory, then load into ``kv`` layer by layer.
 
         Iterate the result (or call ``wait_layer(i)``) to get each layer as it lands.
+        ``layerwise=False`` loads every layer in one batched call instead (no per-layer
+        events), for callers that wait for the whole cache anyway. ``lookahead``: how many
+        layers a device with async copies keeps queued ahead of the one waited for
+        (default ``LayerwiseRetrieve.LOOKAHEAD``; the layer count queues everything at once).
         """
         self._check_kv(kv)
         owned_lookup = lookup is None
@@ -316,7 +321,7 @@ class CacheEngine:
             self.metrics.hit_tokens.labels(tier).inc(n)
         if owned_lookup:
             self.release(lookup)
-        return LayerwiseRetrieve(self, kv, parts, pos, by_tier)
+        return LayerwiseRetrieve(self, kv, parts, pos, by_tier, layerwise=layerwise, lookahead=lookahead)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -366,13 +371,21 @@ class LayerwiseStore:
     def save_layer(self, layer: int) -> None:
         """Copy layer ``layer`` of every pending chunk out of the engine's cache (async on devices
         with streams; the engine must not overwrite those blocks before ``finish``)."""
-        if self.saved[layer]:
+        if self.saved[layer] or not self.todo:
+            self.saved[layer] = True
             return
         dev = self.engine.device
         with dev.use_stream(self.stream):
-            for c, slots in self.todo:
-                dev.gather(self.kv, slots, c.kv(), layers=(layer,))
+            dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=(layer,))
         self.saved[layer] = True
+
+    def save_all(self) -> None:
+        """Copy every layer of every pending chunk in one batched call."""
+        if self.todo and not all(self.saved):
+            dev = self.engine.device
+            with dev.use_stream(self.stream):
+                dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=None)
+        self.saved = [True] * len(self.saved)
 
     def finish(self, wait: bool = False) -> int:
         """Wait for the copies, then seal and write. Returns the tokens stored."""
@@ -406,11 +419,16 @@ class LayerwiseStore:
 
 class LayerwiseRetrieve:
     """A load in progress. Layers land in order; ``wait_layer(i)`` returns once layer ``i`` is in
-    the engine's cache. Devices with async copies queue every layer at once on a transfer
-    stream; synchronous devices copy each layer when it is first waited for."""
+    the engine's cache. Devices with async copies keep ``LOOKAHEAD`` layers queued ahead on a
+    transfer stream (one batched call and one event per layer), so the first layer's compute
+    can start at once and later copies overlap it; synchronous devices copy each layer when it
+    is first waited for."""
+
+    LOOKAHEAD = 4
 
     def __init__(self, engine: CacheEngine, kv: PagedKV, parts: list[tuple[ChunkBuffer, "torch.Tensor", int]],
-                 hit_tokens: int, by_tier: dict[str, int]) -> None:
+                 hit_tokens: int, by_tier: dict[str, int], *, layerwise: bool = True,
+                 lookahead: int | None = None) -> None:
         self.engine = engine
         self.kv = kv
         self.parts = parts
@@ -420,25 +438,34 @@ class LayerwiseRetrieve:
         self.events: list[Event | None] = [None] * self.num_layers
         self.order: list[int] = []  # layers in the order they completed (pipelining contract)
         self._released = False
+        self._batch = [(slots, c.kv()[:, :, :n]) for c, slots, n in parts]  # chunk views, built once
         dev = engine.device
         self.stream = dev.new_stream() if parts else None
-        if parts and dev.capabilities.async_copy:
-            for layer in range(self.num_layers):
-                self._load(layer)
+        self._async = dev.capabilities.async_copy
+        self.lookahead = max(1, self.LOOKAHEAD if lookahead is None else lookahead)
+        if parts and not layerwise:
+            with dev.use_stream(self.stream):
+                dev.scatter_many(kv, self._batch, layers=None)
+                done = dev.record_event(self.stream)
+            self.events = [done] * self.num_layers
+        elif parts and self._async:
+            self._queue_through(self.lookahead - 1)
 
     def _load(self, layer: int) -> None:
         dev = self.engine.device
         with dev.use_stream(self.stream):
-            for c, slots, n in self.parts:
-                dev.scatter(self.kv, slots, c.kv()[:, :, :n], layers=(layer,))
+            dev.scatter_many(self.kv, self._batch, layers=(layer,))
             self.events[layer] = dev.record_event(self.stream)
+
+    def _queue_through(self, last: int) -> None:
+        for layer in range(min(last, self.num_layers - 1) + 1):
+            if self.events[layer] is None:
+                self._load(layer)
 
     def wait_layer(self, layer: int) -> None:
         if not self.parts:
             return
-        for earlier in range(layer + 1):
-            if self.events[earlier] is None:
-                self._load(earlier)
+        self._queue_through(layer + self.lookahead if self._async else layer)
         ev = self.events[layer]
         assert ev is not None
         ev.wait_on_compute()
