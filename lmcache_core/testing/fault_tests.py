@@ -260,7 +260,8 @@ class RemoteTierFaultTests:
             os.kill(pid, signal.SIGCONT)
         try:
             assert max(durations) < 2 * remote.call_timeout_s + 1, durations
-            assert sorted(durations)[len(durations) // 2] < 0.5, f"most stores must skip a backed-off tier: {durations}"
+            waited = [d for d in durations if d > min(1.0, remote.call_timeout_s / 2)]
+            assert len(waited) <= len(durations) // 2, f"most stores must skip a backed-off tier: {durations}"
             assert eng.flush(60)
             failed = eng.metrics.value("lmcache_dropped_stores", tier=remote.name) + sum(
                 eng.metrics.value("lmcache_errors", tier=remote.name, op=op) for op in ("put", "exists"))
