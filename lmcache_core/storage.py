@@ -76,22 +76,19 @@ class ParsedURL:
         return default if value is None else parse_size(value, key=f"{self.raw}: {name}")
 
     def int_option(self, name: str, default: int) -> int:
-        value = self.query.get(name)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{self.raw}: option {name} must be an integer, got {value!r}") from None
+        return self._typed(name, default, int, "an integer")
 
     def float_option(self, name: str, default: float) -> float:
+        return self._typed(name, default, float, "a number")
+
+    def _typed(self, name: str, default: Any, cast: Any, what: str) -> Any:
         value = self.query.get(name)
         if value is None:
             return default
         try:
-            return float(value)
+            return cast(value)
         except ValueError:
-            raise ConfigError(f"{self.raw}: option {name} must be a number, got {value!r}") from None
+            raise ConfigError(f"{self.raw}: option {name} must be {what}, got {value!r}") from None
 
     def bool_option(self, name: str, default: bool) -> bool:
         value = self.query.get(name)

@@ -75,13 +75,18 @@ class CPUDevice(Device):
         torch_scatter(kv, slots.to(kv.device), src, layers)
 
     def telemetry(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"cpus": os.cpu_count(), "machine": platform.machine()}
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    key, _, rest = line.partition(":")
-                    if key in ("MemTotal", "MemAvailable"):
-                        out[key] = int(rest.split()[0]) * 1024
-        except OSError:
-            pass
-        return out
+        return {"cpus": os.cpu_count(), "machine": platform.machine(), **host_meminfo()}
+
+
+def host_meminfo() -> dict[str, int]:
+    """MemTotal and MemAvailable in bytes from /proc/meminfo (empty where there is none)."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out

@@ -215,14 +215,10 @@ class DiskStore(ByteStore):
         return n
 
     def pin(self, keys: Sequence[ChunkKey]) -> None:
-        with self._index.lock:
-            for k in keys:
-                self._index.pin(k)
+        self._index.pin_many(keys)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        with self._index.lock:
-            for k in keys:
-                self._index.unpin(k)
+        self._index.unpin_many(keys)
 
     def usage(self) -> Usage:
         with self._index.lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, Hashable, Iterable, Iterator, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
@@ -56,6 +56,16 @@ class LRUIndex(Generic[K]):
             self._pins.pop(key, None)
         else:
             self._pins[key] = n - 1
+
+    def pin_many(self, keys: "Iterable[K]") -> None:
+        with self.lock:
+            for k in keys:
+                self.pin(k)
+
+    def unpin_many(self, keys: "Iterable[K]") -> None:
+        with self.lock:
+            for k in keys:
+                self.unpin(k)
 
     def pinned(self, key: K) -> bool:
         return key in self._pins

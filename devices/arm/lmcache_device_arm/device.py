@@ -15,6 +15,7 @@ import os
 import platform
 from typing import TYPE_CHECKING, Any, Sequence
 
+from lmcache_core.builtin.cpu import host_meminfo
 from lmcache_core.device import Detection, Device, DeviceCapabilities
 from lmcache_kernels import reference
 
@@ -94,12 +95,5 @@ class ArmDevice(Device):
                                "placements": dict(self.placements)}
         if cpu is not None:
             out.update(cpu.describe())
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    key, _, rest = line.partition(":")
-                    if key in ("MemTotal", "MemAvailable"):
-                        out[key] = int(rest.split()[0]) * 1024
-        except OSError:
-            pass
+        out.update(host_meminfo())
         return out
