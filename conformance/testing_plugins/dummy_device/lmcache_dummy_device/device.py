@@ -16,6 +16,7 @@ Unset or empty: a correct device.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -68,6 +69,19 @@ class ThreadEvent(Event):
         return self._early or self._done.is_set()
 
 
+_LIVE: "weakref.WeakSet[ThreadStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_streams() -> None:
+    """Let every worker finish and exit before the interpreter tears torch down under it
+    (a daemon thread inside a torch op at shutdown aborts the process)."""
+    for stream in list(_LIVE):
+        stream.close()
+        if stream._thread is not None:
+            stream._thread.join(timeout=10)
+
+
 class ThreadStream:
     """A FIFO of copy jobs run by one worker thread (the CPU stand-in for a transfer stream)."""
 
@@ -81,6 +95,7 @@ class ThreadStream:
         if defect != "no-overlap":
             self._thread = threading.Thread(target=self._run, name="dummy-stream", daemon=True)
             self._thread.start()
+        _LIVE.add(self)
 
     def submit(self, job: Callable[[], None], copy: bool = True) -> None:
         if copy:
