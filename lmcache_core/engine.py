@@ -225,7 +225,9 @@ class CacheEngine:
         """Layer-by-layer store: call ``save_layer(i)`` as each layer's KV is final, then ``finish()``."""
         self._check_kv(kv)
         keys = self.keys(tokens)
-        present = self.tiers.lookup(keys).hits
+        # Only the in-process tier is asked (no I/O on the engine's step): a chunk it lacks is
+        # gathered and written through again; slower tiers skip or overwrite what they hold.
+        present = self.tiers.lookup(keys, fast_only=True).hits
         todo: list[tuple[ChunkBuffer, "torch.Tensor"]] = []
         pos = sum(k.num_tokens for k in keys[:present])
         try:

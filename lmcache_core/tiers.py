@@ -46,6 +46,7 @@ class Tier:
     failures: int = 0
     down_until: float = 0.0
     backoff: float = BACKOFF_START_S
+    probing: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -76,6 +77,7 @@ class TierStack:
             self.tiers.append(Tier(store, fast, writer))
             self.metrics.healthy.labels(store.name).set(1)
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="lmcache-r")
+        self._prober = ThreadPoolExecutor(1, thread_name_prefix="lmcache-probe")
         self._idle = threading.Condition()
         self._pending = 0
         self._closed = False
@@ -105,16 +107,27 @@ class TierStack:
         self.metrics.healthy.labels(tier.name).set(0)
 
     def _usable(self, tier: Tier) -> bool:
+        """False while a tier backs off. When its back-off ends, a background probe calls
+        ``health()``, so a hung server never holds up the engine's thread."""
         if not tier.down_until:
             return True
         if time.monotonic() < tier.down_until:
             return False
         with tier.lock:
-            if time.monotonic() < tier.down_until:
+            if tier.probing or time.monotonic() < tier.down_until:
                 return False
-            tier.down_until = time.monotonic() + tier.backoff  # one prober at a time
-        self._check_health(tier)
-        return not tier.down_until
+            tier.probing = True
+        try:
+            self._prober.submit(self._probe, tier)
+        except RuntimeError:  # shutting down
+            tier.probing = False
+        return False
+
+    def _probe(self, tier: Tier) -> None:
+        try:
+            self._check_health(tier)
+        finally:
+            tier.probing = False
 
     def _call(self, tier: Tier, op: str, fn: Callable[[], T], default: T) -> T:
         if not self._usable(tier):
@@ -136,11 +149,14 @@ class TierStack:
         return result
 
     # -- lookup ----------------------------------------------------------------------
-    def lookup(self, keys: Sequence[ChunkKey]) -> Presence:
-        """Longest prefix of ``keys`` present in any tier, each attributed to the fastest."""
+    def lookup(self, keys: Sequence[ChunkKey], *, fast_only: bool = False) -> Presence:
+        """Longest prefix of ``keys`` present in any tier, each attributed to the fastest.
+        ``fast_only`` asks only the tiers that hold buffers in this process (no I/O)."""
         where: list[str | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for tier in self.tiers:
+            if fast_only and not tier.fast:
+                continue
             if not missing:
                 break
             present = self._call(tier, "exists", lambda t=tier: t.store.exists([keys[i] for i in missing]),
@@ -257,6 +273,7 @@ class TierStack:
             if tier.writer is not None:
                 tier.writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._prober.shutdown(wait=False, cancel_futures=True)
         for tier in self.tiers:
             try:
                 tier.store.close()

@@ -193,6 +193,7 @@ def test_dead_tier_is_a_miss_then_backs_off_then_recovers(monkeypatch):
     import lmcache_core.tiers as tiers_mod
 
     monkeypatch.setattr(tiers_mod, "BACKOFF_START_S", 0.05)
+    monkeypatch.setattr(tiers_mod, "BACKOFF_MAX_S", 0.2)
     pool = BufferPool()
     flaky = FlakyStore(pool)
     stack = TierStack([MemoryStore(StoreContext(pool), None), flaky], Metrics())
@@ -211,7 +212,11 @@ def test_dead_tier_is_a_miss_then_backs_off_then_recovers(monkeypatch):
     flaky.down = False
     import time
 
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while stack.metrics.registry.get_sample_value("lmcache_tier_healthy", {"tier": "flaky"}) != 1:
+        stack.lookup([chunk_keys([4], NS, 16)[0]])  # after the back-off, a call starts a background probe
+        assert time.monotonic() < deadline, "the tier did not come back after its server did"
+        time.sleep(0.02)
     stack.put(c.key, c)
     stack.flush()
     assert c.key in flaky.data  # came back by itself
