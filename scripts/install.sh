@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_SPEC"
+# This machine's pip config names local wheel folders that may be absent: drop that noise.
+pip_quiet() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
+"$VENV/bin/python" -c "import torch" 2>/dev/null || pip_quiet "$TORCH_SPEC"
 
 if [ "$PROFILE" = demo ]; then
-    "${PIP[@]}" -e ".[transformers]"
+    pip_quiet -e ".[transformers]"
     exit 0
 fi
 
@@ -26,5 +28,5 @@ for f in devices/*/pyproject.toml storage_plugins/*/pyproject.toml backends/*/py
          kernels/pyproject.toml conformance/pyproject.toml conformance/testing_plugins/*/pyproject.toml; do
     [ -f "$f" ] && projects+=(-e "$(dirname "$f")")
 done
-"${PIP[@]}" -e ".[transformers,test]" "${projects[@]}"
-if [ -f requirements-test.txt ]; then "${PIP[@]}" -r requirements-test.txt; fi
+pip_quiet -e ".[transformers,test]" "${projects[@]}"
+if [ -f requirements-test.txt ]; then pip_quiet -r requirements-test.txt; fi
