@@ -73,6 +73,10 @@ class Config:
         "Also store the last, partial chunk of a request."))
     hash_algorithm: str = field(default="xxh3_128", metadata=_meta(
         "128-bit prefix hash.", choices=("xxh3_128", "blake2b")))
+    key_scheme: str = field(default="lmcache", metadata=_meta(
+        "How chunks are named: lmcache (own prefix hash chain) or sglang (SGLang's SHA-256 page "
+        "hashes, so vLLM and SGLang share chunks; whole chunks only, save_partial is off).",
+        choices=("lmcache", "sglang")))
     model: str = field(default="", metadata=_meta(
         "Model identity in the key namespace; integrations fill it from the engine."))
     tenant: str = field(default="default", metadata=_meta("Tenant in the key namespace."))
@@ -127,6 +131,12 @@ class Config:
                     f"unknown config key {key!r}; allowed keys: {', '.join(sorted(known))}"
                 )
             values[name] = _coerce(known[name], value)
+        if values.get("key_scheme") == "sglang":
+            # SGLang names whole pages only: a partial last chunk has no SGLang key.
+            if values.get("save_partial", False):
+                raise ConfigError("save_partial: must be false with key_scheme sglang (SGLang keys whole "
+                                  "pages only); leave it unset or set it to false")
+            values["save_partial"] = False
         cfg = cls(**values)
         cfg._check()
         return cfg

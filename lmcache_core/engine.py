@@ -19,7 +19,7 @@ from .chunk import ChunkBuffer
 from .config import Config
 from .device import Device, Event
 from .errors import ConfigError, LayoutError, MissingDependencyError, PluginError
-from .keys import ChunkKey, Namespace, chunk_keys
+from .keys import ChunkKey, Namespace, chunk_keys, sglang_chunk_keys
 from .layout import ChunkGeometry, PagedKV, slot_mapping
 from .memory import BufferPool
 from .metrics import Metrics, serve
@@ -163,6 +163,8 @@ class CacheEngine:
 
     # -- keys and lookup ----------------------------------------------------------------
     def keys(self, tokens: Sequence[int] | Any) -> list[ChunkKey]:
+        if self.config.key_scheme == "sglang":  # SGLang's page hashes; chunk_size = SGLang page size
+            return sglang_chunk_keys(tokens, self.namespace, self.config.chunk_size)
         return chunk_keys(tokens, self.namespace, self.config.chunk_size,
                           save_partial=self.config.save_partial, algorithm=self.config.hash_algorithm)
 

@@ -126,3 +126,91 @@ def chunk_keys(
         prev = h.digest()
         keys.append(ChunkKey(ns, prev, end - start))
     return keys
+
+
+# -- SGLang's page-hash chain (key_scheme "sglang") ------------------------------------------
+#
+# SGLang (0.5.23) names each page of ``page_size`` tokens by
+# ``d_i = SHA-256(d_{i-1} || page tokens)``: ``d_{-1}`` is absent (nothing is hashed) unless
+# the request has an ``extra_key`` / ``cache_salt``, whose seed then starts the chain.
+# Tokens are hashed as uint32 little-endian; a page holding a token id above 2**32 - 1 is
+# hashed as one 0xff byte followed by its tokens as uint64 little-endian. The storage backend
+# gets the hex digests; a chunk key takes the first 16 bytes of one.
+
+KEY_SCHEMES = ("lmcache", "sglang")
+_U32_MAX = 0xFFFFFFFF
+
+
+def sglang_namespace_seed(extra_key: str | None = None, cache_salt: str | None = None) -> str | None:
+    """The hex digest SGLang seeds a request's storage chain with (None: no seed)."""
+    if extra_key is None and cache_salt is None:
+        return None
+    h = hashlib.sha256(b"sglang-cache-namespace-v1")
+    for part in (extra_key, cache_salt):
+        if part is None:
+            h.update(b"\x00")
+        else:
+            data = part.encode("utf-8")
+            h.update(b"\x01" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def sglang_page_hashes(
+    tokens: Sequence[int] | np.ndarray,
+    page_size: int,
+    prior_hash: str | None = None,
+    *,
+    extra_key: str | None = None,
+    cache_salt: str | None = None,
+) -> list[str]:
+    """SGLang's storage page hashes (hex SHA-256) of every whole page of ``tokens``.
+
+    ``prior_hash`` continues a chain (the hash of the page before ``tokens``); without it,
+    the chain starts from SGLang's namespace seed of ``extra_key`` / ``cache_salt``.
+    A partial last page is left out: SGLang only stores whole pages.
+    """
+    if page_size <= 0:
+        raise ConfigError(f"page size must be positive, got {page_size}")
+    arr = token_bytes(tokens)
+    if arr.size and int(arr.min()) < 0:
+        raise ValueError("token ids must be non-negative for SGLang page hashes")
+    if prior_hash is None:
+        prior_hash = sglang_namespace_seed(extra_key, cache_salt)
+    prev = bytes.fromhex(prior_hash) if prior_hash else b""
+    out: list[str] = []
+    for start in range(0, arr.size - arr.size % page_size, page_size):
+        page = arr[start : start + page_size]
+        h = hashlib.sha256(prev)
+        if int(page.max()) > _U32_MAX:
+            h.update(b"\xff")
+            h.update(page.astype("<u8").tobytes())
+        else:
+            h.update(page.astype("<u4").tobytes())
+        prev = h.digest()
+        out.append(h.hexdigest())
+    return out
+
+
+def sglang_page_key(namespace: bytes, page_hash: str, num_tokens: int) -> ChunkKey:
+    """The chunk key of one SGLang page hash: its first 16 bytes (a non-hex key: blake2b of it)."""
+    try:
+        digest = bytes.fromhex(page_hash)[:HASH_BYTES]
+    except ValueError:
+        digest = b""
+    if len(digest) < HASH_BYTES:  # not a SHA-256 hex digest (a custom SGLang key): hash the text
+        digest = hashlib.blake2b(page_hash.encode(), digest_size=HASH_BYTES).digest()
+    return ChunkKey(namespace, digest, num_tokens)
+
+
+def sglang_chunk_keys(
+    tokens: Sequence[int] | np.ndarray,
+    namespace: Namespace,
+    page_size: int,
+    *,
+    extra_key: str | None = None,
+    cache_salt: str | None = None,
+) -> list[ChunkKey]:
+    """Keys of every whole page of ``tokens``, named as the SGLang HiCache backend names them."""
+    ns = namespace.id
+    hashes = sglang_page_hashes(tokens, page_size, extra_key=extra_key, cache_salt=cache_salt)
+    return [sglang_page_key(ns, h, page_size) for h in hashes]

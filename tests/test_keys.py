@@ -67,3 +67,65 @@ def test_bounds_and_errors():
     key = chunk_keys([1, 2], NS, 2)[0]
     assert ChunkKey.from_bytes(key.to_bytes()) == key
     assert len(key.path) == 65
+
+
+# -- key_scheme sglang: SGLang's page hashes ---------------------------------------------------
+# Pinned from sglang 0.5.23's own get_hash_str / get_storage_hash_str (its native SHA-256
+# extension); tests/integrations/test_sglang_cross_engine.py re-checks random ids live.
+_SGL_TOKENS = list(range(100, 110))
+_SGL_PLAIN = ["9d373db168e3e6a03e12ea791ce33b00590b4652dd4618889639c8095ac017f7",
+              "ba16f22309bf4813eb11f38cd4bbe8797d6020c94bedf8172295626dbe0105a2"]  # 3rd page is partial
+_SGL_WIDE = "0b5c96d4fdaea0f217fe4e306dc36c5bcebc9614bfcb3081f452f55ab1481788"  # [1, 2**33, 3, 4]
+_SGL_NS = ["52060fdcfd2509c48d35d14d53d696ada0d67dfd45dc92f433ea13ddd7b8e172",
+           "7e9deb9f2b708b3f18520985ab053f86bfdc2afc8063e7ca360fc5dde783e114"]  # extra_key lora-7, salt s
+
+
+def test_sglang_page_hashes_match_pinned_sglang_output():
+    from lmcache_core.keys import sglang_page_hashes
+
+    assert sglang_page_hashes(_SGL_TOKENS, 4) == _SGL_PLAIN
+    assert sglang_page_hashes(np.array(_SGL_TOKENS, dtype=np.int32), 4) == _SGL_PLAIN
+    assert sglang_page_hashes([1, 2**33, 3, 4], 4) == [_SGL_WIDE]
+    assert sglang_page_hashes(_SGL_TOKENS, 4, extra_key="lora-7", cache_salt="s") == _SGL_NS
+    # a continued chain equals the tail of the whole chain
+    assert sglang_page_hashes(_SGL_TOKENS[4:], 4, _SGL_PLAIN[0]) == _SGL_PLAIN[1:]
+    assert sglang_page_hashes(_SGL_TOKENS[:3], 4) == []
+    with pytest.raises(ValueError):
+        sglang_page_hashes([-1, 2, 3, 4], 4)
+
+
+def test_sglang_chunk_keys_are_page_hash_prefixes():
+    from lmcache_core.keys import sglang_chunk_keys, sglang_page_key
+
+    keys = sglang_chunk_keys(_SGL_TOKENS, NS, 4)
+    assert [k.digest.hex() for k in keys] == [h[:32] for h in _SGL_PLAIN]
+    assert all(k.namespace == NS.id and k.num_tokens == 4 for k in keys)
+    assert keys[0] == sglang_page_key(NS.id, _SGL_PLAIN[0], 4)
+    assert sglang_page_key(NS.id, "not-hex", 4).digest == sglang_page_key(NS.id, "not-hex", 4).digest
+
+
+def test_key_scheme_config_and_engine_keys():
+    import torch
+
+    from lmcache_core.config import Config
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import ChunkGeometry
+
+    cfg = Config.from_dict({"key_scheme": "sglang", "chunk_size": 4, "tiers": ["memory://?capacity=1MiB"],
+                            "device": "cpu"})
+    assert cfg.save_partial is False  # forced off: SGLang keys whole pages only
+    with pytest.raises(ConfigError, match="save_partial"):
+        Config.from_dict({"key_scheme": "sglang", "save_partial": True})
+    with pytest.raises(ConfigError, match="key_scheme"):
+        Config.from_dict({"key_scheme": "vllm"})
+    assert Config().key_scheme == "lmcache"
+    eng = CacheEngine(ChunkGeometry(2, 2, 8, "float16"), cfg, model="m")
+    try:
+        keys = eng.keys(torch.tensor(_SGL_TOKENS))
+        assert [k.digest.hex() for k in keys] == [h[:32] for h in _SGL_PLAIN]
+        assert keys[0].namespace == eng.namespace.id
+        lm = CacheEngine(ChunkGeometry(2, 2, 8, "float16"), cfg.replace(key_scheme="lmcache"), model="m")
+        assert lm.keys(_SGL_TOKENS)[0] != keys[0] and lm.namespace == eng.namespace
+        lm.close()
+    finally:
+        eng.close()

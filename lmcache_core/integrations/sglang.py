@@ -31,7 +31,7 @@ from .. import chunk as chunkmod
 from ..config import Config
 from ..engine import CacheEngine
 from ..errors import ConfigError, LayoutError
-from ..keys import HASH_BYTES, ChunkKey
+from ..keys import ChunkKey, sglang_page_key
 from ..layout import PagedKV
 
 if TYPE_CHECKING:
@@ -45,16 +45,10 @@ LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 
 
 def page_key(namespace: bytes, page_hash: str, num_tokens: int) -> ChunkKey:
-    """The chunk key of one SGLang page: its hash (hex, SHA-256) cut to 16 bytes."""
-    try:
-        digest = bytes.fromhex(page_hash)[:HASH_BYTES]
-    except ValueError:
-        digest = b""
-    if len(digest) < HASH_BYTES:  # not hex (a custom key scheme): hash the text itself
-        import hashlib
-
-        digest = hashlib.blake2b(page_hash.encode(), digest_size=HASH_BYTES).digest()
-    return ChunkKey(namespace, digest, num_tokens)
+    """The chunk key of one SGLang page: its hash (hex, SHA-256) cut to 16 bytes
+    (:func:`lmcache_core.keys.sglang_page_key`, the key a vLLM connector with
+    ``key_scheme: sglang`` computes from the token ids)."""
+    return sglang_page_key(namespace, page_hash, num_tokens)
 
 
 class LMCacheCoreHiCacheStorage(HiCacheStorage):
@@ -79,6 +73,10 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
         # MHA KV is sharded over TP ranks by heads: each rank has its own keyspace. MLA KV is
         # replicated: one writer, shared keys.
         shard = "" if mla else f"tp{storage_config.tp_rank}of{storage_config.tp_size}"
+        if self.config.key_scheme == "sglang" and storage_config.tp_size == 1:
+            # Shared with vLLM (whose keys carry no TP salt): one rank, the namespace of a
+            # vLLM connector with the same model, tenant, salt and chunk layout.
+            shard = ""
         if storage_config.pp_size > 1:
             shard += f"pp{storage_config.pp_rank}of{storage_config.pp_size}"
         self._shard_salt = shard
@@ -101,6 +99,12 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
             raise LayoutError(f"lmcache-core: host pool {type(mem_pool_host).__name__} has no kv_buffer tensor")
         self.kv = PagedKV.from_sglang_host(buffer, layout, mla=bool(self.storage_config.is_mla_model))
         self.page_size = int(mem_pool_host.page_size)
+        if self.config.key_scheme == "sglang" and self.config.chunk_size != self.page_size:
+            raise ConfigError(
+                f"lmcache-core: key_scheme sglang needs chunk_size equal to SGLang's page size: "
+                f"--page-size is {self.page_size}, chunk_size is {self.config.chunk_size}; set "
+                f"\"chunk_size\": {self.page_size} here and in the vLLM connector that shares the tiers"
+            )
         salt = "/".join(p for p in (self.config.salt, self._shard_salt) if p)
         config = self.config.replace(chunk_size=self.page_size, save_partial=False, salt=salt)
         self.engine = CacheEngine(self.kv.geometry, config, model=self.model)

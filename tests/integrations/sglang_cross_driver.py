@@ -1,0 +1,241 @@
+"""Cross-engine sharing (key_scheme sglang) against the real sglang 0.5.23; writes JSON results.
+
+    python sglang_cross_driver.py OUT.json WORK_DIR
+
+1. Key check: ``lmcache_core.keys.sglang_page_hashes`` against SGLang's own
+   ``get_hash_str`` / ``get_storage_hash_str`` (its native SHA-256 extension)
+   for random token ids: plain chains, continued chains (prior hash), ids
+   above 2**32 - 1, and requests with ``extra_key`` / ``cache_salt``.
+2. SGLang -> vLLM: SGLang's host pool + our HiCache backend (loaded by
+   SGLang's ``StorageBackendFactory``) write pages into a disk tier; a
+   ``CacheEngine`` configured as the vLLM connector configures it
+   (``load_config`` of the connector's extra config, ``geometry_from_spec``)
+   retrieves them into vLLM-shaped caches (``PagedKV.from_vllm_flash``, or
+   ``from_vllm`` for MLA) bit for bit.
+3. vLLM -> SGLang: that engine stores from vLLM-shaped caches; a fresh SGLang
+   backend finds the pages (``batch_exists``) and loads them into its host
+   pool (``batch_get_v1``) bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from sglang_driver import L, H, D, _setup_imports, token_rows  # noqa: E402
+
+PAGE = 16  # SGLang --page-size == vLLM block size == lmcache chunk_size
+HOST_DEVICE_TOKENS = 64  # host pool = 2x this: 8 pages
+MODEL = "tiny/llama"
+MLA_DIM = 24
+
+
+def host_pool(layout: str, mla: bool, fill: bool, seed: int) -> Any:
+    from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo, MLABufferInfo
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.uint64)  # noqa: E731
+    common = dict(pin_memory=False, device="cpu", device_capacity_tokens=HOST_DEVICE_TOKENS, start_layer=0,
+                  end_layer=L - 1)
+    if mla:
+        bufs = tuple(torch.zeros(HOST_DEVICE_TOKENS, 1, MLA_DIM) for _ in range(L))
+        info = MLABufferInfo(buffers=bufs, data_ptrs=ptrs(bufs), layer_indices=tuple(range(L)), device_layer_num=L,
+                             page_size=PAGE, kv_lora_rank=16, qk_rope_head_dim=8, kv_cache_dim=MLA_DIM,
+                             dtype=torch.float32, device=torch.device("cpu"))
+        pool = MLATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, target_layer_num=L, **common)
+    else:
+        k = tuple(torch.zeros(HOST_DEVICE_TOKENS, H, D) for _ in range(L))
+        v = tuple(torch.zeros(HOST_DEVICE_TOKENS, H, D) for _ in range(L))
+        info = MHABufferInfo(buffers=KVBuffers(k=k, v=v, k_data_ptrs=ptrs(k), v_data_ptrs=ptrs(v),
+                                               layout=list(KVBufferLayout)[0]),
+                             page_size=PAGE, head_num=H, head_dim=D, v_head_dim=D, dtype=torch.float32,
+                             device=torch.device("cpu"))
+        pool = MHATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, **common)
+    if fill:
+        pool.kv_buffer.copy_(torch.randn(pool.kv_buffer.shape, generator=torch.Generator().manual_seed(seed)))
+    return pool
+
+
+def sglang_backend(pool: Any, layout: str, mla: bool, tiers: list[str], **extra_keys: Any) -> Any:
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    extra = {"backend_name": "lmcache_core", "module_path": "lmcache_core.integrations.sglang",
+             "class_name": "LMCacheCoreHiCacheStorage", "interface_v1": 1, "device": "cpu", "tiers": tiers,
+             "key_scheme": "sglang", "chunk_size": PAGE, **extra_keys}
+    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                               is_mla_model=mla, enable_storage_metrics=False,
+                               is_page_first_layout=layout != "layer_first", model_name=MODEL, extra_config=extra)
+    b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
+    b.register_mem_pool_host(pool)
+    return b
+
+
+def vllm_side(tiers: list[str], mla: bool, num_blocks: int, fill: bool, seed: int) -> tuple[Any, Any, list]:
+    """A CacheEngine built the way the vLLM connector builds its own, plus vLLM-shaped caches."""
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.integrations._vllm_common import load_config
+    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+    from lmcache_core.layout import PagedKV
+
+    _opts, config = load_config({"key_scheme": "sglang", "chunk_size": PAGE, "tiers": tiers, "device": "cpu",
+                                 "model": MODEL})
+    config.check_block_size(PAGE)
+    gen = torch.Generator().manual_seed(seed)
+    if mla:
+        geometry = geometry_from_spec(L, 1, MLA_DIM, torch.float32, True)
+        caches = [torch.zeros(num_blocks, PAGE, MLA_DIM) for _ in range(L)]
+        make_kv = lambda cs: PagedKV.from_vllm(cs, use_mla=True)  # noqa: E731
+    else:
+        geometry = geometry_from_spec(L, H, D, torch.float32, False)
+        caches = [torch.zeros(2, num_blocks, PAGE, H, D) for _ in range(L)]
+        make_kv = PagedKV.from_vllm_flash
+    if fill:
+        for c in caches:
+            c.copy_(torch.randn(c.shape, generator=gen))
+    engine = CacheEngine(geometry, config, model=config.model)
+    return engine, make_kv(caches), caches
+
+
+def vllm_rows(kv: Any, block_ids: list[int], n: int) -> torch.Tensor:
+    """Every layer's K and V (or latent) rows of a request's first ``n`` tokens: [n, ...]."""
+    from lmcache_core.layout import slot_mapping
+
+    slots = slot_mapping(torch.tensor(block_ids), kv.block_size, 0, n)
+    blocks, offs = slots // kv.block_size, slots % kv.block_size
+    rows = []
+    for lp in kv.layers:
+        rows.append(lp.k[blocks, offs])
+        if lp.v is not None:
+            rows.append(lp.v[blocks, offs])
+    return torch.stack(rows, dim=1).reshape(n, -1)
+
+
+def key_check(seed: int) -> dict[str, Any]:
+    from sglang.srt.mem_cache.utils import get_hash_str, get_storage_hash_str, storage_namespace_seed
+
+    from lmcache_core.keys import sglang_namespace_seed, sglang_page_hashes
+
+    class Key(list):  # SGLang's RadixKey carries extra_key / cache_salt as attributes
+        extra_key: str | None = None
+        cache_salt: str | None = None
+
+    rng = random.Random(seed)
+    cases = mismatches = 0
+    for trial in range(40):
+        page = rng.choice([1, 2, 16, 64])
+        n = rng.randrange(0, 5 * page + 3)
+        top = (1 << 40) if trial % 5 == 0 else 200_000  # some pages with ids above uint32
+        tokens = [rng.randrange(0, top) for _ in range(n)]
+        whole = n - n % page
+        theirs = get_hash_str(tokens, None, page_size=page) if n else []
+        ours = sglang_page_hashes(tokens, page)
+        cases += 1
+        mismatches += ours != list(theirs)[: whole // page]
+        # a continued chain (SGLang hashes a request's tail from its cached prefix's last hash)
+        prior = get_hash_str([rng.randrange(0, 1000) for _ in range(page)], None, page_size=page)[0]
+        theirs = get_hash_str(tokens, prior, page_size=page) if n else []
+        cases += 1
+        mismatches += sglang_page_hashes(tokens, page, prior) != list(theirs)[: whole // page]
+        # a request namespace (LoRA extra_key, cache_salt)
+        key = Key(tokens)
+        key.extra_key = rng.choice([None, "", "lora-7"])
+        key.cache_salt = rng.choice([None, "", "salt"])
+        theirs = get_storage_hash_str(key, None, page_size=page) if n else []
+        cases += 2
+        mismatches += sglang_page_hashes(tokens, page, extra_key=key.extra_key,
+                                         cache_salt=key.cache_salt) != list(theirs)[: whole // page]
+        mismatches += sglang_namespace_seed(key.extra_key, key.cache_salt) != storage_namespace_seed(
+            key.extra_key, key.cache_salt)
+    return {"cases": cases, "mismatches": mismatches}
+
+
+def cross(layout: str, mla: bool, work: Path) -> dict[str, Any]:
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    from lmcache_core.errors import ConfigError
+
+    out: dict[str, Any] = {"layout": layout, "mla": mla}
+    pages = 3
+    tokens = [random.Random(7).randrange(0, 32000) for _ in range(pages * PAGE + 5)]  # + a partial page
+    keys = get_hash_str(tokens[: pages * PAGE], None, page_size=PAGE)  # what SGLang hands its backend
+    block_ids = [5, 2, 7, 1]
+    n = pages * PAGE
+
+    # SGLang writes, vLLM reads.
+    tiers = [f"disk://{work}/s2v-{layout}-{int(mla)}?capacity=64MiB"]
+    src = host_pool(layout, mla, True, 1)
+    src_idx = torch.arange(3 * PAGE, (3 + pages) * PAGE)
+    writer = sglang_backend(src, layout, mla, tiers)
+    out["s2v_set"] = writer.batch_set_v1(keys, src_idx)
+    writer.flush()
+    writer.close()
+    engine, kv, _caches = vllm_side(tiers, mla, 10, False, 0)
+    out["s2v_same_keys"] = [k.digest.hex() for k in engine.keys(tokens)] == [h[:32] for h in keys]
+    out["s2v_lookup"] = engine.lookup(tokens).hit_tokens
+    out["s2v_loaded"] = engine.retrieve(tokens, kv, block_ids).hit_tokens
+    out["s2v_bit_exact"] = bool(torch.equal(vllm_rows(kv, block_ids, n),
+                                            token_rows(src, src_idx, mla).reshape(n, -1)))
+    engine.close()
+
+    # vLLM writes, SGLang reads.
+    tiers = [f"disk://{work}/v2s-{layout}-{int(mla)}?capacity=64MiB"]
+    engine, kv, _caches = vllm_side(tiers, mla, 10, True, 2)
+    out["v2s_stored"] = engine.store(tokens, kv, block_ids, wait=True)
+    engine.flush()
+    engine.close()
+    dst = host_pool(layout, mla, False, 3)
+    dst_idx = torch.arange(5 * PAGE, (5 + pages) * PAGE)
+    reader = sglang_backend(dst, layout, mla, tiers)
+    out["v2s_exists"] = reader.batch_exists(keys)
+    out["v2s_get"] = reader.batch_get_v1(keys, dst_idx)
+    out["v2s_bit_exact"] = bool(torch.equal(token_rows(dst, dst_idx, mla).reshape(n, -1),
+                                            vllm_rows(kv, block_ids, n)))
+    reader.close()
+
+    # Without key_scheme sglang on the SGLang side nothing is shared (MHA: TP salt), and a
+    # chunk_size other than the page size is a startup error.
+    if not mla:
+        other = sglang_backend(host_pool(layout, mla, False, 4), layout, mla, tiers, key_scheme="lmcache")
+        out["lmcache_scheme_exists"] = other.batch_exists(keys)
+        other.close()
+    try:
+        sglang_backend(host_pool(layout, mla, False, 5), layout, mla, tiers, chunk_size=2 * PAGE)
+        out["chunk_size_error"] = ""
+    except ConfigError as exc:
+        out["chunk_size_error"] = str(exc)
+    return out
+
+
+def main(out_path: str, work: str) -> None:
+    _setup_imports()
+    import sglang
+
+    results: dict[str, Any] = {"sglang": sglang.__version__, "scenarios": [], "errors": []}
+    try:
+        results["keys"] = key_check(1234)
+    except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+        results["errors"].append({"what": "keys", "error": f"{type(exc).__name__}: {exc}",
+                                  "trace": traceback.format_exc()})
+    for layout, mla in (("page_first", False), ("layer_first", False), ("page_first_direct", False),
+                        ("page_first", True)):
+        try:
+            results["scenarios"].append(cross(layout, mla, Path(work)))
+        except Exception as exc:  # noqa: BLE001
+            results["errors"].append({"what": f"{layout}/{'mla' if mla else 'mha'}",
+                                      "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()})
+    Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,72 @@
+"""KV shared between SGLang and vLLM through one tier (``key_scheme: sglang``), real sglang 0.5.23.
+
+The driver runs in the interpreter that has sglang (and vLLM): our SGLang page
+keys against SGLang's own hash function, then SGLang host pool + our HiCache
+backend -> disk tier -> a CacheEngine configured like the vLLM connector
+(vLLM-shaped caches), and the reverse, bit for bit. Not run here: a vLLM engine
+process and an SGLang server on the same tier (SGLang's server needs a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+CASES = [("page_first", False), ("layer_first", False), ("page_first_direct", False), ("page_first", True)]
+
+
+@pytest.fixture(scope="module")
+def results(vh: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    python, why = vh.sglang_python()
+    if python is None:
+        pytest.skip(why)
+    work = tmp_path_factory.mktemp("sglang-cross")
+    out = work / "out.json"
+    proc = subprocess.run([python, str(HERE / "sglang_cross_driver.py"), str(out), str(work)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and out.exists(), f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_page_keys_match_sglangs_own_hash(results: dict[str, Any]) -> None:
+    assert results["sglang"] == "0.5.23"
+    assert not results["errors"], results["errors"]
+    assert results["keys"]["cases"] >= 100 and results["keys"]["mismatches"] == 0
+
+
+def _scenario(results: dict[str, Any], layout: str, mla: bool) -> dict[str, Any]:
+    found = [s for s in results["scenarios"] if s["layout"] == layout and s["mla"] == mla]
+    assert found, f"{layout}/{'mla' if mla else 'mha'} did not run: {results['errors']}"
+    return found[0]
+
+
+@pytest.mark.parametrize("layout,mla", CASES, ids=[f"{l}-{'mla' if m else 'mha'}" for l, m in CASES])
+def test_sglang_pages_served_to_vllm(results: dict[str, Any], layout: str, mla: bool) -> None:
+    s = _scenario(results, layout, mla)
+    assert s["s2v_set"] == [True] * 3
+    assert s["s2v_same_keys"], "CacheEngine.keys() differs from the keys of SGLang's pages"
+    assert s["s2v_lookup"] == 48 and s["s2v_loaded"] == 48  # 3 whole pages; the partial tail is not keyed
+    assert s["s2v_bit_exact"]
+
+
+@pytest.mark.parametrize("layout,mla", CASES, ids=[f"{l}-{'mla' if m else 'mha'}" for l, m in CASES])
+def test_vllm_chunks_served_to_sglang(results: dict[str, Any], layout: str, mla: bool) -> None:
+    s = _scenario(results, layout, mla)
+    assert s["v2s_stored"] == 48
+    assert s["v2s_exists"] == 3 and s["v2s_get"] == [True] * 3
+    assert s["v2s_bit_exact"]
+
+
+def test_other_scheme_does_not_meet_and_chunk_size_is_checked(results: dict[str, Any]) -> None:
+    for s in results["scenarios"]:
+        if not s["mla"]:
+            assert s["lmcache_scheme_exists"] == 0
+        assert "chunk_size equal to SGLang's page size" in s["chunk_size_error"]
