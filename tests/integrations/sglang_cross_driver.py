@@ -15,6 +15,12 @@
 3. vLLM -> SGLang: that engine stores from vLLM-shaped caches; a fresh SGLang
    backend finds the pages (``batch_exists``) and loads them into its host
    pool (``batch_get_v1``) bit for bit.
+
+    python sglang_cross_driver.py sglang-writes|sglang-reads SPEC.json OUT.json
+
+The SGLang-side steps around a real vLLM engine process (see
+``test_vllm_engine_and_sglang_share_a_tier``): write a prompt's pages (K/V
+from Hugging Face) before vLLM runs; find and load the chunks vLLM stored.
 """
 
 from __future__ import annotations
@@ -217,6 +223,100 @@ def cross(layout: str, mla: bool, work: Path) -> dict[str, Any]:
     return out
 
 
+# -- with a real vLLM engine process (test_vllm_engine_and_sglang_share_a_tier) ------------------
+VLLM_PAGE = 128  # vLLM's CPU attention block size: SGLang --page-size == chunk_size == 128
+
+
+def hf_kv(model_dir: str, tokens: list[int]) -> torch.Tensor:
+    """The tiny model's K/V of ``tokens`` from Hugging Face: [tokens, layers, 2, heads, dim]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        cache = model(torch.tensor([tokens]), use_cache=True).past_key_values
+    layers = [torch.stack([lay.keys[0], lay.values[0]]) for lay in cache.layers]  # [2, heads, T, dim]
+    return torch.stack(layers).permute(3, 0, 1, 2, 4).contiguous()
+
+
+def real_pool(pages: int, fill: torch.Tensor | None) -> tuple[Any, torch.Tensor]:
+    """A page_first MHA host pool shaped like the tiny model (2 layers, 2 heads of 32, fp32)."""
+    from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    layers, heads, dim, cap = 2, 2, 32, 4 * VLLM_PAGE
+    k = tuple(torch.zeros(cap, heads, dim) for _ in range(layers))
+    v = tuple(torch.zeros(cap, heads, dim) for _ in range(layers))
+    ptrs = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.uint64)  # noqa: E731
+    info = MHABufferInfo(buffers=KVBuffers(k=k, v=v, k_data_ptrs=ptrs(k), v_data_ptrs=ptrs(v),
+                                           layout=list(KVBufferLayout)[0]),
+                         page_size=VLLM_PAGE, head_num=heads, head_dim=dim, v_head_dim=dim, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    pool = MHATokenToKVPoolHost(info, 2.0, 0, VLLM_PAGE, "page_first", pin_memory=False, device="cpu",
+                                device_capacity_tokens=cap, start_layer=0, end_layer=layers - 1)
+    idx = torch.arange(VLLM_PAGE, (1 + pages) * VLLM_PAGE)  # page-aligned host slots
+    if fill is not None:  # page_first buffer: (2, tokens, layers, heads, dim)
+        pool.kv_buffer[:, idx] = fill[: len(idx)].permute(2, 0, 1, 3, 4)
+    return pool, idx
+
+
+def real_backend(pool: Any, tiers: list[str]) -> Any:
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    extra = {"backend_name": "lmcache_core", "module_path": "lmcache_core.integrations.sglang",
+             "class_name": "LMCacheCoreHiCacheStorage", "interface_v1": 1, "device": "cpu", "tiers": tiers,
+             "key_scheme": "sglang", "chunk_size": VLLM_PAGE, "model": "tiny-llama"}
+    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+                               is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=True,
+                               model_name="/some/other/path", extra_config=extra)
+    b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
+    b.register_mem_pool_host(pool)
+    return b
+
+
+def sglang_writes(spec_path: str, out_path: str) -> None:
+    """SGLang side before vLLM runs: pages of ``to_vllm`` (K/V from Hugging Face) into the tier."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    spec = json.loads(Path(spec_path).read_text())
+    tokens = spec["to_vllm"]
+    pages = len(tokens) // VLLM_PAGE
+    keys = get_hash_str(tokens[: pages * VLLM_PAGE], None, page_size=VLLM_PAGE)
+    pool, idx = real_pool(pages, hf_kv(spec["model"], tokens))
+    b = real_backend(pool, spec["tiers"])
+    out: dict[str, Any] = {"set": b.batch_set_v1(keys, idx)}
+    b.flush()
+    b.close()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    for name in ("to_vllm", "from_vllm"):  # Hugging Face greedy tokens: the reference
+        ids = torch.tensor([spec[name]])
+        with torch.no_grad():
+            gen = model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+        out[f"hf_{name}"] = gen[0, ids.shape[1]:].tolist()
+    Path(out_path).write_text(json.dumps(out))
+
+
+def sglang_reads(spec_path: str, out_path: str) -> None:
+    """SGLang side after vLLM ran: vLLM's chunks of ``from_vllm`` found and loaded, K/V vs Hugging Face."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    spec = json.loads(Path(spec_path).read_text())
+    tokens = spec["from_vllm"]
+    pages = len(tokens) // VLLM_PAGE
+    keys = get_hash_str(tokens[: pages * VLLM_PAGE], None, page_size=VLLM_PAGE)
+    pool, idx = real_pool(pages, None)
+    b = real_backend(pool, spec["tiers"])
+    out: dict[str, Any] = {"pages": pages, "exists": b.batch_exists(keys), "get": b.batch_get_v1(keys, idx)}
+    b.close()
+    got = pool.kv_buffer[:, idx].permute(1, 2, 0, 3, 4)  # [tokens, layers, 2, heads, dim]
+    want = hf_kv(spec["model"], tokens)[: len(idx)]
+    out["max_abs_diff"] = float((got - want).abs().max())
+    out["nonzero"] = bool(got.abs().sum() > 0)
+    Path(out_path).write_text(json.dumps(out))
+
+
 def main(out_path: str, work: str) -> None:
     _setup_imports()
     import sglang
@@ -238,4 +338,8 @@ def main(out_path: str, work: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if sys.argv[1] in ("sglang-writes", "sglang-reads"):
+        _setup_imports()
+        (sglang_writes if sys.argv[1] == "sglang-writes" else sglang_reads)(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2])

