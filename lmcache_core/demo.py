@@ -101,15 +101,19 @@ def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any
                     plain.save_pretrained(tmp)
                     tok.save_pretrained(tmp)
                     tmp.rename(target)
-            with console.status("loading SmolLM2-135M-Instruct (bf16) ..."):
+            # Weights are kept in bf16 and computed in fp32 (an exact upcast): in bf16 a prefill
+            # split into cached prefix + new suffix rounds differently from one pass over the
+            # whole prompt, which can flip a near-tie in greedy decoding although the cached KV
+            # is bit for bit what the model computed. fp32 keeps "same output" a real check.
+            with console.status("loading SmolLM2-135M-Instruct ..."):
                 tok = AutoTokenizer.from_pretrained(target)
-                model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).eval()
-            return model, HFTokenizer(tok), "SmolLM2-135M-Instruct (bf16)"
+                model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+            return model, HFTokenizer(tok), "SmolLM2-135M-Instruct (bf16 weights, fp32 compute)"
         except Exception as exc:  # noqa: BLE001 - the demo must still run
             console.print(f"[yellow]SmolLM2 unavailable ({type(exc).__name__}: {exc}); using a random-weight Llama[/]")
     from .integrations.transformers import random_llama
 
-    model = random_llama(num_layers=8, hidden=512, heads=8, kv_heads=4, vocab=512, dtype="bfloat16")
+    model = random_llama(num_layers=8, hidden=512, heads=8, kv_heads=4, vocab=512, dtype="float32")
     return model, ByteTokenizer(), "random-weight Llama (8 layers, 512 hidden)"
 
 
