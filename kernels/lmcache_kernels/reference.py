@@ -14,23 +14,16 @@ run (no Triton, strides the kernel does not take, a compile failure).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+from lmcache_core.builtin.cpu import raw, torch_gather, torch_scatter
 
 if TYPE_CHECKING:
     import torch
 
     from lmcache_core.layout import PagedKV
 
-_RAW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
-
 Batch = Sequence[tuple["torch.Tensor", "torch.Tensor"]]
-
-
-def raw(t: "torch.Tensor") -> "torch.Tensor":
-    """``t`` reinterpreted as a signed/unsigned integer dtype of the same width (no copy)."""
-    import torch
-
-    return t.view(getattr(torch, _RAW[t.element_size()]))
 
 
 def layer_list(kv: "PagedKV", layers: Sequence[int] | None) -> list[int]:
@@ -66,43 +59,26 @@ def _planes(kv: "PagedKV", layer: int) -> list["torch.Tensor"]:
 
 
 def gather_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
-    """Reference gather of every ``(slots, chunk)`` pair; the chunks may live on any device."""
-    import torch
+    """Reference gather of every ``(slots, chunk)`` pair; the chunks may live on any device.
 
-    sel = layer_list(kv, layers)
-    heads, dim = kv.geometry.num_heads, kv.geometry.head_dim
-    for slots, chunk in batch:
-        check_chunk(kv, slots, chunk)
-        n = int(slots.numel())
-        if n == 0:
-            continue
-        s = slots.to(kv.device, torch.int64)
-        blocks, offsets = s // kv.block_size, s % kv.block_size
-        dst = raw(chunk)
-        for l in sel:
-            for p, plane in enumerate(_planes(kv, l)):
-                picked = raw(plane)[blocks, offsets]  # [n, heads, dim] on the KV device
-                dst[l, p, :n].view(n, heads, dim).copy_(picked, non_blocking=True)
+    The copy itself is lmcache-core's CPU-device path (:func:`lmcache_core.builtin.cpu.torch_gather`),
+    so the kernels are tested against the very code the cpu device runs."""
+    _each(kv, batch, layers, torch_gather)
 
 
 def scatter_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
     """Reference scatter: ``chunk[l, p, :len(slots)]`` into the paged cache at ``slots``."""
+    _each(kv, batch, layers, torch_scatter)
+
+
+def _each(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, copy: Any) -> None:
     import torch
 
     sel = layer_list(kv, layers)
-    heads, dim = kv.geometry.num_heads, kv.geometry.head_dim
     for slots, chunk in batch:
         check_chunk(kv, slots, chunk)
-        n = int(slots.numel())
-        if n == 0:
-            continue
-        s = slots.to(kv.device, torch.int64)
-        blocks, offsets = s // kv.block_size, s % kv.block_size
-        src = raw(chunk)
-        for l in sel:
-            for p, plane in enumerate(_planes(kv, l)):
-                values = src[l, p, :n].reshape(n, heads, dim).to(kv.device, non_blocking=True)
-                raw(plane).index_put_((blocks, offsets), values)
+        if slots.numel():
+            copy(kv, slots.to(kv.device, torch.int64), chunk, sel)
 
 
 def gather_loop(kv: "PagedKV", slots: Sequence[int], chunk: "torch.Tensor",
