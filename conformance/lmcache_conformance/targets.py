@@ -14,7 +14,7 @@ import logging
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from lmcache_core.plugins import PluginManager, Registration
 
@@ -90,17 +90,24 @@ def _load(reg: Registration) -> tuple[Any | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def device_targets(pm: PluginManager, names: Sequence[str] | None) -> list[Target]:
-    """Devices named (or every registered one), each with its detection result."""
-    regs = pm.registrations("device")
-    chosen = sorted(regs) if not names else list(names)
-    out = []
-    for name in chosen:
+def _select(pm: PluginManager, kind: str, names: Sequence[str] | None,
+            out: list[Target]) -> Iterator[tuple[str, Registration]]:
+    """The registrations named (or every one of ``kind``); a name nobody registered becomes a
+    skipped target in ``out`` that lists what is registered."""
+    regs = pm.registrations(kind)
+    for name in sorted(regs) if not names else list(names):
         reg = regs.get(name)
         if reg is None:
             known = ", ".join(sorted(regs)) or "none"
-            out.append(Target("device", name, skip=f"no device named {name!r} is registered (registered: {known})"))
+            out.append(Target(kind, name, skip=f"no {kind} named {name!r} is registered (registered: {known})"))
             continue
+        yield name, reg
+
+
+def device_targets(pm: PluginManager, names: Sequence[str] | None) -> list[Target]:
+    """Devices named (or every registered one), each with its detection result."""
+    out = []
+    for name, reg in _select(pm, "device", names, out):
         base: dict[str, Any] = dict(plugin=reg.plugin, distribution=reg.distribution,
                                     version=_version(reg.distribution))
         cls, err = _load(reg)
@@ -149,15 +156,8 @@ def storage_targets(pm: PluginManager, urls: Sequence[str] | None) -> list[Targe
 
 
 def transport_targets(pm: PluginManager, names: Sequence[str] | None) -> list[Target]:
-    regs = pm.registrations("transport")
-    chosen = sorted(regs) if not names else list(names)
-    out = []
-    for name in chosen:
-        reg = regs.get(name)
-        if reg is None:
-            known = ", ".join(sorted(regs)) or "none"
-            out.append(Target("transport", name, skip=f"no transport named {name!r} is registered (registered: {known})"))
-            continue
+    out: list[Target] = []
+    for name, reg in _select(pm, "transport", names, out):
         cls, err = _load(reg)
         details = {"capabilities": dict(vars(cls.capabilities))} if cls is not None else {}
         out.append(Target("transport", name, reg.plugin, reg.distribution, _version(reg.distribution),
