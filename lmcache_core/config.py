@@ -94,6 +94,10 @@ class Config:
     host_pool_size: int = field(default=4 * 1024**3, metadata=_meta(
         "Upper bound of host buffer bytes held by the buffer pool (idle buffers kept for reuse).",
         size=True, minimum=0))
+    max_inflight_bytes: int = field(default=4 * 1024**3, metadata=_meta(
+        "Upper bound of host bytes of chunks in flight (gathered and not yet handed to the tiers, "
+        "or fetched for a load and not yet written to the engine); past it stores are dropped and "
+        "loads cut short, both counted.", size=True, minimum=0))
     metrics_port: int = field(default=0, metadata=_meta(
         "Serve Prometheus metrics on this port; 0 disables.", minimum=0))
     log_level: str = field(default="WARNING", metadata=_meta(

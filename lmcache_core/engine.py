@@ -19,7 +19,7 @@ from .chunk import ChunkBuffer
 from .config import Config
 from .device import Device, Event
 from .errors import ConfigError, LayoutError, MissingDependencyError, PluginError
-from .keys import ChunkKey, Namespace, chunk_keys, sglang_chunk_keys
+from .keys import ChunkKey, KeyExtras, Namespace, chunk_keys, sglang_chunk_keys
 from .layout import ChunkGeometry, PagedKV, slot_mapping
 from .memory import BufferPool
 from .metrics import Metrics, serve
@@ -56,15 +56,17 @@ class RetrieveResult:
     by_tier: dict[str, int] = field(default_factory=dict)
 
 
-def resolve_device(name: str, plugins: PluginManager) -> Device:
-    """``auto``: the one accelerator present, else a host device other than cpu, else cpu."""
+def resolve_device(name: str, plugins: PluginManager, index: int = 0) -> Device:
+    """``auto``: the one accelerator present, else a host device other than cpu, else cpu.
+    ``index`` is the local device the engine's KV lives on (a worker's own GPU, never 0 by
+    assumption); host devices ignore it."""
     regs = plugins.registrations("device")
     if name != "auto":
         cls = plugins.get("device", name).load()
         det = cls.detect()
         if not det.available:
             raise PluginError(f"device {name!r} is not available: {det.reason}")
-        return cls()
+        return cls(index) if cls.capabilities.accelerator else cls()
     accel: list[tuple[str, type[Device]]] = []
     host: list[tuple[str, type[Device]]] = []
     for reg_name, reg in sorted(regs.items()):
@@ -90,7 +92,7 @@ def resolve_device(name: str, plugins: PluginManager) -> Device:
         names = ", ".join(n for n, _ in accel)
         raise PluginError(f"device: auto found several accelerators ({names}); set device to one of them")
     if accel:
-        return accel[0][1]()
+        return accel[0][1](index)
     if len(host) == 1:
         return host[0][1]()
     return plugins.get("device", "cpu").load()()
@@ -134,6 +136,8 @@ class CacheEngine:
         device: Device | str | None = None,
         plugins: PluginManager | None = None,
         metrics: Metrics | None = None,
+        shard: str = "",
+        device_index: int = 0,
     ) -> None:
         self.config = config or Config.load()
         logging.getLogger("lmcache_core").setLevel(self.config.log_level)
@@ -142,13 +146,24 @@ class CacheEngine:
         if isinstance(device, Device):
             self.device = device
         else:
-            self.device = resolve_device(device or self.config.device, self.plugins)
+            self.device = resolve_device(device or self.config.device, self.plugins, device_index)
         self.metrics = metrics or Metrics()
         if self.config.metrics_port:
             serve(self.metrics, self.config.metrics_port)
         self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size)
-        self.namespace = Namespace(model or self.config.model or "unknown", geometry.signature,
-                                   self.config.tenant, self.config.salt)
+        # Namespace refuses an empty model: two models must never share chunks by default.
+        self.namespace = Namespace(model or self.config.model, geometry.signature,
+                                   self.config.tenant, self.config.salt, shard)
+        #: Namespaces a lookup must also find every chunk in (the other TP ranks / PP stages,
+        #: set by a scheduler that plans loads for all of them).
+        self.peer_namespaces: tuple[Namespace, ...] = ()
+        # Host bytes of chunks in flight (gathered, not yet handed to the tiers; fetched for a
+        # load, not yet scattered): bounded so a slow tier or a burst never grows memory.
+        self.max_inflight_bytes = self.config.max_inflight_bytes
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self.dropped_stores = 0
+        self.short_loads = 0
         ctx = StoreContext(self.pool, self.config.to_dict(),
                            on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n))
         self.tiers = TierStack(
@@ -162,18 +177,35 @@ class CacheEngine:
         self._closed = False
 
     # -- keys and lookup ----------------------------------------------------------------
-    def keys(self, tokens: Sequence[int] | Any) -> list[ChunkKey]:
+    def keys(self, tokens: Sequence[int] | Any, extras: KeyExtras | None = None, *,
+             namespace: Namespace | None = None) -> list[ChunkKey]:
+        """Chunk keys of ``tokens`` with the request's ``extras`` (adapter, cache salt,
+        multimodal items, prompt embeddings) in this engine's namespace (or ``namespace``)."""
+        ns = namespace or self.namespace
         if self.config.key_scheme == "sglang":  # SGLang's page hashes; chunk_size = SGLang page size
-            return sglang_chunk_keys(tokens, self.namespace, self.config.chunk_size)
-        return chunk_keys(tokens, self.namespace, self.config.chunk_size,
-                          save_partial=self.config.save_partial, algorithm=self.config.hash_algorithm)
+            if extras and (extras.adapter or extras.mm or extras.embeds):
+                raise ValueError("key_scheme sglang keys tokens, extra_key and cache_salt only; this "
+                                 "request has an adapter, multimodal inputs or prompt embeddings")
+            return sglang_chunk_keys(tokens, ns, self.config.chunk_size,
+                                     extra_key=(extras.extra_key or None) if extras else None,
+                                     cache_salt=(extras.cache_salt or None) if extras else None)
+        return chunk_keys(tokens, ns, self.config.chunk_size, save_partial=self.config.save_partial,
+                          algorithm=self.config.hash_algorithm, extras=extras)
 
-    def lookup(self, tokens: Sequence[int] | Any, *, pin: bool = False) -> LookupResult:
+    def lookup(self, tokens: Sequence[int] | Any, *, pin: bool = False,
+               extras: KeyExtras | None = None) -> LookupResult:
         """Longest cached prefix of ``tokens`` (whole chunks). ``pin`` protects the hit chunks
-        from eviction until :meth:`release` (or a retrieve given this result) ends."""
-        keys = self.keys(tokens)
+        from eviction until :meth:`release` (or a retrieve given this result) ends. With
+        ``peer_namespaces`` set, a chunk counts only when every shard holds it."""
+        keys = self.keys(tokens, extras)
         presence = self.tiers.lookup(keys)
-        hit_keys = tuple(keys[: presence.hits])
+        hits = presence.hits
+        for ns in self.peer_namespaces:
+            if not hits:
+                break
+            hits = min(hits, self.tiers.lookup(self.keys(tokens, extras, namespace=ns)[:hits]).hits)
+        presence = type(presence)(hits, presence.tiers[:hits])
+        hit_keys = tuple(keys[:hits])
         if pin and hit_keys:
             self.tiers.pin(hit_keys)
         result = LookupResult(sum(k.num_tokens for k in hit_keys), hit_keys, presence.tiers, pin and bool(hit_keys))
@@ -184,6 +216,27 @@ class CacheEngine:
     def release(self, lookup: LookupResult) -> None:
         if lookup.pinned:
             self.tiers.unpin(lookup.keys)
+
+    # -- in-flight host bytes -----------------------------------------------------------
+    def _reserve(self, nbytes: int) -> bool:
+        with self._inflight_lock:
+            if self._inflight + nbytes > self.max_inflight_bytes and nbytes:
+                return False
+            self._inflight += nbytes
+            return True
+
+    def _unreserve(self, nbytes: int) -> None:
+        with self._inflight_lock:
+            self._inflight -= nbytes
+            assert self._inflight >= 0, "in-flight byte count went negative"
+
+    def inflight_bytes(self) -> int:
+        """Host bytes of chunks being stored or loaded right now (tests assert it returns to 0)."""
+        with self._inflight_lock:
+            return self._inflight
+
+    def _chunk_bytes(self, num_tokens: int) -> int:
+        return self.geometry.nbytes(num_tokens)
 
     # -- slots ----------------------------------------------------------------------------
     @staticmethod
@@ -206,44 +259,71 @@ class CacheEngine:
             raise LayoutError(
                 f"KV cache layout {kv.geometry.signature} does not match this engine's {self.geometry.signature}"
             )
+        if self.device.capabilities.accelerator and kv.kind != "hf":
+            want = self.device.torch_device
+            got = kv.device
+            if got.type == want.type and (got.index or 0) != (want.index or 0):
+                raise LayoutError(
+                    f"the KV cache lives on {got} but this engine's device is {want}; create the engine "
+                    f"with device_index={got.index} (each worker uses its own local device)"
+                )
         if kv.kind != "hf":
             self.config.check_block_size(kv.block_size)
 
     # -- store ------------------------------------------------------------------------------
     def store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
-              slots: "torch.Tensor | None" = None, wait: bool = False) -> int:
+              slots: "torch.Tensor | None" = None, wait: bool = False, extras: KeyExtras | None = None) -> int:
         """Gather the chunks of ``tokens`` not cached yet and write them to every tier.
 
         Returns once the KV is copied out of ``kv`` (the engine may reuse its blocks);
         checksumming and writing continue in the background unless ``wait``.
         Returns the number of tokens queued for storing.
         """
-        task = self.start_store(tokens, kv, block_ids, slots=slots)
-        task.save_all()
+        task = self.start_store(tokens, kv, block_ids, slots=slots, extras=extras)
+        try:
+            task.save_all()
+        except BaseException:
+            task.abort()
+            raise
         return task.finish(wait=wait)
 
     def start_store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
-                    slots: "torch.Tensor | None" = None) -> "LayerwiseStore":
-        """Layer-by-layer store: call ``save_layer(i)`` as each layer's KV is final, then ``finish()``."""
+                    slots: "torch.Tensor | None" = None, extras: KeyExtras | None = None) -> "LayerwiseStore":
+        """Layer-by-layer store: call ``save_layer(i)`` as each layer's KV is final, then ``finish()``.
+
+        Past ``max_inflight_bytes`` of chunks in flight the store is dropped (counted in
+        ``dropped_stores`` and the ``lmcache_dropped_stores{tier="inflight"}`` metric): a
+        future miss, never a wait or unbounded memory."""
         self._check_kv(kv)
-        keys = self.keys(tokens)
+        keys = self.keys(tokens, extras)
         # Only the in-process tier is asked (no I/O on the engine's step): a chunk it lacks is
         # gathered and written through again; slower tiers skip or overwrite what they hold.
         present = self.tiers.lookup(keys, fast_only=True).hits
         todo: list[tuple[ChunkBuffer, "torch.Tensor"]] = []
         pos = sum(k.num_tokens for k in keys[:present])
+        # Validate every slot range before taking memory: a bad block table stores nothing.
+        ranges = []
+        for key in keys[present:]:
+            ranges.append((key, self._slots(kv, block_ids, slots, pos, pos + key.num_tokens)))
+            pos += key.num_tokens
+        nbytes = sum(self._chunk_bytes(k.num_tokens) for k, _ in ranges)
+        if not self._reserve(nbytes):
+            self.dropped_stores += 1
+            self.metrics.dropped.labels("inflight").inc()
+            logger.info("store of %d chunks dropped: %d bytes in flight, max_inflight_bytes is %d",
+                        len(ranges), self.inflight_bytes(), self.max_inflight_bytes)
+            return LayerwiseStore(self, kv, [])
         try:
-            for key in keys[present:]:
-                c = chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens)
-                todo.append((c, self._slots(kv, block_ids, slots, pos, pos + key.num_tokens)))
-                pos += key.num_tokens
+            for key, slot in ranges:
+                todo.append((chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens), slot))
         except BaseException:
             for c, _ in todo:
                 c.release()
+            self._unreserve(nbytes)
             raise
-        return LayerwiseStore(self, kv, todo)
+        return LayerwiseStore(self, kv, todo, nbytes)
 
-    def _seal_and_put(self, chunks: list[ChunkBuffer]) -> None:
+    def _seal_and_put(self, chunks: list[ChunkBuffer], nbytes: int = 0) -> None:
         try:
             for c in chunks:
                 try:
@@ -257,6 +337,7 @@ class CacheEngine:
                 finally:
                     sealed.release()
         finally:
+            self._unreserve(nbytes)
             with self._sealing_cv:
                 self._sealing -= 1
                 self._sealing_cv.notify_all()
@@ -264,7 +345,8 @@ class CacheEngine:
     # -- retrieve ---------------------------------------------------------------------------
     def retrieve(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
                  slots: "torch.Tensor | None" = None, max_tokens: int | None = None,
-                 lookup: LookupResult | None = None) -> RetrieveResult:
+                 lookup: LookupResult | None = None, extras: KeyExtras | None = None,
+                 skip_tokens: int = 0) -> RetrieveResult:
         """Load the cached prefix of ``tokens`` into ``kv``; returns how many tokens were loaded.
 
         ``max_tokens`` caps the load (an engine must compute at least one token
@@ -272,14 +354,15 @@ class CacheEngine:
         after it is used.
         """
         task = self.start_retrieve(tokens, kv, block_ids, slots=slots, max_tokens=max_tokens, lookup=lookup,
-                                   layerwise=False)
+                                   layerwise=False, extras=extras, skip_tokens=skip_tokens)
         task.finish()
         return RetrieveResult(task.hit_tokens, task.by_tier)
 
     def start_retrieve(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
                        slots: "torch.Tensor | None" = None, max_tokens: int | None = None,
                        lookup: LookupResult | None = None, layerwise: bool = True,
-                       lookahead: int | None = None) -> "LayerwiseRetrieve":
+                       lookahead: int | None = None, extras: KeyExtras | None = None,
+                       skip_tokens: int = 0) -> "LayerwiseRetrieve":
         """Fetch the hit chunks to host memory, then load into ``kv`` layer by layer.
 
         Iterate the result (or call ``wait_layer(i)``) to get each layer as it lands.
@@ -287,45 +370,79 @@ class CacheEngine:
         events), for callers that wait for the whole cache anyway. ``lookahead``: how many
         layers a device with async copies keeps queued ahead of the one waited for
         (default ``LayerwiseRetrieve.LOOKAHEAD``; the layer count queues everything at once).
+        ``skip_tokens``: the engine already holds the first tokens (its own prefix cache); chunks
+        below it are neither fetched nor written, a chunk across it is written from there on.
+        ``hit_tokens`` of the result counts from 0 (it covers the skipped tokens too).
+
+        Errors (a bad block table, a tier fault) release every pin and buffer taken so far.
+        Past ``max_inflight_bytes`` the load is cut short (the engine recomputes the rest).
         """
         self._check_kv(kv)
         owned_lookup = lookup is None
         if lookup is None:
-            lookup = self.lookup(tokens, pin=True)
-        keys = list(lookup.keys)
-        cap = lookup.hit_tokens if max_tokens is None else min(max_tokens, lookup.hit_tokens)
-        n_chunks, covered = 0, 0
-        while n_chunks < len(keys) and covered < cap:
-            covered += keys[n_chunks].num_tokens
-            n_chunks += 1
-        fetched = self.tiers.get_many(keys[:n_chunks])
-        parts: list[tuple[ChunkBuffer, "torch.Tensor", int]] = []
-        by_tier: dict[str, int] = {}
-        pos = 0
-        ok = True
-        for key, got in zip(keys, fetched):
-            if got is None or not ok:
-                ok = False
-                if got is not None:
-                    got[0].release()
-                continue
-            c, tier = got
-            n = min(c.num_tokens, cap - pos)
-            if c.num_tokens != key.num_tokens or c.header.geometry != self.geometry:
-                logger.warning("chunk %s has %d tokens of %s, expected %d of %s; treating as a miss",
-                               key, c.num_tokens, c.header.geometry.signature, key.num_tokens,
-                               self.geometry.signature)
+            lookup = self.lookup(tokens, pin=True, extras=extras)
+        parts: list[tuple[ChunkBuffer, "torch.Tensor", int, int]] = []
+        reserved = 0
+        try:
+            keys = list(lookup.keys)
+            cap = lookup.hit_tokens if max_tokens is None else min(max_tokens, lookup.hit_tokens)
+            first, start = 0, 0  # first chunk to fetch, its first token
+            while first < len(keys) and start + keys[first].num_tokens <= skip_tokens:
+                start += keys[first].num_tokens
+                first += 1
+            last, covered = first, start
+            while last < len(keys) and covered < cap:
+                covered += keys[last].num_tokens
+                last += 1
+            want = sum(self._chunk_bytes(k.num_tokens) for k in keys[first:last])
+            while last > first and not self._reserve(want):  # bound memory: load a shorter prefix
+                last -= 1
+                want -= self._chunk_bytes(keys[last].num_tokens)
+                self.short_loads += 1
+            reserved = want
+            fetched = self.tiers.get_many(keys[first:last])
+            by_tier: dict[str, int] = {}
+            pos = start
+            ok = True
+            for key, got in zip(keys[first:last], fetched):
+                if got is None or not ok:
+                    ok = False
+                    if got is not None:
+                        got[0].release()
+                    continue
+                c, tier = got
+                if c.num_tokens != key.num_tokens or c.header.geometry != self.geometry:
+                    logger.warning("chunk %s has %d tokens of %s, expected %d of %s; treating as a miss",
+                                   key, c.num_tokens, c.header.geometry.signature, key.num_tokens,
+                                   self.geometry.signature)
+                    c.release()
+                    ok = False
+                    continue
+                n = min(c.num_tokens, cap - pos)
+                off = max(0, min(skip_tokens, pos + n) - pos)  # tokens of this chunk the engine has
+                parts.append((c, None, off, n))  # type: ignore[arg-type]
+                by_tier[tier] = by_tier.get(tier, 0) + n - off
+                pos += n
+            # Slots after the fetch: a bad block table raises here and the finally releases all.
+            ranges = []
+            p = start
+            for c, _, off, n in parts:
+                ranges.append((c, self._slots(kv, block_ids, slots, p + off, p + n), off, n))
+                p += n
+            parts = ranges
+        except BaseException:
+            for c, _, _, _ in parts:
                 c.release()
-                ok = False
-                continue
-            parts.append((c, self._slots(kv, block_ids, slots, pos, pos + n), n))
-            by_tier[tier] = by_tier.get(tier, 0) + n
-            pos += n
+            self._unreserve(reserved)
+            raise
+        finally:
+            if owned_lookup:
+                self.release(lookup)
         for tier, n in by_tier.items():
             self.metrics.hit_tokens.labels(tier).inc(n)
-        if owned_lookup:
-            self.release(lookup)
-        return LayerwiseRetrieve(self, kv, parts, pos, by_tier, layerwise=layerwise, lookahead=lookahead)
+        hit = pos if parts else min(skip_tokens, pos)
+        return LayerwiseRetrieve(self, kv, parts, hit, by_tier, layerwise=layerwise, lookahead=lookahead,
+                                 reserved=reserved)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -360,13 +477,24 @@ class CacheEngine:
 class LayerwiseStore:
     """A store in progress: gather layer by layer, then seal and write in the background."""
 
-    def __init__(self, engine: CacheEngine, kv: PagedKV, todo: list[tuple[ChunkBuffer, "torch.Tensor"]]) -> None:
+    def __init__(self, engine: CacheEngine, kv: PagedKV, todo: list[tuple[ChunkBuffer, "torch.Tensor"]],
+                 reserved: int = 0) -> None:
         self.engine = engine
         self.kv = kv
         self.todo = todo
+        self.reserved = reserved
         self.stream = engine.device.new_stream() if todo else None
         self.saved: list[bool] = [False] * engine.geometry.num_layers
         self._done = False
+
+    def _gather(self, layers: tuple[int, ...] | None) -> None:
+        """Gather on the transfer stream, after the work queued so far on the caller's (compute)
+        stream: the layer's KV is written there, maybe still running when this is called."""
+        dev = self.engine.device
+        written = dev.record_event()  # on the current (compute) stream
+        with dev.use_stream(self.stream):
+            written.wait_on_compute()  # inside use_stream: the transfer stream waits
+            dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=layers)
 
     @property
     def num_tokens(self) -> int:
@@ -378,17 +506,13 @@ class LayerwiseStore:
         if self.saved[layer] or not self.todo:
             self.saved[layer] = True
             return
-        dev = self.engine.device
-        with dev.use_stream(self.stream):
-            dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=(layer,))
+        self._gather((layer,))
         self.saved[layer] = True
 
     def save_all(self) -> None:
         """Copy every layer of every pending chunk in one batched call."""
         if self.todo and not all(self.saved):
-            dev = self.engine.device
-            with dev.use_stream(self.stream):
-                dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=None)
+            self._gather(None)
         self.saved = [True] * len(self.saved)
 
     def finish(self, wait: bool = False) -> int:
@@ -398,27 +522,47 @@ class LayerwiseStore:
         self._done = True
         if not self.todo:
             return 0
-        if not all(self.saved):
-            missing = [i for i, s in enumerate(self.saved) if not s]
-            for c, _ in self.todo:
-                c.release()
-            raise RuntimeError(f"store finished before layers {missing} were saved; nothing was stored")
-        self.engine.device.record_event(self.stream).synchronize()
         chunks = [c for c, _ in self.todo]
         eng = self.engine
-        with eng._sealing_cv:
-            eng._sealing += 1
-        future = eng._sealer.submit(eng._seal_and_put, chunks)
+        try:
+            if not all(self.saved):
+                missing = [i for i, s in enumerate(self.saved) if not s]
+                raise RuntimeError(f"store finished before layers {missing} were saved; nothing was stored")
+            self.engine.device.record_event(self.stream).synchronize()
+            with eng._sealing_cv:
+                eng._sealing += 1
+        except BaseException:
+            for c in chunks:
+                c.release()
+            eng._unreserve(self.reserved)
+            raise
+        try:
+            future = eng._sealer.submit(eng._seal_and_put, chunks, self.reserved)
+        except BaseException:  # the engine is closing: nothing is stored
+            for c in chunks:
+                c.release()
+            eng._unreserve(self.reserved)
+            with eng._sealing_cv:
+                eng._sealing -= 1
+                eng._sealing_cv.notify_all()
+            raise
         if wait:
             future.result()
             eng.tiers.flush()
         return self.num_tokens
 
     def abort(self) -> None:
+        """Give up: release the chunk buffers (after any queued copy into them is done)."""
         if not self._done:
             self._done = True
-            for c, _ in self.todo:
-                c.release()
+            if self.todo:
+                try:
+                    self.engine.device.record_event(self.stream).synchronize()
+                except Exception:  # noqa: BLE001 - a device fault; the buffers go back anyway
+                    logger.exception("waiting for an aborted store's copies failed")
+                for c, _ in self.todo:
+                    c.release()
+                self.engine._unreserve(self.reserved)
 
 
 class LayerwiseRetrieve:
@@ -430,34 +574,50 @@ class LayerwiseRetrieve:
 
     LOOKAHEAD = 4
 
-    def __init__(self, engine: CacheEngine, kv: PagedKV, parts: list[tuple[ChunkBuffer, "torch.Tensor", int]],
-                 hit_tokens: int, by_tier: dict[str, int], *, layerwise: bool = True,
-                 lookahead: int | None = None) -> None:
+    def __init__(self, engine: CacheEngine, kv: PagedKV,
+                 parts: list[tuple[ChunkBuffer, "torch.Tensor", int, int]], hit_tokens: int,
+                 by_tier: dict[str, int], *, layerwise: bool = True, lookahead: int | None = None,
+                 reserved: int = 0) -> None:
         self.engine = engine
         self.kv = kv
-        self.parts = parts
+        self.parts = [p for p in parts if p[3] > p[2]]  # (chunk, slots, first, end) with tokens to write
+        for c, _, first, end in parts:
+            if end <= first:
+                c.release()
         self.hit_tokens = hit_tokens
         self.by_tier = by_tier
+        self.reserved = reserved
         self.num_layers = engine.geometry.num_layers
         self.events: list[Event | None] = [None] * self.num_layers
         self.order: list[int] = []  # layers in the order they completed (pipelining contract)
         self._released = False
-        self._batch = [(slots, c.kv()[:, :, :n]) for c, slots, n in parts]  # chunk views, built once
+        self._batch = [(slots, c.kv()[:, :, first:end]) for c, slots, first, end in self.parts]  # built once
         dev = engine.device
-        self.stream = dev.new_stream() if parts else None
+        self.stream = dev.new_stream() if self.parts else None
         self._async = dev.capabilities.async_copy
         self.lookahead = max(1, self.LOOKAHEAD if lookahead is None else lookahead)
-        if parts and not layerwise:
-            with dev.use_stream(self.stream):
-                dev.scatter_many(kv, self._batch, layers=None)
-                done = dev.record_event(self.stream)
-            self.events = [done] * self.num_layers
-        elif parts and self._async:
-            self._queue_through(self.lookahead - 1)
+        # The blocks we write may still be read by work queued on the compute stream (a freed
+        # request's last step): transfers start after it.
+        self._after = dev.record_event() if self.parts else None
+        try:
+            if self.parts and not layerwise:
+                with dev.use_stream(self.stream):
+                    self._after.wait_on_compute()  # type: ignore[union-attr]
+                    dev.scatter_many(kv, self._batch, layers=None)
+                    done = dev.record_event(self.stream)
+                self.events = [done] * self.num_layers
+            elif self.parts and self._async:
+                self._queue_through(self.lookahead - 1)
+        except BaseException:
+            self._release()
+            raise
 
     def _load(self, layer: int) -> None:
         dev = self.engine.device
         with dev.use_stream(self.stream):
+            if self._after is not None:
+                self._after.wait_on_compute()
+                self._after = None
             dev.scatter_many(self.kv, self._batch, layers=(layer,))
             self.events[layer] = dev.record_event(self.stream)
 
@@ -496,8 +656,9 @@ class LayerwiseRetrieve:
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            for c, _, _ in self.parts:
+            for c, _, _, _ in self.parts:
                 c.release()
+            self.engine._unreserve(self.reserved)
 
     def __del__(self) -> None:  # a forgotten task must not leak pool buffers
         try:

@@ -30,22 +30,170 @@ def _hasher(algorithm: str):  # type: ignore[no-untyped-def]
 
 @dataclass(frozen=True)
 class Namespace:
-    """Everything besides the tokens that makes KV differ: model, chunk layout, tenant, salt."""
+    """Everything besides the tokens that makes KV differ for a whole engine: the model
+    fingerprint (:func:`model_fingerprint`), the chunk layout, tenant, salt and the parallel
+    shard this process holds (:func:`shard_id`; empty for one GPU). Per-request inputs
+    (adapter, images, cache salt) are :class:`KeyExtras`."""
 
     model: str
     layout: str
     tenant: str = "default"
     salt: str = ""
+    shard: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model or self.model == "unknown":
+            raise ConfigError(
+                "the key namespace needs a model identity (model path and revision, or a fingerprint "
+                "of the weights); pass model=... to CacheEngine or set the config key model"
+            )
+        for name in ("model", "layout", "tenant", "salt", "shard"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ConfigError(f"namespace field {name} must be a string, got {value!r}")
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                raise ConfigError(f"namespace field {name} is not valid text ({exc.reason}): {value!r}") from exc
 
     @property
     def id(self) -> bytes:
         """16 stable bytes identifying the namespace (blake2b of its fields)."""
         h = hashlib.blake2b(digest_size=HASH_BYTES, person=b"lmcache-ns-v1")
-        for part in (self.model, self.layout, self.tenant, self.salt):
+        parts = [self.model, self.layout, self.tenant, self.salt]
+        if self.shard:  # one-GPU namespaces keep their ids (and stay shareable with SGLang)
+            parts.append(self.shard)
+        for part in parts:
             data = part.encode()
             h.update(len(data).to_bytes(4, "little"))
             h.update(data)
         return h.digest()
+
+    def with_shard(self, shard: str, layout: str | None = None) -> "Namespace":
+        return Namespace(self.model, self.layout if layout is None else layout, self.tenant, self.salt, shard)
+
+
+def _field_bytes(*parts: object) -> bytes:
+    """Length-prefixed, type-tagged encoding of fields (unambiguous, stable across processes)."""
+    out = bytearray()
+    for part in parts:
+        if part is None:
+            out += b"N"
+            continue
+        if isinstance(part, bytes):
+            tag, data = b"B", part
+        elif isinstance(part, bool):
+            tag, data = b"T", b"1" if part else b"0"
+        elif isinstance(part, int):
+            tag, data = b"I", str(part).encode()
+        else:
+            tag, data = b"S", str(part).encode("utf-8", "surrogatepass")
+        out += tag + len(data).to_bytes(8, "little") + data
+    return bytes(out)
+
+
+def model_fingerprint(name: str, *, revision: str | None = None, dtype: object = None,
+                      quantization: object = None, kv_cache_dtype: object = None,
+                      overrides: object = None, weights: str | None = None) -> str:
+    """A model identity for the namespace: name/path and revision, plus everything that changes
+    the KV a checkpoint computes (compute dtype, quantization, KV cache format, config
+    overrides) and, for a model without a checkpoint, a hash of its weights. Readable prefix,
+    hashed tail: ``Qwen/Qwen3-0.6B@main#3f2a...``."""
+    if not name and not weights:
+        raise ConfigError("model_fingerprint: a model name/path or a weights hash is needed")
+    tail = hashlib.blake2b(_field_bytes(
+        "fp-v1", revision, None if dtype is None else str(dtype).replace("torch.", ""),
+        None if quantization is None else str(quantization),
+        None if kv_cache_dtype is None else str(kv_cache_dtype),
+        None if not overrides else repr(sorted(overrides.items()) if isinstance(overrides, dict) else overrides),
+        weights), digest_size=8).hexdigest()
+    return f"{name or 'weights'}@{revision or '-'}#{tail}"
+
+
+def shard_id(tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1,
+             layers: tuple[int, int] | None = None) -> str:
+    """The parallel shard a process holds: tensor-parallel rank (its heads) and pipeline stage
+    (its layers ``[start, end)``). Empty for one GPU, so single-GPU keys do not change."""
+    for label, rank, size in (("tp", tp_rank, tp_size), ("pp", pp_rank, pp_size)):
+        if size < 1 or not 0 <= rank < size:
+            raise ConfigError(f"{label} rank {rank} of size {size} is not a valid shard")
+    if tp_size == 1 and pp_size == 1:
+        return ""
+    out = f"tp{tp_rank}of{tp_size}.pp{pp_rank}of{pp_size}"
+    if pp_size > 1 and layers is not None:
+        out += f".layers{layers[0]}-{layers[1]}"
+    return out
+
+
+@dataclass(frozen=True)
+class MMItem:
+    """One multimodal input: its content hash and placeholder range ``[offset, offset + length)``."""
+
+    identifier: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class KeyExtras:
+    """Per-request inputs besides the token ids that change KV, as vLLM hashes them into its
+    block keys: the LoRA adapter (name and path), ``cache_salt``, multimodal items (each
+    mixed into every chunk its placeholder range overlaps, with its offset there) and
+    prompt embeddings (a digest per chunk). Small and picklable: the scheduler computes it
+    and ships it to the workers with the step's plan."""
+
+    adapter: tuple[str, ...] = ()
+    cache_salt: str = ""
+    extra_key: str = ""
+    mm: tuple[MMItem, ...] = ()
+    # prompt embeddings: one digest per chunk of ``embeds_chunk`` tokens over ``embeds_tokens``
+    embeds: tuple[bytes, ...] = ()
+    embeds_chunk: int = 0
+    embeds_tokens: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.adapter or self.cache_salt or self.extra_key or self.mm or self.embeds)
+
+    @property
+    def seed(self) -> bytes:
+        """Request-wide inputs: start the chain (every chunk depends on them)."""
+        if not (self.adapter or self.cache_salt or self.extra_key):
+            return b""
+        return hashlib.blake2b(_field_bytes("req-v1", *self.adapter, "|", self.cache_salt, self.extra_key),
+                               digest_size=HASH_BYTES).digest()
+
+    def chunk_bytes(self, start: int, end: int, chunk_size: int) -> bytes:
+        """What chunk ``[start, end)`` mixes in besides its tokens (b"" for nothing)."""
+        parts: list[object] = []
+        for item in self.mm:
+            if item.offset < end and start < item.offset + item.length:
+                parts += ["mm", item.identifier, item.offset - start, item.length]
+        if self.embeds:
+            i, rem = divmod(start, self.embeds_chunk)
+            if (rem or self.embeds_chunk != chunk_size or i >= len(self.embeds)
+                    or end != min(start + chunk_size, self.embeds_tokens)):
+                raise ValueError(
+                    f"prompt-embedding digests cover {self.embeds_tokens} tokens in chunks of "
+                    f"{self.embeds_chunk}; chunk [{start}, {end}) is not one of them"
+                )
+            parts += ["embeds", self.embeds[i]]
+        return _field_bytes(*parts) if parts else b""
+
+    @staticmethod
+    def embed_digests(embeds: object, chunk_size: int) -> tuple[bytes, ...]:
+        """A digest of each chunk's rows of a ``[tokens, hidden]`` embedding tensor or array."""
+        if hasattr(embeds, "detach"):
+            arr = embeds.detach().cpu()  # type: ignore[union-attr]
+            import torch
+
+            if arr.dtype == torch.bfloat16:
+                arr = arr.view(torch.int16)
+            arr = arr.contiguous().numpy()
+        else:
+            arr = np.ascontiguousarray(embeds)
+        meta = _field_bytes(str(arr.dtype), *arr.shape[1:])
+        return tuple(hashlib.blake2b(meta + arr[s : s + chunk_size].tobytes(), digest_size=HASH_BYTES).digest()
+                     for s in range(0, arr.shape[0], chunk_size))
 
 
 @dataclass(frozen=True)
@@ -111,11 +259,17 @@ def chunk_keys(
     *,
     save_partial: bool = True,
     algorithm: str = "xxh3_128",
+    extras: KeyExtras | None = None,
 ) -> list[ChunkKey]:
-    """Keys of every chunk of ``tokens``; key ``i`` depends on all tokens before chunk ``i + 1``."""
+    """Keys of every chunk of ``tokens``; key ``i`` depends on all tokens before chunk ``i + 1``
+    and on the request's :class:`KeyExtras` (the seed starts the chain; multimodal and
+    embedding digests enter the chunks they cover, and every later chunk through the chain)."""
     arr = token_bytes(tokens)
     ns = namespace.id
     prev = b"\x00" * HASH_BYTES
+    if extras:
+        prev = extras.seed or prev
+    per_chunk = bool(extras and (extras.mm or extras.embeds))
     keys: list[ChunkKey] = []
     view = memoryview(arr).cast("B")
     for start, end in chunk_bounds(arr.size, chunk_size, save_partial=save_partial):
@@ -123,6 +277,8 @@ def chunk_keys(
         h.update(prev)
         h.update(ns)
         h.update(view[start * 8 : end * 8])
+        if per_chunk:
+            h.update(extras.chunk_bytes(start, end, chunk_size))  # type: ignore[union-attr]
         prev = h.digest()
         keys.append(ChunkKey(ns, prev, end - start))
     return keys

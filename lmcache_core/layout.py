@@ -22,8 +22,9 @@ from .errors import LayoutError
 if TYPE_CHECKING:
     import torch
 
-# dtype names as torch spells them; the chunk header stores these strings.
-DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+# dtype names as torch spells them; the chunk header stores these strings. uint8 is how vLLM
+# hands fp8 KV caches (the fp8 format is then part of the model fingerprint, never guessed).
+DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "uint8")
 
 
 def dtype_name(dtype: Any) -> str:

@@ -15,11 +15,16 @@ from typing import Any, Mapping
 from ..config import Config
 from ..engine import CacheEngine
 from ..errors import ConfigError
+from ..keys import KeyExtras
 from ..layout import ChunkGeometry
 
 logger = logging.getLogger(__name__)
 
 ASYNC_LOAD_CHOICES = ("auto", "true", "false")
+LOAD_FAILURE_CHOICES = ("recompute", "fail")
+# Tiers whose lookups are local (memory, files): answered on the scheduler's step. Any other
+# tier (Redis, S3, plugins) is looked up off the step and the request waits for the answer.
+LOCAL_SCHEMES = frozenset({"memory", "disk", "file"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,13 @@ class ConnectorOptions:
     # Keep gathering a step's stores off the engine's step: report them through
     # get_finished and let vLLM delay freeing the request's blocks until then.
     async_save: bool = True
+    # What a chunk that cannot be loaded costs: "recompute" (the connector sets vLLM's
+    # kv_load_failure_policy so; the request is slower, never failed) or "fail" (vLLM fails
+    # the request; only when asked for here explicitly).
+    load_failure_policy: str = "recompute"
+    # auto: look requests up off the scheduler's step when a tier is remote (Redis, S3, ...);
+    # true/false force one way.
+    async_lookup: str = "auto"
 
     @classmethod
     def split(cls, extra: Mapping[str, Any] | None) -> tuple["ConnectorOptions", dict[str, Any]]:
@@ -48,12 +60,21 @@ class ConnectorOptions:
             raise ConfigError(
                 f"async_load: {options['async_load']!r} is not allowed; choose one of {', '.join(ASYNC_LOAD_CHOICES)}"
             )
+        failure = str(options.get("load_failure_policy", "recompute")).lower()
+        if failure not in LOAD_FAILURE_CHOICES:
+            raise ConfigError(f"load_failure_policy: {options['load_failure_policy']!r} is not allowed; choose one "
+                              f"of {', '.join(LOAD_FAILURE_CHOICES)}")
+        async_lookup = str(options.get("async_lookup", "auto")).lower()
+        if async_lookup not in ASYNC_LOAD_CHOICES:
+            raise ConfigError(f"async_lookup: {options['async_lookup']!r} is not allowed; choose one of "
+                              f"{', '.join(ASYNC_LOAD_CHOICES)}")
         async_save = options.get("async_save", True)
         if isinstance(async_save, str):
             if async_save.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ConfigError(f"async_save: expected true or false, got {async_save!r}")
             async_save = async_save.lower() in ("true", "1", "yes", "on")
-        return cls(async_load=async_load, async_save=bool(async_save)), rest
+        return cls(async_load=async_load, async_save=bool(async_save), load_failure_policy=failure,
+                   async_lookup=async_lookup), rest
 
 
 def load_config(extra: Mapping[str, Any] | None) -> tuple[ConnectorOptions, Config]:
@@ -85,6 +106,7 @@ class LoadSpec:
     start: int
     end: int
     is_async: bool = False
+    extras: KeyExtras | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -98,6 +120,7 @@ class SaveSpec:
     req_id: str
     token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
+    extras: KeyExtras | None = None
 
     @property
     def end(self) -> int:
@@ -142,27 +165,37 @@ class EngineHandle:
         shared.engine.close()
 
 
-def shared_engine(geometry: ChunkGeometry, config: Config, model: str) -> EngineHandle:
-    """One engine per (geometry, config, model) per process.
+def shared_engine(geometry: ChunkGeometry, config: Config, model: str, *, shard: str = "",
+                  device_index: int = 0) -> EngineHandle:
+    """One engine per (geometry, config, model, shard) per process.
 
-    When vLLM runs the scheduler and the worker in one process (uni-process
-    executor), both halves then see the same memory tier; in separate processes
-    the scheduler's lookups see the shared tiers (disk, Redis) only.
+    When vLLM runs the scheduler and the worker in one process (one GPU: the
+    uni-process executor), both halves share this engine and so its memory
+    tier; in separate processes (TP/PP > 1, or the multiprocessing executor)
+    the scheduler's lookups see the shared tiers (disk, Redis) only. The
+    metrics port is not part of the key: the scheduler never serves metrics,
+    and the worker that shares its engine serves them.
     """
-    key = (geometry, tuple(sorted((k, repr(v)) for k, v in config.to_dict().items())), model)
+    cfg = tuple(sorted((k, repr(v)) for k, v in config.to_dict().items() if k != "metrics_port"))
+    key = (geometry, cfg, model, shard)
     with _ENGINES_LOCK:
         shared = _ENGINES.get(key)
         if shared is None:
-            shared = _ENGINES[key] = _Shared(CacheEngine(geometry, config, model=model))
+            shared = _ENGINES[key] = _Shared(CacheEngine(geometry, config, model=model, shard=shard,
+                                                         device_index=device_index))
         shared.users += 1
         return EngineHandle(key, shared.engine)
 
 
-def warn_without_shared_tier(engine: CacheEngine) -> None:
-    """The scheduler process cannot see a worker's memory tier: say so once at startup."""
-    if not any(t.store.capabilities.shared for t in engine.tiers.tiers):
-        logger.warning(
-            "lmcache-core: no shared tier in %s; vLLM's scheduler runs in another process than its "
-            "workers and will find no hits. Add a disk:// or redis:// tier.",
-            [t.name for t in engine.tiers.tiers],
-        )
+def warn_without_shared_tier(engine: CacheEngine, *, same_process: bool) -> bool:
+    """With the workers in other processes the scheduler cannot see their memory tier: say so
+    once at startup. Returns True when hits are possible."""
+    if same_process or any(t.store.capabilities.shared for t in engine.tiers.tiers):
+        return True
+    logger.warning(
+        "lmcache-core: no shared tier in %s; vLLM runs its workers in other processes than the "
+        "scheduler here (tensor/pipeline parallel or the multiprocessing executor), so the scheduler "
+        "will find no hits. Add a disk:// or redis:// tier.",
+        [t.name for t in engine.tiers.tiers],
+    )
+    return False

@@ -129,6 +129,32 @@ def bind_vllm_caches(
     return kv, names
 
 
+def layer_number(name: str, default: int) -> int:
+    """The model layer index in a layer name (``model.layers.12.self_attn.attn`` -> 12)."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else default
+
+
+def pp_layer_range(num_hidden_layers: int, stage: int, pp_size: int) -> tuple[int, int]:
+    """Layers ``[start, end)`` of pipeline stage ``stage``, as vLLM splits them (its
+    ``get_pp_indices``, which honours ``VLLM_PP_LAYER_PARTITION``); all layers for one stage."""
+    if pp_size == 1:
+        return 0, num_hidden_layers
+    from vllm.distributed.utils import get_pp_indices
+
+    start, end = get_pp_indices(num_hidden_layers, stage, pp_size)
+    return int(start), int(end)
+
+
+def stage_layers(names: Sequence[str], num_hidden_layers: int, stage: int, pp_size: int
+                 ) -> tuple[list[str], tuple[int, int]]:
+    """The attention layers of ``names`` that pipeline stage ``stage`` holds, and its layer range."""
+    start, end = pp_layer_range(num_hidden_layers, stage, pp_size)
+    if pp_size == 1:
+        return list(names), (start, end)
+    return [n for i, n in enumerate(names) if start <= layer_number(n, i) < end], (start, end)
+
+
 def geometry_from_spec(num_layers: int, num_kv_heads: int, head_size: int, dtype: object,
                        use_mla: bool) -> ChunkGeometry:
     """The chunk geometry the worker's tensors will have, known from the scheduler's spec."""

@@ -10,15 +10,65 @@ stores are done.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ._vllm_common import ConnectorOptions, LoadSpec, SaveSpec, StepPlan
+from ..keys import KeyExtras, MMItem
+from ._vllm_common import LOCAL_SCHEMES, ConnectorOptions, LoadSpec, SaveSpec, StepPlan
 
 if TYPE_CHECKING:
     from ..engine import CacheEngine
 
 logger = logging.getLogger(__name__)
+
+
+def request_extras(request: Any, chunk_size: int) -> KeyExtras | None:
+    """What besides the token ids vLLM mixes into a request's block hashes, as :class:`KeyExtras`:
+    LoRA adapter (name and path), ``cache_salt``, multimodal items (hash and placeholder range)
+    and prompt embeddings (a digest per chunk, with the token/embedding mask of mixed prompts)."""
+    lora = getattr(request, "lora_request", None)
+    adapter: tuple[str, ...] = ()
+    if lora is not None:
+        adapter = (str(getattr(lora, "lora_name", "")), str(getattr(lora, "lora_path", "") or ""),
+                   str(getattr(lora, "lora_int_id", "")))
+    salt = getattr(request, "cache_salt", None) or ""
+    items = []
+    for feat in getattr(request, "mm_features", None) or ():
+        ident = getattr(feat, "identifier", None)
+        pos = getattr(feat, "mm_position", None)
+        if ident is None or pos is None:
+            raise ValueError(f"request {getattr(request, 'request_id', '?')}: a multimodal input without a "
+                             "hash or placeholder range cannot be keyed")
+        items.append(MMItem(str(ident), int(pos.offset), int(pos.length)))
+    embeds = getattr(request, "prompt_embeds", None)
+    digests: tuple[bytes, ...] = ()
+    n = 0
+    if embeds is not None:
+        mask = getattr(request, "prompt_is_token_ids", None)
+        digests = KeyExtras.embed_digests(embeds, chunk_size)
+        if mask is not None:  # mixed prompts: which positions are tokens is part of the input
+            mixed = KeyExtras.embed_digests(mask.reshape(-1, 1).to(dtype=embeds.dtype) if hasattr(mask, "to")
+                                            else mask, chunk_size)
+            digests = tuple(a + b for a, b in zip(digests, mixed))
+        n = int(embeds.shape[0])
+    extras = KeyExtras(adapter=adapter, cache_salt=str(salt), mm=tuple(items), embeds=digests,
+                       embeds_chunk=chunk_size if digests else 0, embeds_tokens=n)
+    return extras or None
+
+
+def prompt_tokens(request: Any) -> list[int]:
+    """The prompt's token ids; a prompt given as embeddings only has zeros there (its
+    embeddings are keyed through :func:`request_extras`)."""
+    ids = getattr(request, "prompt_token_ids", None)
+    if ids is not None:
+        return list(ids)
+    embeds = getattr(request, "prompt_embeds", None)
+    return [0] * int(embeds.shape[0]) if embeds is not None else []
+
+
+_UNKEYABLE: Any = object()  # marks a request whose inputs cannot be keyed (never cached)
 
 
 @dataclass(frozen=True)
@@ -29,6 +79,7 @@ class _Hit:
     hit: int
     by_tier: dict[str, int]
     is_async: bool
+    extras: KeyExtras | None = None
 
 
 @dataclass
@@ -38,6 +89,7 @@ class _Tracker:
     req_id: str
     prompt: list[int]
     block_ids: list[int]
+    extras: KeyExtras | None = None
     saved: int = 0
     hit_tokens: int = 0
     by_tier: dict[str, int] = field(default_factory=dict)
@@ -60,7 +112,18 @@ class VLLMScheduler:
         self._sources: dict[str, dict[str, int]] = {}
         self._trackers: dict[str, _Tracker] = {}
         self._save_issued: set[str] = set()
-        self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0}
+        # Per request: its key extras and the lookup's answer (hit tokens, by tier), computed
+        # once; remote lookups run here, off the scheduler's step.
+        self._extras: dict[str, KeyExtras | None] = {}
+        self._lookups: dict[str, "Future[tuple[int, dict[str, int]]] | tuple[int, dict[str, int]]"] = {}
+        self._lookup_lock = threading.Lock()
+        mode = options.async_lookup
+        remote = [t.name for t in engine.tiers.tiers
+                  if not t.fast and not (set(getattr(type(t.store), "schemes", ())) & LOCAL_SCHEMES)]
+        self.async_lookup = mode == "true" or (mode == "auto" and bool(remote))
+        self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-vllm-lookup") \
+            if self.async_lookup else None
+        self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0, "lookup_errors": 0}
 
     # -- lookups -----------------------------------------------------------------------------
     def _is_async(self, by_tier: dict[str, int]) -> bool:
@@ -69,29 +132,84 @@ class VLLMScheduler:
             return mode == "true"
         return any(tier != self._fast_tier for tier in by_tier)
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def extras(self, request: Any) -> KeyExtras | None:
+        """The request's key extras, computed once (prompt embeddings are hashed here only).
+        Raises ValueError for inputs that cannot be keyed (that request is never cached)."""
+        rid = request.request_id
+        if rid not in self._extras:
+            try:
+                self._extras[rid] = request_extras(request, self.chunk_size)
+            except Exception:
+                logger.exception("lmcache-core: request %s cannot be keyed; not using the cache", rid)
+                self._extras[rid] = _UNKEYABLE
+        got = self._extras[rid]
+        if got is _UNKEYABLE:
+            raise ValueError(f"request {rid} cannot be keyed")
+        return got  # type: ignore[return-value]
+
+    def _lookup(self, prompt: list[int], extras: KeyExtras | None) -> tuple[int, dict[str, int]]:
+        try:
+            result = self.engine.lookup(prompt, extras=extras)
+        except Exception:  # noqa: BLE001 - a failed lookup is a miss
+            logger.exception("lmcache-core: lookup failed; treating it as a miss")
+            self.stats["lookup_errors"] += 1
+            return 0, {}
+        return result.hit_tokens, result.by_tier
+
+    def _answer(self, request: Any, prompt: list[int], extras: KeyExtras | None) -> tuple[int, dict[str, int]] | None:
+        """The remembered lookup of this request; None while a remote lookup is under way."""
+        rid = request.request_id
+        with self._lookup_lock:
+            got = self._lookups.get(rid)
+            if got is None:
+                if self._lookup_pool is None:
+                    got = self._lookups[rid] = self._lookup(prompt, extras)
+                else:
+                    got = self._lookups[rid] = self._lookup_pool.submit(self._lookup, prompt, extras)
+            if isinstance(got, Future):
+                if not got.done():
+                    return None
+                got = self._lookups[rid] = got.result()
+        return got
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """External tokens beyond ``num_computed_tokens`` and whether they load asynchronously.
 
         Looks up the prompt only (generated tokens are not stored); keeps at
-        least one token for vLLM to compute. Repeatable: it changes nothing but
-        the remembered answer.
+        least one token for vLLM to compute. The lookup runs once per request
+        (remembered until it finishes); with a remote tier it runs off the step
+        and the answer is ``None`` (vLLM asks again next step) until it is known.
+        Repeatable: it changes nothing but the remembered answer.
         """
-        prompt = request.prompt_token_ids
-        if not self.can_load or not prompt:
+        if not self.can_load:
             return 0, False
-        lookup = self.engine.lookup(prompt)
-        hit = min(lookup.hit_tokens, int(request.num_tokens) - 1)
+        prompt = prompt_tokens(request)
+        if not prompt:
+            return 0, False
+        try:
+            extras = self.extras(request)
+        except Exception:  # noqa: BLE001 - an input we cannot key is never cached
+            return 0, False
+        answer = self._answer(request, prompt, extras)
+        if answer is None:
+            return None, False
+        hit_tokens, by_tier = answer
+        hit = min(hit_tokens, int(request.num_tokens) - 1)
         ext = hit - num_computed_tokens
         if ext <= 0:
             self._hits.pop(request.request_id, None)
             return 0, False
-        by_tier = lookup.by_tier
         is_async = self._is_async(by_tier)
-        self._hits[request.request_id] = _Hit(num_computed_tokens, hit, by_tier, is_async)
+        self._hits[request.request_id] = _Hit(num_computed_tokens, hit, by_tier, is_async, extras)
         return ext, is_async
 
     def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
-        """Blocks exist now: plan the load of ``[local, local + num_external_tokens)``."""
+        """Blocks exist now: plan the load of ``[local, local + num_external_tokens)``. Also where a
+        request first seen here (a store-only role) gets its key extras."""
+        try:
+            self.extras(request)
+        except ValueError:
+            pass
         hit = self._hits.pop(request.request_id, None)
         if num_external_tokens <= 0:
             return
@@ -100,15 +218,15 @@ class VLLMScheduler:
                            "not loading", num_external_tokens, request.request_id)
             return
         end = hit.local + num_external_tokens
+        prompt = prompt_tokens(request)
         self._loads[request.request_id] = LoadSpec(
-            request.request_id, tuple(request.prompt_token_ids), tuple(block_ids), hit.local, end,
-            hit.is_async)
+            request.request_id, tuple(prompt), tuple(block_ids), hit.local, end, hit.is_async, hit.extras)
         self._sources[request.request_id] = hit.by_tier
         self.stats["lookup_requests"] += 1
-        self.stats["lookup_tokens"] += len(request.prompt_token_ids)
+        self.stats["lookup_tokens"] += len(prompt)
         self.stats["hit_tokens"] += num_external_tokens
         logger.info("lmcache-core: request %s: %d of %d prompt tokens from the cache (%s, %s load)",
-                    request.request_id, num_external_tokens, len(request.prompt_token_ids), hit.by_tier,
+                    request.request_id, num_external_tokens, len(prompt), hit.by_tier,
                     "async" if hit.is_async else "sync")
 
     def hit_sources(self, request_id: str) -> dict[str, int]:
@@ -132,7 +250,7 @@ class VLLMScheduler:
             logger.warning("lmcache-core: request %s has %d blocks for %d tokens; not storing",
                            tr.req_id, len(tr.block_ids), end)
             return
-        out.append(SaveSpec(tr.req_id, tuple(tr.prompt[:end]), tuple(tr.block_ids)))
+        out.append(SaveSpec(tr.req_id, tuple(tr.prompt[:end]), tuple(tr.block_ids), tr.extras))
         tr.saved = end
         self._save_issued.add(tr.req_id)
 
@@ -142,7 +260,12 @@ class VLLMScheduler:
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             prompt = list(new.prompt_token_ids or [])
-            tr = _Tracker(new.req_id, prompt, list(new.block_ids[0]) if new.block_ids else [])
+            if not prompt and getattr(new, "prompt_embeds", None) is not None:
+                prompt = [0] * int(new.prompt_embeds.shape[0])
+            if new.req_id not in self._extras or self._extras[new.req_id] is _UNKEYABLE:
+                continue  # never seen by update_state_after_alloc, or inputs we cannot key
+            extras = self._extras[new.req_id]
+            tr = _Tracker(new.req_id, prompt, list(new.block_ids[0]) if new.block_ids else [], extras)
             self._trackers[new.req_id] = tr
             self._maybe_save(tr, new.num_computed_tokens + scheduled.get(new.req_id, 0), saves)
         cached = scheduler_output.scheduled_cached_reqs
@@ -168,6 +291,9 @@ class VLLMScheduler:
         self._trackers.pop(request_id, None)
         self._hits.pop(request_id, None)
         self._sources.pop(request_id, None)
+        self._extras.pop(request_id, None)
+        with self._lookup_lock:
+            self._lookups.pop(request_id, None)
         if request_id in self._save_issued:
             self._save_issued.discard(request_id)
             return True
@@ -179,3 +305,7 @@ class VLLMScheduler:
 
     def pending(self) -> Iterable[str]:
         return list(self._trackers)
+
+    def close(self) -> None:
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)

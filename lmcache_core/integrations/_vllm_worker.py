@@ -16,7 +16,11 @@ those calls onto :class:`CacheEngine` layer-wise loads and stores:
   so vLLM keeps those blocks until then (``request_finished`` said so);
 - a load that comes up short (a chunk evicted or corrupt since the lookup)
   reports the affected block ids, so vLLM's ``kv_load_failure_policy`` can
-  recompute them.
+  recompute them;
+- loads write only the tokens beyond what vLLM already holds (``start``);
+- nothing here raises into vLLM's forward pass: a failing load becomes load
+  errors (its blocks recomputed), a failing store a dropped store, and every
+  error path gives back its pins and buffers.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..layout import PagedKV, slot_mapping
+from ..layout import PagedKV
 from ._vllm_common import LoadSpec, SaveSpec, StepPlan
 
 if TYPE_CHECKING:
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAT_KEYS = ("load_requests", "loaded_tokens", "load_failed_tokens", "load_seconds",
-             "store_requests", "stored_tokens", "store_seconds")
+             "store_requests", "stored_tokens", "store_seconds", "store_errors", "dropped_stores")
 
 
 @dataclass
@@ -94,14 +98,11 @@ class VLLMWorker:
             for spec in plan.saves:
                 self._save_reqs.add(spec.req_id)
 
-    def _slots(self, spec: LoadSpec) -> "torch.Tensor":
+    def _retrieve_args(self, spec: LoadSpec) -> dict[str, Any]:
         import torch
 
-        blocks = torch.as_tensor(spec.block_ids, dtype=torch.int64)
-        slots = slot_mapping(blocks, self.kv.block_size, 0, spec.end)
-        if spec.start:
-            slots[: spec.start] = self.plan.null_block * self.kv.block_size
-        return slots
+        return {"block_ids": torch.as_tensor(spec.block_ids, dtype=torch.int64), "max_tokens": spec.end,
+                "skip_tokens": spec.start, "extras": spec.extras}
 
     def start_load(self) -> None:
         """Start this step's loads: async ones on a thread, sync ones fetched to host now."""
@@ -109,12 +110,11 @@ class VLLMWorker:
             if spec.is_async:
                 with self._lock:
                     self._recv_inflight.add(spec.req_id)
-                self._loader.submit(self._async_load, spec, self._slots(spec), self.plan.null_block)
+                self._loader.submit(self._async_load, spec, self.plan.null_block)
                 continue
             t0 = time.perf_counter()
             try:
-                task = self.engine.start_retrieve(spec.token_ids, self.kv, slots=self._slots(spec),
-                                                  max_tokens=spec.end)
+                task = self.engine.start_retrieve(spec.token_ids, self.kv, **self._retrieve_args(spec))
             except Exception:  # noqa: BLE001 - a failed load is recomputed, never a crash
                 logger.exception("lmcache-core: load of request %s failed", spec.req_id)
                 self._record_load(spec, 0, time.perf_counter() - t0)
@@ -122,11 +122,11 @@ class VLLMWorker:
             self._loads.append((spec, task))
             self._stats.add(load_seconds=time.perf_counter() - t0)
 
-    def _async_load(self, spec: LoadSpec, slots: "torch.Tensor", null_block: int) -> None:
+    def _async_load(self, spec: LoadSpec, null_block: int) -> None:
         t0 = time.perf_counter()
         loaded = 0
         try:
-            loaded = self.engine.retrieve(spec.token_ids, self.kv, slots=slots, max_tokens=spec.end).hit_tokens
+            loaded = self.engine.retrieve(spec.token_ids, self.kv, **self._retrieve_args(spec)).hit_tokens
         except Exception:  # noqa: BLE001
             logger.exception("lmcache-core: async load of request %s failed", spec.req_id)
         finally:
@@ -154,12 +154,29 @@ class VLLMWorker:
             logger.info("lmcache-core: request %s loaded %d tokens", spec.req_id, spec.num_tokens)
 
     def wait_layer(self, name: str) -> None:
-        """Block until layer ``name`` of every sync load is in the engine's cache."""
+        """Block until layer ``name`` of every sync load is in the engine's cache. A load that
+        fails here is given up: its blocks are reported for recompute, its buffers released."""
         i = self.layer_index.get(name)
         if i is None or not self._loads:
             return
-        for _, task in self._loads:
-            task.wait_layer(i)
+        failed = []
+        for n, (spec, task) in enumerate(self._loads):
+            try:
+                task.wait_layer(i)
+            except Exception:  # noqa: BLE001 - never into vLLM's forward pass
+                logger.exception("lmcache-core: load of request %s failed at layer %s", spec.req_id, name)
+                failed.append(n)
+        for n in reversed(failed):
+            spec, task = self._loads.pop(n)
+            self._give_up_load(spec, task)
+
+    def _give_up_load(self, spec: LoadSpec, task: "LayerwiseRetrieve") -> None:
+        try:
+            task.finish()  # waits for queued copies, then releases the host chunks
+        except Exception:  # noqa: BLE001
+            logger.exception("lmcache-core: releasing the failed load of request %s", spec.req_id)
+            task._release()
+        self._record_load(spec, 0, 0.0)
 
     def save_layer(self, name: str) -> None:
         """Gather layer ``name`` of this step's stores (its KV is final once the layer ran)."""
@@ -170,14 +187,30 @@ class VLLMWorker:
             self._store_started = time.perf_counter()
             self._stores = []
             for spec in self.plan.saves:
+                before = self.engine.dropped_stores
                 try:
-                    task = self.engine.start_store(spec.token_ids, self.kv, spec.block_ids)
+                    task = self.engine.start_store(spec.token_ids, self.kv, spec.block_ids, extras=spec.extras)
                 except Exception:  # noqa: BLE001 - a failed store is a future miss
                     logger.exception("lmcache-core: store of request %s failed", spec.req_id)
+                    self._stats.add(store_errors=1)
                     continue
+                if self.engine.dropped_stores != before:
+                    self._stats.add(dropped_stores=1)
                 self._stores.append((spec, task))
-        for _, task in self._stores:
-            task.save_layer(i)
+        failed = []
+        for n, (spec, task) in enumerate(self._stores):
+            try:
+                task.save_layer(i)
+            except Exception:  # noqa: BLE001 - a failed store is a future miss, never a crash
+                logger.exception("lmcache-core: store of request %s failed at layer %s", spec.req_id, name)
+                failed.append(n)
+        for n in reversed(failed):
+            spec, task = self._stores.pop(n)
+            self._stats.add(store_errors=1)
+            try:
+                task.abort()
+            except Exception:  # noqa: BLE001
+                logger.exception("lmcache-core: aborting the store of request %s", spec.req_id)
 
     def wait_for_save(self) -> None:
         """End of step: settle sync loads, hand stores to the background writer."""
@@ -192,7 +225,10 @@ class VLLMWorker:
         stores, self._stores = self._stores or [], None
         for spec, task in stores:
             if not all(task.saved):
-                task.abort()  # a step without a forward pass (dummy run): nothing to store
+                try:
+                    task.abort()  # a step without a forward pass (dummy run): nothing to store
+                except Exception:  # noqa: BLE001
+                    logger.exception("lmcache-core: aborting the store of request %s", spec.req_id)
                 continue
             with self._lock:
                 self._pending_saves[spec.req_id] = self._pending_saves.get(spec.req_id, 0) + 1
@@ -207,6 +243,7 @@ class VLLMWorker:
             tokens = task.finish()
         except Exception:  # noqa: BLE001
             logger.exception("lmcache-core: store of request %s failed", spec.req_id)
+            self._stats.add(store_errors=1)
         finally:
             self._stats.add(store_requests=1, stored_tokens=tokens,
                             store_seconds=time.perf_counter() - self._store_started)

@@ -10,9 +10,13 @@ Enable it with one flag::
 config (``chunk_size``, ``tiers``, ``model``, ...) plus the connector options
 of :class:`~lmcache_core.integrations._vllm_common.ConnectorOptions`. vLLM
 makes one SCHEDULER-role instance (in the engine-core process) and one
-WORKER-role instance per worker (usually other processes): the scheduler half
+WORKER-role instance per worker. With one GPU both live in one engine-core
+process and share one engine (its memory tier serves hits); with tensor or
+pipeline parallelism each worker is its own process, and the scheduler half
 looks chunks up in the tiers the workers write to, so at least one tier must
-be shared between processes (disk, Redis). See docs/vllm.md.
+be shared between processes (disk, Redis). Each TP rank and PP stage keys its
+own shard; the scheduler promises a chunk only when every shard holds it.
+See docs/vllm.md.
 
 Importing this module imports vLLM; ``import lmcache_core`` does not.
 """
@@ -28,14 +32,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..errors import ConfigError, LayoutError
+from ..keys import Namespace, model_fingerprint, shard_id
 from ._vllm_common import EngineHandle, StepPlan, load_config, shared_engine, warn_without_shared_tier
-from ._vllm_layout import bind_vllm_caches, geometry_from_spec
+from ._vllm_layout import bind_vllm_caches, geometry_from_spec, stage_layers
 from ._vllm_scheduler import VLLMScheduler
 from ._vllm_worker import STAT_KEYS, VLLMWorker
 
@@ -116,8 +120,42 @@ def _ensure_log_handler() -> None:
     ours.propagate = False
 
 
-class LMCacheCoreConnector(KVConnectorBase_V1, SupportsHMA):
-    """The vLLM KV connector backed by a :class:`~lmcache_core.engine.CacheEngine`."""
+# KV cache formats whose bytes we can key: the format name is in the model fingerprint; fp8
+# scales come from the checkpoint (fingerprinted by path and revision) or default to 1.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "half", "float", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
+def vllm_model_fingerprint(vllm_config: "VllmConfig", name: str | None = None) -> str:
+    """The model identity of a vLLM engine: path/name and revision, dtype, quantization, KV
+    cache format and config overrides. Refuses KV formats it cannot key."""
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    kv_dtype = str(getattr(cc, "cache_dtype", "auto") or "auto")
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(
+            f"lmcache-core: kv_cache_dtype {kv_dtype!r} is not supported (its scales live outside the KV "
+            f"blocks); use one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    if kv_dtype.startswith("fp8") and getattr(cc, "calculate_kv_scales", False):
+        raise ConfigError(
+            "lmcache-core: calculate_kv_scales=True computes fp8 KV scales from the first batch, so the "
+            "same prompt can give different KV bytes in two engines and a cached chunk would be read with "
+            "other scales; run without --calculate-kv-scales (the checkpoint's scales are keyed)"
+        )
+    quant = getattr(mc, "quantization", None)
+    return model_fingerprint(
+        name or str(mc.model), revision=getattr(mc, "revision", None), dtype=getattr(mc, "dtype", None),
+        quantization=quant, kv_cache_dtype=kv_dtype,
+        overrides={"hf_overrides": getattr(mc, "hf_overrides", None) or {},
+                   "quantization_config": getattr(mc, "quantization_config", None) or {},
+                   "kv_cache_dtype_skip_layers": list(getattr(cc, "kv_cache_dtype_skip_layers", []) or [])})
+
+
+class LMCacheCoreConnector(KVConnectorBase_V1):
+    """The vLLM KV connector backed by a :class:`~lmcache_core.engine.CacheEngine`.
+
+    It does not declare ``SupportsHMA``: vLLM then runs hybrid models (sliding-window plus full
+    attention) with one full KV cache group, every layer keeping every token, which we store
+    and load like any other model."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
@@ -130,38 +168,89 @@ class LMCacheCoreConnector(KVConnectorBase_V1, SupportsHMA):
         self.can_save = kv_role in ("kv_both", "kv_producer")
         self.block_size = int(vllm_config.cache_config.block_size)
         self.config.check_block_size(self.block_size)
-        self.model = self.config.model or str(vllm_config.model_config.model)
+        self.model = vllm_model_fingerprint(vllm_config, self.config.model or None)
         self._spec, self._layer_names = self._attention_spec(kv_cache_config)
         self.use_mla = type(self._spec).__name__.startswith("MLA") or bool(
             getattr(vllm_config.model_config, "use_mla", False))
-        self.geometry = geometry_from_spec(len(self._layer_names), int(self._spec.num_kv_heads),
-                                           int(self._spec.head_size), self._spec.dtype, self.use_mla)
+        par = vllm_config.parallel_config
+        self.tp_size = int(getattr(par, "tensor_parallel_size", 1) or 1)
+        self.pp_size = int(getattr(par, "pipeline_parallel_size", 1) or 1)
+        self._num_hidden_layers = int(getattr(vllm_config.model_config.hf_text_config, "num_hidden_layers",
+                                              len(self._layer_names)))
+        # Stage 0's geometry; the worker recomputes its own stage's from its tensors.
+        self.geometry = self._stage_geometry(0)
         self._null_block = 0
         self._handle: EngineHandle | None = None
         self._scheduler: VLLMScheduler | None = None
         self._worker: VLLMWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            # The scheduler never serves metrics itself: its workers do, on the configured port.
-            self._handle = shared_engine(self.geometry, self.config.replace(metrics_port=0), self.model)
-            warn_without_shared_tier(self._handle.engine)
-            self._scheduler = VLLMScheduler(self._handle.engine, self.block_size, self.options,
+            self._set_load_failure_policy()
+            engine_config = self.config
+            one_process = self.tp_size * self.pp_size == 1 and self._uni_executor()
+            if not one_process:  # the scheduler never serves metrics; its workers do, on the configured port
+                engine_config = self.config.replace(metrics_port=0)
+            self._handle = shared_engine(self.geometry, engine_config, self.model, shard=self._shard(0, 0))
+            engine = self._handle.engine
+            engine.peer_namespaces = tuple(self._shard_namespace(engine.namespace, r, s)
+                                           for s in range(self.pp_size) for r in range(self.tp_size)
+                                           if (r, s) != (0, 0))
+            warn_without_shared_tier(engine, same_process=one_process)
+            self._scheduler = VLLMScheduler(engine, self.block_size, self.options,
                                             can_load=self.can_load, can_save=self.can_save)
-        logger.info("lmcache-core connector (%s, %s): model %r, chunk layout %s, chunk_size %d, tiers %s",
-                    role.name, kv_role, self.model, self.geometry.signature, self.config.chunk_size,
-                    list(self.config.tiers))
+        logger.info("lmcache-core connector (%s, %s): model %r, chunk layout %s, chunk_size %d, tiers %s, "
+                    "tp %d, pp %d", role.name, kv_role, self.model, self.geometry.signature,
+                    self.config.chunk_size, list(self.config.tiers), self.tp_size, self.pp_size)
+
+    # -- identity: shards, stages, failure policy -----------------------------------------------
+    def _uni_executor(self) -> bool:
+        backend = getattr(self._vllm_config.parallel_config, "distributed_executor_backend", None)
+        return backend in (None, "uni") or (isinstance(backend, str) and backend == "uni")
+
+    def _stage_layers(self, stage: int) -> tuple[list[str], tuple[int, int]]:
+        return stage_layers(self._layer_names, self._num_hidden_layers, stage, self.pp_size)
+
+    def _stage_geometry(self, stage: int) -> Any:
+        names, _ = self._stage_layers(stage)
+        return geometry_from_spec(len(names), int(self._spec.num_kv_heads), int(self._spec.head_size),
+                                  self._spec.dtype, self.use_mla)
+
+    def _shard(self, tp_rank: int, stage: int) -> str:
+        return shard_id(tp_rank, self.tp_size, stage, self.pp_size, self._stage_layers(stage)[1])
+
+    def _shard_namespace(self, base: Namespace, tp_rank: int, stage: int) -> Namespace:
+        return base.with_shard(self._shard(tp_rank, stage), self._stage_geometry(stage).signature)
+
+    def _set_load_failure_policy(self) -> None:
+        """A cache fault must cost time, never a request: unless the connector's own
+        ``load_failure_policy`` says "fail", vLLM recomputes blocks that could not be loaded."""
+        ktc = self._kv_transfer_config
+        want = self.options.load_failure_policy
+        have = getattr(ktc, "kv_load_failure_policy", want)
+        if have != want:
+            try:
+                ktc.kv_load_failure_policy = want
+            except Exception as exc:  # noqa: BLE001 - a frozen config: say what to set
+                raise ConfigError(
+                    f"lmcache-core: vLLM's kv_load_failure_policy is {have!r}; set it to {want!r} in "
+                    f"--kv-transfer-config (or load_failure_policy in kv_connector_extra_config)"
+                ) from exc
+            if want == "recompute":
+                logger.info("lmcache-core: kv_load_failure_policy set to 'recompute' (a chunk that fails to "
+                            "load is recomputed; set load_failure_policy: fail in kv_connector_extra_config "
+                            "to fail such requests instead)")
 
     @staticmethod
     def _attention_spec(kv_cache_config: "KVCacheConfig") -> tuple[Any, list[str]]:
+        """The one attention KV cache group. Sliding-window layers arrive here as full-attention
+        specs (we do not declare SupportsHMA, so vLLM keeps every token of every layer)."""
         groups = [g for g in kv_cache_config.kv_cache_groups if hasattr(g.kv_cache_spec, "num_kv_heads")]
         if len(kv_cache_config.kv_cache_groups) != 1 or len(groups) != 1:
             kinds = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
             raise LayoutError(
-                f"lmcache-core supports models with one full-attention KV cache group; this one has {kinds}. "
-                "Hybrid (sliding-window, Mamba) models are not supported yet."
+                f"lmcache-core supports models whose layers share one KV cache group; this one has {kinds} "
+                "(Mamba/SSM state is not stored yet)"
             )
         spec = groups[0].kv_cache_spec
-        if getattr(spec, "sliding_window", None):
-            raise LayoutError("lmcache-core: sliding-window attention layers are not supported yet")
         return spec, list(groups[0].layer_names)
 
     @property
@@ -188,15 +277,27 @@ class LMCacheCoreConnector(KVConnectorBase_V1, SupportsHMA):
         kv, names = bind_vllm_caches(kv_caches, head_dim=int(self._spec.head_size), use_mla=self.use_mla,
                                      backend=backend_name, block_size=self.block_size,
                                      isa=next(iter(isas)) if len(isas) == 1 else None)
-        if kv.geometry != self.geometry:
+        tp_rank, stage = self._worker_rank()
+        expected = self._stage_geometry(stage)
+        if kv.geometry != expected:
             raise LayoutError(
                 f"lmcache-core: the KV cache tensors are {kv.geometry.signature} but the KV cache spec says "
-                f"{self.geometry.signature}; the scheduler's keys would not match the worker's"
+                f"{expected.signature} for pipeline stage {stage}; the scheduler's keys would not match the worker's"
             )
-        self._handle = shared_engine(self.geometry, self.config, self.model)
+        device = kv.device
+        self._handle = shared_engine(expected, self.config, self.model, shard=self._shard(tp_rank, stage),
+                                     device_index=int(device.index or 0) if device.type != "cpu" else 0)
         self._worker = VLLMWorker(self._handle.engine, kv, names, async_save=self.options.async_save)
-        logger.info("lmcache-core worker: %s (backend %s, isa %s)", self._worker.describe(), backend_name,
-                    sorted(isas) or None)
+        logger.info("lmcache-core worker: %s (backend %s, isa %s, shard %r)", self._worker.describe(),
+                    backend_name, sorted(isas) or None, self._handle.engine.namespace.shard)
+
+    def _worker_rank(self) -> tuple[int, int]:
+        """This worker's TP rank and PP stage (0, 0 without parallelism)."""
+        if self.tp_size * self.pp_size == 1:
+            return 0, 0
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank()), int(get_pp_group().rank_in_group)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -258,6 +359,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1, SupportsHMA):
         return True  # wait_for_layer_load / save_kv_layer run between layers
 
     def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
         if self._worker is not None:
             self._worker.close()
         if self._handle is not None:
@@ -295,10 +398,6 @@ class LMCacheCoreConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request.request_id), None
-
-    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
-                                    ) -> tuple[bool, dict[str, Any] | None]:
-        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
 
 __all__ = ["LMCacheCoreConnector", "LMCacheCoreMetadata", "LMCacheCoreStats", "ConfigError"]

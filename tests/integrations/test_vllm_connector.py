@@ -72,7 +72,8 @@ def runs(vh: ModuleType, vllm_python: str, tiny_model: Path, tmp_path_factory: p
     out["a"] = vh.run_driver(vllm_python, {
         "model": model, "connector": conn,
         "phases": [{"name": "seed", "max_tokens": 8, "prompts": prompts["seed"]}]}, work, "a")
-    victim = _disk_path(disk, model, prompts["seed"]["fail"], 1)
+    out["fingerprint"] = out["a"].result["fingerprint"]
+    victim = _disk_path(disk, out["fingerprint"], prompts["seed"]["fail"], 1)
     out["victim_existed"] = victim.exists()
     if victim.exists():
         data = bytearray(victim.read_bytes())
@@ -99,7 +100,7 @@ def test_a_stores_every_prompt_chunk(runs: dict[str, Any]) -> None:
     assert a.metric("vllm:external_prefix_cache_hits") == 0
     for name, tokens in seed.items():
         for i in range((len(tokens) + CHUNK - 1) // CHUNK):
-            assert _disk_path(runs["disk"], runs["model"], tokens, i).exists(), f"{name} chunk {i} not on disk"
+            assert _disk_path(runs["disk"], runs["fingerprint"], tokens, i).exists(), f"{name} chunk {i} not on disk"
 
 
 @pytest.mark.parametrize("pid,expected", [("long_same", 599), ("long_other", 512), ("short_same", 99),

@@ -207,6 +207,7 @@ def test_scheduler_plans_chunked_prefill_stores_and_capped_hits(engines: tuple[C
     engine = engines[0]
     sched = VLLMScheduler(engine, N, ConnectorOptions())
     prompt = list(range(500, 580))  # 80 tokens: chunks of 32, 32 and a partial 16
+    sched.update_state_after_alloc(FakeRequest("r", prompt), [1, 2, 3], 0)  # vLLM calls it for every request
     # Step 1 computes 40 tokens: only chunk 0 is complete.
     plan = sched.build_plan(Output([NewReq("r", prompt, ([1, 2, 3],), 0)], Cached(), {"r": 40}))
     assert [s.end for s in plan.saves] == [32]

@@ -104,6 +104,10 @@ def run(spec_path: str, out_path: str) -> None:
     t0 = time.time()
     llm = LLM(**kwargs)
     result: dict[str, Any] = {"startup_s": round(time.time() - t0, 1), "phases": {}, "pid": os.getpid()}
+    if spec.get("connector") is not None:  # the model identity the connector keys chunks under
+        from lmcache_core.integrations.vllm import vllm_model_fingerprint
+
+        result["fingerprint"] = vllm_model_fingerprint(llm.llm_engine.vllm_config)
     for phase in spec["phases"]:
         ids = list(phase["prompts"])
         prompts = [{"prompt_token_ids": phase["prompts"][i]} for i in ids]
