@@ -247,12 +247,22 @@ class CacheEngine:
         if slots is not None:
             if slots.numel() < end:
                 raise LayoutError(f"slot mapping has {slots.numel()} entries, tokens up to {end} are needed")
-            return slots[start:end].to(torch.int64)
+            out = slots[start:end]
+            if out.dtype.is_floating_point or out.dtype == torch.bool:
+                raise LayoutError(f"slots must be integers, got a {out.dtype} tensor")
+            out = out.to(torch.int64)
+            limit = kv.num_blocks * kv.block_size
+            if out.numel() and (int(out.min()) < 0 or int(out.max()) >= limit):
+                raise LayoutError(f"a slot is outside the KV cache's {limit} slots")
+            return out
         if block_ids is None:
             raise ValueError("pass block_ids (the request's block table) or slots")
         if not isinstance(block_ids, torch.Tensor):
-            block_ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
-        return slot_mapping(block_ids, kv.block_size, start, end)
+            ids = list(block_ids)
+            if any(isinstance(b, (float, bool)) for b in ids):
+                raise LayoutError(f"block ids must be integers, got {ids[:8]}")
+            block_ids = torch.as_tensor(ids, dtype=torch.int64)
+        return slot_mapping(block_ids, kv.block_size, start, end, num_blocks=kv.num_blocks)
 
     def _check_kv(self, kv: PagedKV) -> None:
         if kv.geometry != self.geometry:

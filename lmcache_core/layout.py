@@ -253,16 +253,41 @@ class PagedKV:
         )
 
 
-def slot_mapping(block_ids: "torch.Tensor", block_size: int, start: int, end: int) -> "torch.Tensor":
-    """Slots (block * block_size + offset) of tokens ``start..end`` of a request's block table."""
+def check_block_ids(block_ids: "torch.Tensor", num_blocks: int) -> "torch.Tensor":
+    """The block table as int64, checked once (vectorised): integer dtype, 1-D, every id in
+    ``[0, num_blocks)``. A bad table is a :class:`LayoutError`, never a write elsewhere."""
     import torch
 
-    pos = torch.arange(start, end, dtype=torch.int64, device=block_ids.device)
+    if block_ids.dtype.is_floating_point or block_ids.dtype.is_complex or block_ids.dtype == torch.bool:
+        raise LayoutError(f"block ids must be integers, got a {block_ids.dtype} tensor")
+    if block_ids.dim() != 1:
+        raise LayoutError(f"a block table is 1-D, got shape {tuple(block_ids.shape)}")
     blocks = block_ids.to(torch.int64)
+    if blocks.numel():
+        lo, hi = int(blocks.min()), int(blocks.max())
+        if lo < 0 or hi >= num_blocks:
+            bad = lo if lo < 0 else hi
+            raise LayoutError(f"block id {bad} is outside the KV cache's {num_blocks} blocks (valid: 0 to "
+                              f"{num_blocks - 1})")
+    return blocks
+
+
+def slot_mapping(block_ids: "torch.Tensor", block_size: int, start: int, end: int,
+                 num_blocks: int | None = None) -> "torch.Tensor":
+    """Slots (block * block_size + offset) of tokens ``start..end`` of a request's block table;
+    with ``num_blocks``, the ids the range uses are checked against the cache first."""
+    import torch
+
+    if start < 0 or end < start:
+        raise LayoutError(f"token range [{start}, {end}) is not valid")
     need = (end - 1) // block_size + 1 if end > start else 0
-    if blocks.numel() < need:
+    if block_ids.numel() < need:
         raise LayoutError(
-            f"block table has {blocks.numel()} blocks but tokens up to {end} need {need} "
+            f"block table has {block_ids.numel()} blocks but tokens up to {end} need {need} "
             f"blocks of {block_size}"
         )
-    return blocks[pos // block_size] * block_size + pos % block_size
+    first = start // block_size
+    used = block_ids[first:need]
+    blocks = check_block_ids(used, num_blocks) if num_blocks is not None else used.to(torch.int64)
+    pos = torch.arange(start, end, dtype=torch.int64, device=block_ids.device)
+    return blocks[pos // block_size - first] * block_size + pos % block_size
