@@ -298,8 +298,10 @@ class CacheEngine:
         return task.finish(wait=wait)
 
     def start_store(self, tokens: Sequence[int] | Any, kv: PagedKV, block_ids: Any = None, *,
-                    slots: "torch.Tensor | None" = None, extras: KeyExtras | None = None) -> "LayerwiseStore":
+                    slots: "torch.Tensor | None" = None, extras: KeyExtras | None = None,
+                    skip_tokens: int = 0) -> "LayerwiseStore":
         """Layer-by-layer store: call ``save_layer(i)`` as each layer's KV is final, then ``finish()``.
+        Chunks that end at or before ``skip_tokens`` are not gathered (stored earlier).
 
         Past ``max_inflight_bytes`` of chunks in flight the store is dropped (counted in
         ``dropped_stores`` and the ``lmcache_dropped_stores{tier="inflight"}`` metric): a
@@ -308,9 +310,13 @@ class CacheEngine:
         keys = self.keys(tokens, extras)
         # Only the in-process tier is asked (no I/O on the engine's step): a chunk it lacks is
         # gathered and written through again; slower tiers skip or overwrite what they hold.
-        present = self.tiers.lookup(keys, fast_only=True).hits
+        skip, pos = 0, 0
+        while skip < len(keys) and pos + keys[skip].num_tokens <= skip_tokens:
+            pos += keys[skip].num_tokens
+            skip += 1
+        present = skip + self.tiers.lookup(keys[skip:], fast_only=True).hits
         todo: list[tuple[ChunkBuffer, "torch.Tensor"]] = []
-        pos = sum(k.num_tokens for k in keys[:present])
+        pos += sum(k.num_tokens for k in keys[skip:present])
         # Validate every slot range before taking memory: a bad block table stores nothing.
         ranges = []
         for key in keys[present:]:
@@ -334,8 +340,10 @@ class CacheEngine:
         return LayerwiseStore(self, kv, todo, nbytes)
 
     def _seal_and_put(self, chunks: list[ChunkBuffer], nbytes: int = 0) -> None:
+        done = 0
         try:
             for c in chunks:
+                done += 1
                 try:
                     sealed = chunkmod.seal(c, self.config.codec, self.pool)
                 except Exception:  # noqa: BLE001
@@ -344,8 +352,14 @@ class CacheEngine:
                     continue
                 try:
                     self.tiers.put(sealed.key, sealed)
+                except Exception:  # noqa: BLE001 - one failed put is one future miss
+                    logger.exception("storing chunk %s failed; not storing it", c.key)
                 finally:
                     sealed.release()
+        except BaseException:
+            for c in chunks[done:]:  # interpreter shutdown or worse: give the rest back
+                c.release()
+            raise
         finally:
             self._unreserve(nbytes)
             with self._sealing_cv:

@@ -115,12 +115,14 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class SaveSpec:
-    """Store the chunks of a request's first ``end`` tokens (those not stored yet)."""
+    """Store the chunks of a request's first ``end`` tokens from ``start`` on (chunks before
+    ``start`` were stored in an earlier step; their blocks may be gone by now)."""
 
     req_id: str
     token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]
     extras: KeyExtras | None = None
+    start: int = 0
 
     @property
     def end(self) -> int:

@@ -234,8 +234,11 @@ class VLLMScheduler:
         return self._sources.pop(request_id, {})
 
     # -- the step plan ----------------------------------------------------------------------------
-    def _maybe_save(self, tr: _Tracker, computed_end: int, out: list[SaveSpec]) -> None:
-        """Store the prompt's chunks that are computed by the end of this step."""
+    def _maybe_save(self, tr: _Tracker, computed_end: int, out: list[SaveSpec], null_block: int = 0) -> None:
+        """Store the prompt's chunks that are computed by the end of this step.
+
+        A block table entry that is vLLM's null block (a sliding-window layer's block freed
+        outside the window) holds no KV of this request: those chunks are never stored."""
         if not self.can_save:
             return
         n = len(tr.prompt)
@@ -250,7 +253,14 @@ class VLLMScheduler:
             logger.warning("lmcache-core: request %s has %d blocks for %d tokens; not storing",
                            tr.req_id, len(tr.block_ids), end)
             return
-        out.append(SaveSpec(tr.req_id, tuple(tr.prompt[:end]), tuple(tr.block_ids), tr.extras))
+        first = tr.saved // self.block_size
+        last = (end - 1) // self.block_size
+        if null_block in tr.block_ids[first : last + 1]:
+            logger.info("lmcache-core: request %s: tokens [%d, %d) lie in freed (null) blocks; not storing them",
+                        tr.req_id, tr.saved, end)
+            tr.saved = n  # the chain of later chunks depends on these: the rest is not stored either
+            return
+        out.append(SaveSpec(tr.req_id, tuple(tr.prompt[:end]), tuple(tr.block_ids), tr.extras, tr.saved))
         tr.saved = end
         self._save_issued.add(tr.req_id)
 
@@ -267,7 +277,7 @@ class VLLMScheduler:
             extras = self._extras[new.req_id]
             tr = _Tracker(new.req_id, prompt, list(new.block_ids[0]) if new.block_ids else [], extras)
             self._trackers[new.req_id] = tr
-            self._maybe_save(tr, new.num_computed_tokens + scheduled.get(new.req_id, 0), saves)
+            self._maybe_save(tr, new.num_computed_tokens + scheduled.get(new.req_id, 0), saves, null_block)
         cached = scheduler_output.scheduled_cached_reqs
         resumed = getattr(cached, "resumed_req_ids", set())
         for i, req_id in enumerate(cached.req_ids):
@@ -279,7 +289,7 @@ class VLLMScheduler:
                 tr.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 tr.block_ids.extend(new_ids[0])
-            self._maybe_save(tr, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), saves)
+            self._maybe_save(tr, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), saves, null_block)
         loads = tuple(self._loads.values())
         self._loads.clear()
         preempted = tuple(getattr(scheduler_output, "preempted_req_ids", None) or ())

@@ -189,7 +189,8 @@ class VLLMWorker:
             for spec in self.plan.saves:
                 before = self.engine.dropped_stores
                 try:
-                    task = self.engine.start_store(spec.token_ids, self.kv, spec.block_ids, extras=spec.extras)
+                    task = self.engine.start_store(spec.token_ids, self.kv, spec.block_ids, extras=spec.extras,
+                                                   skip_tokens=spec.start)
                 except Exception:  # noqa: BLE001 - a failed store is a future miss
                     logger.exception("lmcache-core: store of request %s failed", spec.req_id)
                     self._stats.add(store_errors=1)

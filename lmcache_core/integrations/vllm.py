@@ -170,6 +170,14 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self.config.check_block_size(self.block_size)
         self.model = vllm_model_fingerprint(vllm_config, self.config.model or None)
         self._spec, self._layer_names = self._attention_spec(kv_cache_config)
+        window = getattr(self._spec, "sliding_window", None)
+        if window and int(window) < self.config.chunk_size:
+            # vLLM frees blocks behind the window while a request is prefilled; a chunk must
+            # still be whole when it completes.
+            raise ConfigError(
+                f"lmcache-core: chunk_size {self.config.chunk_size} is larger than the model's sliding window "
+                f"{window}; set chunk_size to at most {int(window) // self.block_size * self.block_size}"
+            )
         self.use_mla = type(self._spec).__name__.startswith("MLA") or bool(
             getattr(vllm_config.model_config, "use_mla", False))
         par = vllm_config.parallel_config

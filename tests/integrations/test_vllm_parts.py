@@ -239,3 +239,159 @@ def test_scheduler_hit_is_capped_and_async_outside_the_fast_tier(engines: tuple[
     sync = VLLMScheduler(reader, N, ConnectorOptions(async_load="false"))
     assert sync.get_num_new_matched_tokens(req, 0) == (79, False)
     assert VLLMScheduler(reader, N, ConnectorOptions(), can_load=False).get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+# -- per-request key extras, as vLLM's Request objects carry them ------------------------------------
+@dataclass
+class Lora:
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+@dataclass
+class Placeholder:
+    offset: int
+    length: int
+
+
+@dataclass
+class MMFeature:
+    identifier: str
+    mm_position: Placeholder
+
+
+@dataclass
+class RichRequest(FakeRequest):
+    lora_request: Lora | None = None
+    cache_salt: str | None = None
+    mm_features: list[MMFeature] = field(default_factory=list)
+
+
+def test_request_extras_follow_vllms_extra_keys() -> None:
+    from lmcache_core.integrations._vllm_scheduler import request_extras
+
+    prompt = list(range(64))
+    plain = request_extras(RichRequest("p", prompt), 32)
+    assert plain is None
+    lora = request_extras(RichRequest("l", prompt, lora_request=Lora("sql", 1, "/a/sql")), 32)
+    assert lora is not None and lora.adapter == ("sql", "/a/sql", "1")
+    salted = request_extras(RichRequest("s", prompt, cache_salt="abc"), 32)
+    assert salted is not None and salted.cache_salt == "abc"
+    mm = request_extras(RichRequest("m", prompt, mm_features=[MMFeature("img", Placeholder(40, 10))]), 32)
+    assert mm is not None and mm.mm[0].offset == 40
+    with pytest.raises(ValueError, match="multimodal"):
+        request_extras(RichRequest("x", prompt, mm_features=[MMFeature(None, Placeholder(0, 1))]), 32)  # type: ignore[arg-type]
+
+
+def test_adapters_and_salts_never_share_chunks_through_the_connector(engines: tuple[CacheEngine, CacheEngine]
+                                                                      ) -> None:
+    writer, reader = engines
+    w = _worker(writer, cpu_attn_caches(6), async_save=False)
+    prompt = list(range(1, 81))
+    sw = VLLMScheduler(writer, N, ConnectorOptions())
+    a = RichRequest("a", prompt, lora_request=Lora("a", 1, "/a"))
+    sw.update_state_after_alloc(a, [1, 2, 3, 4, 5], 0)
+    plan = sw.build_plan(Output([NewReq("a", prompt, ([1, 2, 3, 4, 5],), 0)], Cached(), {"a": 80}))
+    assert plan.saves and plan.saves[0].extras is not None
+    _step(w, plan)
+    writer.flush()
+    sr = VLLMScheduler(reader, N, ConnectorOptions())
+    assert sr.get_num_new_matched_tokens(RichRequest("q1", prompt, lora_request=Lora("a", 1, "/a")), 0)[0] == 79
+    assert sr.get_num_new_matched_tokens(RichRequest("q2", prompt, lora_request=Lora("b", 2, "/b")), 0) == (0, False)
+    assert sr.get_num_new_matched_tokens(RichRequest("q3", prompt), 0) == (0, False)
+    assert sr.get_num_new_matched_tokens(RichRequest("q4", prompt, cache_salt="x"), 0) == (0, False)
+
+
+def test_remote_lookups_answer_none_until_known(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    import time
+
+    sched = VLLMScheduler(engines[0], N, ConnectorOptions(async_lookup="true"))
+    release = __import__("threading").Event()
+    real = engines[0].lookup
+
+    def slow(*a, **k):  # a remote tier that answers late
+        release.wait(5)
+        return real(*a, **k)
+
+    engines[0].lookup = slow  # type: ignore[method-assign]
+    try:
+        req = FakeRequest("r", list(range(64)))
+        assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
+        assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # still under way; never blocks
+        release.set()
+        deadline = time.time() + 5
+        while (got := sched.get_num_new_matched_tokens(req, 0))[0] is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert got == (0, False)
+    finally:
+        engines[0].lookup = real  # type: ignore[method-assign]
+        sched.close()
+
+
+def test_freed_null_blocks_are_never_stored(engines: tuple[CacheEngine, CacheEngine]) -> None:
+    """A sliding-window layer's out-of-window block is vLLM's null block: no chunk reads it."""
+    sched = VLLMScheduler(engines[0], N, ConnectorOptions())
+    prompt = list(range(96))
+    sched.update_state_after_alloc(FakeRequest("r", prompt), [], 0)
+    plan = sched.build_plan(Output([NewReq("r", prompt, ([1, 2, 3, 4],), 0)], Cached(), {"r": 64}), null_block=0)
+    assert [s.end for s in plan.saves] == [64]
+    # Next step: only the new chunk is gathered (the first one's blocks may be gone by now).
+    plan = sched.build_plan(Output([], Cached(["r"], set(), [([5, 6],)], [64]), {"r": 32}), null_block=0)
+    assert plan.saves and plan.saves[0].start == 64
+    sched.update_state_after_alloc(FakeRequest("z", prompt), [], 0)
+    plan = sched.build_plan(Output([NewReq("z", prompt, ([0, 2, 3, 4, 5, 6],), 0)], Cached(), {"z": 96}),
+                            null_block=0)
+    assert plan.saves == ()
+
+
+@pytest.mark.parametrize("where", ["wait_layer", "save_layer"])
+def test_worker_faults_become_load_errors_and_dropped_stores(engines: tuple[CacheEngine, CacheEngine],
+                                                             where: str) -> None:
+    src_engine, dst_engine = engines
+    src = _worker(src_engine, cpu_attn_caches(1), async_save=False)
+    tokens = tuple(range(1, 65))
+    _step(src, StepPlan(saves=(SaveSpec("s", tokens, (0, 1, 2, 3)),)))
+    src_engine.flush()
+    dst = _worker(dst_engine, cpu_attn_caches(2), async_save=False)
+    calls = {"n": 0}
+    if where == "wait_layer":
+        real = dst_engine.device.scatter_many
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("injected scatter fault")
+            return real(*a, **k)
+
+        dst_engine.device.scatter_many = flaky  # type: ignore[method-assign]
+        plan = StepPlan(loads=(LoadSpec("l", tokens, (4, 5, 6, 7), 0, 63),))
+    else:
+        real = dst_engine.device.gather_many
+
+        def flaky(*a, **k):
+            raise RuntimeError("injected gather fault")
+
+        dst_engine.device.gather_many = flaky  # type: ignore[method-assign]
+        plan = StepPlan(saves=(SaveSpec("t", tuple(range(500, 564)), (8, 9, 10, 11)),))
+    try:
+        _step(dst, plan)  # never raises into the forward pass
+    finally:
+        del dst_engine.device.__dict__["scatter_many" if where == "wait_layer" else "gather_many"]
+    dst_engine.flush()
+    stats = dst.take_stats()
+    if where == "wait_layer":
+        assert dst.load_errors() == {4, 5, 6, 7} and stats["load_failed_tokens"] == 63
+    else:
+        assert stats["store_errors"] == 1 and dst_engine.lookup(tuple(range(500, 564))).hit_tokens == 0
+    assert dst_engine.inflight_bytes() == 0
+    held = len(dst_engine.tiers.tiers[0].store._chunks)
+    assert dst_engine.pool.live_count() == held
+
+
+def test_failure_policy_option() -> None:
+    options, _ = load_config({"load_failure_policy": "fail", "tiers": ["memory://"]})
+    assert options.load_failure_policy == "fail"
+    assert load_config({"tiers": ["memory://"]})[0].load_failure_policy == "recompute"
+    with pytest.raises(ConfigError, match="load_failure_policy"):
+        load_config({"load_failure_policy": "retry"})
