@@ -35,6 +35,11 @@ class LRUIndex(Generic[K]):
         self._sizes[key] = size
         self.used += size
 
+    def replace(self, items: "Iterable[tuple[K, int]]") -> None:
+        """Forget every entry and take ``items`` (least recent first); pins are kept."""
+        self._sizes = OrderedDict(items)
+        self.used = sum(self._sizes.values())
+
     def touch(self, key: K) -> bool:
         if key in self._sizes:
             self._sizes.move_to_end(key)
@@ -69,6 +74,22 @@ class LRUIndex(Generic[K]):
 
     def pinned(self, key: K) -> bool:
         return key in self._pins
+
+    def pick(self, need: int) -> tuple[list[K], int]:
+        """Least recent unpinned keys whose sizes add up to ``need`` bytes, and that sum;
+        fewer when there are not enough (the sum then falls short of ``need``)."""
+        victims: list[K] = []
+        got = 0
+        if need <= 0:
+            return victims, got
+        for key, ksize in self._sizes.items():
+            if key in self._pins:
+                continue
+            victims.append(key)
+            got += ksize
+            if got >= need:
+                break
+        return victims, got
 
     def make_room(self, size: int) -> list[K] | None:
         """Victims (least recent first, never pinned) that free room for ``size`` bytes,
