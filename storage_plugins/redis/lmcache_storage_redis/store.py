@@ -9,6 +9,15 @@ then payload) under ``<prefix>/<namespace-hex>/<digest-hex>``, so two models or
 tenants never share a key and a foreign or damaged value fails verification
 (:class:`~lmcache_core.errors.ChunkError`; the tier stack counts and deletes it).
 
+Writes never upload a value another instance already wrote: a put asks first
+which keys exist (``EXISTS``, or ``EXPIRE`` when a ``ttl`` is set, which also
+renews a present value's expiry as the old overwrite did), in one pipeline for
+a batch, then sends ``SET ... NX`` for the others, so a writer that loses a race
+leaves the first value in place. ``writes``/``bytes_written`` count values
+this store set, ``skipped_writes`` the puts that found the value there. ``clear()``
+scans exactly ``<prefix>/<32 hex>/<32 hex>`` (the prefix's glob characters
+escaped), for the namespaces this store used unless told otherwise.
+
 Copies, per chunk:
 
 - put: none here. The client is given the image as a ``memoryview`` and a
@@ -35,9 +44,10 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from lmcache_core.chunk import ChunkBuffer
 from lmcache_core.errors import ConfigError
@@ -187,6 +197,11 @@ class RespStore(ByteStore):
         # redis-py >= 5.3 deprecates get_connection("GET"); valkey-py still requires the name.
         params = inspect.signature(self._mod.connection.ConnectionPool.get_connection).parameters
         self._get_conn_no_args = params["command_name"].default is not inspect.Parameter.empty
+        self._namespaces: set[bytes] = set()  # what clear() deletes by default
+        self._counts = threading.Lock()
+        self.writes = 0  # values this store SET
+        self.bytes_written = 0
+        self.skipped_writes = 0  # puts of a value some instance had already written (not uploaded again)
 
     @classmethod
     def from_url(cls, url: str, context: StoreContext) -> "RespStore":
@@ -243,11 +258,29 @@ class RespStore(ByteStore):
         return f"{self.options.prefix}/{key.path}"
 
     # -- ByteStore ----------------------------------------------------------------------------
+    def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
+        return self.put_many([(key, chunk)])[0]
+
     def _write(self, key: ChunkKey, image: memoryview, chunk: ChunkBuffer) -> None:
-        # `image` is a view of the caller's pooled buffer; the packer sends it as is (no copy).
-        self.client.set(self.key_name(key), image, ex=self.options.ttl)
+        self.put(key, chunk)
+
+    def _present(self, names: Sequence[str]) -> list[bool]:
+        """Which values exist: EXISTS, or with a ttl EXPIRE (which also renews a present value's
+        expiry, as the SET it replaces did). One round trip for the batch."""
+        ttl = self.options.ttl
+        if len(names) == 1:
+            n = self.client.expire(names[0], ttl) if ttl else self.client.exists(names[0])
+            return [bool(n)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                if ttl:
+                    pipe.expire(name, ttl)
+                else:
+                    pipe.exists(name)
+            return [bool(n) for n in pipe.execute()]
 
     def _read(self, key: ChunkKey, alloc: Any) -> tuple[PooledBuffer, int] | None:
+        self._namespaces.add(key.namespace)
         if self.options.mode == "cluster" or not self.options.direct_read:
             return self._land(self.client.get(self.key_name(key)), alloc)
         for attempt in (0, 1):
@@ -297,14 +330,43 @@ class RespStore(ByteStore):
         return buf, n
 
     def put_many(self, items: Sequence[tuple[ChunkKey, ChunkBuffer]]) -> list[bool]:
-        """SETs in pipelines of ``batch`` commands (one round trip per batch)."""
+        """Upload only what no instance wrote yet: one round trip asks which keys exist, one
+        more sends ``SET NX`` for the others (NX settles a race with another writer). Values
+        found present count in ``skipped_writes``, never in ``writes``/``bytes_written``."""
         b = self.options.batch
         for i in range(0, len(items), b):
-            with self.client.pipeline(transaction=False) as pipe:
-                for key, chunk in items[i : i + b]:
-                    pipe.set(self.key_name(key), chunk.image(), ex=self.options.ttl)
-                pipe.execute()
+            part = items[i : i + b]
+            names = [self.key_name(key) for key, _ in part]
+            for key, _ in part:
+                self._namespaces.add(key.namespace)
+            todo = [(n, c) for n, (_, c), present in zip(names, part, self._present(names)) if not present]
+            skipped = len(part) - len(todo)
+            written = nbytes = 0
+            if len(todo) == 1:
+                # `image` is a view of the caller's pooled buffer; the packer sends it as is (no copy).
+                name, chunk = todo[0]
+                results = [self.client.set(name, chunk.image(), nx=True, ex=self.options.ttl)]
+            elif todo:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for name, chunk in todo:
+                        pipe.set(name, chunk.image(), nx=True, ex=self.options.ttl)
+                    results = pipe.execute()
+            else:
+                results = []
+            for (_, chunk), ok in zip(todo, results):
+                if ok:
+                    written += 1
+                    nbytes += chunk.header.image_len
+                else:
+                    skipped += 1  # another instance set it between our check and our SET
+            self._count(written, nbytes, skipped)
         return [True] * len(items)
+
+    def _count(self, written: int, nbytes: int, skipped: int) -> None:
+        with self._counts:
+            self.writes += written
+            self.bytes_written += nbytes
+            self.skipped_writes += skipped
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkBuffer | None]:
         """GETs in pipelines of ``batch``; each value verified like ``get`` (a bad one raises ChunkError
@@ -314,6 +376,7 @@ class RespStore(ByteStore):
         out: list[ChunkBuffer | None] = []
         pool = self.context.pool
         b = self.options.batch
+        self._namespaces.update(k.namespace for k in keys)
         try:
             for i in range(0, len(keys), b):
                 with self.client.pipeline(transaction=False) as pipe:
@@ -374,16 +437,29 @@ class RespStore(ByteStore):
             return Usage(0, None, 0)
         return Usage(used, sum(caps) if all(caps) else None, items)
 
-    def clear(self) -> None:
-        """Delete every key under this tier's prefix (SCAN, never KEYS)."""
-        batch: list[str] = []
-        for name in self.client.scan_iter(match=f"{self.options.prefix}/*", count=1000):
-            batch.append(name)
-            if len(batch) >= 500:
+    def clear(self, namespace: bytes | Iterable[bytes] | None = None, *, all_namespaces: bool = False) -> None:
+        """Delete the chunks of ``namespace`` (one id or several), by default of the namespaces this
+        store wrote or read; ``all_namespaces`` deletes every chunk under exactly this prefix.
+        SCAN (never KEYS) with the prefix's glob characters escaped, and each name checked again:
+        prefix ``lmcache`` never touches ``lmcache/team-b/...``, prefix ``p*`` never ``pq/...``."""
+        if all_namespaces:
+            patterns = [chunk_pattern(self.options.prefix)]
+        else:
+            targets = _namespace_ids(namespace, self._namespaces)
+            patterns = [chunk_pattern(self.options.prefix, ns) for ns in sorted(targets)]
+            self._namespaces -= targets
+        ours = chunk_name_regex(self.options.prefix)
+        for pattern in patterns:
+            batch: list[Any] = []
+            for name in self.client.scan_iter(match=pattern, count=1000):
+                if not ours.fullmatch(name if isinstance(name, bytes) else name.encode()):
+                    continue
+                batch.append(name)
+                if len(batch) >= 500:
+                    self._unlink(batch)
+                    batch = []
+            if batch:
                 self._unlink(batch)
-                batch = []
-        if batch:
-            self._unlink(batch)
 
     def _unlink(self, names: list[Any]) -> None:
         with self.client.pipeline(transaction=False) as pipe:
@@ -453,8 +529,36 @@ def _read_bulk_into(sock: Any, alloc: Any) -> tuple[PooledBuffer, int] | None | 
     return buf, n
 
 
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+_HEX32 = "[0-9a-f]" * 32
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern (``*``, ``?``, ``[``, ``]`` and ``\\`` escaped)."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def chunk_pattern(prefix: str, namespace: bytes | None = None) -> str:
+    """MATCH pattern of exactly this prefix's chunk names (of one namespace, if given)."""
+    ns = namespace.hex() if namespace is not None else _HEX32
+    return f"{glob_escape(prefix)}/{ns}/{_HEX32}"
+
+
+def chunk_name_regex(prefix: str) -> re.Pattern[bytes]:
+    return re.compile(re.escape(prefix.encode()) + rb"/[0-9a-f]{32}/[0-9a-f]{32}")
+
+
+def _namespace_ids(namespace: bytes | Iterable[bytes] | None, used: set[bytes]) -> set[bytes]:
+    if namespace is None:
+        return set(used)
+    if isinstance(namespace, (bytes, bytearray)):
+        return {bytes(namespace)}
+    return {bytes(ns) for ns in namespace}
+
+
 class RedisStore(RespStore):
     """The ``redis://``, ``rediss://``, ``unix://`` and ``redis+cluster://`` tiers (redis-py)."""
 
 
-__all__ = ["ClientLib", "REDIS_LIB", "RedisStore", "RespOptions", "RespStore", "parse_options"]
+__all__ = ["ClientLib", "REDIS_LIB", "RedisStore", "RespOptions", "RespStore", "chunk_pattern", "glob_escape",
+           "parse_options"]
