@@ -23,17 +23,29 @@ Copies, per chunk:
 
 ``ttl=SECONDS`` makes objects older than that a miss (and deletes them); S3
 has no per-object expiry, so pair it with a bucket lifecycle rule to reclaim space.
+
+Writes never upload an object another instance already wrote: a put HEADs the
+key first (in parallel for a batch) and uploads only a missing or expired one,
+with ``If-None-Match: *`` on the PUT or on completing a multipart upload
+(``conditional=true``, the default), so a writer that loses a race leaves the
+first object in place (412, counted as skipped). A server that answers the
+condition with NotImplemented makes the store fall back to plain PUTs, logged
+once. ``writes``/``bytes_written`` count objects this store uploaded,
+``skipped_writes`` the puts that found the object there. ``clear()`` and
+``usage()`` take only ``<prefix>/<32 hex>/<32 hex>`` objects (never a longer
+prefix's), ``clear()`` only the namespaces this store used unless told otherwise.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from lmcache_core.chunk import ChunkBuffer
 from lmcache_core.errors import ConfigError
@@ -46,7 +58,7 @@ logger = logging.getLogger(__name__)
 OPTIONS = (
     "endpoint_url", "region", "path_style", "profile", "access_key_id", "secret_access_key", "session_token",
     "multipart_threshold", "part_size", "concurrency", "max_attempts", "connect_timeout", "read_timeout",
-    "ttl", "create_bucket",
+    "ttl", "create_bucket", "conditional",
 )
 MIN_PART = 5 << 20  # S3's smallest multipart part (except the last)
 
@@ -70,6 +82,7 @@ class S3Options:
     read_timeout: float
     ttl: int | None
     create_bucket: bool
+    conditional: bool = True
 
     @classmethod
     def from_url(cls, url: str) -> "S3Options":
@@ -96,6 +109,7 @@ class S3Options:
             connect_timeout=u.float_option("connect_timeout", 2.0),
             read_timeout=u.float_option("read_timeout", 30.0), ttl=ttl,
             create_bucket=u.bool_option("create_bucket", False),
+            conditional=u.bool_option("conditional", True),
         )
         if opts.concurrency < 1 or opts.max_attempts < 1:
             raise ConfigError(f"{url}: concurrency and max_attempts must be >= 1")
@@ -156,6 +170,12 @@ class S3Store(ByteStore):
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self._bucket_checked = False
+        self._conditional = options.conditional  # turned off when the server does not support it
+        self._namespaces: set[bytes] = set()  # what clear() deletes by default
+        self._counts = threading.Lock()
+        self.writes = 0  # objects this store uploaded
+        self.bytes_written = 0
+        self.skipped_writes = 0  # puts of an object some instance had already written (not uploaded)
 
     @classmethod
     def from_url(cls, url: str, context: StoreContext) -> "S3Store":
@@ -214,15 +234,60 @@ class S3Store(ByteStore):
                     and (datetime.now(timezone.utc) - last_modified).total_seconds() > ttl)
 
     # -- writes --------------------------------------------------------------------------------
-    def _write(self, key: ChunkKey, image: memoryview, chunk: ChunkBuffer) -> None:
-        name = self.object_key(key)
-        if len(image) <= self.options.multipart_threshold:
-            self.client.put_object(Bucket=self.options.bucket, Key=name, Body=ViewReader(image),
-                                   ContentLength=len(image))
-        else:
-            self._multipart(name, image)
+    def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
+        return self.put_many([(key, chunk)])[0]
 
-    def _multipart(self, name: str, image: memoryview) -> None:
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkBuffer]]) -> list[bool]:
+        """HEAD every key (in parallel), upload the missing and expired ones one by one."""
+        if not items:
+            return []
+        for key, _ in items:
+            self._namespaces.add(key.namespace)
+        keys = [k for k, _ in items]
+        states = [self._state(keys[0])] if len(keys) == 1 else list(self._executor().map(self._state, keys))
+        for (key, chunk), state in zip(items, states):
+            if state == "fresh":
+                self._count(skipped=1)
+                continue
+            # An expired object is overwritten: a conditional put would keep the stale one forever.
+            if self._upload(key, chunk.image(), conditional=self._conditional and state == "missing"):
+                self._count(written=1, nbytes=chunk.header.image_len)
+            else:
+                self._count(skipped=1)
+        return [True] * len(items)
+
+    def _write(self, key: ChunkKey, image: memoryview, chunk: ChunkBuffer) -> None:
+        self.put(key, chunk)
+
+    def _count(self, written: int = 0, nbytes: int = 0, skipped: int = 0) -> None:
+        with self._counts:
+            self.writes += written
+            self.bytes_written += nbytes
+            self.skipped_writes += skipped
+
+    def _upload(self, key: ChunkKey, image: memoryview, conditional: bool) -> bool:
+        """Upload ``image``; False when the condition failed (another writer's object is there)."""
+        name = self.object_key(key)
+        try:
+            if len(image) <= self.options.multipart_threshold:
+                extra = {"IfNoneMatch": "*"} if conditional else {}
+                self.client.put_object(Bucket=self.options.bucket, Key=name, Body=ViewReader(image),
+                                       ContentLength=len(image), **extra)
+            else:
+                self._multipart(name, image, conditional)
+        except Exception as exc:
+            code = self._code(exc)
+            if conditional and code in _LOST_RACE:
+                return False
+            if conditional and code in _UNSUPPORTED:
+                logger.warning("tier %s: %s does not support conditional puts (%s); uploading "
+                               "unconditionally", self.name, self.options.describe(), code)
+                self._conditional = False
+                return self._upload(key, image, conditional=False)
+            raise
+        return True
+
+    def _multipart(self, name: str, image: memoryview, conditional: bool = False) -> None:
         b, size = self.options.bucket, self.options.part_size
         upload = self.client.create_multipart_upload(Bucket=b, Key=name)["UploadId"]
         try:
@@ -234,8 +299,9 @@ class S3Store(ByteStore):
                 return {"PartNumber": n, "ETag": r["ETag"]}
 
             parts = list(self._executor().map(lambda t: part(*t), ranges))
+            extra = {"IfNoneMatch": "*"} if conditional else {}
             self.client.complete_multipart_upload(Bucket=b, Key=name, UploadId=upload,
-                                                  MultipartUpload={"Parts": parts})
+                                                  MultipartUpload={"Parts": parts}, **extra)
         except BaseException:
             try:
                 self.client.abort_multipart_upload(Bucket=b, Key=name, UploadId=upload)
@@ -245,6 +311,7 @@ class S3Store(ByteStore):
 
     # -- reads ---------------------------------------------------------------------------------
     def _read(self, key: ChunkKey, alloc: Any) -> tuple[PooledBuffer, int] | None:
+        self._namespaces.add(key.namespace)
         b, name, size = self.options.bucket, self.object_key(key), self.options.part_size
         try:
             first = self.client.get_object(Bucket=b, Key=name, Range=f"bytes=0-{size - 1}")
@@ -284,13 +351,17 @@ class S3Store(ByteStore):
         return list(self._executor().map(self._head, keys))
 
     def _head(self, key: ChunkKey) -> bool:
+        return self._state(key) == "fresh"
+
+    def _state(self, key: ChunkKey) -> str:
+        """``missing``, ``fresh`` or ``expired`` (older than ``ttl``), from one HEAD."""
         try:
             r = self.client.head_object(Bucket=self.options.bucket, Key=self.object_key(key))
         except Exception as exc:
             if self._is_missing(exc):
-                return False
+                return "missing"
             raise
-        return not self._expired(r.get("LastModified"))
+        return "expired" if self._expired(r.get("LastModified")) else "fresh"
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         """Delete keys; returns how many existed (S3 deletes report success for absent keys, so
@@ -333,12 +404,16 @@ class S3Store(ByteStore):
             return Health(False, f"{self.options.describe()}: {type(exc).__name__}: {exc}")
         return Health(True)
 
-    def _list(self) -> list[tuple[str, int]]:
-        prefix = f"{self.options.prefix}/" if self.options.prefix else ""
+    def _list(self, namespace: bytes | None = None) -> list[tuple[str, int]]:
+        """(key, size) of exactly this prefix's chunk objects (of one namespace, if given); a
+        longer prefix's objects (``<prefix>/team-b/...``) are not ours."""
+        base = f"{self.options.prefix}/" if self.options.prefix else ""
+        ours = re.compile(re.escape(base) + "[0-9a-f]{32}/[0-9a-f]{32}")
+        listed = base + (f"{namespace.hex()}/" if namespace is not None else "")
         out: list[tuple[str, int]] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.options.bucket,
-                                                                          Prefix=prefix):
-            out.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", []))
+                                                                          Prefix=listed):
+            out.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", []) if ours.fullmatch(o["Key"]))
         return out
 
     def usage(self) -> Usage:
@@ -350,8 +425,20 @@ class S3Store(ByteStore):
             return Usage(0, None, 0)
         return Usage(sum(s for _, s in objs), None, len(objs))
 
-    def clear(self) -> None:
-        names = [n for n, _ in self._list()]
+    def clear(self, namespace: bytes | Iterable[bytes] | None = None, *, all_namespaces: bool = False) -> None:
+        """Delete the chunks of ``namespace`` (one id or several), by default of the namespaces this
+        store wrote or read; ``all_namespaces`` deletes every chunk object under exactly this prefix."""
+        if all_namespaces:
+            names = [n for n, _ in self._list()]
+        else:
+            if namespace is None:
+                targets = set(self._namespaces)
+            elif isinstance(namespace, (bytes, bytearray)):
+                targets = {bytes(namespace)}
+            else:
+                targets = {bytes(ns) for ns in namespace}
+            names = [n for ns in sorted(targets) for n, _ in self._list(ns)]
+            self._namespaces -= targets
         if names:
             list(self._executor().map(lambda n: self._delete_names([n]), names))
 
@@ -367,6 +454,10 @@ class S3Store(ByteStore):
                 client.close()
             except Exception as exc:  # noqa: BLE001
                 logger.debug("closing %s: %s", self.name, exc)
+
+
+_LOST_RACE = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+_UNSUPPORTED = ("NotImplemented", "501")
 
 
 def _total_length(resp: dict[str, Any]) -> int:
