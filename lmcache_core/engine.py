@@ -12,7 +12,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import chunk as chunkmod
 from .chunk import ChunkBuffer
@@ -25,7 +25,7 @@ from .memory import BufferPool
 from .metrics import Metrics, serve
 from .plugins import PluginManager, get_plugin_manager
 from .storage import Store, StoreContext
-from .tiers import TierStack
+from .tiers import Presence, TierStack
 
 if TYPE_CHECKING:
     import torch
@@ -157,6 +157,11 @@ class CacheEngine:
         #: Namespaces a lookup must also find every chunk in (the other TP ranks / PP stages,
         #: set by a scheduler that plans loads for all of them).
         self.peer_namespaces: tuple[Namespace, ...] = ()
+        #: Chunks another process holds in its memory tier and will load from there (vLLM's
+        #: worker, seen by the scheduler through the connector's worker metadata): a lookup
+        #: counts a leading run of them as hits of tier ``hint_tier``.
+        self.presence_hint: Callable[[Sequence[ChunkKey]], list[bool]] | None = None
+        self.hint_tier = "memory"
         # Host bytes of chunks in flight (gathered, not yet handed to the tiers; fetched for a
         # load, not yet scattered): bounded so a slow tier or a burst never grows memory.
         self.max_inflight_bytes = self.config.max_inflight_bytes
@@ -198,13 +203,13 @@ class CacheEngine:
         from eviction until :meth:`release` (or a retrieve given this result) ends. With
         ``peer_namespaces`` set, a chunk counts only when every shard holds it."""
         keys = self.keys(tokens, extras)
-        presence = self.tiers.lookup(keys)
+        presence = self._presence(keys)
         hits = presence.hits
         for ns in self.peer_namespaces:
             if not hits:
                 break
-            hits = min(hits, self.tiers.lookup(self.keys(tokens, extras, namespace=ns)[:hits]).hits)
-        presence = type(presence)(hits, presence.tiers[:hits])
+            hits = min(hits, self._presence(self.keys(tokens, extras, namespace=ns)[:hits]).hits)
+        presence = Presence(hits, presence.tiers[:hits])
         hit_keys = tuple(keys[:hits])
         if pin and hit_keys:
             self.tiers.pin(hit_keys)
@@ -212,6 +217,20 @@ class CacheEngine:
         self.metrics.lookups.inc()
         self.metrics.lookup_tokens.inc(len(keys) and sum(k.num_tokens for k in keys))
         return result
+
+    def _presence(self, keys: Sequence[ChunkKey]) -> Presence:
+        """Longest present prefix: first the chunks the hint says another process holds in
+        memory, then the tiers for the rest."""
+        hinted = 0
+        if self.presence_hint is not None and keys:
+            for ok in self.presence_hint(keys):
+                if not ok:
+                    break
+                hinted += 1
+        if not hinted:
+            return self.tiers.lookup(keys)
+        rest = self.tiers.lookup(keys[hinted:]) if hinted < len(keys) else Presence(0, ())
+        return Presence(hinted + rest.hits, (self.hint_tier,) * hinted + rest.tiers)
 
     def release(self, lookup: LookupResult) -> None:
         if lookup.pinned:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Sequence
 
 from ..chunk import ChunkBuffer
@@ -11,6 +12,36 @@ from ..storage import Store, StoreCapabilities, StoreContext, Usage, parse_url
 from .lru import LRUIndex
 
 logger = logging.getLogger(__name__)
+
+
+class PresenceJournal:
+    """What a memory tier gained and lost since the last ``drain``, for a process that cannot
+    see this one's memory (vLLM's scheduler when its worker runs elsewhere). Bounded: past
+    ``limit`` entries it forgets them and says ``reset`` (the reader drops its mirror)."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._added: list[bytes] = []
+        self._removed: list[bytes] = []
+        self._reset = False
+
+    def record(self, added: Sequence[ChunkKey] = (), removed: Sequence[ChunkKey] = ()) -> None:
+        with self._lock:
+            if self._reset:
+                return
+            self._added += [k.to_bytes() for k in added]
+            self._removed += [k.to_bytes() for k in removed]
+            if len(self._added) + len(self._removed) > self.limit:
+                self._added, self._removed, self._reset = [], [], True
+
+    def drain(self) -> tuple[list[bytes], list[bytes], bool]:
+        """``(added, removed, reset)`` since the last drain; with ``reset`` the lists are the
+        whole content after the reset is known, which the caller must rebuild from."""
+        with self._lock:
+            out = (self._added, self._removed, self._reset)
+            self._added, self._removed, self._reset = [], [], False
+            return out
 
 
 class MemoryStore(Store):
@@ -25,6 +56,15 @@ class MemoryStore(Store):
         self._index: LRUIndex[ChunkKey] = LRUIndex(capacity)
         self._chunks: dict[ChunkKey, ChunkBuffer] = {}
         self.evictions = 0
+        self.journal: PresenceJournal | None = None
+
+    def open_journal(self, limit: int = 1 << 20) -> PresenceJournal:
+        """Start recording what this tier gains and loses (its current content counts as gained)."""
+        with self._index.lock:
+            if self.journal is None:
+                self.journal = PresenceJournal(limit)
+                self.journal.record(added=list(self._chunks))
+            return self.journal
 
     @classmethod
     def from_url(cls, url: str, context: StoreContext) -> "MemoryStore":
@@ -47,14 +87,18 @@ class MemoryStore(Store):
             self.evictions += len(victims)
             self._chunks[key] = chunk.retain()
             self._index.add(key, size)
+            if self.journal is not None:
+                self.journal.record(added=(key,), removed=victims)
         if victims and self.context.on_evict:
             self.context.on_evict(self.name, len(victims))
         return True
 
-    def _drop(self, key: ChunkKey) -> bool:
+    def _drop(self, key: ChunkKey, *, journal: bool = False) -> bool:
         chunk = self._chunks.pop(key, None)
         self._index.remove(key)
         if chunk is not None:
+            if journal and self.journal is not None:
+                self.journal.record(removed=(key,))
             chunk.release()
             return True
         return False
@@ -73,7 +117,11 @@ class MemoryStore(Store):
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         with self._index.lock:
-            return sum(self._drop(k) for k in keys)
+            return sum(self._drop(k, journal=True) for k in keys)
+
+    def snapshot_keys(self) -> list[ChunkKey]:
+        with self._index.lock:
+            return list(self._chunks)
 
     def pin(self, keys: Sequence[ChunkKey]) -> None:
         self._index.pin_many(keys)
@@ -88,7 +136,7 @@ class MemoryStore(Store):
     def clear(self) -> None:
         with self._index.lock:
             for k in list(self._chunks):
-                self._drop(k)
+                self._drop(k, journal=True)
 
     def close(self) -> None:
         self.clear()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..config import Config
 from ..engine import CacheEngine
 from ..errors import ConfigError
-from ..keys import KeyExtras
+from ..keys import ChunkKey, KeyExtras
 from ..layout import ChunkGeometry
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,38 @@ class StepPlan:
     null_block: int = 0  # vLLM's never-allocated block; a sink for slots that must not be written
 
 
+# -- the workers' memory tiers, as the scheduler sees them ------------------------------------------
+class PresenceMirror:
+    """Which chunks the workers hold in their memory tiers, kept by the scheduler from the
+    journal each worker sends back with every step (vLLM's worker -> scheduler connector
+    metadata). It lets a memory-only configuration serve hits when vLLM runs the workers in
+    other processes. A stale entry costs a short load (blocks recomputed), never wrong KV:
+    the worker loads from its own tiers and verifies every chunk."""
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, set[bytes]] = {}  # namespace id -> chunk digests
+        self._lock = threading.Lock()
+
+    def apply(self, added: Sequence[bytes], removed: Sequence[bytes], reset: Sequence[bytes] = ()) -> None:
+        with self._lock:
+            for ns in reset:
+                self._keys.pop(ns, None)
+            for k in removed:
+                got = self._keys.get(k[:16])
+                if got is not None:
+                    got.discard(k[16:])
+            for k in added:
+                self._keys.setdefault(k[:16], set()).add(k[16:])
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [key.digest in self._keys.get(key.namespace, ()) for key in keys]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._keys.values())
+
+
 # -- engines shared within a process ---------------------------------------------------------------
 @dataclass
 class _Shared:
@@ -189,15 +221,14 @@ def shared_engine(geometry: ChunkGeometry, config: Config, model: str, *, shard:
         return EngineHandle(key, shared.engine)
 
 
-def warn_without_shared_tier(engine: CacheEngine, *, same_process: bool) -> bool:
-    """With the workers in other processes the scheduler cannot see their memory tier: say so
-    once at startup. Returns True when hits are possible."""
-    if same_process or any(t.store.capabilities.shared for t in engine.tiers.tiers):
+def note_without_shared_tier(engine: CacheEngine) -> bool:
+    """Say once at startup where hits can come from when no tier outlives the process."""
+    if any(t.store.capabilities.shared for t in engine.tiers.tiers):
         return True
-    logger.warning(
-        "lmcache-core: no shared tier in %s; vLLM runs its workers in other processes than the "
-        "scheduler here (tensor/pipeline parallel or the multiprocessing executor), so the scheduler "
-        "will find no hits. Add a disk:// or redis:// tier.",
+    logger.info(
+        "lmcache-core: no shared tier in %s: hits come from the workers' memory tiers (the scheduler "
+        "follows them through vLLM's worker metadata) and end with the process; add a disk:// or "
+        "redis:// tier to keep KV across restarts and instances",
         [t.name for t in engine.tiers.tiers],
     )
     return False

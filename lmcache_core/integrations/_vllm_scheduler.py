@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..keys import KeyExtras, MMItem
-from ._vllm_common import LOCAL_SCHEMES, ConnectorOptions, LoadSpec, SaveSpec, StepPlan
+from ._vllm_common import LOCAL_SCHEMES, ConnectorOptions, LoadSpec, PresenceMirror, SaveSpec, StepPlan
 
 if TYPE_CHECKING:
     from ..engine import CacheEngine
@@ -124,6 +124,12 @@ class VLLMScheduler:
         self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-vllm-lookup") \
             if self.async_lookup else None
         self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0, "lookup_errors": 0}
+        # The workers' memory tiers (other processes under TP/PP or the mp executor).
+        self.mirror = PresenceMirror()
+        if engine.presence_hint is None:
+            engine.presence_hint = self.mirror.contains
+            if self._fast_tier:
+                engine.hint_tier = self._fast_tier
 
     # -- lookups -----------------------------------------------------------------------------
     def _is_async(self, by_tier: dict[str, int]) -> bool:

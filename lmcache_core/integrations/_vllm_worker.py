@@ -85,6 +85,9 @@ class VLLMWorker:
         self._recv_inflight: set[str] = set()
         self._errors: set[int] = set()
         self._stats = _Stats()
+        fast = engine.tiers.tiers[0].store if engine.tiers.tiers else None
+        self._memory = fast if hasattr(fast, "open_journal") else None
+        self._journal = self._memory.open_journal() if self._memory is not None else None  # type: ignore[union-attr]
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="lmcache-vllm-load")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="lmcache-vllm-save")
         self._closed = False
@@ -276,6 +279,21 @@ class VLLMWorker:
         with self._lock:
             errors, self._errors = self._errors, set()
         return errors
+
+    def presence_update(self) -> tuple[list[bytes], list[bytes], list[bytes]] | None:
+        """``(added, removed, reset namespaces)`` of this worker's memory tier since the last call,
+        for the scheduler's :class:`PresenceMirror`; None when nothing changed."""
+        if self._journal is None:
+            return None
+        added, removed, reset = self._journal.drain()
+        resets: list[bytes] = []
+        if reset:  # the journal overflowed: send the whole content again
+            resets = [self.engine.namespace.id]
+            added = [k.to_bytes() for k in self._memory.snapshot_keys()]  # type: ignore[union-attr]
+            removed = []
+        if not (added or removed or resets):
+            return None
+        return added, removed, resets
 
     def take_stats(self) -> dict[str, float]:
         return self._stats.take()

@@ -32,13 +32,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..errors import ConfigError, LayoutError
 from ..keys import Namespace, model_fingerprint, shard_id
-from ._vllm_common import EngineHandle, StepPlan, load_config, shared_engine, warn_without_shared_tier
+from ._vllm_common import EngineHandle, StepPlan, load_config, note_without_shared_tier, shared_engine
 from ._vllm_layout import bind_vllm_caches, geometry_from_spec, stage_layers
 from ._vllm_scheduler import VLLMScheduler
 from ._vllm_worker import STAT_KEYS, VLLMWorker
@@ -65,6 +66,22 @@ class LMCacheCoreMetadata(KVConnectorMetadata):
     """The scheduler's plan for one step, as vLLM ships it to the workers."""
 
     plan: StepPlan = field(default_factory=StepPlan)
+
+
+@dataclass
+class LMCacheCoreWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, every step: chunk keys the worker's memory tier gained and lost (and
+    the namespaces whose journal overflowed and were sent whole), summed over workers."""
+
+    added: list[bytes] = field(default_factory=list)
+    removed: list[bytes] = field(default_factory=list)
+    reset: list[bytes] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> "LMCacheCoreWorkerMeta":
+        if not isinstance(other, LMCacheCoreWorkerMeta):
+            return self
+        return LMCacheCoreWorkerMeta(self.added + other.added, self.removed + other.removed,
+                                     self.reset + other.reset)
 
 
 @dataclass
@@ -202,7 +219,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             engine.peer_namespaces = tuple(self._shard_namespace(engine.namespace, r, s)
                                            for s in range(self.pp_size) for r in range(self.tp_size)
                                            if (r, s) != (0, 0))
-            warn_without_shared_tier(engine, same_process=one_process)
+            note_without_shared_tier(engine)
             self._scheduler = VLLMScheduler(engine, self.block_size, self.options,
                                             can_load=self.can_load, can_save=self.can_save)
         logger.info("lmcache-core connector (%s, %s): model %r, chunk layout %s, chunk_size %d, tiers %s, "
@@ -338,6 +355,15 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             return None, None
         sending, recving = self._worker.get_finished(finished_req_ids)
         return sending or None, recving or None
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        update = self._worker.presence_update() if self._worker is not None else None
+        return None if update is None else LMCacheCoreWorkerMeta(*update)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if self._scheduler is not None and isinstance(meta, LMCacheCoreWorkerMeta):
+            self._scheduler.mirror.apply(meta.added, meta.removed, meta.reset)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.load_errors() if self._worker is not None else set()

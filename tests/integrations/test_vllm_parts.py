@@ -395,3 +395,29 @@ def test_failure_policy_option() -> None:
     assert load_config({"tiers": ["memory://"]})[0].load_failure_policy == "recompute"
     with pytest.raises(ConfigError, match="load_failure_policy"):
         load_config({"load_failure_policy": "retry"})
+
+
+def test_scheduler_follows_the_workers_memory_tier_through_worker_metadata() -> None:
+    """Memory-only tiers, scheduler and worker in two processes (two engines here): the worker's
+    journal tells the scheduler what its memory holds, so the scheduler offers those hits."""
+    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+
+    geom = geometry_from_spec(L, H, D, torch.float32, False)
+    cfg = Config.from_dict({"tiers": ["memory://?capacity=64MiB"], "chunk_size": 32, "device": "cpu"})
+    worker_engine, sched_engine = CacheEngine(geom, cfg, model="m"), CacheEngine(geom, cfg, model="m")
+    w = _worker(worker_engine, cpu_attn_caches(7), async_save=False)
+    sched = VLLMScheduler(sched_engine, N, ConnectorOptions())
+    prompt = list(range(3, 83))
+    assert sched.get_num_new_matched_tokens(FakeRequest("a", prompt), 0) == (0, False)
+    _step(w, StepPlan(saves=(SaveSpec("s", tuple(prompt), (0, 1, 2, 3, 4)),)))
+    worker_engine.flush()
+    added, removed, reset = w.presence_update()
+    assert len(added) == 3 and not removed and not reset
+    sched.mirror.apply(added, removed, reset)
+    assert sched.get_num_new_matched_tokens(FakeRequest("b", prompt), 0) == (79, False)  # memory: sync load
+    assert w.presence_update() is None  # nothing new
+    worker_engine.tiers.delete(worker_engine.keys(prompt)[1:2])  # evicted on the worker
+    sched.mirror.apply(*w.presence_update())
+    assert sched.get_num_new_matched_tokens(FakeRequest("c", prompt), 0) == (32, False)
+    for e in (worker_engine, sched_engine):
+        e.close()
