@@ -381,3 +381,20 @@ def test_symlink_at_a_chunk_path_is_not_followed(tmp_path: Path, pool: BufferPoo
             s.get(key)
     finally:
         s.close()
+
+
+def test_writes_and_skips_reach_the_context_callbacks(tmp_path: Path, pool: BufferPool) -> None:
+    """What the tier stack's write metric needs (a skipped put returns True but wrote nothing)."""
+    ctx = StoreContext(pool)
+    wrote: list[tuple[str, int]] = []
+    skipped: list[tuple[str, int]] = []
+    ctx.on_write = lambda tier, n: wrote.append((tier, n))  # type: ignore[attr-defined]
+    ctx.on_skip = lambda tier, n: skipped.append((tier, n))  # type: ignore[attr-defined]
+    s = DiskStore.from_url(f"disk://{tmp_path}", ctx)
+    key = make_key(1, "cb", num_tokens=CHUNK_TOKENS)
+    try:
+        assert DiskStore.reports_writes
+        assert _put(s, pool, key) and _put(s, pool, key)
+        assert wrote == [("disk", _dir_usage(tmp_path))] and skipped == [("disk", 1)]
+    finally:
+        s.close()

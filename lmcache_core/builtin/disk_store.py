@@ -152,6 +152,10 @@ class Ledger:
 class DiskStore(ByteStore):
     schemes = ("disk", "file")
     capabilities = StoreCapabilities(persistent=True, shared=True, pinning=True)
+    #: counts its own writes (``writes``, ``bytes_written``, ``skipped_writes``) and reports them
+    #: through ``context.on_write(tier, nbytes)`` / ``context.on_skip(tier, n)`` where the engine
+    #: gives those: a put that found the file there returns True but wrote nothing
+    reports_writes = True
 
     def __init__(self, context: StoreContext, root: Path, capacity: int | None, direct: str = "auto",
                  name: str = "disk", mode: str = "private") -> None:
@@ -297,6 +301,7 @@ class DiskStore(ByteStore):
         with self._counts:
             for name, n in deltas.items():
                 setattr(self, name, getattr(self, name) + n)
+        _report(self, deltas.get("bytes_written", 0), deltas.get("skipped_writes", 0))
 
     def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
         """True when the chunk is on disk (written now or found there); False when declined."""
@@ -571,6 +576,15 @@ class DiskStore(ByteStore):
         self._closed = True
         if self._ledger is not None:
             self._ledger.close()
+
+
+def _report(store: Any, nbytes: int, skipped: int) -> None:
+    """Hand real writes and skipped ones to the engine's metrics, where its context takes them."""
+    on_write, on_skip = getattr(store.context, "on_write", None), getattr(store.context, "on_skip", None)
+    if nbytes and on_write:
+        on_write(store.name, nbytes)
+    if skipped and on_skip:
+        on_skip(store.name, skipped)
 
 
 def _set_direct(fd: int) -> None:

@@ -183,6 +183,10 @@ class RespStore(ByteStore):
     schemes = ("redis", "rediss", "unix", "redis+cluster")
     scheme_kinds = {"redis": "tcp", "rediss": "tls", "unix": "unix", "redis+cluster": "cluster"}
     capabilities = StoreCapabilities(persistent=True, shared=True, ttl=True, cluster=True)
+    #: counts its own writes (``writes``, ``bytes_written``, ``skipped_writes``) and reports them
+    #: through ``context.on_write(tier, nbytes)`` / ``context.on_skip(tier, n)`` where the engine
+    #: gives those: a put that found the value there returns True but uploaded nothing
+    reports_writes = True
     lib: ClientLib = REDIS_LIB
 
     def __init__(self, context: StoreContext, options: RespOptions, name: str | None = None) -> None:
@@ -367,6 +371,11 @@ class RespStore(ByteStore):
             self.writes += written
             self.bytes_written += nbytes
             self.skipped_writes += skipped
+        on_write, on_skip = getattr(self.context, "on_write", None), getattr(self.context, "on_skip", None)
+        if nbytes and on_write:
+            on_write(self.name, nbytes)
+        if skipped and on_skip:
+            on_skip(self.name, skipped)
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkBuffer | None]:
         """GETs in pipelines of ``batch``; each value verified like ``get`` (a bad one raises ChunkError

@@ -161,6 +161,10 @@ class S3Store(ByteStore):
 
     schemes = ("s3",)
     capabilities = StoreCapabilities(persistent=True, shared=True, ttl=True)
+    #: counts its own writes (``writes``, ``bytes_written``, ``skipped_writes``) and reports them
+    #: through ``context.on_write(tier, nbytes)`` / ``context.on_skip(tier, n)`` where the engine
+    #: gives those: a put that found the value there returns True but uploaded nothing
+    reports_writes = True
 
     def __init__(self, context: StoreContext, options: S3Options, name: str = "s3") -> None:
         super().__init__(name, context)
@@ -264,6 +268,11 @@ class S3Store(ByteStore):
             self.writes += written
             self.bytes_written += nbytes
             self.skipped_writes += skipped
+        on_write, on_skip = getattr(self.context, "on_write", None), getattr(self.context, "on_skip", None)
+        if nbytes and on_write:
+            on_write(self.name, nbytes)
+        if skipped and on_skip:
+            on_skip(self.name, skipped)
 
     def _upload(self, key: ChunkKey, image: memoryview, conditional: bool) -> bool:
         """Upload ``image``; False when the condition failed (another writer's object is there)."""
