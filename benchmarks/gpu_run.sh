@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine session: install this checkout, run the CUDA/kernel tests on the real GPU,
-# the conformance suite for device cuda (when installed), then benchmarks/gpu_transfer.py.
-# Everything lands in $OUT (default ./out): setup.log, pytest-gpu.log, conformance.log,
-# cuda-h100.json, bench.log, gpu_transfer.json. Usage: OUT=/tmp/o benchmarks/gpu_run.sh [--quick]
+# the vLLM connector's worker half (benchmarks/connector_gpu.py), the conformance suite for
+# device cuda (when installed), then benchmarks/gpu_transfer.py. Everything lands in $OUT
+# (default ./out): setup.log, pytest-gpu.log, connector.log, connector_gpu.json,
+# conformance.log, cuda-gpu.json, bench.log, gpu_transfer.json.
+# Usage: OUT=/tmp/o STEPS=tests,connector,conformance,transfer benchmarks/gpu_run.sh [--quick]
+# (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -10,6 +13,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 QUICK=${1:-}
+STEPS=${STEPS:-tests,connector,conformance,transfer}
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 {
     date -u; nvidia-smi; uname -a
@@ -22,17 +27,30 @@ QUICK=${1:-}
 echo "setup rc=$? ($(tail -n 3 "$OUT/setup.log" | tr '\n' ' '))"
 
 # GPU tests: the same files CI runs on CPU, now with the compiled kernels on the device.
-timeout 300 $PY -m pytest -q -ra -n 8 -p no:cacheprovider devices/cuda kernels >"$OUT/pytest-gpu.log" 2>&1
-echo "pytest rc=$? :: $(tail -n 1 "$OUT/pytest-gpu.log")"
-
-if [ -z "$QUICK" ] && $PY -c "import lmcache_conformance" 2>/dev/null; then
-    timeout 240 $PY -m lmcache_core.cli conformance --device cuda --report "$OUT/cuda-h100.json" \
-        >"$OUT/conformance.log" 2>&1
-    echo "conformance rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance.log" | tail -n 1)"
-else
-    echo "conformance not run (lmcache_conformance not importable or --quick)"
+if want tests; then
+    timeout 300 $PY -m pytest -q -ra -n 8 -p no:cacheprovider devices/cuda kernels >"$OUT/pytest-gpu.log" 2>&1
+    echo "pytest rc=$? :: $(tail -n 1 "$OUT/pytest-gpu.log")"
+    grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -n 20
 fi
 
-SECTIONS=ceilings,store_load,tune,overlap,ttft
-[ -n "$QUICK" ] && SECTIONS=ceilings,store_load
-timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+if want connector; then
+    timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT" >"$OUT/connector.log" 2>&1
+    echo "connector rc=$?"; tail -n 8 "$OUT/connector.log"
+fi
+
+if want conformance; then
+    if [ -z "$QUICK" ] && $PY -c "import lmcache_conformance" 2>/dev/null; then
+        timeout 240 $PY -m lmcache_core.cli conformance --device cuda --report "$OUT/cuda-gpu.json" \
+            >"$OUT/conformance.log" 2>&1
+        echo "conformance rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance.log" | tail -n 1)"
+        grep -i -E "overlap|FAIL" "$OUT/conformance.log" | head -n 10
+    else
+        echo "conformance not run (lmcache_conformance not importable or --quick)"
+    fi
+fi
+
+if want transfer; then
+    SECTIONS=ceilings,store_load,tune,overlap,ttft
+    [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
+    timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+fi

@@ -170,7 +170,9 @@ class CacheEngine:
         self.dropped_stores = 0
         self.short_loads = 0
         ctx = StoreContext(self.pool, self.config.to_dict(),
-                           on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n))
+                           on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n),
+                           on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
+                           on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n))
         self.tiers = TierStack(
             build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
             queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
@@ -498,7 +500,10 @@ class CacheEngine:
     def clear(self) -> None:
         for tier in self.tiers.tiers:
             try:
-                tier.store.clear()
+                try:
+                    tier.store.clear(namespace=self.namespace.id)
+                except TypeError:  # a plugin with the older clear() signature
+                    tier.store.clear()
             except NotImplementedError:
                 logger.info("tier %s cannot be cleared", tier.name)
 

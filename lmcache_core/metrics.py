@@ -28,6 +28,9 @@ class Metrics:
         self.corrupt = Counter("lmcache_corrupt_chunks", "Chunks that failed verification", ["tier"],
                                registry=r)
         self.evictions = Counter("lmcache_evictions", "Chunks evicted", ["tier"], registry=r)
+        self.skipped_writes = Counter("lmcache_skipped_writes",
+                                      "Puts of a chunk the tier already held (not written again)", ["tier"],
+                                      registry=r)
         self.dropped = Counter("lmcache_dropped_stores", "Stores dropped because a queue was full",
                                ["tier"], registry=r)
         self.healthy = Gauge("lmcache_tier_healthy", "1 when a tier is in use, 0 while it backs off",

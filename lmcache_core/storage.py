@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 from .chunk import ChunkBuffer, decode_image
 from .config import parse_size
@@ -58,6 +58,8 @@ class StoreContext:
     pool: "BufferPool"
     options: Mapping[str, Any] = field(default_factory=dict)
     on_evict: Any = None  # callable(tier_name, count) for metrics
+    on_write: Any = None  # callable(tier_name, nbytes): bytes a store really wrote (stores that report)
+    on_skip: Any = None  # callable(tier_name, count): puts of chunks the store already held
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ class Store(abc.ABC):
 
     schemes: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[StoreCapabilities] = StoreCapabilities()
+    #: True when the store reports its real writes and skipped puts through ``context.on_write`` /
+    #: ``context.on_skip`` (the tier stack then does not count every accepted put as a write).
+    reports_writes: ClassVar[bool] = False
 
     def __init__(self, name: str, context: StoreContext) -> None:
         self.name = name
@@ -172,8 +177,9 @@ class Store(abc.ABC):
     def health(self) -> Health:
         return Health(True)
 
-    def clear(self) -> None:
-        """Drop everything this store holds for any namespace (tests, `lmcache` admin)."""
+    def clear(self, namespace: "bytes | Iterable[bytes] | None" = None, *, all_namespaces: bool = False) -> None:
+        """Drop the chunks of ``namespace`` (by default the namespaces this store wrote or read);
+        ``all_namespaces`` drops every namespace this store's root or prefix holds."""
         raise NotImplementedError(f"{type(self).__name__} does not support clear()")
 
     def close(self) -> None:

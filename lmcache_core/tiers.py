@@ -220,7 +220,8 @@ class TierStack:
         self.metrics.stored_tokens.inc(chunk.num_tokens)
         for tier in self.tiers:
             if tier.fast:
-                if self._call(tier, "put", lambda t=tier: t.store.put(key, chunk), False):
+                if self._call(tier, "put", lambda t=tier: t.store.put(key, chunk), False) and \
+                        not tier.store.reports_writes:
                     self.metrics.bytes.labels(tier.name, "write").inc(chunk.header.image_len)
                 continue
             if not self._usable(tier):
@@ -241,7 +242,8 @@ class TierStack:
 
     def _write(self, tier: Tier, key: ChunkKey, chunk: ChunkBuffer) -> None:
         try:
-            if self._call(tier, "put", lambda: tier.store.put(key, chunk), False):
+            if self._call(tier, "put", lambda: tier.store.put(key, chunk), False) and \
+                    not getattr(tier.store, "reports_writes", False):
                 self.metrics.bytes.labels(tier.name, "write").inc(chunk.header.image_len)
         except Exception:  # noqa: BLE001 - ChunkError from a put is still only a failed write
             self.metrics.errors.labels(tier.name, "put").inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ..chunk import ChunkBuffer
 from ..keys import ChunkKey
@@ -133,10 +133,15 @@ class MemoryStore(Store):
         with self._index.lock:
             return Usage(self._index.used, self._index.capacity, len(self._chunks))
 
-    def clear(self) -> None:
+    def clear(self, namespace: "bytes | Iterable[bytes] | None" = None, *, all_namespaces: bool = False) -> None:
+        """This process's memory holds only this process's chunks: by default all of them, or only
+        those of ``namespace``."""
+        wanted = None if namespace is None or all_namespaces else (
+            {namespace} if isinstance(namespace, bytes) else set(namespace))
         with self._index.lock:
             for k in list(self._chunks):
-                self._drop(k, journal=True)
+                if wanted is None or k.namespace in wanted:
+                    self._drop(k, journal=True)
 
     def close(self) -> None:
         self.clear()
