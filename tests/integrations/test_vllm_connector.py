@@ -80,7 +80,7 @@ def runs(vh: ModuleType, vllm_python: str, tiny_model: Path, tmp_path_factory: p
         data[4096 + 1000] ^= 0xFF  # a payload byte: the checksum no longer matches
         victim.write_bytes(bytes(data))
     out["b"] = vh.run_driver(vllm_python, {
-        "model": model, "connector": conn, "prefix_caching": False, "failure_policy": "recompute",
+        "model": model, "connector": conn, "prefix_caching": False,  # vLLM default policy "fail": the connector makes it recompute
         "num_blocks": 16, "max_model_len": 1024,
         "phases": [{"name": "load", "max_tokens": 8, "prompts": prompts["load"]},
                    {"name": "batch", "max_tokens": 32, "prompts": prompts["batch"]}]}, work, "b")
