@@ -17,12 +17,17 @@ S3), verified on every read. The zero-copy path ``batch_set_v1`` /
 ``batch_get_v1`` gathers straight from, and scatters straight into, the host
 pool (layouts ``layer_first``, ``page_first``, ``page_first_direct``; MHA and
 MLA). Importing this module imports SGLang; ``import lmcache_core`` does not.
+
+What is keyed (docs/sglang.md, "What is keyed"): the page hash (tokens, and the
+request's extra_key / LoRA id / cache_salt, which SGLang folds in itself), the
+model identity (:func:`sglang_model_fingerprint`), the chunk layout, tenant and
+salt, and the parallel shard this rank holds (:func:`sglang_shard`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
@@ -31,7 +36,7 @@ from .. import chunk as chunkmod
 from ..config import Config
 from ..engine import CacheEngine
 from ..errors import ConfigError, LayoutError
-from ..keys import ChunkKey, sglang_page_key
+from ..keys import ChunkKey, model_fingerprint, sglang_page_key, shard_id
 from ..layout import PagedKV
 
 if TYPE_CHECKING:
@@ -42,6 +47,146 @@ logger = logging.getLogger(__name__)
 # Keys of the extra config that belong to SGLang's dynamic loader, not to lmcache-core.
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "interface_v2"})
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+# --kv-cache-dtype values whose bytes are all in the host pool's kv_buffer. mxfp8, nvfp4 and
+# fp4_mx_block16 keep block scales in other buffers, which this backend does not store.
+KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
+# The fields of SGLang's runtime "model" namespace that change the KV a checkpoint computes.
+RUNTIME_MODEL_FIELDS = ("model_path", "revision", "dtype", "quantization", "kv_cache_dtype",
+                        "json_model_override_args")
+
+# Where the request inputs besides token ids enter (sglang 0.5.23): SGLang seeds every storage
+# page-hash chain with the request namespace, ``storage_namespace_seed(extra_key, cache_salt)``
+# in sglang/srt/mem_cache/utils.py, through ``get_storage_hash_str`` (same file). Both paths
+# that reach this backend use it: backups take ``node.hash_value`` from
+# ``compute_node_hash_values`` (utils.py, called by unified_cache/unified_tree_core.py), and
+# prefetches hash ``RadixKey(tokens, extra_key=, cache_salt=)`` from the anchor's last hash
+# (``UnifiedRadixCache.prefetch_from_storage`` in mem_cache/unified_radix_cache.py, then
+# ``HiCacheController._storage_hit_query`` in managers/cache_controller.py). A LoRA adapter
+# enters as part of extra_key: ``Req.__init__`` (managers/schedule_batch.py) appends
+# ``lora_id`` to it. So page hashes already differ per adapter, extra_key and cache_salt, and
+# this backend keys nothing per request itself. (``--lora-paths`` adapters get the
+# deterministic id uuid5(name, path): like the model, an adapter is identified by its name and
+# path, not by a hash of its weights; dynamically loaded adapters get a random id, so their
+# pages are never shared between servers.)
+
+
+def kv_cache_format(kv_cache_dtype: object) -> str:
+    """The KV cache format in the model identity, spelled alike for vLLM and SGLang: ``auto``
+    for every format whose element dtype says it all (that dtype is in the chunk layout
+    signature), ``fp8_e4m3`` or ``fp8_e5m2`` for fp8 (stored as bytes, so the variant is keyed
+    here). Refuses formats whose scales live outside the KV blocks."""
+    value = str(kv_cache_dtype or "auto").lower().replace("torch.", "")
+    if value in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+        return "fp8_e4m3"
+    if value in ("fp8_e5m2", "float8_e5m2"):
+        return "fp8_e5m2"
+    if value in ("auto", "bf16", "bfloat16", "float16", "fp16", "half", "float", "float32", "fp32"):
+        return "auto"
+    raise ConfigError(
+        f"lmcache-core: kv_cache_dtype {value!r} is not supported (its scales live outside the KV "
+        f"blocks); use --kv-cache-dtype {' or '.join(KV_CACHE_DTYPES)}"
+    )
+
+
+def named_model_fingerprint(name: str, *, kv_cache_dtype: object = None, quantization: object = None) -> str:
+    """The model identity when the user names the model (config key ``model``): exactly that
+    name, the KV cache format (:func:`kv_cache_format`) and the quantization method, the fields
+    both vLLM and SGLang know and spell alike, so the two engines meet in one namespace. The
+    name stands for the checkpoint (include a revision in it when it matters); the KV element
+    dtype is in the chunk layout signature. Engine-neutral: meant to move to
+    :mod:`lmcache_core.keys` so the vLLM connector uses it too."""
+    quant = None if quantization in (None, "", "none", "None") else str(quantization).lower()
+    return model_fingerprint(name, quantization=quant, kv_cache_dtype=kv_cache_format(kv_cache_dtype))
+
+
+def runtime_model_fields() -> dict[str, Any] | None:
+    """What SGLang's runtime context says about the model (``sglang.srt.runtime_context
+    .get_model()``, published by the scheduler before it builds the cache), or None outside a
+    server (HiCacheStorageConfig itself carries only ``model_name``)."""
+    try:
+        from sglang.srt import runtime_context
+
+        bag = runtime_context.get_model()
+    except Exception as exc:  # noqa: BLE001 - ValueError "not published", or an older SGLang
+        logger.debug("lmcache-core: SGLang runtime context not available (%s)", exc)
+        return None
+    return {name: getattr(bag, name, None) for name in RUNTIME_MODEL_FIELDS}
+
+
+def _element_format(dtype: str) -> str | None:
+    """The KV format the host pool's element dtype implies, None when it cannot tell (bytes)."""
+    return None if dtype == "uint8" else kv_cache_format(dtype)
+
+
+def sglang_model_name(storage_config: HiCacheStorageConfig, config: Config) -> str:
+    """The config key ``model``, else SGLang's ``model_name``; neither is a startup error."""
+    name = config.model or storage_config.model_name or ""
+    if not name:
+        raise ConfigError(
+            "lmcache-core: SGLang passed no model_name to the HiCache storage backend; set \"model\" "
+            "in --hicache-storage-backend-extra-config (a name for the checkpoint, the same string on "
+            "every server and vLLM connector that should share pages)"
+        )
+    return name
+
+
+def sglang_model_fingerprint(storage_config: HiCacheStorageConfig, config: Config,
+                             element_dtype: str,
+                             runtime: Mapping[str, Any] | None = None) -> str:
+    """The model identity of an SGLang server's pages.
+
+    With the config key ``model`` set: :func:`named_model_fingerprint` of it (what a vLLM
+    connector given the same ``model`` computes). Otherwise SGLang's ``model_name`` plus
+    revision, dtype, quantization, KV cache format and ``--json-model-override-args`` from the
+    runtime context. Outside a server (no runtime context) the KV format comes from the host
+    pool's element dtype."""
+    name = sglang_model_name(storage_config, config)
+    rt = dict(runtime or {})
+    kv = rt.get("kv_cache_dtype")
+    if kv is None:
+        kv = _element_format(element_dtype)
+        if kv is None:
+            raise ConfigError(
+                f"lmcache-core: the host pool holds {element_dtype} KV and SGLang's runtime context is not "
+                "published, so the fp8 variant is unknown; run inside an SGLang server"
+            )
+    if config.model:
+        return named_model_fingerprint(config.model, kv_cache_dtype=kv, quantization=rt.get("quantization"))
+    overrides = rt.get("json_model_override_args")
+    return model_fingerprint(
+        name, revision=rt.get("revision"), dtype=rt.get("dtype"),
+        quantization=None if rt.get("quantization") in (None, "") else rt.get("quantization"),
+        kv_cache_dtype=kv_cache_format(kv),
+        overrides={"json_model_override_args": overrides} if overrides not in (None, "", "{}") else None)
+
+
+def sglang_shard(storage_config: HiCacheStorageConfig, layers: tuple[int, int] | None) -> str:
+    """The part of the model's KV this rank's host pool holds, as a namespace shard.
+
+    MHA: the rank's KV heads (``tp_rank`` of ``tp_size``; SGLang gives the attention-TP rank
+    and size when DP attention is on) and pipeline stage with its layers ``[start, end)``,
+    through :func:`lmcache_core.keys.shard_id`, the same string a vLLM worker of that rank
+    and stage uses. MLA: one TP shard. SGLang's MLA pools hold the same bytes on every TP
+    rank: the latent KV comes from ``kv_a_proj_with_mqa``, a ``ReplicatedLinear`` over the
+    all-reduced hidden state (sglang/srt/models/deepseek_v2.py), and SGLang lets only one rank
+    write (``HiCacheStorageConfig.is_storage_writer``) while every rank reads. Decode context
+    parallelism (``dcp_size``) splits each MLA page's tokens over ranks, and attention context
+    parallelism (``attn_cp_size``) may place other tokens on other ranks: both are keyed when
+    larger than one. ``dp_rank`` is not: DP replicas of one attention shard hold the same
+    bytes and share pages."""
+    mla = bool(storage_config.is_mla_model)
+    tp_rank, tp_size = (0, 1) if mla else (int(storage_config.tp_rank), int(storage_config.tp_size))
+    parts = [shard_id(tp_rank, tp_size, int(storage_config.pp_rank), int(storage_config.pp_size), layers)]
+    for label, rank, size in (("cp", getattr(storage_config, "attn_cp_rank", 0),
+                               getattr(storage_config, "attn_cp_size", 1)),
+                              ("dcp", getattr(storage_config, "dcp_rank", 0),
+                               getattr(storage_config, "dcp_size", 1))):
+        rank, size = int(rank or 0), int(size or 1)
+        if size > 1:
+            if not 0 <= rank < size:
+                raise ConfigError(f"lmcache-core: {label} rank {rank} of size {size} is not a valid shard")
+            parts.append(f"{label}{rank}of{size}")
+    return ".".join(p for p in parts if p)
 
 
 def page_key(namespace: bytes, page_hash: str, num_tokens: int) -> ChunkKey:
@@ -69,19 +214,10 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
         self.kv: PagedKV | None = None
         self.page_size = 0
         self.mem_pool_host: Any = None
-        mla = bool(storage_config.is_mla_model)
-        # MHA KV is sharded over TP ranks by heads: each rank has its own keyspace. MLA KV is
-        # replicated: one writer, shared keys.
-        shard = "" if mla else f"tp{storage_config.tp_rank}of{storage_config.tp_size}"
-        if self.config.key_scheme == "sglang" and storage_config.tp_size == 1:
-            # Shared with vLLM (whose keys carry no TP salt): one rank, the namespace of a
-            # vLLM connector with the same model, tenant, salt and chunk layout.
-            shard = ""
-        if storage_config.pp_size > 1:
-            shard += f"pp{storage_config.pp_rank}of{storage_config.pp_size}"
-        self._shard_salt = shard
+        sglang_model_name(storage_config, self.config)  # a missing model is a startup error
         self.is_writer = bool(getattr(storage_config, "is_storage_writer", True))
-        self.model = self.config.model or (storage_config.model_name or "unknown")
+        self.model = ""  # the fingerprint, once the host pool says the KV dtype
+        self.shard = ""
         self.stats = {"set_pages": 0, "get_pages": 0, "get_misses": 0, "exists_pages": 0}
 
     # -- binding the host pool ------------------------------------------------------------------
@@ -105,11 +241,16 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
                 f"--page-size is {self.page_size}, chunk_size is {self.config.chunk_size}; set "
                 f"\"chunk_size\": {self.page_size} here and in the vLLM connector that shares the tiers"
             )
-        salt = "/".join(p for p in (self.config.salt, self._shard_salt) if p)
-        config = self.config.replace(chunk_size=self.page_size, save_partial=False, salt=salt)
-        self.engine = CacheEngine(self.kv.geometry, config, model=self.model)
-        logger.info("lmcache-core HiCache backend: %s layout, page %d, chunk layout %s, tiers %s",
-                    layout, self.page_size, self.kv.geometry.signature, list(config.tiers))
+        self.model = sglang_model_fingerprint(self.storage_config, self.config, self.kv.geometry.dtype,
+                                              runtime_model_fields())
+        start, end = int(getattr(mem_pool_host, "start_layer", 0)), getattr(mem_pool_host, "end_layer", None)
+        layers = (start, int(end) + 1) if end is not None else None  # SGLang's end_layer is inclusive
+        self.shard = sglang_shard(self.storage_config, layers)
+        config = self.config.replace(chunk_size=self.page_size, save_partial=False)
+        self.engine = CacheEngine(self.kv.geometry, config, model=self.model, shard=self.shard)
+        logger.info("lmcache-core HiCache backend: %s layout, page %d, chunk layout %s, model %r, shard %r, "
+                    "tiers %s", layout, self.page_size, self.kv.geometry.signature, self.model, self.shard,
+                    list(config.tiers))
 
     def _engine(self) -> CacheEngine:
         if self.engine is None or self.kv is None:
