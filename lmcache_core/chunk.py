@@ -1,20 +1,33 @@
 """A chunk at rest: a 4096-byte header, then the payload, in one aligned byte image.
 
 Header: ``b"LMCK"``, format version, flags, metadata length, msgpack metadata
-(key, token count, layout signature, dtype, shape, codec, payload lengths,
-xxh3-128 of the stored payload), then xxh3-64 of everything before it. The
-image is the same in every tier (memory, file, Redis value, S3 object), so a
-gathered buffer is written as is and a read lands in a buffer that is used in
-place. ``decode_image`` checks every field and the checksum, and raises
-:class:`ChunkError` rather than return a chunk that fails.
+(key, token count, layout signature, dtype, shape, codec, payload lengths),
+xxh3-64 of everything before it (a quick check that lets a store reject a
+foreign header before it reads the payload), then the *tag*, then zeros up to
+4096 bytes. The tag covers the header before it and the stored payload: xxh3-128
+by default, or keyed BLAKE2b-256 when the deployment sets an integrity key
+(``integrity_key`` / ``integrity_key_file``; flag bit 0 says which), so nobody
+without the secret can write a chunk this process accepts.
+
+The image is the same in every tier (memory, file, Redis value, S3 object), so
+a gathered buffer is written as is and a read lands in a buffer that is used in
+place. :func:`decode_image` checks every field against every other and the tag
+before it trusts a byte, bounds decompression by the declared size, and turns
+any failure into :class:`ChunkError` (the tier deletes the object), never
+another exception and never a chunk whose bytes differ from what was sealed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import struct
+import threading
+import weakref
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import xxhash
@@ -22,16 +35,27 @@ import xxhash
 from .errors import ChunkError
 from .keys import ChunkKey
 from .layout import ChunkGeometry, itemsize, torch_dtype
-from .memory import BufferPool, PooledBuffer, round_up
+from .memory import BufferError_, BufferPool, PooledBuffer, round_up
 
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger(__name__)
+
 MAGIC = b"LMCK"
-VERSION = 1
+VERSION = 2  # 2: the tag covers header and payload, and may be keyed
 HEADER_SIZE = 4096
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, metadata length
 CODECS = ("none", "zlib")
+FLAG_KEYED = 0x1
+TAG_PLAIN = 16  # xxh3-128
+TAG_KEYED = 32  # BLAKE2b-256, keyed
+MIN_KEY_BYTES = 16
+MAX_TOKENS = 1 << 20  # far beyond any chunk_size; bounds what a header can ask to allocate
+MAX_PAYLOAD_BYTES = 1 << 32  # 4 GiB of decoded KV per chunk
+_META_TYPES: dict[str, type] = {"key": bytes, "tokens": int, "layout": str, "dtype": str, "shape": list,
+                                "codec": str, "payload_len": int, "stored_len": int}
+_INFLATE_STEP = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,7 +66,9 @@ class ChunkHeader:
     codec: str
     payload_len: int  # decoded payload bytes
     stored_len: int  # bytes after the header in the image (after the codec)
-    checksum: bytes  # xxh3-128 of the stored bytes
+    checksum: bytes  # the tag over the header before it and the stored payload
+    flags: int = 0  # FLAG_KEYED: the tag is keyed
+    tag_offset: int = 0  # where the tag starts in the header (what it covers of the header)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -53,7 +79,76 @@ class ChunkHeader:
         return HEADER_SIZE + self.stored_len
 
 
+# -- the integrity key -------------------------------------------------------------------------
+class _Keyring:
+    """The deployment secret: process-wide, or bound to one engine's buffer pool (which both
+    :func:`seal` and :func:`decode_image` receive). Never logged, never in a repr."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._default: bytes | None = None
+        self._by_pool: "weakref.WeakKeyDictionary[BufferPool, bytes | None]" = weakref.WeakKeyDictionary()
+
+    def set_default(self, secret: bytes | None) -> None:
+        with self._lock:
+            self._default = derive_key(secret)
+
+    def bind(self, pool: BufferPool, secret: bytes | None) -> None:
+        with self._lock:
+            self._by_pool[pool] = derive_key(secret)
+
+    def get(self, pool: BufferPool | None) -> bytes | None:
+        with self._lock:
+            if pool is not None and pool in self._by_pool:
+                return self._by_pool[pool]
+            return self._default
+
+    def __repr__(self) -> str:
+        return "<integrity keyring>"
+
+
+_KEYRING = _Keyring()
+
+
+def derive_key(secret: bytes | None) -> bytes | None:
+    """The 64-byte BLAKE2b key of a deployment secret of any length (None: no key)."""
+    if secret is None:
+        return None
+    if len(secret) < MIN_KEY_BYTES:
+        raise ValueError(f"an integrity key needs at least {MIN_KEY_BYTES} bytes, got {len(secret)}")
+    return hashlib.blake2b(bytes(secret), digest_size=64, person=b"lmcache-ikey").digest()
+
+
+def set_integrity_key(secret: bytes | None) -> None:
+    """Seal and verify every chunk of this process with ``secret`` (None: unkeyed xxh3).
+    :class:`~lmcache_core.config.Config` calls it when ``integrity_key(_file)`` is set."""
+    _KEYRING.set_default(secret)
+    logger.info("chunk integrity: %s", "keyed BLAKE2b" if secret is not None else "unkeyed xxh3-128")
+
+
+def bind_integrity_key(pool: BufferPool, secret: bytes | None) -> None:
+    """Give one engine (its buffer pool) its own key, ahead of the process-wide one."""
+    _KEYRING.bind(pool, secret)
+
+
+def integrity_keyed(pool: BufferPool | None = None) -> bool:
+    """Whether chunks sealed with ``pool`` (or in this process) carry a keyed tag."""
+    return _KEYRING.get(pool) is not None
+
+
+def _tag(head: Any, stored: Any, key: bytes | None) -> bytes:
+    if key is None:
+        h: Any = xxhash.xxh3_128()
+    else:
+        h = hashlib.blake2b(key=key, digest_size=TAG_KEYED, person=b"lmcache-chunk")
+    h.update(head)
+    h.update(stored)
+    return h.digest()
+
+
+# -- header --------------------------------------------------------------------------------------
 def encode_header(h: ChunkHeader) -> bytes:
+    """The header bytes up to (not including) the tag; :func:`seal` appends the tag."""
     meta = msgpack.packb(
         {
             "key": h.key.to_bytes(),
@@ -64,52 +159,87 @@ def encode_header(h: ChunkHeader) -> bytes:
             "codec": h.codec,
             "payload_len": h.payload_len,
             "stored_len": h.stored_len,
-            "checksum": h.checksum,
         }
     )
-    head = _PREFIX.pack(MAGIC, VERSION, 0, len(meta)) + meta
+    head = _PREFIX.pack(MAGIC, VERSION, h.flags, len(meta)) + meta
     head += xxhash.xxh3_64_digest(head)
-    if len(head) > HEADER_SIZE:
-        raise ChunkError(f"chunk header of {len(head)} bytes exceeds {HEADER_SIZE}")
+    tag_len = TAG_KEYED if h.flags & FLAG_KEYED else TAG_PLAIN
+    if len(head) + tag_len > HEADER_SIZE:
+        raise ChunkError(f"chunk header of {len(head) + tag_len} bytes exceeds {HEADER_SIZE}")
     return head
 
 
+def _int_field(meta: dict[str, Any], name: str, lo: int, hi: int) -> int:
+    v = meta[name]
+    if not lo <= v <= hi:
+        raise ChunkError(f"chunk header field {name}={v} is outside [{lo}, {hi}]")
+    return v
+
+
 def decode_header(data: bytes | memoryview) -> ChunkHeader:
-    """Parse and verify a header; raise ChunkError on any mismatch."""
-    mv = memoryview(data)
-    if len(mv) < _PREFIX.size:
-        raise ChunkError(f"chunk image of {len(mv)} bytes is shorter than a header")
-    magic, version, _flags, meta_len = _PREFIX.unpack_from(mv)
+    """Parse a header (the first 4096 bytes of an image) and check every field against every
+    other; raise ChunkError on any mismatch. The tag is checked by :func:`decode_image`, with
+    the payload: until then nothing here is trusted beyond sizing a read."""
+    try:
+        return _decode_header(memoryview(data).cast("B"))
+    except ChunkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile header does, it is a bad chunk
+        raise ChunkError(f"chunk header is invalid: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_header(mv: memoryview) -> ChunkHeader:
+    if len(mv) < HEADER_SIZE:
+        raise ChunkError(f"chunk image of {len(mv)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    magic, version, flags, meta_len = _PREFIX.unpack_from(mv)
     if magic != MAGIC:
         raise ChunkError(f"bad magic {bytes(magic)!r}: not an lmcache chunk")
     if version != VERSION:
         raise ChunkError(f"chunk format version {version} is not supported (this build reads {VERSION})")
+    if flags & ~FLAG_KEYED:
+        raise ChunkError(f"chunk header flags {flags:#x} are unknown")
+    tag_len = TAG_KEYED if flags & FLAG_KEYED else TAG_PLAIN
     end = _PREFIX.size + meta_len
-    if end + 8 > min(len(mv), HEADER_SIZE):
-        raise ChunkError("chunk header is truncated")
+    if end + 8 + tag_len > HEADER_SIZE:
+        raise ChunkError(f"chunk header metadata length {meta_len} does not fit the header")
     if xxhash.xxh3_64_digest(mv[:end]) != bytes(mv[end : end + 8]):
         raise ChunkError("chunk header checksum mismatch")
+    tag_offset = end + 8
+    pad = HEADER_SIZE - tag_offset - tag_len
+    if mv[tag_offset + tag_len : HEADER_SIZE].tobytes() != bytes(pad):
+        raise ChunkError("chunk header padding is not zero")
     try:
-        meta = msgpack.unpackb(mv[_PREFIX.size : end])
+        meta = msgpack.unpackb(mv[_PREFIX.size : end], raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ChunkError(f"chunk header metadata is not msgpack: {exc}") from exc
+    if type(meta) is not dict or set(meta) != set(_META_TYPES):
+        raise ChunkError(f"chunk header metadata must hold exactly {sorted(_META_TYPES)}")
+    for name, typ in _META_TYPES.items():
+        if type(meta[name]) is not typ:
+            raise ChunkError(f"chunk header field {name} is a {type(meta[name]).__name__}, not {typ.__name__}")
+    tokens = _int_field(meta, "tokens", 1, MAX_TOKENS)
+    payload_len = _int_field(meta, "payload_len", 1, MAX_PAYLOAD_BYTES)
+    stored_len = _int_field(meta, "stored_len", 1, MAX_PAYLOAD_BYTES + MAX_PAYLOAD_BYTES // 100 + 4096)
+    codec = meta["codec"]
+    if codec not in CODECS:
+        raise ChunkError(f"chunk codec {codec!r} is unknown")
+    try:
         geometry = ChunkGeometry.from_signature(meta["layout"])
-        header = ChunkHeader(
-            key=ChunkKey.from_bytes(meta["key"], meta["tokens"]),
-            geometry=geometry,
-            num_tokens=int(meta["tokens"]),
-            codec=str(meta["codec"]),
-            payload_len=int(meta["payload_len"]),
-            stored_len=int(meta["stored_len"]),
-            checksum=bytes(meta["checksum"]),
-        )
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
-        raise ChunkError(f"chunk header metadata is invalid: {exc}") from exc
-    if header.codec not in CODECS:
-        raise ChunkError(f"chunk codec {header.codec!r} is unknown")
-    if list(header.shape) != list(meta["shape"]) or geometry.dtype != meta["dtype"]:
-        raise ChunkError("chunk header shape or dtype disagrees with its layout")
-    if header.payload_len != geometry.nbytes(header.num_tokens):
-        raise ChunkError("chunk payload length disagrees with its shape")
-    return header
+    except ValueError as exc:
+        raise ChunkError(f"chunk layout is invalid: {exc}") from exc
+    if geometry.signature != meta["layout"] or geometry.dtype != meta["dtype"]:
+        raise ChunkError(f"chunk layout {meta['layout']!r} or dtype {meta['dtype']!r} is not canonical")
+    if meta["shape"] != list(geometry.shape(tokens)):
+        raise ChunkError(f"chunk shape {meta['shape']} disagrees with layout {geometry.signature} x {tokens} tokens")
+    if payload_len != geometry.nbytes(tokens):
+        raise ChunkError(f"chunk payload length {payload_len} disagrees with its shape ({geometry.nbytes(tokens)})")
+    if codec == "none" and stored_len != payload_len:
+        raise ChunkError(f"chunk stores {stored_len} bytes but codec none needs exactly {payload_len}")
+    if codec == "zlib" and stored_len > payload_len + payload_len // 100 + 1024:
+        raise ChunkError(f"chunk's {stored_len} zlib bytes exceed the bound for {payload_len} bytes")
+    key = ChunkKey.from_bytes(meta["key"], tokens)
+    checksum = bytes(mv[tag_offset : tag_offset + tag_len])
+    return ChunkHeader(key, geometry, tokens, codec, payload_len, stored_len, checksum, flags, tag_offset)
 
 
 class ChunkBuffer:
@@ -167,10 +297,11 @@ def new_chunk(pool: BufferPool, key: ChunkKey, geometry: ChunkGeometry, num_toke
 
 
 def seal(chunk: ChunkBuffer, codec: str = "none", pool: BufferPool | None = None) -> ChunkBuffer:
-    """Checksum the payload and write the header into the image; encode with ``codec``.
+    """Tag header and payload and write the header into the image; encode with ``codec``.
 
     With ``codec="none"`` the image is sealed in place (no copy). Other codecs
     produce a new buffer (compression cannot be in place) and release ``chunk``.
+    The tag is keyed when an integrity key is set for ``pool`` (or the process).
     """
     h = chunk.header
     payload = chunk.buf.memoryview(HEADER_SIZE, h.payload_len)
@@ -188,13 +319,17 @@ def seal(chunk: ChunkBuffer, codec: str = "none", pool: BufferPool | None = None
         chunk.release()
     else:
         raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
-    header = ChunkHeader(h.key, h.geometry, h.num_tokens, codec, h.payload_len, len(stored),
-                         xxhash.xxh3_128_digest(stored))
+    key = _KEYRING.get(pool)
+    flags = FLAG_KEYED if key is not None else 0
+    header = ChunkHeader(h.key, h.geometry, h.num_tokens, codec, h.payload_len, len(stored), b"", flags)
     head = encode_header(header)
+    tag = _tag(head, stored, key)
     mv = out.buf.memoryview(0, HEADER_SIZE)
     mv[: len(head)] = head
-    mv[len(head) :] = bytes(HEADER_SIZE - len(head))
-    out.header = header
+    mv[len(head) : len(head) + len(tag)] = tag
+    mv[len(head) + len(tag) :] = bytes(HEADER_SIZE - len(head) - len(tag))
+    out.header = ChunkHeader(h.key, h.geometry, h.num_tokens, codec, h.payload_len, len(stored), tag, flags,
+                             len(head))
     return out
 
 
@@ -202,38 +337,87 @@ def decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, pool
                  geometry: ChunkGeometry | None = None) -> ChunkBuffer:
     """Verify an image read into ``buf`` (``nbytes`` valid bytes) and return it as a chunk.
 
-    Takes ownership of ``buf``: on failure it is released and ChunkError raised.
+    Takes ownership of ``buf``: on failure it is released and ChunkError raised, whatever
+    went wrong (a pool misuse or running out of memory excepted). ``expected`` is the key the
+    caller asked for (its ``num_tokens``, when set, must match too).
     """
     try:
-        header = decode_header(buf.memoryview(0, min(nbytes, HEADER_SIZE)))
+        return _decode_image(buf, nbytes, expected, pool, geometry)
+    except ChunkError:
+        raise
+    except (MemoryError, BufferError_):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a bad chunk, to be deleted
+        raise ChunkError(f"chunk {expected} cannot be decoded: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, pool: BufferPool,
+                  geometry: ChunkGeometry | None) -> ChunkBuffer:
+    owned = buf
+    try:
+        if type(nbytes) is not int or not 0 <= nbytes <= buf.capacity:
+            raise ChunkError(f"chunk read reports {nbytes!r} bytes in a buffer of {buf.capacity}")
+        whole = buf.memoryview(0, nbytes)
+        header = decode_header(whole[:HEADER_SIZE])
         if expected is not None and header.key != expected:
             raise ChunkError(f"chunk holds key {header.key} but was stored under {expected}")
+        if expected is not None and expected.num_tokens and header.num_tokens != expected.num_tokens:
+            raise ChunkError(f"chunk {expected} holds {header.num_tokens} tokens, its key {expected.num_tokens}")
         if geometry is not None and header.geometry != geometry:
             raise ChunkError(f"chunk layout {header.geometry.signature} != expected {geometry.signature}")
-        if nbytes < header.image_len:
-            raise ChunkError(f"chunk is truncated: {nbytes} bytes, header says {header.image_len}")
-        stored = buf.memoryview(HEADER_SIZE, header.stored_len)
-        if xxhash.xxh3_128_digest(stored) != header.checksum:
-            raise ChunkError(f"chunk {header.key} payload checksum mismatch")
-        if header.codec == "zlib":
-            try:
-                data = zlib.decompress(stored)
-            except zlib.error as exc:
-                raise ChunkError(f"chunk {header.key} does not decompress: {exc}") from exc
-            if len(data) != header.payload_len:
-                raise ChunkError(f"chunk {header.key} decompressed to {len(data)} bytes, expected {header.payload_len}")
-            plain = pool.acquire(HEADER_SIZE + len(data))
-            plain.memoryview(HEADER_SIZE, len(data))[:] = data
-            buf.release()
-            buf = plain
-            header = ChunkHeader(header.key, header.geometry, header.num_tokens, "none",
-                                 header.payload_len, header.payload_len, b"")
-            return seal(ChunkBuffer(buf, header))  # a plain image, valid in any tier
-    except BaseException:
+        if not header.image_len <= nbytes <= round_up(header.image_len):
+            raise ChunkError(f"chunk image is {nbytes} bytes, its header describes {header.image_len}")
+        key = _KEYRING.get(pool)
+        if key is None and header.flags & FLAG_KEYED:
+            raise ChunkError(f"chunk {header.key} is sealed with an integrity key and this process has none; "
+                             "set integrity_key or integrity_key_file")
+        if key is not None and not header.flags & FLAG_KEYED:
+            raise ChunkError(f"chunk {header.key} carries no keyed tag; with an integrity key set only chunks "
+                             "sealed with it are accepted")
+        stored = whole[HEADER_SIZE : header.image_len]
+        if not hmac.compare_digest(_tag(whole[: header.tag_offset], stored, key), header.checksum):
+            raise ChunkError(f"chunk {header.key} fails its {'keyed ' if key else ''}integrity check")
+        if header.codec == "none":
+            return ChunkBuffer(buf, header)
+        plain = pool.acquire(HEADER_SIZE + header.payload_len)
+        owned = plain
+        _inflate(stored, plain.memoryview(HEADER_SIZE, header.payload_len), header)
         buf.release()
+        owned = buf = plain
+        header = ChunkHeader(header.key, header.geometry, header.num_tokens, "none",
+                             header.payload_len, header.payload_len, b"")
+        return seal(ChunkBuffer(plain, header), "none", pool)  # a plain image, valid in any tier
+    except BaseException:
+        owned.release()
+        if owned is not buf:
+            buf.release()
         raise
-    return ChunkBuffer(buf, header)
 
 
-__all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "decode_header", "decode_image", "encode_header",
-           "new_chunk", "seal", "itemsize"]
+def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
+    """zlib-decompress ``stored`` into ``out``, never producing more than ``len(out)`` + 1
+    bytes: a stream that inflates beyond the declared size is cut off, not allocated."""
+    d = zlib.decompressobj()
+    want, pos = len(out), 0
+    tail: Any = stored
+    while True:
+        try:
+            piece = d.decompress(tail, min(_INFLATE_STEP, want + 1 - pos))
+        except zlib.error as exc:
+            raise ChunkError(f"chunk {header.key} does not decompress: {exc}") from exc
+        if pos + len(piece) > want:
+            raise ChunkError(f"chunk {header.key} inflates beyond its declared {want} bytes")
+        out[pos : pos + len(piece)] = piece
+        pos += len(piece)
+        before, tail = len(tail), d.unconsumed_tail
+        if d.eof:
+            break
+        if not piece and len(tail) >= before:
+            raise ChunkError(f"chunk {header.key}'s zlib stream is truncated")
+    if d.unused_data or pos != want:
+        raise ChunkError(f"chunk {header.key} decompressed to {pos} bytes (+{len(d.unused_data)} trailing), "
+                         f"expected {want}")
+
+
+__all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "bind_integrity_key", "decode_header", "decode_image",
+           "encode_header", "integrity_keyed", "new_chunk", "seal", "set_integrity_key", "itemsize"]
