@@ -9,28 +9,39 @@ from typing import Sequence
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    """Every plugin and what it registers; each factory is imported, so an import error, a
+    missing package or a name two plugins registered shows here. Never crashes on a plugin."""
     from .plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     infos = sorted(pm.plugins.values(), key=lambda p: (not p.builtin, p.name))
+    problems = pm.problems()
     if args.json:
-        print(json.dumps([p.to_json() for p in infos], indent=2))
+        print(json.dumps([p.to_json(problems) for p in infos], indent=2))
+        for col in pm.collisions:
+            print(f"error: {col.message}", file=sys.stderr)
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="lmcache plugins")
     for col in ("plugin", "distribution", "version", "status", "provides"):
         table.add_column(col)
     for p in infos:
-        provides = "\n".join(
-            f"{r.kind} {r.name}" + (f" ({', '.join(s + '://' for s in r.schemes)})" if r.schemes else "")
-            + ("" if not r.missing_modules() else f"  [needs: {r.install_hint()}]")
-            for r in p.registrations
-        )
+        lines = []
+        for r in p.registrations:
+            line = f"{r.kind} {r.name}" + (f" ({', '.join(s + '://' for s in r.schemes)})" if r.schemes else "")
+            problem = problems.get(r, "")
+            if problem:
+                line += f"  [{'conflict' if 'registered by' in problem else 'unavailable'}: {problem}]"
+            lines.append(line)
         status = p.status + (f": {p.reason}" if p.reason else "")
-        table.add_row(p.name, p.distribution, p.version, status, provides)
+        # Plugin text is data, not rich markup: "lmcache-core[ascend]" must print as written.
+        table.add_row(*(escape(x) for x in (p.name, p.distribution, p.version, status, "\n".join(lines))))
     Console().print(table)
+    for col in pm.collisions:
+        print(f"error: {col.message}", file=sys.stderr)
     return 0
 
 
@@ -55,17 +66,26 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
-    from .errors import MissingDependencyError
+    """``detect()`` of every registered device; a device that fails to import, collides or
+    raises in ``detect()`` is a row that says so, never a traceback."""
     from .plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     rows = []
     for name, reg in sorted(pm.registrations("device").items()):
+        row = {"device": name, "distribution": reg.distribution, "available": False, "reason": "", "count": 0}
         try:
-            det = reg.load().detect()
-            rows.append({"device": name, "available": det.available, "reason": det.reason, "count": det.count})
-        except MissingDependencyError as exc:
-            rows.append({"device": name, "available": False, "reason": str(exc), "count": 0})
+            cls = reg.load()
+        except Exception as exc:  # noqa: BLE001 - listing never crashes on a plugin
+            row["reason"] = str(exc)
+            rows.append(row)
+            continue
+        try:
+            det = cls.detect()
+            row.update(available=bool(det.available), reason=det.reason, count=det.count)
+        except Exception as exc:  # noqa: BLE001 - detect() must not raise; say that it did
+            row["reason"] = f"detect() raised {type(exc).__name__}: {exc}"
+        rows.append(row)
     print(json.dumps(rows, indent=2))
     return 0
 

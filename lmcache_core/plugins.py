@@ -14,7 +14,8 @@ import importlib.metadata as md
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import pluggy
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "lmcache"
 CORE_DISTRIBUTION = "lmcache-core"
 KINDS = ("device", "storage", "transport")
+
+
+class PluginImportError(PluginError):
+    """A plugin's own code failed to import (a bug in the plugin, not a missing package)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Registration:
     requires: tuple[str, ...] = ()
     schemes: tuple[str, ...] = ()
     description: str = ""
+
+    conflict: str = ""  # set when another plugin registered the same name or scheme: load() refuses
 
     def install_hint(self) -> str:
         if self.extra:
@@ -60,25 +67,123 @@ class Registration:
         return missing
 
     def load(self) -> Any:
-        """Import and return the factory; a missing dependency names the extra to install."""
+        """Import and return the factory.
+
+        A package that is not installed (a ``requires`` module, or a module the
+        factory imports that cannot be found) is a :class:`MissingDependencyError`
+        naming what to install; any other failure of the plugin's own code (an
+        ImportError inside it, a SyntaxError, a missing attribute) is a
+        :class:`PluginImportError` with the real error and where it happened,
+        and no install hint. A name two plugins registered is refused.
+        """
+        if self.conflict:
+            raise DuplicatePluginError(self.conflict)
         missing = self.missing_modules()
+        what = f"{self.kind} {self.name!r} (from {self.distribution})"
         if missing:
             raise MissingDependencyError(
-                f"{self.kind} {self.name!r} (from {self.distribution}) needs "
-                f"{', '.join(missing)}; install it with: {self.install_hint()}"
+                f"{what} needs {', '.join(missing)}; install it with: {self.install_hint()}"
             )
         module_name, _, attr = self.factory.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise MissingDependencyError(
-                f"{self.kind} {self.name!r} (from {self.distribution}) could not import "
-                f"{exc.name or module_name!r}: {exc}; install it with: {self.install_hint()}"
-            ) from exc
+            absent = _absent_module(exc)
+            if absent is not None and not _same_package(absent, module_name):
+                raise MissingDependencyError(f"{what} imports {absent!r}, which is not installed; {self._dep_hint()}") \
+                    from exc
+            if absent is not None and not _distribution_installed(self.distribution):
+                raise MissingDependencyError(
+                    f"{what}: {module_name!r} is not installed; install it with: {self.install_hint()}"
+                ) from exc
+            raise PluginImportError(f"{what} failed to import {module_name}: {_describe(exc)}") from exc
+        except Exception as exc:  # SyntaxError, NameError, RuntimeError at import time: the plugin's bug
+            raise PluginImportError(f"{what} failed to import {module_name}: {_describe(exc)}") from exc
         obj: Any = module
         for part in attr.split(".") if attr else ():
-            obj = getattr(obj, part)
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise PluginImportError(
+                    f"{what}: module {module_name} has no attribute {attr!r} (the factory it registered)"
+                ) from None
         return obj
+
+    def problem(self) -> str:
+        """Why :meth:`load` fails ("" when the factory imports); imports the factory module."""
+        try:
+            self.load()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised: listing must not crash
+            return str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        return ""
+
+    def _dep_hint(self) -> str:
+        if self.extra:
+            return f"install it with: {self.install_hint()}"
+        return f"install the package that provides it (a dependency of {self.distribution})"
+
+
+def _absent_module(exc: ImportError) -> str | None:
+    """The module an ImportError is about when that module cannot be found at all, else None
+    (an ImportError of a module that exists is a bug inside it, not a missing package)."""
+    name = getattr(exc, "name", None)
+    if not isinstance(exc, ModuleNotFoundError) or not name:
+        return None
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        found = None
+    return name if found is None else None
+
+
+def _same_package(module: str, factory_module: str) -> bool:
+    top = factory_module.split(".")[0]
+    return module == top or module.startswith(top + ".") or factory_module.startswith(module + ".") \
+        or module == factory_module
+
+
+def _distribution_installed(dist: str) -> bool:
+    try:
+        md.distribution(dist)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of the innermost frame, so the real error is visible."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError):
+        return text  # its message already names the file and line
+    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in frames if "importlib" not in f.filename]
+    if frames:
+        text += f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return text
+
+
+@dataclass(frozen=True)
+class Collision:
+    """Two or more plugins registered one name (``kind`` device/storage/transport) or one
+    storage URL scheme (``kind`` "scheme"); every use of it is refused with :attr:`message`."""
+
+    kind: str
+    name: str
+    registrations: tuple[Registration, ...]
+
+    @property
+    def message(self) -> str:
+        what = f"storage scheme {self.name}://" if self.kind == "scheme" else f"{self.kind} {self.name!r}"
+        who = " and ".join(f"{r.distribution} (plugin {r.plugin!r})" for r in self.registrations)
+        third = [r for r in self.registrations if r.distribution != CORE_DISTRIBUTION]
+        if len(third) == 1:
+            fix = (f"uninstall {third[0].distribution} or block it with "
+                   f"LMCACHE_BLOCK_PLUGINS={third[0].plugin}")
+        else:
+            fix = "uninstall one of them or block one with " + " or ".join(
+                f"LMCACHE_BLOCK_PLUGINS={r.plugin}" for r in third)
+        both = "both" if len(self.registrations) == 2 else "each of"
+        return f"{what} is registered by {both} {who}; {fix}"
 
 
 @dataclass
@@ -93,8 +198,28 @@ class PluginInfo:
     registrations: list[Registration] = field(default_factory=list)
     reason: str = ""
     builtin: bool = False
+    module: str = ""  # the entry point's value (what it imports)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, problems: dict[Registration, str] | None = None) -> dict[str, Any]:
+        """The plugin as JSON. ``problems`` (registration -> why it cannot be used, from
+        :meth:`PluginManager.problems`) sets each registration's ``available`` and ``problem``;
+        without it only ``requires`` is checked, nothing is imported."""
+        out = []
+        for r in self.registrations:
+            problem = problems.get(r, "") if problems is not None else (
+                "" if not r.missing_modules() else
+                f"needs {', '.join(r.missing_modules())}; install it with: {r.install_hint()}")
+            out.append({
+                "kind": r.kind,
+                "name": r.name,
+                "factory": r.factory,
+                "schemes": list(r.schemes),
+                "extra": r.extra,
+                "requires": list(r.requires),
+                "available": not problem,
+                "problem": problem,
+                "description": r.description,
+            })
         return {
             "name": self.name,
             "distribution": self.distribution,
@@ -102,20 +227,9 @@ class PluginInfo:
             "builtin": self.builtin,
             "status": self.status,
             "reason": self.reason,
+            "module": self.module,
             "hooks": self.hooks,
-            "registrations": [
-                {
-                    "kind": r.kind,
-                    "name": r.name,
-                    "factory": r.factory,
-                    "schemes": list(r.schemes),
-                    "extra": r.extra,
-                    "requires": list(r.requires),
-                    "available": not r.missing_modules(),
-                    "description": r.description,
-                }
-                for r in self.registrations
-            ],
+            "registrations": out,
         }
 
 
@@ -150,6 +264,7 @@ class PluginManager:
         self.plugins: dict[str, PluginInfo] = {}
         self._registry: dict[str, dict[str, Registration]] = {k: {} for k in KINDS}
         self._schemes: dict[str, Registration] = {}
+        self._collisions: dict[tuple[str, str], Collision] = {}
         if load_entry_points:
             eps = entry_points if entry_points is not None else md.entry_points(group=ENTRY_POINT_GROUP)
             for ep in sorted(eps, key=lambda e: e.name):
@@ -161,7 +276,16 @@ class PluginManager:
         dist_name = dist.metadata["Name"] if dist is not None else "unknown"
         version = dist.version if dist is not None else "?"
         builtin = dist_name == CORE_DISTRIBUTION
-        info = PluginInfo(ep.name, dist_name, version, "loaded", builtin=builtin)
+        info = PluginInfo(ep.name, dist_name, version, "loaded", builtin=builtin, module=ep.value)
+        other = self.plugins.get(ep.name)
+        if other is not None:
+            # Two distributions with one entry-point name: keep the first, list the second as broken.
+            self.plugins[f"{ep.name} ({dist_name})"] = info
+            info.status = "broken"
+            info.reason = (f"entry point name {ep.name!r} is also used by {other.distribution}; "
+                           f"uninstall one of them (LMCACHE_BLOCK_PLUGINS={ep.name} would block both)")
+            logger.warning("plugin %s from %s not loaded: %s", ep.name, dist_name, info.reason)
+            return
         self.plugins[ep.name] = info
         if ep.name in self.block:
             info.status, info.reason = "blocked", "named in LMCACHE_BLOCK_PLUGINS"
@@ -174,7 +298,7 @@ class PluginManager:
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down
-            info.status, info.reason = "broken", f"{type(exc).__name__}: {exc}"
+            info.status, info.reason = "broken", _describe(exc)
             logger.warning("plugin %s from %s failed to load: %s", ep.name, dist_name, info.reason)
             return
         self.register_plugin(module, ep.name, dist_name, info=info)
@@ -199,10 +323,8 @@ class PluginManager:
             for impl in impls:
                 try:
                     impl.function(register=self._make_register(kind, name, distribution, info))
-                except DuplicatePluginError:
-                    raise
                 except Exception as exc:
-                    info.status, info.reason = "broken", f"{type(exc).__name__}: {exc}"
+                    info.status, info.reason = "broken", _describe(exc)
                     logger.warning("plugin %s from %s failed to register: %s", name, distribution, info.reason)
 
     def _make_register(self, kind: str, plugin: str, distribution: str, info: PluginInfo) -> Callable[..., None]:
@@ -221,55 +343,100 @@ class PluginManager:
                 kind, name, factory, plugin, distribution, extra, tuple(requires), tuple(schemes), description
             )
             with _LOCK:
+                info.registrations.append(reg)
                 existing = self._registry[kind].get(name)
-                if existing is not None:
-                    raise DuplicatePluginError(
-                        f"{kind} {name!r} is registered by both {existing.distribution} "
-                        f"(plugin {existing.plugin!r}) and {distribution} (plugin {plugin!r}); "
-                        f"uninstall one or block it with LMCACHE_BLOCK_PLUGINS={plugin}"
-                    )
+                if existing is None:
+                    self._registry[kind][name] = reg
+                else:
+                    self._registry[kind][name] = self._collide(kind, name, existing, reg)
                 for scheme in reg.schemes:
                     other = self._schemes.get(scheme)
-                    if other is not None:
-                        raise DuplicatePluginError(
-                            f"storage scheme {scheme!r}:// is registered by both {other.distribution} "
-                            f"(plugin {other.plugin!r}) and {distribution} (plugin {plugin!r}); "
-                            f"uninstall one or block it with LMCACHE_BLOCK_PLUGINS={plugin}"
-                        )
-                self._registry[kind][name] = reg
-                for scheme in reg.schemes:
-                    self._schemes[scheme] = reg
-                info.registrations.append(reg)
+                    self._schemes[scheme] = reg if other is None else self._collide("scheme", scheme, other, reg)
 
         return register
 
+    def _collide(self, kind: str, name: str, existing: Registration, new: Registration) -> Registration:
+        """Record a second registration of one name or scheme; the entry becomes a refusal.
+
+        Nothing is raised here: the collision is listed by ``lmcache plugins`` and refused
+        where the name is used, so an engine that never uses it is not affected."""
+        prev = self._collisions.get((kind, name))
+        regs = (*(prev.registrations if prev else (replace(existing, conflict=""),)), new)
+        col = Collision(kind, name, regs)
+        self._collisions[(kind, name)] = col
+        logger.warning("%s", col.message)
+        return replace(existing, conflict=col.message)
+
     # -- queries -------------------------------------------------------------------
+    @property
+    def collisions(self) -> list[Collision]:
+        """Names and schemes that several plugins registered (each refused where used)."""
+        return list(self._collisions.values())
+
     def registrations(self, kind: str) -> dict[str, Registration]:
+        """Every registration of ``kind``; one whose name collided has ``conflict`` set and
+        refuses to load."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return dict(self._registry[kind])
 
     def get(self, kind: str, name: str) -> Registration:
-        try:
-            return self._registry[kind][name]
-        except KeyError:
+        reg = self._registry[kind].get(name)
+        if reg is None:
             known = ", ".join(sorted(self._registry[kind])) or "none"
             raise PluginError(
                 f"no {kind} named {name!r} is registered (registered: {known}); "
-                f"install its plugin or check `lmcache plugins`"
-            ) from None
+                f"install its plugin or check `lmcache plugins`{self._not_loaded_note(name)}"
+            )
+        if reg.conflict:
+            raise DuplicatePluginError(reg.conflict)
+        return reg
 
     def storage_for_scheme(self, scheme: str) -> Registration:
-        try:
-            return self._schemes[scheme]
-        except KeyError:
+        reg = self._schemes.get(scheme)
+        if reg is None:
             known = ", ".join(f"{s}://" for s in sorted(self._schemes)) or "none"
             hint = _SCHEME_EXTRAS.get(scheme)
             fix = f'; install it with: pip install "lmcache-core[{hint}]"' if hint else ""
-            raise PluginError(f"no storage plugin handles {scheme}:// (registered: {known}){fix}") from None
+            raise PluginError(f"no storage plugin handles {scheme}:// (registered: {known}){fix}"
+                              f"{self._not_loaded_note(scheme)}")
+        if reg.conflict:
+            raise DuplicatePluginError(reg.conflict)
+        return reg
 
     def broken(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.status == "broken"]
+
+    def suspects(self, name: str) -> list[PluginInfo]:
+        """Plugins that did not load (broken, blocked, not allowed) and may be the one that
+        provides ``name``: those whose entry point, distribution or module mentions it, else
+        every broken plugin (a broken plugin registered nothing, so any name may be its)."""
+        def norm(text: str) -> str:
+            return text.lower().replace("-", "_").replace(".", "_")
+
+        down = [p for p in self.plugins.values() if p.status != "loaded"]
+        key = norm(name)
+        named = [p for p in down if key and any(key in norm(t) for t in (p.name, p.distribution, p.module))]
+        return named or [p for p in down if p.status == "broken"]
+
+    def _not_loaded_note(self, name: str) -> str:
+        sus = self.suspects(name)
+        if not sus:
+            return ""
+        return "; plugins that did not load: " + "; ".join(
+            f"{p.name} ({p.distribution} {p.version}) is {p.status}: {p.reason}" for p in sus)
+
+    def problems(self) -> dict[Registration, str]:
+        """Registration -> why it cannot be used ("" when its factory imports), for listings.
+
+        Imports every factory module (what ``lmcache plugins`` shows is what a user would
+        get); never raises."""
+        out: dict[Registration, str] = {}
+        for info in self.plugins.values():
+            for reg in info.registrations:
+                conflicts = [c.message for c in self._collisions.values() if reg in c.registrations]
+                out[reg] = "; ".join(conflicts) if conflicts else reg.problem()
+        return out
 
 
 # Schemes that a known extra provides, so an unregistered scheme can name its fix.

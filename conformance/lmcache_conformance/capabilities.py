@@ -39,6 +39,25 @@ class HasConformanceURL(Protocol):
     conformance_url: ClassVar[str]
 
 
+@runtime_checkable
+class DeclaresUnavailableURL(Protocol):
+    """A store that says how to reach it while its backend is down, for the availability test::
+
+        @classmethod
+        def conformance_unavailable_url(cls, url: str) -> str | None:
+            return url.replace("://", "://127.0.0.1:9/", 1)   # whatever "unreachable" is for you
+
+    Given the URL under test, return a URL of the same store whose backend cannot be
+    reached (a closed port, an absent mount, a revoked endpoint), or None when there
+    is no such state (the test then skips and says so). Without it the suite points
+    every ``host:port`` of the URL at a closed loopback port, and skips a URL that has
+    none.
+    """
+
+    @classmethod
+    def conformance_unavailable_url(cls, url: str) -> str | None: ...
+
+
 def layouts_of(device: Any) -> frozenset[str]:
     return frozenset(device.supported_layouts) if isinstance(device, DeclaresLayouts) else frozenset(LAYOUTS)
 
@@ -73,5 +92,5 @@ def default_url(name: str, store_cls: Any | None) -> str | None:
     return None
 
 
-__all__ = ["BUILTIN_URLS", "DeclaresDtypes", "DeclaresLayouts", "HasConformanceURL", "default_url",
-           "dtypes_of", "layout_skip_reason", "layouts_of"]
+__all__ = ["BUILTIN_URLS", "DeclaresDtypes", "DeclaresLayouts", "DeclaresUnavailableURL", "HasConformanceURL",
+           "default_url", "dtypes_of", "layout_skip_reason", "layouts_of"]

@@ -4,8 +4,10 @@ The core CLI delegates ``lmcache conformance ARGS`` to :func:`main`; ``python -m
 lmcache_conformance`` and ``lmcache-conformance`` call it too. The suite runs
 in-process under pytest with this package's own settings (``suite/pytest.ini``),
 whatever the current directory is. Exit status: 0 when nothing failed (known
-failures from ``--xfail-file`` do not count), 1 when a test failed, 2 on a usage
-error or when pytest could not run.
+failures from ``--xfail-file`` do not count), 1 when a test failed or a plugin
+or URL named on the command line cannot be resolved or loaded, 2 on a usage
+error, when two plugins registered one name or scheme, or when pytest could
+not run.
 """
 
 from __future__ import annotations
@@ -97,13 +99,23 @@ def pytest_args(args: argparse.Namespace, kinds: list[str]) -> list[str]:
     return argv
 
 
+def _collisions(kinds: list[str]) -> list[str]:
+    """Messages of the name/scheme collisions that touch the kinds under test (a device's
+    round trips go through stores, so storage collisions touch device runs too)."""
+    from lmcache_core.plugins import get_plugin_manager
+
+    touched = set(kinds) | ({"storage"} if "device" in kinds else set())
+    return [c.message for c in get_plugin_manager().collisions
+            if (c.kind if c.kind != "scheme" else "storage") in touched]
+
+
 def _telemetry(targets: list[Any]) -> dict[str, Any]:
     """``telemetry()`` of every runnable device (management-library facts for the report)."""
     from lmcache_core.plugins import get_plugin_manager
 
     out: dict[str, Any] = {}
     for t in targets:
-        if t.kind != "device" or t.skip:
+        if t.kind != "device" or t.skip or t.error:
             continue
         try:
             dev = get_plugin_manager().get("device", t.name).load()()
@@ -124,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.xfail_file and not Path(args.xfail_file).is_file():
         print(f"lmcache conformance: --xfail-file {args.xfail_file!r} does not exist", file=sys.stderr)
         return 2
+    collisions = _collisions(kinds)
+    if collisions:
+        for message in collisions:
+            print(f"lmcache conformance: {message}", file=sys.stderr)
+        return 2
     targets = _targets(args, kinds)
+    errors = [t for t in targets if t.error]
     if args.list:
         for t in targets:
-            state = "runs" if not t.skip else f"skipped: {t.skip}"
+            state = f"FAILS: {t.error}" if t.error else ("runs" if not t.skip else f"skipped: {t.skip}")
             print(f"{t.kind:9} {t.name:20} {t.distribution or '-':28} {state}")
-        return 0
+        return 1 if errors else 0
     if not kinds:
         print("lmcache conformance: the --contract choice selects no test of the named plugin kinds",
               file=sys.stderr)
@@ -137,18 +155,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import pytest
 
-    from .pytest_plugin import xfail_state
     from .report import Collector, build_report, render_table
 
     collector = Collector()
     code = int(pytest.main(pytest_args(args, kinds), plugins=[collector]))
+    from .pytest_plugin import xfail_state  # after pytest.main: pytest imports its plugin itself
+
     results = list(collector.results.values())
     xf = xfail_state(collector.config) if collector.config is not None else None
     xfail: dict[str, Any] | None = None
     if xf is not None:
         xfail = {"file": xf.path, "entries": len(xf.entries),
                  "unmatched": [{"line": e.line, "pattern": e.pattern, "reason": e.reason} for e in xf.unmatched()]}
-    failed = any(r.outcome in ("failed", "error") for r in results)
+    failed = any(r.outcome in ("failed", "error") for r in results) or bool(errors)
     status = 1 if failed else (0 if code in (0, 1, 5) else 2)
     report = build_report(results, [t.to_json() for t in targets], argv=list(argv or []), exit_status=status,
                           xfail=xfail, telemetry=_telemetry(targets))
@@ -156,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(results))
     s = report["summary"]
     print(", ".join(f"{v} {k}" for k, v in s.items() if v and k != "total") or "no tests ran")
+    for t in errors:
+        who = f" ({t.distribution} {t.version})" if t.distribution else ""
+        print(f"FAIL: {t.kind} {t.name!r}{who} cannot be used: {t.error}")
     if xfail is not None:
         for e in xfail["unmatched"]:
             print(f"xfail file {xfail['file']}:{e['line']}: entry {e['pattern']!r} matched no test")

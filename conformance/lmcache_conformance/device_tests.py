@@ -41,15 +41,13 @@ def load_device(target: Target) -> "Device":
     """An instance of the target's device class; skips with the detection reason if absent."""
     from lmcache_core.plugins import get_plugin_manager
 
-    if target.skip:
-        pytest.skip(target.skip)
+    target.require()
     cls = get_plugin_manager().get("device", target.name).load()
     return cls()
 
 
 def store_url(target: Target, tmp_path: Any) -> str:
-    if target.skip:
-        pytest.skip(f"store {target.name}: {target.skip}")
+    target.require(f"store {target.name}: ")
     assert target.url is not None
     return h.fill_url(target.url, tmp_path)
 
@@ -282,10 +280,14 @@ class PipeliningTests(DeviceContract):
     """Pipelining contract: layers land in order, each complete before compute gets it; overlap."""
 
     contract = "pipelining"
-    # The overlap is a report figure; only "none at all" fails a device that claims async copies.
-    # "None" allows for timer noise: 2% on accelerators (device timings are steady), 10% on host
-    # devices, where a busy machine moves a wait-based figure by a few percent.
-    OVERLAP_MIN: ClassVar[float] = 0.02
+    # A device that declares async_copy promises that loads overlap compute: at least 10% of the
+    # shorter of load and compute hidden (accelerators), or of the load (host devices). 10% is
+    # well above timer noise (a few percent on a busy host, well under one on a GPU) and well
+    # below what a real overlap gives (a plain side-stream H2D copy hid 96% on the H100 of
+    # docs/benchmarks.md), so passing it means the copies really run beside compute. It is
+    # never lowered to let a device pass: the figure is reported beside it (figures
+    # ``overlap_hidden_fraction`` and ``overlap_required_fraction``), and a device under it fails.
+    OVERLAP_MIN: ClassVar[float] = 0.10
     OVERLAP_MIN_HOST: ClassVar[float] = 0.10
 
     def _stored(self, device: "Device", shape: KVShape, chunk_size: int, seed: int) -> Any:
@@ -388,22 +390,34 @@ class PipeliningTests(DeviceContract):
             # device that truly serialises copies and compute never reaches the threshold.
             figures: dict[str, float] = {}
             threshold = self.OVERLAP_MIN if device.torch_device.type != "cpu" else self.OVERLAP_MIN_HOST
+            figures["overlap_required_fraction"] = threshold
             for attempt in range(1, 4):
                 got = measure_overlap(device, eng, tokens, dst, list(dp.block_ids), shape.num_layers,
                                       rounds=5 if accel else 3)
-                if not figures or got["overlap_hidden_fraction"] > figures["overlap_hidden_fraction"]:
-                    figures = {**got, "attempts": attempt}
+                if "overlap_hidden_fraction" not in figures or \
+                        got["overlap_hidden_fraction"] > figures["overlap_hidden_fraction"]:
+                    figures = {**got, "overlap_required_fraction": threshold, "attempts": attempt}
                 if figures["overlap_hidden_fraction"] >= threshold:
                     break
         finally:
             eng.close()
         for k, v in figures.items():
             record_property(f"figure:{k}", v)
-        hidden = figures["overlap_hidden_fraction"]
-        assert hidden >= threshold, (
-            f"{device.name} declares async_copy but hid {hidden:.0%} of load time behind compute "
-            f"(load {figures['load_ms']:.2f} ms, compute {figures['compute_ms']:.2f} ms, "
-            f"both {figures['both_ms']:.2f} ms, load time exposed to compute {figures['exposed_load_ms']:.2f} ms)")
+        problem = judge_overlap(device.name, figures)
+        assert problem is None, problem
+
+
+def judge_overlap(device_name: str, figures: dict[str, float]) -> str | None:
+    """None when ``overlap_hidden_fraction`` meets ``overlap_required_fraction``, else the
+    failure message, with both figures and the times they come from."""
+    hidden = float(figures["overlap_hidden_fraction"])
+    required = float(figures["overlap_required_fraction"])
+    if hidden >= required:
+        return None
+    return (f"{device_name} declares async_copy but hid {hidden:.1%} of load time behind compute, "
+            f"under the required {required:.0%} (load {figures['load_ms']:.2f} ms, compute "
+            f"{figures['compute_ms']:.2f} ms, both {figures['both_ms']:.2f} ms, load time exposed to compute "
+            f"{figures['exposed_load_ms']:.2f} ms)")
 
 
 def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.EngineKV, block_ids: list[int],
@@ -567,4 +581,4 @@ class DeviceZeroCopyTests(DeviceContract):
 
 
 __all__ = ["ContractTests", "DeviceChunkTests", "DeviceContract", "DeviceCorruptionTests", "DeviceKeyTests",
-           "DeviceZeroCopyTests", "PipeliningTests", "load_device", "measure_overlap", "store_url"]
+           "DeviceZeroCopyTests", "PipeliningTests", "judge_overlap", "load_device", "measure_overlap", "store_url"]

@@ -23,7 +23,12 @@ from typing import Any
 
 import pytest
 
-from .targets import Target
+from . import register_assertion_rewrite
+
+# Before any contract module is imported (collection imports them), so their asserts show values.
+register_assertion_rewrite()
+
+from .targets import Target  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +114,9 @@ def selection(config: pytest.Config) -> Selection:
         urls = config.getoption("--lmcache-storage") or None
         storage = storage_targets(pm, urls)
         builtin = storage_targets(pm, None)
-        chunk = [t for t in builtin if t.name in _BUILTIN_CHUNK_STORES and not t.skip]
+        chunk = [t for t in builtin if t.name in _BUILTIN_CHUNK_STORES and not (t.skip or t.error)]
         for t in storage if urls else builtin:
-            if not t.skip and t.name not in {c.name for c in chunk}:
+            if not (t.skip or t.error) and t.name not in {c.name for c in chunk}:
                 chunk.append(t)
         config.stash[_SELECTION] = Selection(
             device_targets(pm, config.getoption("--lmcache-device") or None),
@@ -193,7 +198,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             kept.append(item)
             continue
         if _target_skip(item):
-            # A plugin that cannot run here is reported once per contract, not once per test.
+            # A plugin that cannot run here is reported once per contract, not once per test
+            # (a skip, or a failure for a plugin that was named and cannot load).
             group = (info["kind"], info["plugin"], info["contract"])
             if group in unrunnable:
                 dropped.append(item)
@@ -221,8 +227,8 @@ def _target_skip(item: pytest.Item) -> str:
         return ""
     for name in TARGET_PARAMS:
         target = callspec.params.get(name)
-        if isinstance(target, Target) and target.skip:
-            return target.skip
+        if isinstance(target, Target) and (target.error or target.skip):
+            return target.error or target.skip
     return ""
 
 

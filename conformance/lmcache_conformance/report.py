@@ -173,10 +173,10 @@ def table_cells(results: Iterable[ContractResult]) -> tuple[list[str], list[str]
         n = {o: sum(1 for r in rs if r.outcome == o) for o in
              ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
         bad = n["failed"] + n["error"]
-        extra = "".join(f", {n[o]} {o}" for o in ("xfailed", "xpassed") if n[o])
+        extra = "".join(f", {n[o]} {o}" for o in ("xfailed", "xpassed") if n[o]) + _figure_note(rs)
         if bad:
             first = next(r for r in rs if r.outcome in ("failed", "error"))
-            cells[key] = Cell("fail", f"FAIL {bad}/{len(rs)}{extra}: {first.test}: {first.reason[:160]}")
+            cells[key] = Cell("fail", f"FAIL {bad}/{len(rs)}{extra}: {first.test}: {first.reason[:400]}")
         elif n["passed"] or n["xpassed"] or n["xfailed"]:
             skipped = f", {n['skipped']} skipped" if n["skipped"] else ""
             cells[key] = Cell("pass", f"pass {n['passed']}/{len(rs)}{skipped}{extra}")
@@ -184,6 +184,16 @@ def table_cells(results: Iterable[ContractResult]) -> tuple[list[str], list[str]
             reasons = sorted({r.reason for r in rs})
             cells[key] = Cell("skip", f"skip: {reasons[0][:160]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""))
     return rows, cols, cells
+
+
+def _figure_note(rs: list[ContractResult]) -> str:
+    """The measured overlap beside the threshold it is judged by, for the pipelining cell."""
+    for r in rs:
+        f = r.figures
+        if "overlap_hidden_fraction" in f and "overlap_required_fraction" in f:
+            return (f", overlap {float(f['overlap_hidden_fraction']):.1%} hidden "
+                    f"(required {float(f['overlap_required_fraction']):.0%})")
+    return ""
 
 
 def render_table(results: list[ContractResult], *, width: int | None = None) -> str:

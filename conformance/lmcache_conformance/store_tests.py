@@ -38,6 +38,7 @@ from lmcache_core.keys import ChunkKey
 
 from . import harness as h
 from .backdoors import Backdoor, backdoor_for
+from .capabilities import DeclaresUnavailableURL
 from .device_tests import ContractTests, store_url
 from .groundtruth import DTYPES, build
 from .targets import Target
@@ -83,7 +84,9 @@ class StorageSemanticsTests(StoreContract, StoreTests):
     def _backdoor(self, store: Store) -> Backdoor:
         door = backdoor_for(store)
         if door is None:
-            raise NotImplementedError  # the shared tests turn this into a skip naming the store class
+            pytest.skip(f"{type(store).__qualname__} offers no backdoor: define raw_get(key) -> bytes | None and "
+                        f"raw_set(key, data) on the store class (SupportsRawAccess, docs/plugins.md) to run the "
+                        f"ground-truth and corrupt-value tests")
         return door
 
     def raw_get(self, store: Store, key: ChunkKey) -> bytes | None:
@@ -113,14 +116,23 @@ class StoreAvailabilityTests(StoreContract):
     MAX_SECONDS = 30.0
 
     def unavailable_url(self, url: str) -> str | None:
-        """A URL of this store whose backend is down; override for backends without host:port."""
+        """A URL of this store whose backend is down: the store class's own
+        ``conformance_unavailable_url(url)`` where it declares one (:class:`DeclaresUnavailableURL`,
+        what CLI runs use), else ``url`` with every ``host:port`` pointed at a closed port."""
+        cls = self.store_class(url)
+        if isinstance(cls, DeclaresUnavailableURL):
+            return cls.conformance_unavailable_url(url)
         return dead_url(url)
 
     def test_unavailable_backend_is_a_miss(self, store_url: str) -> None:
         dead = self.unavailable_url(store_url)
         if dead is None:
-            pytest.skip(f"{store_url.split('://')[0]}:// has no network endpoint the suite can take down; "
-                        "override unavailable_url() to test it")
+            cls = self.store_class(store_url)
+            if isinstance(cls, DeclaresUnavailableURL):
+                pytest.skip(f"{cls.__qualname__}.conformance_unavailable_url() returned None: the store declares "
+                            "no unreachable state")
+            pytest.skip(f"{store_url.split('://')[0]}:// has no host:port the suite can take down; declare "
+                        f"conformance_unavailable_url(url) on {cls.__qualname__} (docs/plugins.md) to test it")
         dev = reference_device()
         kv = build("vllm_flash", "float16", dev.torch_device, seed=81)
         truth = kv.logical()

@@ -43,8 +43,7 @@ class TransportTests(ContractTests):
     def transport_pair(self, lmcache_transport: Target) -> Iterator[tuple[Transport, Transport]]:
         from lmcache_core.plugins import get_plugin_manager
 
-        if lmcache_transport.skip:
-            pytest.skip(lmcache_transport.skip)
+        lmcache_transport.require()
         cls = get_plugin_manager().get("transport", lmcache_transport.name).load()
         a, b = cls(), cls()
         yield a, b
