@@ -15,6 +15,12 @@
 3. vLLM -> SGLang: that engine stores from vLLM-shaped caches; a fresh SGLang
    backend finds the pages (``batch_exists``) and loads them into its host
    pool (``batch_get_v1``) bit for bit.
+4. Identity: with ``model`` set on both sides, the SGLang backend's model
+   fingerprint is the vLLM connector's (``vllm_model_fingerprint`` of a vLLM
+   config shaped like the engine's), for plain, fp8-KV and quantized models;
+   TP ranks name the same shard as a vLLM worker of that rank; pages of a
+   request with ``extra_key`` / ``cache_salt`` are what ``CacheEngine.keys``
+   computes from the tokens and ``KeyExtras``.
 
     python sglang_cross_driver.py sglang-writes|sglang-reads SPEC.json OUT.json
 
@@ -72,29 +78,51 @@ def host_pool(layout: str, mla: bool, fill: bool, seed: int) -> Any:
     return pool
 
 
-def sglang_backend(pool: Any, layout: str, mla: bool, tiers: list[str], **extra_keys: Any) -> Any:
+def sglang_backend(pool: Any, layout: str, mla: bool, tiers: list[str], tp_rank: int = 0, tp_size: int = 1,
+                   **extra_keys: Any) -> Any:
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
     from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
     extra = {"backend_name": "lmcache_core", "module_path": "lmcache_core.integrations.sglang",
              "class_name": "LMCacheCoreHiCacheStorage", "interface_v1": 1, "device": "cpu", "tiers": tiers,
              "key_scheme": "sglang", "chunk_size": PAGE, **extra_keys}
-    cfg = HiCacheStorageConfig(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-                               is_mla_model=mla, enable_storage_metrics=False,
-                               is_page_first_layout=layout != "layer_first", model_name=MODEL, extra_config=extra)
+    cfg = HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
+                               attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
+                               is_page_first_layout=layout != "layer_first", model_name="/models/tiny",
+                               extra_config={"model": MODEL, **extra})
     b = StorageBackendFactory.create_backend("dynamic", cfg, pool)
     b.register_mem_pool_host(pool)
     return b
 
 
-def vllm_side(tiers: list[str], mla: bool, num_blocks: int, fill: bool, seed: int) -> tuple[Any, Any, list]:
+def vllm_config(model: str = "/models/tiny", dtype: torch.dtype = torch.float32, cache_dtype: str = "auto",
+                quantization: str | None = None) -> Any:
+    """The parts of a VllmConfig that ``vllm_model_fingerprint`` reads (as vLLM fills them)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        model_config=SimpleNamespace(model=model, revision=None, dtype=dtype, quantization=quantization,
+                                     hf_overrides={}, quantization_config=None),
+        cache_config=SimpleNamespace(cache_dtype=cache_dtype, calculate_kv_scales=False,
+                                     kv_cache_dtype_skip_layers=[]))
+
+
+def connector_model(name: str, **fields: Any) -> str:
+    """The model identity the vLLM connector keys with ``model: name`` in its extra config."""
+    from lmcache_core.integrations.vllm import vllm_model_fingerprint
+
+    return vllm_model_fingerprint(vllm_config(**fields), name)
+
+
+def vllm_side(tiers: list[str], mla: bool, num_blocks: int, fill: bool, seed: int,
+              key_scheme: str = "sglang") -> tuple[Any, Any, list]:
     """A CacheEngine built the way the vLLM connector builds its own, plus vLLM-shaped caches."""
     from lmcache_core.engine import CacheEngine
     from lmcache_core.integrations._vllm_common import load_config
     from lmcache_core.integrations._vllm_layout import geometry_from_spec
     from lmcache_core.layout import PagedKV
 
-    _opts, config = load_config({"key_scheme": "sglang", "chunk_size": PAGE, "tiers": tiers, "device": "cpu",
+    _opts, config = load_config({"key_scheme": key_scheme, "chunk_size": PAGE, "tiers": tiers, "device": "cpu",
                                  "model": MODEL})
     config.check_block_size(PAGE)
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +137,7 @@ def vllm_side(tiers: list[str], mla: bool, num_blocks: int, fill: bool, seed: in
     if fill:
         for c in caches:
             c.copy_(torch.randn(c.shape, generator=gen))
-    engine = CacheEngine(geometry, config, model=config.model)
+    engine = CacheEngine(geometry, config, model=connector_model(config.model))
     return engine, make_kv(caches), caches
 
 
@@ -184,9 +212,11 @@ def cross(layout: str, mla: bool, work: Path) -> dict[str, Any]:
     src_idx = torch.arange(3 * PAGE, (3 + pages) * PAGE)
     writer = sglang_backend(src, layout, mla, tiers)
     out["s2v_set"] = writer.batch_set_v1(keys, src_idx)
+    namespace = writer._engine().namespace
     writer.flush()
     writer.close()
     engine, kv, _caches = vllm_side(tiers, mla, 10, False, 0)
+    out["same_namespace"] = engine.namespace == namespace
     out["s2v_same_keys"] = [k.digest.hex() for k in engine.keys(tokens)] == [h[:32] for h in keys]
     out["s2v_lookup"] = engine.lookup(tokens).hit_tokens
     out["s2v_loaded"] = engine.retrieve(tokens, kv, block_ids).hit_tokens
@@ -209,17 +239,81 @@ def cross(layout: str, mla: bool, work: Path) -> dict[str, Any]:
                                             vllm_rows(kv, block_ids, n)))
     reader.close()
 
-    # Without key_scheme sglang on the SGLang side nothing is shared (MHA: TP salt), and a
-    # chunk_size other than the page size is a startup error.
-    if not mla:
-        other = sglang_backend(host_pool(layout, mla, False, 4), layout, mla, tiers, key_scheme="lmcache")
-        out["lmcache_scheme_exists"] = other.batch_exists(keys)
-        other.close()
+    # A vLLM connector with the lmcache key scheme names chunks by its own hash chain: it never
+    # meets SGLang's pages. The SGLang side's key_scheme only checks chunk_size: pages are named by
+    # SGLang's hashes either way (same bytes, same keys), and a chunk_size other than the page size
+    # is a startup error.
+    engine, _kv, _caches = vllm_side(tiers, mla, 10, False, 0, key_scheme="lmcache")
+    out["lmcache_scheme_lookup"] = engine.lookup(tokens).hit_tokens
+    engine.close()
+    other = sglang_backend(host_pool(layout, mla, False, 4), layout, mla, tiers, key_scheme="lmcache")
+    out["lmcache_scheme_backend_exists"] = other.batch_exists(keys)
+    other.close()
     try:
         sglang_backend(host_pool(layout, mla, False, 5), layout, mla, tiers, chunk_size=2 * PAGE)
         out["chunk_size_error"] = ""
     except ConfigError as exc:
         out["chunk_size_error"] = str(exc)
+    return out
+
+
+def identity(work: Path) -> dict[str, Any]:
+    """What both engines key, compared without running either's forward pass."""
+    from types import SimpleNamespace
+
+    from sglang.srt import runtime_context
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+    from lmcache_core.keys import KeyExtras, Namespace, shard_id
+
+    tiers = [f"disk://{work}/identity?capacity=64MiB"]
+    out: dict[str, Any] = {}
+
+    def sglang_model(**runtime: Any) -> str:
+        real = runtime_context.get_model
+        if runtime:
+            fields = {**dict(model_path="/models/tiny", revision=None, dtype="auto", quantization=None,
+                             kv_cache_dtype="auto", json_model_override_args="{}"), **runtime}
+            runtime_context.get_model = lambda: SimpleNamespace(**fields)  # noqa: E731
+        try:
+            b = sglang_backend(host_pool("page_first", False, False, 6), "page_first", False, tiers, model=MODEL)
+            b.close()
+            return b.model
+        finally:
+            runtime_context.get_model = real
+
+    # Same `model` on both sides: one identity (name, KV format, quantization), whatever the paths.
+    out["fingerprints"] = {
+        "plain": [sglang_model(), connector_model(MODEL)],
+        "plain_in_server": [sglang_model(dtype="float32"), connector_model(MODEL)],
+        "fp8_kv": [sglang_model(kv_cache_dtype="fp8_e4m3"), connector_model(MODEL, cache_dtype="fp8")],
+        "fp8_e5m2_kv": [sglang_model(kv_cache_dtype="fp8_e5m2"), connector_model(MODEL, cache_dtype="fp8_e5m2")],
+        "quantized": [sglang_model(quantization="fp8"), connector_model(MODEL, quantization="fp8")],
+    }
+    out["fingerprints_differ"] = len({v[0] for v in out["fingerprints"].values()}) == 4  # plain twice
+    # TP ranks: the SGLang backend of rank r names the shard a vLLM worker of rank r names.
+    shards = {}
+    for r in (0, 1):
+        b = sglang_backend(host_pool("page_first", False, False, 7), "page_first", False, tiers, tp_rank=r,
+                           tp_size=2)
+        ns = b._engine().namespace
+        shards[r] = ns == Namespace(ns.model, ns.layout, "default", "", shard_id(r, 2))
+        b.close()
+    out["tp_shards_match_vllm"] = [shards[0], shards[1]]
+    # Per-request inputs: SGLang folds extra_key / cache_salt into its page hashes; a CacheEngine
+    # with key_scheme sglang computes the same keys from the tokens and KeyExtras.
+    engine, _kv, _caches = vllm_side(tiers, False, 4, False, 0)
+    tokens = [random.Random(9).randrange(0, 32000) for _ in range(3 * PAGE)]
+    same = {}
+    for name, kw in (("extra_key", dict(extra_key="lora-7")), ("cache_salt", dict(cache_salt="s1")),
+                     ("both", dict(extra_key="k", cache_salt="s"))):
+        theirs = get_storage_hash_str(RadixKey(tokens, **kw), None, page_size=PAGE)
+        ours = [k.digest.hex() for k in engine.keys(tokens, KeyExtras(**kw))]
+        plain = [k.digest.hex() for k in engine.keys(tokens)]
+        same[name] = ours == [h[:32] for h in theirs] and not set(ours) & set(plain)
+    engine.close()
+    out["extras_same_keys"] = same
     return out
 
 
@@ -326,6 +420,11 @@ def main(out_path: str, work: str) -> None:
         results["keys"] = key_check(1234)
     except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
         results["errors"].append({"what": "keys", "error": f"{type(exc).__name__}: {exc}",
+                                  "trace": traceback.format_exc()})
+    try:
+        results["identity"] = identity(Path(work))
+    except Exception as exc:  # noqa: BLE001
+        results["errors"].append({"what": "identity", "error": f"{type(exc).__name__}: {exc}",
                                   "trace": traceback.format_exc()})
     for layout, mla in (("page_first", False), ("layer_first", False), ("page_first_direct", False),
                         ("page_first", True)):

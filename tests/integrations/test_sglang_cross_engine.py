@@ -52,6 +52,7 @@ def _scenario(results: dict[str, Any], layout: str, mla: bool) -> dict[str, Any]
 @pytest.mark.parametrize("layout,mla", CASES, ids=[f"{l}-{'mla' if m else 'mha'}" for l, m in CASES])
 def test_sglang_pages_served_to_vllm(results: dict[str, Any], layout: str, mla: bool) -> None:
     s = _scenario(results, layout, mla)
+    assert s["same_namespace"], "the SGLang backend and the vLLM connector's engine key different namespaces"
     assert s["s2v_set"] == [True] * 3
     assert s["s2v_same_keys"], "CacheEngine.keys() differs from the keys of SGLang's pages"
     assert s["s2v_lookup"] == 48 and s["s2v_loaded"] == 48  # 3 whole pages; the partial tail is not keyed
@@ -68,9 +69,32 @@ def test_vllm_chunks_served_to_sglang(results: dict[str, Any], layout: str, mla:
 
 def test_other_scheme_does_not_meet_and_chunk_size_is_checked(results: dict[str, Any]) -> None:
     for s in results["scenarios"]:
-        if not s["mla"]:
-            assert s["lmcache_scheme_exists"] == 0
+        assert s["lmcache_scheme_lookup"] == 0  # a vLLM connector on its own hash chain never meets SGLang
+        # SGLang's side names pages by SGLang's hashes whatever key_scheme says (same bytes, same keys)
+        assert s["lmcache_scheme_backend_exists"] == 3
         assert "chunk_size equal to SGLang's page size" in s["chunk_size_error"]
+
+
+def _identity(results: dict[str, Any]) -> dict[str, Any]:
+    assert "identity" in results, results["errors"]
+    return results["identity"]
+
+
+@pytest.mark.parametrize("case", ["plain", "plain_in_server", "fp8_kv", "fp8_e5m2_kv", "quantized"])
+def test_named_model_is_one_identity_in_both_engines(results: dict[str, Any], case: str) -> None:
+    """With the same ``model`` in both extra configs, the SGLang backend and the vLLM connector
+    (``vllm_model_fingerprint``) key the same model identity: the name, the KV cache format and
+    the quantization method (whatever paths, dtype spellings or revisions each engine has)."""
+    ident = _identity(results)
+    sglang_fp, vllm_fp = ident["fingerprints"][case]
+    assert sglang_fp == vllm_fp, f"{case}: SGLang keys {sglang_fp!r}, the vLLM connector {vllm_fp!r}"
+    assert ident["fingerprints_differ"]  # and KV format / quantization still separate models
+
+
+def test_tp_ranks_and_request_extras_key_alike(results: dict[str, Any]) -> None:
+    ident = _identity(results)
+    assert ident["tp_shards_match_vllm"] == [True, True]  # shard_id(r, 2), as a vLLM worker of rank r
+    assert ident["extras_same_keys"] == {"extra_key": True, "cache_salt": True, "both": True}
 
 
 def test_vllm_engine_and_sglang_share_a_tier(vh: ModuleType, vllm_python: str, tiny_model: Path,
