@@ -47,3 +47,34 @@ def test_other_model_name_never_hits(tmp_path):
     b = CachedModel(model, config=cfg, model_name="b")
     assert b.generate(ids, 2).hit_tokens == 0
     b.close()
+
+
+def test_random_models_of_one_shape_never_share_chunks(tmp_path):
+    """Models built from a config have no checkpoint path: their weights are the identity, so two
+    random models of the same shape on one persistent disk tier never serve each other's KV."""
+    from lmcache_core.integrations.transformers import model_identity
+
+    a, b = random_llama(num_layers=2, seed=1), random_llama(num_layers=2, seed=2)
+    assert model_identity(a) != model_identity(b)
+    assert model_identity(a) == model_identity(random_llama(num_layers=2, seed=1))  # same weights, same id
+    assert model_identity(a.to(torch.bfloat16)) != model_identity(random_llama(num_layers=2, seed=1))
+    cfg = Config.from_dict({"tiers": [f"disk://{tmp_path}/shared"], "chunk_size": 64, "device": "cpu"})
+    prompt = list(range(3, 200))
+    ca = CachedModel(random_llama(num_layers=2, seed=1), config=cfg)
+    try:
+        ca.generate(prompt, 4)
+        ca.engine.flush()
+    finally:
+        ca.close()
+    cb = CachedModel(b, config=cfg)
+    try:
+        ref = cb.generate(prompt, 4, use_cache=False)
+        got = cb.generate(prompt, 4)
+        assert got.hit_tokens == 0 and got.tokens == ref.tokens
+    finally:
+        cb.close()
+    ca2 = CachedModel(random_llama(num_layers=2, seed=1), config=cfg)
+    try:
+        assert ca2.generate(prompt, 4).hit_tokens == len(prompt) - 1  # the same weights find their own chunks
+    finally:
+        ca2.close()

@@ -45,12 +45,42 @@ def geometry_for(model: Any) -> ChunkGeometry:
     return ChunkGeometry(cfg.num_hidden_layers, heads, head_dim, dtype_name(model.dtype))
 
 
+def weights_digest(model: Any) -> str:
+    """A hash of every parameter and buffer (names, shapes, dtypes, bytes): the identity of a
+    model that has no checkpoint path (built from a config, fine-tuned in memory)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16, person=b"lmcache-weights")
+    tensors = list(model.state_dict().items())
+    for name, t in tensors:
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.contiguous().view(-1)
+        if flat.dtype.is_floating_point or flat.dtype.itemsize > 1:
+            flat = flat.view(torch.uint8) if flat.numel() else flat
+        h.update(flat.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_identity(model: Any) -> str:
-    """Name used in the key namespace: the checkpoint path or name, plus the architecture."""
+    """The model fingerprint for the key namespace: the checkpoint path or name with its revision
+    (the hub commit when transformers knows it), the architecture, dtype and quantization; for a
+    model without a checkpoint path (built from a config), a hash of its weights. Two models
+    with the same shape but other weights never share chunks."""
+    from ..keys import model_fingerprint
+
     cfg = model.config
     name = getattr(cfg, "_name_or_path", "") or ""
     arch = ",".join(getattr(cfg, "architectures", None) or [type(model).__name__])
-    return f"{name}|{arch}"
+    quant = getattr(cfg, "quantization_config", None)
+    if quant is not None and hasattr(quant, "to_dict"):
+        quant = quant.to_dict()
+    revision = getattr(cfg, "_commit_hash", None)
+    weights = None if name else weights_digest(model)
+    return model_fingerprint(f"{name}|{arch}" if name else arch, revision=revision, dtype=str(model.dtype),
+                             quantization=repr(quant) if quant else None, weights=weights)
 
 
 class CachedModel:
