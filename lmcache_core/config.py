@@ -3,12 +3,17 @@
 Precedence, lowest first: defaults, the YAML file (``path`` or
 ``LMCACHE_CONFIG_FILE``), environment variables ``LMCACHE_<KEY>``, then the
 dict an engine passes (e.g. vLLM's ``kv_connector_extra_config``). Every error
-names the key, the value and what is allowed.
+names the key, the value and what is allowed, at load: types are never guessed
+(a YAML number in a namespace field, a float for an integer and a duplicate
+YAML key are errors), and an ``LMCACHE_`` variable that is nearly a key is a
+warning naming the key. The integrity secret is never printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -19,7 +24,13 @@ import yaml
 
 from .errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 ENV_PREFIX = "LMCACHE_"
+NAMESPACE_KEYS = ("model", "tenant", "salt")  # strings only: 1.10 and 1.1 must never be one namespace
+REDACTED = "<redacted>"
+# LMCACHE_* variables that belong to other parts of lmcache-core, not to this config
+_OTHER_ENV = {"CONFIG_FILE", "PLUGINS", "BLOCK_PLUGINS", "REQUIRE_SERVERS", "TORCH_SPEC"}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -54,8 +65,9 @@ def _default_tiers() -> list[str]:
 
 
 def _meta(help: str, *, choices: tuple[Any, ...] | None = None, minimum: int | None = None,
-          size: bool = False) -> dict[str, Any]:
-    return {"help": help, "choices": choices, "minimum": minimum, "size": size}
+          maximum: int | None = None, size: bool = False, secret: bool = False) -> dict[str, Any]:
+    return {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "size": size,
+            "secret": secret}
 
 
 @dataclass(frozen=True)
@@ -99,10 +111,16 @@ class Config:
         "or fetched for a load and not yet written to the engine); past it stores are dropped and "
         "loads cut short, both counted.", size=True, minimum=0))
     metrics_port: int = field(default=0, metadata=_meta(
-        "Serve Prometheus metrics on this port; 0 disables.", minimum=0))
+        "Serve Prometheus metrics on this port; 0 disables.", minimum=0, maximum=65535))
     log_level: str = field(default="WARNING", metadata=_meta(
         "Logging level of the lmcache_core logger.",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")))
+    integrity_key: str = field(default="", repr=False, metadata=_meta(
+        "Deployment secret (at least 16 bytes) that keys every chunk's tag (BLAKE2b over header and "
+        "payload): only processes with it can write chunks the others accept. Never printed.",
+        secret=True))
+    integrity_key_file: str = field(default="", metadata=_meta(
+        "File holding the integrity secret (trailing newline ignored); instead of integrity_key."))
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -143,26 +161,67 @@ class Config:
             values["save_partial"] = False
         cfg = cls(**values)
         cfg._check()
+        secret = cfg.integrity_secret()
+        if secret is not None:
+            from . import chunk
+
+            chunk.set_integrity_key(secret)
         return cfg
 
     def replace(self, **changes: Any) -> "Config":
-        return type(self).from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self._values(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
+    def _values(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["tiers"] = list(self.tiers)
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every value, the integrity secret shown as ``<redacted>`` (``config show``, logs)."""
+        out = self._values()
+        if out["integrity_key"]:
+            out["integrity_key"] = REDACTED
+        return out
+
+    def integrity_secret(self) -> bytes | None:
+        """The integrity secret (from ``integrity_key`` or ``integrity_key_file``), or None."""
+        if self.integrity_key:
+            return self.integrity_key.encode("utf-8")
+        if not self.integrity_key_file:
+            return None
+        path = Path(self.integrity_key_file).expanduser()
+        try:
+            data = path.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(f"integrity_key_file: {str(path)!r} cannot be read: {exc.strerror}") from exc
+        if len(data) < _MIN_SECRET:
+            raise ConfigError(f"integrity_key_file: {str(path)!r} holds {len(data)} bytes; an integrity key needs "
+                              f"at least {_MIN_SECRET} (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+        return data
 
     def _check(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+            maximum = f.metadata.get("maximum")
             if choices and value not in choices:
                 raise ConfigError(
                     f"{f.name}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}"
                 )
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.name}: must be >= {minimum}, got {value!r}")
+            if maximum is not None and value > maximum:
+                raise ConfigError(f"{f.name}: must be <= {maximum}, got {value!r}")
+        if self.integrity_key == REDACTED:
+            raise ConfigError("integrity_key: got the redacted placeholder from to_dict(); pass the secret itself "
+                              "or use integrity_key_file")
+        if self.integrity_key and self.integrity_key_file:
+            raise ConfigError("integrity_key and integrity_key_file are both set; set one of them")
+        if self.integrity_key and len(self.integrity_key.encode("utf-8")) < _MIN_SECRET:
+            raise ConfigError(f"integrity_key: an integrity key needs at least {_MIN_SECRET} bytes, got "
+                              f"{len(self.integrity_key.encode('utf-8'))} (e.g. python -c 'import secrets; "
+                              "print(secrets.token_hex(32))')")
+        self.integrity_secret()  # a missing or short key file is an error at load
         if not self.tiers:
             raise ConfigError("tiers: at least one storage tier is needed, e.g. ['memory://?capacity=2GiB']")
         for url in self.tiers:
@@ -181,13 +240,34 @@ class Config:
             )
 
 
+_MIN_SECRET = 16
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (YAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config file: key {key!r} appears twice (lines {seen[key].start_mark.line + 1} "
+                                  f"and {key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({str(path)!r})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -196,23 +276,50 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """``LMCACHE_<KEY>`` values; a variable that is nearly a key (wrong case, a missing
+    underscore, a typo) is ignored with a warning that names the key."""
     names = {f.name for f in fields(Config)}
+    squashed = {n.replace("_", ""): n for n in names}
     out: dict[str, Any] = {}
     for key, value in env.items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
-            if name in names:
-                out[name] = value
+        if not key[: len(ENV_PREFIX)].upper() == ENV_PREFIX:
+            continue
+        rest = key[len(ENV_PREFIX):]
+        if key.startswith(ENV_PREFIX) and rest.lower() in names and rest == rest.upper():
+            out[rest.lower()] = value
+            continue
+        if rest.upper() in _OTHER_ENV or rest.upper().startswith("KV_"):
+            continue
+        low = rest.lower()
+        guess = low if low in names else squashed.get(low.replace("_", ""))
+        if guess is None:
+            close = difflib.get_close_matches(low, sorted(names), n=1, cutoff=0.8)
+            guess = close[0] if close else None
+        if guess is not None:
+            logger.warning("environment variable %s is not an lmcache config key and is ignored; did you mean "
+                           "%s%s?", key, ENV_PREFIX, guess.upper())
     return out
 
 
 def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
     key, typ = f.name, f.type
+    shown = "<redacted>" if f.metadata.get("secret") else repr(value)
+    if key in NAMESPACE_KEYS and not isinstance(value, str):
+        raise ConfigError(
+            f"{key}: expected a string, got {type(value).__name__} {value!r}; a namespace field is never "
+            f"converted (YAML reads 1.10 as 1.1, 010 as 8, yes as true), so quote it: {key}: \"...\""
+        )
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"{key}: {shown} is not valid text "
+                              f"({exc.reason} at position {exc.start}); use UTF-8 text") from None
     try:
         if f.metadata.get("size"):
             return parse_size(value, key=key)
         if typ == "int":
-            if isinstance(value, bool):
+            if isinstance(value, (bool, float)):
                 raise ValueError
             if isinstance(value, str):
                 value = value.strip()
@@ -227,7 +334,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
                 return False
             raise ValueError
         if typ == "str":
-            if not isinstance(value, (str, int, float)):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
+                    f.metadata.get("secret") and not isinstance(value, str)):
                 raise ValueError
             return str(value).upper() if key == "log_level" else str(value)
         if typ == "tuple[str, ...]":
@@ -244,4 +352,4 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         return value
     expected = {"int": "an integer", "bool": "true or false", "str": "a string",
                 "tuple[str, ...]": "a list of URLs (or a comma-separated string)"}.get(str(typ), str(typ))
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    raise ConfigError(f"{key}: expected {expected}, got {shown}")
