@@ -174,7 +174,8 @@ class Collision:
     @property
     def message(self) -> str:
         what = f"storage scheme {self.name}://" if self.kind == "scheme" else f"{self.kind} {self.name!r}"
-        who = " and ".join(f"{r.distribution} (plugin {r.plugin!r})" for r in self.registrations)
+        regs = sorted(self.registrations, key=lambda r: r.distribution != CORE_DISTRIBUTION)  # built-in first
+        who = " and ".join(f"{r.distribution} (plugin {r.plugin!r})" for r in regs)
         third = [r for r in self.registrations if r.distribution != CORE_DISTRIBUTION]
         if len(third) == 1:
             fix = (f"uninstall {third[0].distribution} or block it with "
