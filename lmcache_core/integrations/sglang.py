@@ -84,7 +84,7 @@ def kv_cache_format(kv_cache_dtype: object) -> str:
         return "auto"
     raise ConfigError(
         f"lmcache-core: kv_cache_dtype {value!r} is not supported (its scales live outside the KV "
-        f"blocks); use --kv-cache-dtype {' or '.join(KV_CACHE_DTYPES)}"
+        f"blocks); use one of {', '.join(KV_CACHE_DTYPES)} (SGLang's --kv-cache-dtype)"
     )
 
 

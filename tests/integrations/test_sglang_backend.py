@@ -113,7 +113,7 @@ def test_model_fingerprint_and_startup_errors(results: dict[str, Any]) -> None:
     assert s["from_model_name"] and s["explicit"] and s["explicit_ignores_model_name"]
     assert s["explicit_keeps_quantization"]
     assert s["runtime_fingerprints_distinct"], s["runtime_fingerprints"]  # dtype, quant, revision, KV format...
-    assert "nvfp4" in s["nvfp4_error"] and "--kv-cache-dtype" in s["nvfp4_error"]
+    assert "nvfp4" in s["nvfp4_error"] and "--kv-cache-dtype" in s["nvfp4_error"] and "fp8_e5m2" in s["nvfp4_error"]
     assert s["shard_strings"] == {
         "tp1": "", "tp2r1": "tp1of2.pp0of1", "tp2r1pp2s1": "tp1of2.pp1of2.layers3-6",
         "mla_tp4r3": "", "mla_tp4r3pp2s1": "tp0of1.pp1of2.layers3-6", "mla_dcp2r1": "dcp1of2",
