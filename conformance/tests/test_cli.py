@@ -32,15 +32,6 @@ def test_test_plugins_are_discovered_through_entry_points() -> None:
     assert "lmcache_conformance.pytest_plugin" in pytest_eps
 
 
-def test_blocked_test_plugin_is_not_tested(conformance_cli: Any) -> None:
-    run = conformance_cli(["--device", "dummy", "--contract", "pipelining"],
-                          env={"LMCACHE_BLOCK_PLUGINS": "dummy_device"})
-    assert run.returncode == 0
-    reasons = {r["reason"] for r in run.report["results"]}
-    assert any("no device named 'dummy' is registered" in r for r in reasons), reasons
-    assert all(r["outcome"] == "skipped" for r in run.report["results"])
-
-
 def test_xfail_file_turns_known_failures_into_xfails_and_reports_stale_entries(
         conformance_cli: Any, tmp_path: Path) -> None:
     xf = tmp_path / "known.txt"
@@ -75,12 +66,7 @@ def test_failure_exit_status_table_and_report(conformance_cli: Any) -> None:
     assert all(i.startswith("device/dummy/chunk/test_gather") for i in ids), ids
 
 
-def test_unknown_plugin_is_a_skip_with_the_reason(conformance_cli: Any) -> None:
-    run = conformance_cli(["--device", "nosuch", "--contract", "pipelining"])
-    assert run.returncode == 0
-    assert run.report["results"] and all(x["outcome"] == "skipped" for x in run.report["results"])
-    assert "no device named 'nosuch' is registered" in run.report["results"][0]["reason"]
-    assert "skip: no device named 'nosuch'" in run.stdout
+# A named plugin that is unknown, blocked or broken fails the run: tests/test_named_plugins.py.
 
 
 def test_missing_xfail_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
