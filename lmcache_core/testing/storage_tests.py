@@ -18,6 +18,13 @@ Public names (stable; the conformance suite imports them):
 
 The model: chunks are content-addressed, so a key always maps to the same
 bytes; a store must return exactly those bytes or nothing, never others.
+
+Assertion rewriting: the checks here are plain ``assert`` statements, which report
+their values only when pytest rewrote this module, and pytest rewrites it only if
+it was registered before the first import. ``lmcache_conformance`` (a pytest
+plugin, loaded before collection) registers it; a project using this module
+without that plugin calls ``pytest.register_assert_rewrite(
+"lmcache_core.testing.storage_tests")`` in its ``conftest.py`` before importing it.
 """
 
 from __future__ import annotations
@@ -124,24 +131,31 @@ class StoreTests:
 
     # -- backdoor (override where the backend allows) -----------------------------------------
     def raw_get(self, store: Store, key: ChunkKey) -> bytes | None:
-        """The bytes held under ``key``, read around the store; None if absent."""
+        """The chunk image held under ``key``, read around the store; None if absent.
+
+        Exactly the bytes the store's ``_write`` received (zero padding after them is
+        allowed). A store that frames the image at rest (its own header, compression,
+        encryption) returns the unframed image here."""
         raise NotImplementedError
 
     def raw_set(self, store: Store, key: ChunkKey, data: bytes) -> None:
-        """Write ``data`` under ``key`` around the store (to plant corrupt values)."""
+        """Hold ``data`` under ``key`` around the store, as a put would have written it
+        (framed the store's way), so that ``get`` reads back exactly ``data``, damaged or not."""
         raise NotImplementedError
 
     def _raw_get(self, store: Store, key: ChunkKey) -> bytes | None:
         try:
             return self.raw_get(store, key)
         except NotImplementedError:
-            pytest.skip(f"{type(self).__name__} has no raw_get backdoor for {type(store).__name__}")
+            pytest.skip(f"no backdoor for {type(store).__name__}: override raw_get(store, key) on "
+                        f"{type(self).__name__} to check the store against the bytes its backend holds")
 
     def _raw_set(self, store: Store, key: ChunkKey, data: bytes) -> None:
         try:
             self.raw_set(store, key, data)
         except NotImplementedError:
-            pytest.skip(f"{type(self).__name__} has no raw_set backdoor for {type(store).__name__}")
+            pytest.skip(f"no backdoor for {type(store).__name__}: override raw_set(store, key, data) on "
+                        f"{type(self).__name__} to plant damaged values")
 
     def _put(self, store: Store, pool: BufferPool, key: ChunkKey, geometry: ChunkGeometry = SMALL_GEOMETRY) -> None:
         c = make_chunk(pool, key, geometry)
