@@ -126,6 +126,7 @@ class StreamDevice(Device):
         if st.depth == 0:
             (self.transfer.gather if gather else self.transfer.scatter)(kv, [(slots, chunk)], layers)
             return
+        self.transfer.check_slots(kv, [(slots, chunk)])  # a bad slot fails this call, not a later flush
         key = (gather, id(kv), layers if layers is None or isinstance(layers, tuple) else tuple(layers))
         if st.batch and st.key != key:
             self._flush()

@@ -165,6 +165,7 @@ class KVTransfer:
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
         self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
+        self._checked: list[tuple[tuple[Any, ...], list[Any]]] = []
         self._warned: set[str] = set()
 
     # -- public --------------------------------------------------------------------------
@@ -175,6 +176,22 @@ class KVTransfer:
     def scatter(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
         """Copy each pair's chunk into ``kv`` at its slots."""
         self._run(kv, batch, layers, False)
+
+    def check_slots(self, kv: "PagedKV", batch: Batch) -> None:
+        """Range check every slot of ``batch`` against ``kv`` (LayoutError), once per batch: the
+        result is cached by the slot tensors' identity and version, so the engine's per-layer
+        calls with one batch pay for one vectorised min/max, not one per layer."""
+        try:
+            key: tuple[Any, ...] | None = (kv.num_blocks * kv.block_size,) + tuple(
+                (id(s), s._version) for s, _ in batch)
+        except RuntimeError:  # inference-mode tensors keep no version counter: check every call
+            key = None
+        if key is not None and any(k == key for k, _ in self._checked):
+            return
+        reference.check_slots(kv, batch)
+        if key is not None:
+            self._checked.insert(0, (key, [s for s, _ in batch]))  # keeps the ids alive
+            del self._checked[8:]
 
     def mapped_host(self) -> tuple[bool, str]:
         """Whether kernels on this device can address pinned host memory (probed once)."""
@@ -196,6 +213,7 @@ class KVTransfer:
         sel = layer_list(kv, layers)
         if not batch or not sel:
             return
+        self.check_slots(kv, batch)  # before any path: no kernel or index op sees a bad slot
         mode = self.options.mode(gather, len(sel))
         plan = self._plan(kv, batch, mode)
         if plan is None:
@@ -226,7 +244,7 @@ class KVTransfer:
             self.stats.fallbacks.append(why)
 
     def _reference(self, kv: "PagedKV", items: Batch, sel: list[int], gather: bool) -> None:
-        (reference.gather_batch if gather else reference.scatter_batch)(kv, items, sel)
+        (reference.gather_batch if gather else reference.scatter_batch)(kv, items, sel, checked=True)
         self.stats.torch += len(items)
 
     def _plan(self, kv: "PagedKV", batch: Batch, mode: str) -> "_Plan | None":

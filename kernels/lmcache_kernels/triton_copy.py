@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .reference import Batch, check_chunk, layer_list
+from .reference import Batch, check_chunk, check_slots, layer_list
 
 if TYPE_CHECKING:
     import torch
@@ -360,16 +360,19 @@ def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int]
 
 
 def gather_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
-    """Kernel gather of a batch whose chunks the KV device can address (device or mapped memory)."""
+    """Kernel gather of a batch whose chunks the KV device can address (device or mapped memory);
+    every slot is range checked first, so the kernel never touches memory outside the cache."""
     table, why = plane_table(kv)
     if table is None:
         raise ValueError(why)
+    check_slots(kv, batch)
     launch(kv, table, batch, layers, True)
 
 
 def scatter_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
-    """Kernel scatter; the inverse of :func:`gather_batch`."""
+    """Kernel scatter; the inverse of :func:`gather_batch` (slots range checked first)."""
     table, why = plane_table(kv)
     if table is None:
         raise ValueError(why)
+    check_slots(kv, batch)
     launch(kv, table, batch, layers, False)
