@@ -116,7 +116,7 @@ class Config:
         "Logging level of the lmcache_core logger.",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")))
     integrity_key: str = field(default="", repr=False, metadata=_meta(
-        "Deployment secret (at least 16 bytes) that keys every chunk's tag (BLAKE2b over header and "
+        "Deployment secret (at least 16 bytes) that keys every chunk's tag (HMAC-SHA256 over header and "
         "payload): only processes with it can write chunks the others accept. Never printed.",
         secret=True))
     integrity_key_file: str = field(default="", metadata=_meta(

@@ -3,7 +3,7 @@ and payload, any decode failure a ChunkError (the tier deletes the object), boun
 and the keyed integrity mode. Each test holds the reproduction from the issue."""
 from __future__ import annotations
 
-import hashlib
+import hmac
 import struct
 import time
 import tracemalloc
@@ -69,7 +69,7 @@ def forge(meta: Any, stored: bytes, *, flags: int = 0, version: int = 2, key: by
     if key is None:
         h: Any = xxhash.xxh3_128()
     else:
-        h = hashlib.blake2b(key=chunkmod.derive_key(key), digest_size=32, person=b"lmcache-chunk")
+        h = hmac.new(chunkmod.derive_key(key), b"lmcache-chunk-v2", "sha256")
     h.update(head)
     h.update(stored)
     head += h.digest()
