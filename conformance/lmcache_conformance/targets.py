@@ -50,13 +50,13 @@ class Target:
         return self.name
 
     def require(self, what: str = "") -> None:
-        """Inside a test: fail with :attr:`error`, or skip with :attr:`skip`, when the target
-        cannot run (``what`` prefixes the message)."""
+        """Inside a test: fail with :attr:`error`, or skip with :attr:`skip` (prefixed with
+        ``what``), when the target cannot run."""
         import pytest
 
         if self.error:
             who = f" ({self.distribution} {self.version})" if self.distribution else ""
-            pytest.fail(f"{what}{self.kind} {self.name!r}{who} cannot be used: {self.error}", pytrace=False)
+            pytest.fail(f"{self.kind} {self.name!r}{who} cannot be used: {self.error}", pytrace=False)
         if self.skip:
             pytest.skip(f"{what}{self.skip}")
 
