@@ -110,6 +110,34 @@ def model_fingerprint(name: str, *, revision: str | None = None, dtype: object =
     return f"{name or 'weights'}@{revision or '-'}#{tail}"
 
 
+def kv_cache_format(kv_cache_dtype: object) -> str:
+    """The KV cache format in the model identity, spelled alike for vLLM and SGLang: ``auto``
+    for every format whose element dtype says it all (that dtype is in the chunk layout
+    signature), ``fp8_e4m3`` or ``fp8_e5m2`` for fp8 (stored as bytes, so the variant is keyed
+    here). Refuses formats whose scales live outside the KV blocks."""
+    value = str(kv_cache_dtype or "auto").lower().replace("torch.", "")
+    if value in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
+        return "fp8_e4m3"
+    if value in ("fp8_e5m2", "float8_e5m2"):
+        return "fp8_e5m2"
+    if value in ("auto", "bf16", "bfloat16", "float16", "fp16", "half", "float", "float32", "fp32"):
+        return "auto"
+    raise ConfigError(
+        f"lmcache-core: kv_cache_dtype {value!r} is not supported (its scales live outside the KV "
+        f"blocks); use auto, bf16, bfloat16, fp8_e4m3 or fp8_e5m2 (--kv-cache-dtype)"
+    )
+
+
+def named_model_fingerprint(name: str, *, kv_cache_dtype: object = None, quantization: object = None) -> str:
+    """The model identity when the user names the model (config key ``model``): exactly that
+    name, the KV cache format (:func:`kv_cache_format`) and the quantization method, the fields
+    both vLLM and SGLang know and spell alike, so the two engines meet in one namespace. The
+    name stands for the checkpoint (include a revision in it when it matters); the KV element
+    dtype is in the chunk layout signature. The vLLM connector and the SGLang backend both use it."""
+    quant = None if quantization in (None, "", "none", "None") else str(quantization).lower()
+    return model_fingerprint(name, quantization=quant, kv_cache_dtype=kv_cache_format(kv_cache_dtype))
+
+
 def shard_id(tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0, pp_size: int = 1,
              layers: tuple[int, int] | None = None) -> str:
     """The parallel shard a process holds: tensor-parallel rank (its heads) and pipeline stage

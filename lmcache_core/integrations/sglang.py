@@ -36,7 +36,7 @@ from .. import chunk as chunkmod
 from ..config import Config
 from ..engine import CacheEngine
 from ..errors import ConfigError, LayoutError
-from ..keys import ChunkKey, model_fingerprint, sglang_page_key, shard_id
+from ..keys import ChunkKey, kv_cache_format, model_fingerprint, named_model_fingerprint, sglang_page_key, shard_id
 from ..layout import PagedKV
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 # --kv-cache-dtype values whose bytes are all in the host pool's kv_buffer. mxfp8, nvfp4 and
 # fp4_mx_block16 keep block scales in other buffers, which this backend does not store.
-KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 # The fields of SGLang's runtime "model" namespace that change the KV a checkpoint computes.
 RUNTIME_MODEL_FIELDS = ("model_path", "revision", "dtype", "quantization", "kv_cache_dtype",
                         "json_model_override_args")
@@ -68,35 +67,6 @@ RUNTIME_MODEL_FIELDS = ("model_path", "revision", "dtype", "quantization", "kv_c
 # deterministic id uuid5(name, path): like the model, an adapter is identified by its name and
 # path, not by a hash of its weights; dynamically loaded adapters get a random id, so their
 # pages are never shared between servers.)
-
-
-def kv_cache_format(kv_cache_dtype: object) -> str:
-    """The KV cache format in the model identity, spelled alike for vLLM and SGLang: ``auto``
-    for every format whose element dtype says it all (that dtype is in the chunk layout
-    signature), ``fp8_e4m3`` or ``fp8_e5m2`` for fp8 (stored as bytes, so the variant is keyed
-    here). Refuses formats whose scales live outside the KV blocks."""
-    value = str(kv_cache_dtype or "auto").lower().replace("torch.", "")
-    if value in ("fp8", "fp8_e4m3", "float8_e4m3fn"):
-        return "fp8_e4m3"
-    if value in ("fp8_e5m2", "float8_e5m2"):
-        return "fp8_e5m2"
-    if value in ("auto", "bf16", "bfloat16", "float16", "fp16", "half", "float", "float32", "fp32"):
-        return "auto"
-    raise ConfigError(
-        f"lmcache-core: kv_cache_dtype {value!r} is not supported (its scales live outside the KV "
-        f"blocks); use one of {', '.join(KV_CACHE_DTYPES)} (SGLang's --kv-cache-dtype)"
-    )
-
-
-def named_model_fingerprint(name: str, *, kv_cache_dtype: object = None, quantization: object = None) -> str:
-    """The model identity when the user names the model (config key ``model``): exactly that
-    name, the KV cache format (:func:`kv_cache_format`) and the quantization method, the fields
-    both vLLM and SGLang know and spell alike, so the two engines meet in one namespace. The
-    name stands for the checkpoint (include a revision in it when it matters); the KV element
-    dtype is in the chunk layout signature. Engine-neutral: meant to move to
-    :mod:`lmcache_core.keys` so the vLLM connector uses it too."""
-    quant = None if quantization in (None, "", "none", "None") else str(quantization).lower()
-    return model_fingerprint(name, quantization=quant, kv_cache_dtype=kv_cache_format(kv_cache_dtype))
 
 
 def runtime_model_fields() -> dict[str, Any] | None:

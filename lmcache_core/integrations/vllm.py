@@ -38,7 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..errors import ConfigError, LayoutError
-from ..keys import Namespace, model_fingerprint, shard_id
+from ..keys import Namespace, model_fingerprint, named_model_fingerprint, shard_id
 from ._vllm_common import EngineHandle, StepPlan, load_config, note_without_shared_tier, shared_engine
 from ._vllm_layout import bind_vllm_caches, geometry_from_spec, stage_layers
 from ._vllm_scheduler import VLLMScheduler
@@ -159,6 +159,8 @@ def vllm_model_fingerprint(vllm_config: "VllmConfig", name: str | None = None) -
             "other scales; run without --calculate-kv-scales (the checkpoint's scales are keyed)"
         )
     quant = getattr(mc, "quantization", None)
+    if name:  # named by the user: the engine-neutral identity the SGLang backend keys too
+        return named_model_fingerprint(name, kv_cache_dtype=kv_dtype, quantization=quant)
     return model_fingerprint(
         name or str(mc.model), revision=getattr(mc, "revision", None), dtype=getattr(mc, "dtype", None),
         quantization=quant, kv_cache_dtype=kv_dtype,
