@@ -151,6 +151,7 @@ class CacheEngine:
         if self.config.metrics_port:
             serve(self.metrics, self.config.metrics_port)
         self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size)
+        chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
         # Namespace refuses an empty model: two models must never share chunks by default.
         self.namespace = Namespace(model or self.config.model, geometry.signature,
                                    self.config.tenant, self.config.salt, shard)
@@ -172,7 +173,8 @@ class CacheEngine:
         ctx = StoreContext(self.pool, self.config.to_dict(),
                            on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n),
                            on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
-                           on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n))
+                           on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n),
+                           geometry=geometry)
         self.tiers = TierStack(
             build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
             queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,

@@ -291,3 +291,28 @@ def slot_mapping(block_ids: "torch.Tensor", block_size: int, start: int, end: in
     blocks = check_block_ids(used, num_blocks) if num_blocks is not None else used.to(torch.int64)
     pos = torch.arange(start, end, dtype=torch.int64, device=block_ids.device)
     return blocks[pos // block_size - first] * block_size + pos % block_size
+
+
+def check_slots(kv: "PagedKV", batch: Sequence[tuple["torch.Tensor", Any]]) -> None:
+    """Raise LayoutError unless every slot of ``batch`` is an integer in ``[0, blocks * block_size)``.
+
+    One vectorised min/max over the whole batch (one per device the slots live on), before
+    anything is copied: a device used without the engine never reads or writes outside the
+    KV tensor (a negative slot would wrap, a huge one overflow the kernel's arithmetic)."""
+    import torch
+
+    total = kv.num_blocks * kv.block_size
+    groups: dict[Any, list["torch.Tensor"]] = {}
+    for slots, _ in batch:
+        if slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
+            raise LayoutError(f"slots must be integers, got a {slots.dtype} tensor")
+        if slots.numel():
+            groups.setdefault(slots.device, []).append(slots.reshape(-1).to(torch.int64))
+    for parts in groups.values():
+        both = torch.cat(parts).aminmax() if len(parts) > 1 else parts[0].aminmax()
+        lo, hi = torch.stack([both.min, both.max]).tolist()
+        if lo < 0 or hi >= total:
+            bad = lo if lo < 0 else hi
+            raise LayoutError(
+                f"slot {bad} (block {bad // kv.block_size}) is outside the KV cache's {kv.num_blocks} blocks of "
+                f"{kv.block_size} tokens (valid slots: 0 to {total - 1}); check the block table")

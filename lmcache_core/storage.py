@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .keys import ChunkKey
 
 if TYPE_CHECKING:
+    from .layout import ChunkGeometry
     from .memory import BufferPool, PooledBuffer
 
 
@@ -60,6 +61,9 @@ class StoreContext:
     on_evict: Any = None  # callable(tier_name, count) for metrics
     on_write: Any = None  # callable(tier_name, nbytes): bytes a store really wrote (stores that report)
     on_skip: Any = None  # callable(tier_name, count): puts of chunks the store already held
+    #: The chunk layout the engine expects: the decoder refuses any other (a forged or foreign
+    #: chunk declaring a huge layout is a ChunkError before its payload is read into memory).
+    geometry: "ChunkGeometry | None" = None
 
 
 @dataclass(frozen=True)
@@ -209,4 +213,4 @@ class ByteStore(Store):
         if got is None:
             return None
         buf, nbytes = got
-        return decode_image(buf, nbytes, key, self.context.pool)
+        return decode_image(buf, nbytes, key, self.context.pool, self.context.geometry)

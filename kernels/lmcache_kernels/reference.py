@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lmcache_core.builtin.cpu import raw, torch_gather, torch_scatter
 from lmcache_core.errors import LayoutError
+from lmcache_core.layout import check_slots
 
 if TYPE_CHECKING:
     import torch
@@ -52,31 +53,6 @@ def check_chunk(kv: "PagedKV", slots: "torch.Tensor", chunk: "torch.Tensor") -> 
         raise ValueError(f"chunk dtype {chunk.dtype} does not match the KV dtype {kv.layers[0].k.dtype}")
     if slots.dim() != 1 or int(slots.numel()) > int(chunk.shape[2]):
         raise ValueError(f"{slots.numel()} slots do not fit a chunk of {chunk.shape[2]} tokens")
-
-
-def check_slots(kv: "PagedKV", batch: Batch) -> None:
-    """Raise LayoutError unless every slot of ``batch`` is an integer in ``[0, blocks * block_size)``.
-
-    One vectorised min/max over the whole batch (one per device the slots live on), before
-    anything is copied: a device used without the engine never reads or writes outside the
-    KV tensor (a negative slot would wrap, a huge one overflow the kernel's arithmetic)."""
-    import torch
-
-    total = kv.num_blocks * kv.block_size
-    groups: dict[Any, list["torch.Tensor"]] = {}
-    for slots, _ in batch:
-        if slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool:
-            raise LayoutError(f"slots must be integers, got a {slots.dtype} tensor")
-        if slots.numel():
-            groups.setdefault(slots.device, []).append(slots.reshape(-1).to(torch.int64))
-    for parts in groups.values():
-        both = torch.cat(parts).aminmax() if len(parts) > 1 else parts[0].aminmax()
-        lo, hi = torch.stack([both.min, both.max]).tolist()
-        if lo < 0 or hi >= total:
-            bad = lo if lo < 0 else hi
-            raise LayoutError(
-                f"slot {bad} (block {bad // kv.block_size}) is outside the KV cache's {kv.num_blocks} blocks of "
-                f"{kv.block_size} tokens (valid slots: 0 to {total - 1}); check the block table")
 
 
 def _planes(kv: "PagedKV", layer: int) -> list["torch.Tensor"]:

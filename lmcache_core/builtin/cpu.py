@@ -7,6 +7,7 @@ import platform
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..device import Detection, Device, DeviceCapabilities
+from ..layout import check_slots
 
 if TYPE_CHECKING:
     import torch
@@ -68,10 +69,12 @@ class CPUDevice(Device):
 
     def gather(self, kv: "PagedKV", slots: "torch.Tensor", out: "torch.Tensor",
                layers: Sequence[int] | None = None) -> None:
+        check_slots(kv, [(slots, out)])  # used without the engine too: never index outside the cache
         torch_gather(kv, slots.to(kv.device), out, layers)
 
     def scatter(self, kv: "PagedKV", slots: "torch.Tensor", src: "torch.Tensor",
                 layers: Sequence[int] | None = None) -> None:
+        check_slots(kv, [(slots, src)])
         torch_scatter(kv, slots.to(kv.device), src, layers)
 
     def telemetry(self) -> dict[str, Any]:

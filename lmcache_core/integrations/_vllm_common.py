@@ -7,6 +7,7 @@ drives the worker half with plans it builds itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field, fields
@@ -211,7 +212,8 @@ def shared_engine(geometry: ChunkGeometry, config: Config, model: str, *, shard:
     and the worker that shares its engine serves them.
     """
     cfg = tuple(sorted((k, repr(v)) for k, v in config.to_dict().items() if k != "metrics_port"))
-    key = (geometry, cfg, model, shard)
+    secret = config.integrity_secret()  # redacted in to_dict(): key engines by a digest of it
+    key = (geometry, cfg, model, shard, hashlib.sha256(secret).hexdigest() if secret else "")
     with _ENGINES_LOCK:
         shared = _ENGINES.get(key)
         if shared is None:

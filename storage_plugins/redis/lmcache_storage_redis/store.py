@@ -394,7 +394,8 @@ class RespStore(ByteStore):
                     values = pipe.execute()
                 for key, value in zip(keys[i : i + b], values):
                     got = self._land(value, pool.acquire)
-                    out.append(None if got is None else decode_image(got[0], got[1], key, pool))
+                    out.append(None if got is None else decode_image(got[0], got[1], key, pool,
+                                                                      getattr(self.context, "geometry", None)))
         except BaseException:
             for c in out:
                 if c is not None:
