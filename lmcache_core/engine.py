@@ -8,8 +8,11 @@ request's block table (or slot mapping).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -79,7 +82,9 @@ def resolve_device(name: str, plugins: PluginManager, index: int = 0) -> Device:
             logger.debug("device %s skipped: %s", reg_name, exc)
             continue
         except Exception as exc:  # noqa: BLE001 - detection must never take the engine down
-            logger.debug("device %s detection failed: %s", reg_name, exc)
+            # A broken or colliding plugin is the operator's to fix: say so, then go on without it.
+            logger.warning("device plugin %s skipped by device: auto (%s: %s); see `lmcache plugins`",
+                           reg_name, type(exc).__name__, exc)
             continue
         if not det.available:
             logger.debug("device %s not available: %s", reg_name, det.reason)
@@ -124,8 +129,35 @@ def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreCont
     return stores
 
 
+_OPEN_ENGINES: "weakref.WeakSet[CacheEngine]" = weakref.WeakSet()
+AT_EXIT_FLUSH_S = 30.0  # all engines together
+
+
+def _flush_at_exit() -> None:
+    """``store()`` is asynchronous: a process that ends without ``close()`` still writes what
+    it queued, within a bounded time, and says so when it cannot."""
+    deadline = time.monotonic() + AT_EXIT_FLUSH_S
+    for engine in list(_OPEN_ENGINES):
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            if not engine.flush(left):
+                logger.warning("lmcache-core: exiting with stores still queued after %.0f s; they are lost",
+                               AT_EXIT_FLUSH_S)
+        except Exception:  # noqa: BLE001 - never fail interpreter shutdown
+            logger.exception("lmcache-core: flushing stores at exit failed")
+
+
+# Before the thread pools shut down (concurrent.futures joins its workers in the same hook list,
+# which runs newest first); plain atexit would run after they stopped taking work.
+try:
+    threading._register_atexit(_flush_at_exit)  # type: ignore[attr-defined]
+except (AttributeError, RuntimeError):
+    atexit.register(_flush_at_exit)
+
+
 class CacheEngine:
-    """The cache for one model's KV geometry. Thread-safe; close() when done."""
+    """The cache for one model's KV geometry. Thread-safe; close() when done (queued stores are
+    also flushed at interpreter exit, for at most ``AT_EXIT_FLUSH_S``)."""
 
     def __init__(
         self,
@@ -184,6 +216,7 @@ class CacheEngine:
         self._sealing = 0
         self._sealing_cv = threading.Condition()
         self._closed = False
+        _OPEN_ENGINES.add(self)
 
     # -- keys and lookup ----------------------------------------------------------------
     def keys(self, tokens: Sequence[int] | Any, extras: KeyExtras | None = None, *,

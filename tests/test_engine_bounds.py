@@ -166,3 +166,29 @@ def test_no_fresh_allocation_once_warm(tmp_path) -> None:
     eng.flush()
     assert eng.pool.allocations == warm
     eng.close()
+
+
+def test_queued_stores_are_flushed_when_a_process_exits_without_close(tmp_path) -> None:
+    """store() is asynchronous: a child that stores and exits without close() or flush() still
+    writes its chunks; a second process finds them on disk."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch
+        from lmcache_core import CacheEngine, ChunkGeometry, Config
+        from lmcache_core.layout import PagedKV
+        geom = ChunkGeometry(2, 2, 8, "float16")
+        cfg = Config.from_dict({{"tiers": ["disk://{tmp_path}/exit"], "device": "cpu", "chunk_size": 16}})
+        eng = CacheEngine(geom, cfg, model="exit-test")
+        kv = PagedKV.from_vllm_flash([torch.randn(2, 8, 16, 2, 8).half() for _ in range(2)])
+        print(eng.store(list(range(100, 164)), kv, [0, 1, 2, 3]))  # no close(), no flush()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "64"
+    eng = CacheEngine(GEOM, Config.from_dict({"tiers": [f"disk://{tmp_path}/exit"], "device": "cpu",
+                                              "chunk_size": CHUNK}), model="exit-test")
+    assert eng.lookup(TOKENS).hit_tokens == 64
+    eng.close()
