@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .config import Config
     from .engine import CacheEngine
+    from .keys import KeyExtras, MMItem
     from .layout import ChunkGeometry, PagedKV
 
-__all__ = ["CacheEngine", "ChunkGeometry", "Config", "PagedKV", "hookimpl", "__version__"]
+__all__ = ["CacheEngine", "ChunkGeometry", "Config", "KeyExtras", "MMItem", "PagedKV", "hookimpl", "__version__"]
 
-_LAZY = {"CacheEngine": "engine", "Config": "config", "ChunkGeometry": "layout", "PagedKV": "layout"}
+_LAZY = {"CacheEngine": "engine", "Config": "config", "ChunkGeometry": "layout", "PagedKV": "layout",
+         "KeyExtras": "keys", "MMItem": "keys"}
 
 
 def __getattr__(name: str) -> Any:

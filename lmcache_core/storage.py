@@ -114,6 +114,16 @@ class ParsedURL:
             )
 
 
+def clear_targets(namespace: "bytes | Iterable[bytes] | None", used: "Iterable[bytes]") -> set[bytes]:
+    """The namespace ids a ``clear(namespace)`` means: the one or several given, else those the
+    store wrote or read (``used``)."""
+    if namespace is None:
+        return set(used)
+    if isinstance(namespace, (bytes, bytearray)):
+        return {bytes(namespace)}
+    return {bytes(ns) for ns in namespace}
+
+
 def parse_url(url: str) -> ParsedURL:
     parts = urllib.parse.urlsplit(url)
     query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
@@ -180,6 +190,15 @@ class Store(abc.ABC):
 
     def health(self) -> Health:
         return Health(True)
+
+    def report_writes(self, nbytes: int = 0, skipped: int = 0) -> None:
+        """Tell the engine (``context.on_write`` / ``on_skip``) what a put really wrote and how many
+        chunks it skipped because they were there already (stores with ``reports_writes``)."""
+        on_write, on_skip = getattr(self.context, "on_write", None), getattr(self.context, "on_skip", None)
+        if nbytes and on_write:
+            on_write(self.name, nbytes)
+        if skipped and on_skip:
+            on_skip(self.name, skipped)
 
     def clear(self, namespace: "bytes | Iterable[bytes] | None" = None, *, all_namespaces: bool = False) -> None:
         """Drop the chunks of ``namespace`` (by default the namespaces this store wrote or read);

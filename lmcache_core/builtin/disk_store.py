@@ -59,7 +59,7 @@ from ..chunk import HEADER_SIZE, ChunkBuffer, decode_header
 from ..errors import ChunkError, ConfigError
 from ..keys import ChunkKey
 from ..memory import ALIGN, PooledBuffer, round_up
-from ..storage import ByteStore, Health, StoreCapabilities, StoreContext, Usage, parse_url
+from ..storage import ByteStore, Health, StoreCapabilities, StoreContext, Usage, clear_targets, parse_url
 from .lru import LRUIndex
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ class DiskStore(ByteStore):
         with self._counts:
             for name, n in deltas.items():
                 setattr(self, name, getattr(self, name) + n)
-        _report(self, deltas.get("bytes_written", 0), deltas.get("skipped_writes", 0))
+        self.report_writes(deltas.get("bytes_written", 0), deltas.get("skipped_writes", 0))
 
     def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
         """True when the chunk is on disk (written now or found there); False when declined."""
@@ -562,12 +562,7 @@ class DiskStore(ByteStore):
         if all_namespaces:
             found = self._walk()
         else:
-            if namespace is None:
-                targets = set(self._namespaces)
-            elif isinstance(namespace, (bytes, bytearray)):
-                targets = {bytes(namespace)}
-            else:
-                targets = {bytes(ns) for ns in namespace}
+            targets = clear_targets(namespace, self._namespaces)
             found = [f for ns in sorted(targets) for f in self._walk(ns)]
             self._namespaces -= targets
         self.delete([key for _, key, _ in found])
@@ -576,15 +571,6 @@ class DiskStore(ByteStore):
         self._closed = True
         if self._ledger is not None:
             self._ledger.close()
-
-
-def _report(store: Any, nbytes: int, skipped: int) -> None:
-    """Hand real writes and skipped ones to the engine's metrics, where its context takes them."""
-    on_write, on_skip = getattr(store.context, "on_write", None), getattr(store.context, "on_skip", None)
-    if nbytes and on_write:
-        on_write(store.name, nbytes)
-    if skipped and on_skip:
-        on_skip(store.name, skipped)
 
 
 def _set_direct(fd: int) -> None:

@@ -53,7 +53,8 @@ from lmcache_core.chunk import ChunkBuffer
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import ChunkKey
 from lmcache_core.memory import PooledBuffer
-from lmcache_core.storage import ByteStore, Health, ParsedURL, StoreCapabilities, StoreContext, Usage, parse_url
+from lmcache_core.storage import (ByteStore, Health, ParsedURL, StoreCapabilities, StoreContext, Usage, clear_targets,
+                                  parse_url)
 
 logger = logging.getLogger(__name__)
 
@@ -371,11 +372,7 @@ class RespStore(ByteStore):
             self.writes += written
             self.bytes_written += nbytes
             self.skipped_writes += skipped
-        on_write, on_skip = getattr(self.context, "on_write", None), getattr(self.context, "on_skip", None)
-        if nbytes and on_write:
-            on_write(self.name, nbytes)
-        if skipped and on_skip:
-            on_skip(self.name, skipped)
+        self.report_writes(nbytes, skipped)
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkBuffer | None]:
         """GETs in pipelines of ``batch``; each value verified like ``get`` (a bad one raises ChunkError
@@ -455,7 +452,7 @@ class RespStore(ByteStore):
         if all_namespaces:
             patterns = [chunk_pattern(self.options.prefix)]
         else:
-            targets = _namespace_ids(namespace, self._namespaces)
+            targets = clear_targets(namespace, self._namespaces)
             patterns = [chunk_pattern(self.options.prefix, ns) for ns in sorted(targets)]
             self._namespaces -= targets
         ours = chunk_name_regex(self.options.prefix)
@@ -556,14 +553,6 @@ def chunk_pattern(prefix: str, namespace: bytes | None = None) -> str:
 
 def chunk_name_regex(prefix: str) -> re.Pattern[bytes]:
     return re.compile(re.escape(prefix.encode()) + rb"/[0-9a-f]{32}/[0-9a-f]{32}")
-
-
-def _namespace_ids(namespace: bytes | Iterable[bytes] | None, used: set[bytes]) -> set[bytes]:
-    if namespace is None:
-        return set(used)
-    if isinstance(namespace, (bytes, bytearray)):
-        return {bytes(namespace)}
-    return {bytes(ns) for ns in namespace}
 
 
 class RedisStore(RespStore):

@@ -51,7 +51,7 @@ from lmcache_core.chunk import ChunkBuffer
 from lmcache_core.errors import ConfigError
 from lmcache_core.keys import ChunkKey
 from lmcache_core.memory import PooledBuffer
-from lmcache_core.storage import ByteStore, Health, StoreCapabilities, StoreContext, Usage, parse_url
+from lmcache_core.storage import ByteStore, Health, StoreCapabilities, StoreContext, Usage, clear_targets, parse_url
 
 logger = logging.getLogger(__name__)
 
@@ -268,11 +268,7 @@ class S3Store(ByteStore):
             self.writes += written
             self.bytes_written += nbytes
             self.skipped_writes += skipped
-        on_write, on_skip = getattr(self.context, "on_write", None), getattr(self.context, "on_skip", None)
-        if nbytes and on_write:
-            on_write(self.name, nbytes)
-        if skipped and on_skip:
-            on_skip(self.name, skipped)
+        self.report_writes(nbytes, skipped)
 
     def _upload(self, key: ChunkKey, image: memoryview, conditional: bool) -> bool:
         """Upload ``image``; False when the condition failed (another writer's object is there)."""
@@ -440,12 +436,7 @@ class S3Store(ByteStore):
         if all_namespaces:
             names = [n for n, _ in self._list()]
         else:
-            if namespace is None:
-                targets = set(self._namespaces)
-            elif isinstance(namespace, (bytes, bytearray)):
-                targets = {bytes(namespace)}
-            else:
-                targets = {bytes(ns) for ns in namespace}
+            targets = clear_targets(namespace, self._namespaces)
             names = [n for ns in sorted(targets) for n, _ in self._list(ns)]
             self._namespaces -= targets
         if names:
