@@ -129,10 +129,14 @@ def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: in
     engine.flush()
     src.take_stats()
     sync(a.device)
+    reserve_ready = engine.pool.wait_reserve(30)  # the pool's background reserve, refilled after the warm-up
+    sync_allocs = engine.pool.sync_allocations
     t0 = time.perf_counter()
     step(src, StepPlan(saves=(SaveSpec("store", tokens, tuple(src_blocks)),)))
     t_done = wait_finished(src, "store", 0)
     out["store_s"] = t_done - t0
+    out["store_reserve_ready"] = reserve_ready
+    out["store_sync_allocations"] = engine.pool.sync_allocations - sync_allocs
     engine.flush()
     out["store_GBps"] = nbytes / out["store_s"] / 1e9
     out["stored_tokens"] = src.take_stats()["stored_tokens"]
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = run_layout(layout, a, engine, seed)
             report["results"].append(res)
-            print(f"{res['layout']:>18}: store {res['store_GBps']:6.2f} GB/s (warm pool {res['store_warm_GBps']:6.2f})  "
+            print(f"{res['layout']:>18}: store {res['store_GBps']:6.2f} GB/s ({res['store_sync_allocations']} allocations "
+                  f"on the step; warm pool {res['store_warm_GBps']:6.2f})  "
                   f"load {res['load_GBps']:6.2f} GB/s  "
                   f"async {res['async_load_s'] * 1e3:7.1f} ms  ok={res['ok']}"
                   + (f"  hidden={res['pipeline']['hidden_share']:.0%}" if "pipeline" in res else ""), flush=True)

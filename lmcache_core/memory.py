@@ -77,10 +77,16 @@ class PooledBuffer:
 
 
 class BufferPool:
-    """Pool of aligned host buffers, kept per size for reuse, bounded in idle bytes."""
+    """Pool of aligned host buffers, kept per size for reuse, bounded in idle bytes.
+
+    With ``reserve_bytes``, a background thread keeps that many bytes of idle buffers of the
+    size last asked for (a whole chunk) ready, so the caller's thread (the engine's step)
+    does not pay for a fresh allocation while the cache fills up (pinned allocation runs at
+    about 1 GB/s on a GPU host, 30-50x slower than the copy it serves). ``sync_allocations``
+    counts the allocations made on a caller's thread."""
 
     def __init__(self, allocate: Callable[[int], "torch.Tensor"] | None = None,
-                 max_idle_bytes: int = 1 << 30) -> None:
+                 max_idle_bytes: int = 1 << 30, reserve_bytes: int = 0) -> None:
         if allocate is None:
             import torch
 
@@ -95,6 +101,12 @@ class BufferPool:
         self._live: set[int] = set()
         self._live_bytes = 0
         self.allocations = 0  # fresh allocations, for zero-copy tests
+        self.sync_allocations = 0  # of those, made on the caller's thread
+        self.reserve_bytes = min(reserve_bytes, max_idle_bytes)
+        self._reserve_size = 0  # the size the refiller keeps ready
+        self._refill = threading.Condition(self._lock)
+        self._refiller: threading.Thread | None = None
+        self._closed = False
 
     def acquire(self, nbytes: int) -> PooledBuffer:
         size = round_up(max(nbytes, 1))
@@ -108,16 +120,83 @@ class BufferPool:
                 buf._refs = 1
             else:
                 buf = None
+            if self.reserve_bytes and size >= self._reserve_size:  # the largest (whole chunks)
+                self._wake_refiller(size)
         if buf is None:
-            backing = self._allocate(size + ALIGN)
-            shift = (-backing.data_ptr()) % ALIGN
-            buf = PooledBuffer(self, backing, backing[shift : shift + size])
+            buf = self._new(size)
             with self._lock:
-                self.allocations += 1
+                self.sync_allocations += 1
         with self._lock:
             self._live.add(id(buf))
             self._live_bytes += size
         return buf
+
+    def _new(self, size: int) -> PooledBuffer:
+        backing = self._allocate(size + ALIGN)
+        shift = (-backing.data_ptr()) % ALIGN
+        buf = PooledBuffer(self, backing, backing[shift : shift + size])
+        with self._lock:
+            self.allocations += 1
+        return buf
+
+    # -- the background reserve ------------------------------------------------------------
+    def _wake_refiller(self, size: int) -> None:
+        """(Under the lock.) Keep ``reserve_bytes`` of buffers of ``size`` ready."""
+        if self._closed:
+            return
+        self._reserve_size = size
+        if self._refiller is None:
+            self._refiller = threading.Thread(target=self._refill_loop, name="lmcache-pool-reserve", daemon=True)
+            self._refiller.start()
+        self._refill.notify()
+
+    def _short(self) -> int:
+        """(Under the lock.) Buffers of the reserve size missing from the idle reserve."""
+        size = self._reserve_size
+        if not size or self._closed:
+            return 0
+        have = len(self._idle.get(size, ()))
+        room = (self.max_idle_bytes - self._idle_bytes) // size
+        return max(0, min(self.reserve_bytes // size - have, room))
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._refill.wait_for(lambda: self._closed or self._short() > 0)
+                if self._closed:
+                    return
+                size = self._reserve_size
+            try:
+                buf = self._new(size)
+            except Exception:  # noqa: BLE001 - out of pinned memory: the caller allocates itself
+                logger.exception("pool reserve: allocating %d bytes failed; reserve paused", size)
+                with self._lock:
+                    self.reserve_bytes = 0
+                return
+            with self._lock:
+                self._idle.setdefault(size, []).append(buf)
+                self._idle_bytes += size
+
+    def wait_reserve(self, timeout: float = 10.0) -> bool:
+        """Block until the reserve is full (tests, warm-up)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._short():
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def close(self) -> None:
+        """Stop the reserve thread and drop idle buffers."""
+        with self._lock:
+            self._closed = True
+            self._refill.notify_all()
+        if self._refiller is not None:
+            self._refiller.join(timeout=5)
+        self.clear()
 
     def _give_back(self, buf: PooledBuffer) -> None:
         with self._lock:
