@@ -181,8 +181,9 @@ class CacheEngine:
         else:
             self.device = resolve_device(device or self.config.device, self.plugins, device_index)
         self.metrics = metrics or Metrics()
+        self.metrics_port = 0
         if self.config.metrics_port:
-            serve(self.metrics, self.config.metrics_port)
+            self.serve_metrics(self.config.metrics_port)
         # Pinned allocation is ~1 GB/s: on devices with pinned buffers keep a reserve of whole
         # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches).
         reserve = min(HOST_POOL_RESERVE, self.config.host_pool_size) if self.device.capabilities.pinned_memory else 0
@@ -221,6 +222,12 @@ class CacheEngine:
         self._sealing_cv = threading.Condition()
         self._closed = False
         _OPEN_ENGINES.add(self)
+
+    def serve_metrics(self, port: int) -> None:
+        """Serve this engine's Prometheus metrics on ``port`` (once)."""
+        if not self.metrics_port:
+            serve(self.metrics, port)
+            self.metrics_port = port
 
     # -- keys and lookup ----------------------------------------------------------------
     def keys(self, tokens: Sequence[int] | Any, extras: KeyExtras | None = None, *,

@@ -219,6 +219,8 @@ def shared_engine(geometry: ChunkGeometry, config: Config, model: str, *, shard:
         if shared is None:
             shared = _ENGINES[key] = _Shared(CacheEngine(geometry, config, model=model, shard=shard,
                                                          device_index=device_index))
+        elif config.metrics_port:  # the worker joining the scheduler's engine (one process) serves them
+            shared.engine.serve_metrics(config.metrics_port)
         shared.users += 1
         return EngineHandle(key, shared.engine)
 

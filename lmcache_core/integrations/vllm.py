@@ -212,11 +212,10 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
         self._worker: VLLMWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._set_load_failure_policy()
-            engine_config = self.config
-            one_process = self.tp_size * self.pp_size == 1 and self._uni_executor()
-            if not one_process:  # the scheduler never serves metrics; its workers do, on the configured port
-                engine_config = self.config.replace(metrics_port=0)
-            self._handle = shared_engine(self.geometry, engine_config, self.model, shard=self._shard(0, 0))
+            # The scheduler never serves metrics; the worker does, on the configured port (also when
+            # it shares this engine in one process).
+            self._handle = shared_engine(self.geometry, self.config.replace(metrics_port=0), self.model,
+                                         shard=self._shard(0, 0))
             engine = self._handle.engine
             engine.peer_namespaces = tuple(self._shard_namespace(engine.namespace, r, s)
                                            for s in range(self.pp_size) for r in range(self.tp_size)
@@ -229,10 +228,6 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
                     self.config.chunk_size, list(self.config.tiers), self.tp_size, self.pp_size)
 
     # -- identity: shards, stages, failure policy -----------------------------------------------
-    def _uni_executor(self) -> bool:
-        backend = getattr(self._vllm_config.parallel_config, "distributed_executor_backend", None)
-        return backend in (None, "uni") or (isinstance(backend, str) and backend == "uni")
-
     def _stage_layers(self, stage: int) -> tuple[list[str], tuple[int, int]]:
         return stage_layers(self._layer_names, self._num_hidden_layers, stage, self.pp_size)
 
