@@ -192,3 +192,30 @@ def test_queued_stores_are_flushed_when_a_process_exits_without_close(tmp_path) 
                                               "chunk_size": CHUNK}), model="exit-test")
     assert eng.lookup(TOKENS).hit_tokens == 64
     eng.close()
+
+
+def test_every_corrupt_chunk_of_a_load_is_deleted_and_rewritten_by_the_next_store(tmp_path) -> None:
+    """Two corrupt chunks on disk: one load finds both (all hit chunks are fetched and verified),
+    deletes both, loads the prefix before the first; the store after the recompute rewrites both, so
+    the next request gets everything (no promise-and-fail loop)."""
+    cfg = Config.from_dict({"tiers": [f"disk://{tmp_path}/c"], "device": "cpu", "chunk_size": CHUNK})
+    eng = CacheEngine(GEOM, cfg, model="corrupt")
+    src = _kv(8)
+    eng.store(TOKENS, src, [0, 1, 2, 3], wait=True)
+    store = eng.tiers.tiers[0].store
+    paths = [store._path(k) for k in eng.keys(TOKENS)]
+    for p in paths[1:3]:
+        data = bytearray(p.read_bytes())
+        data[4096 + 10] ^= 0xFF
+        p.write_bytes(bytes(data))
+    got = eng.retrieve(TOKENS, _kv(9), [4, 5, 6, 7])
+    assert got.hit_tokens == CHUNK  # the prefix before the first bad chunk
+    assert [p.exists() for p in paths] == [True, False, False, True]
+    assert eng.metrics.value("lmcache_corrupt_chunks", tier=store.name) == 2
+    eng.store(TOKENS, src, [0, 1, 2, 3], wait=True)  # what vLLM stores after recomputing
+    assert all(p.exists() for p in paths)
+    dst = _kv(10)
+    assert eng.retrieve(TOKENS, dst, [4, 5, 6, 7]).hit_tokens == 64
+    assert torch.equal(dst.layers[1].k[4:8], src.layers[1].k[0:4])
+    _assert_clean(eng)
+    eng.close()
