@@ -5,7 +5,8 @@ Precedence, lowest first: defaults, the YAML file (``path`` or
 dict an engine passes (e.g. vLLM's ``kv_connector_extra_config``). Every error
 names the key, the value and what is allowed, at load: types are never guessed
 (a YAML number in a namespace field, a float for an integer and a duplicate
-YAML key are errors), and an ``LMCACHE_`` variable that is nearly a key is a
+YAML key are errors; each tier URL gets the checks every store shares,
+``storage.parse_url``), and an ``LMCACHE_`` variable that is nearly a key is a
 warning naming the key. The integrity secret is never printed.
 """
 
@@ -16,6 +17,7 @@ import difflib
 import logging
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,12 +58,18 @@ def parse_size(value: Any, *, key: str = "size") -> int:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """``$XDG_CACHE_HOME/lmcache-core``; a relative ``XDG_CACHE_HOME`` is ignored, as the XDG
+    base directory spec says, so the default disk tier never depends on the working directory."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "lmcache-core"
 
 
 def _default_tiers() -> list[str]:
-    return ["memory://?capacity=2GiB", f"disk://{default_cache_dir() / 'chunks'}?capacity=20GiB"]
+    # quoted: a '#', '?' or '%' in the home directory stays part of the path
+    chunks = urllib.parse.quote(str(default_cache_dir() / "chunks"))
+    return ["memory://?capacity=2GiB", f"disk://{chunks}?capacity=20GiB"]
 
 
 def _meta(help: str, *, choices: tuple[Any, ...] | None = None, minimum: int | None = None,
@@ -224,11 +232,17 @@ class Config:
         self.integrity_secret()  # a missing or short key file is an error at load
         if not self.tiers:
             raise ConfigError("tiers: at least one storage tier is needed, e.g. ['memory://?capacity=2GiB']")
+        from .storage import parse_url  # here: storage imports this module
+
         for url in self.tiers:
             if "://" not in url:
                 raise ConfigError(
                     f"tiers: {url!r} is not a URL; write it as scheme://..., e.g. disk:///var/cache/lmcache"
                 )
+            try:
+                parse_url(url)  # what every store checks (ports, brackets, '#', repeated options, ...)
+            except ConfigError as exc:
+                raise ConfigError(f"tiers: {exc}") from None
 
     def check_block_size(self, block_size: int) -> None:
         """Chunks start on block boundaries so a chunk maps to whole engine blocks."""

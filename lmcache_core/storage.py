@@ -15,6 +15,8 @@ byte-level methods; verification, pooling and batching come with it.
 from __future__ import annotations
 
 import abc
+import ipaddress
+import math
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
@@ -66,8 +68,25 @@ class StoreContext:
     geometry: "ChunkGeometry | None" = None
 
 
+#: Longest timeout a tier URL may give (seconds): a tier operation never waits longer than its
+#: timeout, so an hour is already a stalled request stream; it also stays far below what
+#: sockets and locks accept (larger values raise OverflowError there).
+MAX_TIMEOUT_S = 3600.0
+_MAX_PORT = 65535
+
+
+def _is_timeout(name: str) -> bool:
+    return name == "timeout" or name.endswith("_timeout")
+
+
 @dataclass(frozen=True)
 class ParsedURL:
+    """A tier URL split and checked once, the same way for every store (see :func:`parse_url`).
+
+    The option helpers convert one query option each and raise a ConfigError naming the URL,
+    the option, the value and what is allowed.
+    """
+
     scheme: str
     netloc: str
     path: str
@@ -77,15 +96,46 @@ class ParsedURL:
     def option(self, name: str, default: Any = None) -> Any:
         return self.query.get(name, default)
 
-    def size_option(self, name: str, default: int | None = None) -> int | None:
+    def size_option(self, name: str, default: int | None = None, *, minimum: int = 1) -> int | None:
+        """A byte size (``4GiB``, ``500MB``, ``1048576``); at least ``minimum`` bytes (a zero
+        capacity or part size is never meant: leave the option out for the store's default)."""
         value = self.query.get(name)
-        return default if value is None else parse_size(value, key=f"{self.raw}: {name}")
+        if value is None:
+            return default
+        size = parse_size(value, key=f"{self.raw}: option {name}")
+        if size < minimum:
+            raise ConfigError(f"{self.raw}: option {name} must be at least {minimum} byte{'s' * (minimum != 1)}, "
+                              f"got {value!r}; give a size like {name}=1GiB, or leave it out for the default")
+        return size
 
-    def int_option(self, name: str, default: int) -> int:
-        return self._typed(name, default, int, "an integer")
+    def int_option(self, name: str, default: int, *, minimum: int | None = None,
+                   maximum: int | None = None) -> int:
+        value = self._typed(name, default, int, "an integer")
+        self._check_range(name, value, minimum, maximum)
+        return value  # type: ignore[no-any-return]
 
-    def float_option(self, name: str, default: float) -> float:
-        return self._typed(name, default, float, "a number")
+    def float_option(self, name: str, default: float, *, minimum: float | None = None,
+                     maximum: float | None = None) -> float:
+        """A finite number; an option named ``timeout`` or ``*_timeout`` is seconds in
+        ``(0, MAX_TIMEOUT_S]`` whatever the store passes."""
+        value = self._typed(name, default, float, "a number")
+        if name in self.query and not math.isfinite(value):
+            raise ConfigError(f"{self.raw}: option {name} must be a finite number, got {self.query[name]!r}")
+        if _is_timeout(name) and name in self.query:
+            if not 0 < value <= MAX_TIMEOUT_S:
+                raise ConfigError(
+                    f"{self.raw}: option {name} must be seconds greater than 0 and at most {MAX_TIMEOUT_S:g}, "
+                    f"got {self.query[name]!r}; e.g. {name}=5 (leave it out for the default)")
+        self._check_range(name, value, minimum, maximum)
+        return value  # type: ignore[no-any-return]
+
+    def _check_range(self, name: str, value: Any, minimum: Any, maximum: Any) -> None:
+        if name not in self.query:
+            return
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            allowed = (f"from {minimum} to {maximum}" if minimum is not None and maximum is not None
+                       else f"at least {minimum}" if minimum is not None else f"at most {maximum}")
+            raise ConfigError(f"{self.raw}: option {name} must be {allowed}, got {self.query[name]!r}")
 
     def _typed(self, name: str, default: Any, cast: Any, what: str) -> Any:
         value = self.query.get(name)
@@ -113,6 +163,15 @@ class ParsedURL:
                 f"{self.raw}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
 
+    def _check_conventions(self) -> None:
+        """Options whose meaning every store shares: ``capacity`` is a byte size of at least 1,
+        ``timeout`` / ``*_timeout`` are seconds in (0, MAX_TIMEOUT_S]."""
+        for name in self.query:
+            if name == "capacity":
+                self.size_option(name)
+            elif _is_timeout(name):
+                self.float_option(name, 0.0)
+
 
 def clear_targets(namespace: "bytes | Iterable[bytes] | None", used: "Iterable[bytes]") -> set[bytes]:
     """The namespace ids a ``clear(namespace)`` means: the one or several given, else those the
@@ -125,9 +184,75 @@ def clear_targets(namespace: "bytes | Iterable[bytes] | None", used: "Iterable[b
 
 
 def parse_url(url: str) -> ParsedURL:
-    parts = urllib.parse.urlsplit(url)
-    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    return ParsedURL(parts.scheme, parts.netloc, urllib.parse.unquote(parts.path), query, url)
+    """Split a tier URL and check what every store needs the same way, so a malformed URL is a
+    ConfigError at config load or tier creation, never a warning or a failure at the first use:
+    a ``#`` (a fragment would be dropped silently), an IPv6 literal without its brackets or with
+    a bad address, a port that is not 1 to 65535, an option given twice, and the shared options
+    ``capacity`` (a byte size of at least 1) and ``timeout`` / ``*_timeout`` (seconds in
+    ``(0, MAX_TIMEOUT_S]``). A host list (``redis+cluster://a:7000,b:7001``) is checked host by host."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        authority = url.partition("://")[2]
+        for stop in "/?#":
+            authority = authority.partition(stop)[0]
+        _check_hosts(url, authority)  # names the bad host where it can
+        raise ConfigError(f"{url}: not a valid URL ({exc}); an IPv6 address goes in brackets, "
+                          f"e.g. redis://[::1]:6379") from None
+    if "#" in url:
+        frag = url[url.index("#"):]
+        raise ConfigError(f"{url}: {frag!r} starts a URL fragment, which a tier URL has no use for (it would be "
+                          f"dropped, leaving {url[:url.index('#')]}); if '#' belongs to the path or a value, "
+                          f"write it as %23")
+    _check_hosts(url, parts.netloc)
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name in query:
+            given = [v for n, v in pairs if n == name]
+            raise ConfigError(f"{url}: option {name} is given {len(given)} times ({', '.join(map(repr, given))}); "
+                              f"give it once")
+        query[name] = value
+    parsed = ParsedURL(parts.scheme, parts.netloc, urllib.parse.unquote(parts.path), query, url)
+    parsed._check_conventions()
+    return parsed
+
+
+def _check_hosts(url: str, netloc: str) -> None:
+    """Each ``host[:port]`` of the URL's authority (comma-separated for a cluster): a bracketed
+    IPv6 address that parses, and a port from 1 to 65535."""
+    hostpart = netloc.rpartition("@")[2]
+    for part in filter(None, hostpart.split(",")):
+        if part.startswith("["):
+            host, close, rest = part[1:].partition("]")
+            try:
+                ipaddress.IPv6Address(urllib.parse.unquote(host))  # a zone id is written %25eth0
+                ok = bool(close)
+            except ValueError:
+                ok = False
+            if not ok:
+                what = "has no closing ']'" if not close else f"holds {host!r}, which is not an IPv6 address"
+                raise ConfigError(f"{url}: the IPv6 literal {part!r} {what}; write it like [::1] or "
+                                  f"[2001:db8::5]:6379")
+            if rest and not rest.startswith(":"):
+                raise ConfigError(f"{url}: {rest!r} after {part[:len(host) + 2]!r} is neither a port nor a host "
+                                  f"separator; write [address]:port, e.g. [::1]:6379")
+            port = rest[1:] if rest else None
+        elif "[" in part or "]" in part:
+            raise ConfigError(f"{url}: {part!r} has an unbalanced bracket; an IPv6 address goes in brackets, "
+                              f"e.g. [::1]:6379")
+        elif part.count(":") > 1:
+            raise ConfigError(f"{url}: {part!r} looks like an IPv6 address without brackets; write it in "
+                              f"brackets, e.g. [::1]:6379")
+        else:
+            port = part.partition(":")[2] if ":" in part else None
+        if port is None:
+            continue
+        if not port.isdigit() or not port.isascii():
+            raise ConfigError(f"{url}: port must be a number from 1 to {_MAX_PORT}, got {port!r}")
+        if not 1 <= int(port) <= _MAX_PORT:
+            raise ConfigError(f"{url}: port {port} is out of range; a port is 1 to {_MAX_PORT} "
+                              f"(e.g. 6379 for Redis)")
 
 
 class Store(abc.ABC):

@@ -3,6 +3,7 @@ environment typo, a warning) at load that names the key, the value and the fix."
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -112,3 +113,18 @@ def test_integrity_key_errors_never_show_the_secret(tmp_path):
     with pytest.raises(ConfigError, match="redacted placeholder"):
         Config.from_dict(cfg.to_dict())
     assert chunkmod.integrity_keyed()
+
+
+@pytest.mark.parametrize("url, match", [("redis://:99999", "port 99999 is out of range"),
+                                        ("redis://[::1", "no closing"),
+                                        ("redis://h?timeout=0", "option timeout must be seconds greater than 0"),
+                                        ("memory://?capacity=0", "option capacity must be at least 1 byte"),
+                                        ("disk:///tmp/a#b", "starts a URL fragment")])
+def test_a_malformed_tier_url_is_an_error_at_load_from_every_source(tmp_path, url, match):
+    # the checks every store shares run at load, naming the key; see tests/test_tier_urls.py
+    with pytest.raises(ConfigError, match=rf"^tiers: {re.escape(url)}: .*{match}"):
+        load_yaml(tmp_path, f"tiers: ['{url}']\n")
+    with pytest.raises(ConfigError, match=match):
+        Config.load(env={"LMCACHE_TIERS": f"memory://,{url}"})
+    with pytest.raises(ConfigError, match=match):
+        Config.load(overrides={"tiers": [url]}, env={})

@@ -49,6 +49,7 @@ import stat
 import struct
 import threading
 import time
+import urllib.parse
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ from ..chunk import HEADER_SIZE, ChunkBuffer, decode_header
 from ..errors import ChunkError, ConfigError
 from ..keys import ChunkKey
 from ..memory import ALIGN, PooledBuffer, round_up
-from ..storage import ByteStore, Health, StoreCapabilities, StoreContext, Usage, clear_targets, parse_url
+from ..storage import (ByteStore, Health, ParsedURL, StoreCapabilities, StoreContext, Usage, clear_targets,
+                       parse_url)
 from .lru import LRUIndex
 
 logger = logging.getLogger(__name__)
@@ -192,10 +194,7 @@ class DiskStore(ByteStore):
     def from_url(cls, url: str, context: StoreContext) -> "DiskStore":
         u = parse_url(url)
         u.check_options(["capacity", "direct", "mode"])
-        path = (u.netloc + u.path) if u.netloc else u.path
-        if not path:
-            raise ConfigError(f"{url}: the disk tier needs a path, e.g. disk:///var/cache/lmcache")
-        return cls(context, Path(os.path.expanduser(path)).absolute(), u.size_option("capacity"),
+        return cls(context, _root_from_url(u), u.size_option("capacity"),
                    u.option("direct", "auto").lower(), mode=u.option("mode", "private").lower())
 
     # -- the root and the ledger -------------------------------------------------------
@@ -571,6 +570,29 @@ class DiskStore(ByteStore):
         self._closed = True
         if self._ledger is not None:
             self._ledger.close()
+
+
+def _root_from_url(u: ParsedURL) -> Path:
+    """The tier's root directory: an absolute path (``~`` expanded) that is not the filesystem root.
+
+    A relative path (``disk://relative/dir``) would move with the working directory, and the root
+    of the filesystem is no place for a tier that creates, scans and deletes files under it."""
+    path = (u.netloc + u.path) if u.netloc else u.path
+    if not path:
+        raise ConfigError(f"{u.raw}: the disk tier needs a path, e.g. disk:///var/cache/lmcache")
+    expanded = os.path.expanduser(path)
+    if not os.path.isabs(expanded):
+        absolute = Path(expanded).absolute()
+        query = u.raw.partition("?")[2]
+        fixed = f"{u.scheme}://{urllib.parse.quote(str(absolute))}" + (f"?{query}" if query else "")
+        raise ConfigError(f"{u.raw}: {path!r} is a relative path (here it would be {str(absolute)!r}, and it changes "
+                          f"with the working directory); write the absolute path after three slashes: {fixed}")
+    root = Path(os.path.normpath(expanded))
+    if root.parent == root or root.resolve().parent == root.resolve():
+        raise ConfigError(f"{u.raw}: the disk tier's root would be the root of the filesystem ({path!r}); the tier "
+                          f"creates, scans and deletes files under its root, so give it a directory of its own, "
+                          f"e.g. {u.scheme}:///var/cache/lmcache")
+    return Path(expanded).absolute()
 
 
 def _set_direct(fd: int) -> None:
