@@ -31,7 +31,8 @@ class Metrics:
         self.skipped_writes = Counter("lmcache_skipped_writes",
                                       "Puts of a chunk the tier already held (not written again)", ["tier"],
                                       registry=r)
-        self.dropped = Counter("lmcache_dropped_stores", "Stores dropped because a queue was full",
+        self.dropped = Counter("lmcache_dropped_stores",
+                               "Stores a tier did not take: queue full, backing off, refused by the server",
                                ["tier"], registry=r)
         self.healthy = Gauge("lmcache_tier_healthy", "1 when a tier is in use, 0 while it backs off",
                              ["tier"], registry=r)

@@ -9,9 +9,13 @@ Reads: chunk ``i`` comes from the fastest tier that has it; hits from slower
 tiers are verified, then promoted into the fastest tier (same buffer, no copy).
 
 Faults: any exception from a store is a miss, counted by tier and operation,
-and logged. After repeated failures a tier backs off (skipped, re-probed with
-``health()`` at growing intervals) so a dead server costs nothing per request,
-and comes back by itself.
+and logged. After repeated failures, or at once after a timeout, a tier backs
+off (skipped, re-probed with ``health()`` at growing intervals) so a dead or
+hung server costs nothing per request, and comes back by itself. A write the
+server refuses while it still answers (out of memory, read-only) is a dropped
+store, not a tier-down event: reads go on. Stores a backed-off tier missed are
+remembered (bounded) and written through when a later store finds the chunk in
+the memory tier.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
@@ -35,6 +40,29 @@ T = TypeVar("T")
 FAILURES_BEFORE_BACKOFF = 3
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+MISSED_MAX = 16384  # per tier: keys of stores it missed while backing off, written through later
+REFUSED_LOG_S = 30.0  # at most one log line per tier per this many seconds for refused writes
+
+# What a store failure means for the tier (``Store.classify_error`` may say; see ``fault_kind``).
+TIMEOUT = "timeout"  # the server did not answer in time: back off at once
+REFUSED = "refused"  # the server answered with an error (out of memory, read-only): the tier is up
+ERROR = "error"  # anything else: back off after FAILURES_BEFORE_BACKOFF in a row
+
+
+def fault_kind(store: Store, exc: BaseException) -> str:
+    """``TIMEOUT``, ``REFUSED`` or ``ERROR`` for an exception ``store`` raised. A store may
+    define ``classify_error(exc) -> str | None`` (its client's timeout and error-reply types);
+    otherwise a builtin ``TimeoutError`` is a timeout and everything else an error."""
+    classify = getattr(store, "classify_error", None)
+    if classify is not None:
+        try:
+            kind = classify(exc)
+        except Exception:  # noqa: BLE001 - a broken classifier must not hide the failure
+            logger.exception("tier %s classify_error failed", store.name)
+            kind = None
+        if kind in (TIMEOUT, REFUSED, ERROR):
+            return kind
+    return TIMEOUT if isinstance(exc, TimeoutError) else ERROR
 
 
 @dataclass
@@ -47,6 +75,10 @@ class Tier:
     down_until: float = 0.0
     backoff: float = BACKOFF_START_S
     probing: bool = False
+    drop_logged: bool = False  # a skipped store was logged in this back-off period
+    refused_logged_at: float = 0.0
+    #: chunks whose store this tier missed while backing off (oldest first, at most MISSED_MAX)
+    missed: OrderedDict[ChunkKey, None] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -101,6 +133,7 @@ class TierStack:
 
     def _mark_down(self, tier: Tier, reason: str, at_start: bool = False) -> None:
         tier.down_until = time.monotonic() + tier.backoff
+        tier.drop_logged = False
         logger.warning("tier %s is unavailable%s (%s); running on the other tiers, retrying in %.1fs",
                        tier.name, " at start" if at_start else "", reason, tier.backoff)
         tier.backoff = min(tier.backoff * 2, BACKOFF_MAX_S)
@@ -126,8 +159,39 @@ class TierStack:
     def _probe(self, tier: Tier) -> None:
         try:
             self._check_health(tier)
+        except BaseException:  # noqa: BLE001 - on the probe thread nobody else would see it
+            logger.exception("tier %s background health probe failed", tier.name)
+            self.metrics.errors.labels(tier.name, "health").inc()
         finally:
             tier.probing = False
+
+    def _failed(self, tier: Tier, op: str, exc: BaseException, background: bool = False) -> str:
+        """Count and log one failed store call; a timeout backs the tier off at once, other
+        errors after FAILURES_BEFORE_BACKOFF in a row, a refusal never. Call it from the
+        ``except`` block (background failures are logged with their traceback)."""
+        kind = fault_kind(tier.store, exc)
+        self.metrics.errors.labels(tier.name, op).inc()
+        if kind == REFUSED:  # the server answers: not a tier-down event
+            now = time.monotonic()
+            with tier.lock:
+                tier.failures = 0
+                quiet = now - tier.refused_logged_at < REFUSED_LOG_S and tier.refused_logged_at > 0
+                if not quiet:
+                    tier.refused_logged_at = now
+            if not quiet:
+                logger.warning("tier %s refused %s: %s: %s (the tier stays in use; such refusals are "
+                               "logged at most every %.0fs and counted in lmcache_errors)", tier.name, op,
+                               type(exc).__name__, exc, REFUSED_LOG_S)
+            return kind
+        if background:
+            logger.exception("tier %s background %s failed: %s: %s", tier.name, op, type(exc).__name__, exc)
+        else:
+            logger.warning("tier %s %s failed: %s: %s", tier.name, op, type(exc).__name__, exc)
+        with tier.lock:
+            tier.failures += 1
+            if not tier.down_until and (kind == TIMEOUT or tier.failures >= FAILURES_BEFORE_BACKOFF):
+                self._mark_down(tier, f"{op} timed out" if kind == TIMEOUT else f"{tier.failures} failures in a row")
+        return kind
 
     def _call(self, tier: Tier, op: str, fn: Callable[[], T], default: T) -> T:
         if not self._usable(tier):
@@ -137,16 +201,26 @@ class TierStack:
         except ChunkError:
             raise
         except Exception as exc:  # noqa: BLE001 - a store failure is a miss, never a crash
-            self.metrics.errors.labels(tier.name, op).inc()
-            logger.warning("tier %s %s failed: %s: %s", tier.name, op, type(exc).__name__, exc)
-            with tier.lock:
-                tier.failures += 1
-                if tier.failures >= FAILURES_BEFORE_BACKOFF and not tier.down_until:
-                    self._mark_down(tier, f"{tier.failures} failures in a row")
+            self._failed(tier, op, exc)
             return default
         if tier.failures:
             tier.failures = 0
         return result
+
+    def _dropped(self, tier: Tier, key: ChunkKey, why: str, remember: bool) -> None:
+        """A store ``tier`` did not take: counted in ``lmcache_dropped_stores{tier}``, logged once
+        per back-off period; with ``remember`` it is written through by a later store (see
+        ``_write_behind``)."""
+        self.metrics.dropped.labels(tier.name).inc()
+        with tier.lock:
+            first = not tier.drop_logged
+            tier.drop_logged = True
+            if remember:
+                self._remember(tier, key)
+        if first:
+            logger.warning("tier %s %s: dropping its stores until it is back (counted in "
+                           "lmcache_dropped_stores{tier=\"%s\"}; chunks still in memory are written "
+                           "through later)", tier.name, why, tier.name)
 
     # -- lookup ----------------------------------------------------------------------
     def lookup(self, keys: Sequence[ChunkKey], *, fast_only: bool = False) -> Presence:
@@ -173,7 +247,51 @@ class TierStack:
             if w is None:
                 break
             hits += 1
+        if fast_only and hits:
+            self._write_behind(keys[:hits])
         return Presence(hits, tuple(w for w in where[:hits] if w is not None))
+
+    @staticmethod
+    def _remember(tier: Tier, key: ChunkKey) -> None:
+        """Note that ``tier`` lacks ``key`` (caller holds ``tier.lock``); the oldest go past MISSED_MAX."""
+        tier.missed[key] = None
+        tier.missed.move_to_end(key)
+        while len(tier.missed) > MISSED_MAX:
+            tier.missed.popitem(last=False)
+
+    def _write_behind(self, keys: Sequence[ChunkKey]) -> None:
+        """Queue writes of ``keys`` (held by a fast tier) to each slower tier that missed their
+        store while it backed off and is usable again. A store asks only the fast tiers what is
+        cached (``lookup(fast_only=True)``), so without this such a tier would never get them."""
+        for tier in self.tiers:
+            if tier.fast or not tier.missed:
+                continue
+            with tier.lock:
+                due = [k for k in keys if k in tier.missed]
+            if not due or not self._usable(tier):
+                continue
+            for key in due:
+                chunk = self._fast_get(key)
+                with tier.lock:
+                    tier.missed.pop(key, None)
+                if chunk is None:  # evicted meanwhile: the store gathers and writes it again
+                    continue
+                try:
+                    self._enqueue(tier, key, chunk)
+                finally:
+                    chunk.release()
+
+    def _fast_get(self, key: ChunkKey) -> ChunkBuffer | None:
+        for tier in self.tiers:
+            if not tier.fast:
+                continue
+            try:
+                chunk = self._call(tier, "get", lambda t=tier: t.store.get(key), None)
+            except ChunkError:
+                continue
+            if chunk is not None:
+                return chunk
+        return None
 
     def pin(self, keys: Sequence[ChunkKey]) -> None:
         for tier in self.tiers:
@@ -225,38 +343,74 @@ class TierStack:
                     self.metrics.bytes.labels(tier.name, "write").inc(chunk.header.image_len)
                 continue
             if not self._usable(tier):
+                self._dropped(tier, key, "is backing off", remember=True)
                 continue
-            with tier.lock:
-                if tier.queued >= self.queue_size:
-                    self.metrics.dropped.labels(tier.name).inc()
-                    logger.info("tier %s write queue full (%d); dropping store of %s",
-                                tier.name, self.queue_size, key)
-                    continue
-                tier.queued += 1
-            self.metrics.queued.labels(tier.name).set(tier.queued)
-            chunk.retain()
-            with self._idle:
-                self._pending += 1
-            assert tier.writer is not None
+            self._enqueue(tier, key, chunk)
+
+    def _enqueue(self, tier: Tier, key: ChunkKey, chunk: ChunkBuffer) -> bool:
+        """Queue a write of ``chunk`` to the slow ``tier`` (bounded); False if dropped."""
+        with tier.lock:
+            tier.missed.pop(key, None)
+            if tier.queued >= self.queue_size:
+                self.metrics.dropped.labels(tier.name).inc()
+                logger.info("tier %s write queue full (%d); dropping store of %s",
+                            tier.name, self.queue_size, key)
+                return False
+            tier.queued += 1
+        self.metrics.queued.labels(tier.name).set(tier.queued)
+        chunk.retain()
+        with self._idle:
+            self._pending += 1
+        assert tier.writer is not None
+        try:
             tier.writer.submit(self._write, tier, key, chunk)
+        except BaseException:  # noqa: BLE001 - e.g. the pool stopped at interpreter exit
+            self.metrics.errors.labels(tier.name, "put").inc()
+            self.metrics.dropped.labels(tier.name).inc()
+            logger.exception("tier %s: could not queue the store of %s; dropped", tier.name, key)
+            self._done(tier, chunk)
+            return False
+        return True
 
     def _write(self, tier: Tier, key: ChunkKey, chunk: ChunkBuffer) -> None:
+        """Writer thread: one queued store. Every failure is logged and counted here (nobody
+        reads this future)."""
         try:
-            if self._call(tier, "put", lambda: tier.store.put(key, chunk), False) and \
-                    not getattr(tier.store, "reports_writes", False):
+            if not self._usable(tier):
+                self._dropped(tier, key, "is backing off", remember=True)
+                return
+            try:
+                ok = tier.store.put(key, chunk)
+            except Exception as exc:  # noqa: BLE001 - a ChunkError from a put is still only a failed write
+                if self._failed(tier, "put", exc, background=True) == REFUSED:
+                    self._dropped(tier, key, f"refused a write ({type(exc).__name__}: {exc})", remember=False)
+                else:
+                    with tier.lock:
+                        self._remember(tier, key)
+                return
+            if tier.failures:
+                tier.failures = 0
+            if ok and not getattr(tier.store, "reports_writes", False):
                 self.metrics.bytes.labels(tier.name, "write").inc(chunk.header.image_len)
-        except Exception:  # noqa: BLE001 - ChunkError from a put is still only a failed write
+        except BaseException:  # noqa: BLE001 - even at interpreter exit, a lost store leaves a line
             self.metrics.errors.labels(tier.name, "put").inc()
-            logger.exception("tier %s put of %s failed", tier.name, key)
+            logger.exception("tier %s background put of %s failed", tier.name, key)
         finally:
+            self._done(tier, chunk)
+
+    def _done(self, tier: Tier, chunk: ChunkBuffer) -> None:
+        try:
             chunk.release()
-            with tier.lock:
-                tier.queued -= 1
-            self.metrics.queued.labels(tier.name).set(tier.queued)
-            with self._idle:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.notify_all()
+        except BaseException:  # noqa: BLE001
+            self.metrics.errors.labels(tier.name, "put").inc()
+            logger.exception("tier %s: releasing a written chunk failed", tier.name)
+        with tier.lock:
+            tier.queued -= 1
+        self.metrics.queued.labels(tier.name).set(tier.queued)
+        with self._idle:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued writes finish; False on timeout."""

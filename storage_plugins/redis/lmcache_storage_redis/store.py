@@ -33,6 +33,14 @@ Copies, per chunk:
   client forces (hiredis returns a ``bytes`` object) plus one copy into the
   pooled buffer (a ``bytes`` object cannot be handed to the pool).
 
+Timeouts: every round trip waits at most ``timeout`` (connecting at most
+``connect_timeout``), and a timeout is never retried: a hung server costs one
+``timeout`` per operation, and ``classify_error`` tells the tier stack it was a
+timeout, so the tier backs off at once. Only a broken connection (``retries``,
+default 1) is retried, on a fresh one. An error reply (``OOM`` at
+``maxmemory`` with ``noeviction``, ``READONLY``) is a refusal: the stack drops
+that store and keeps the tier, whose reads still work.
+
 Connecting is lazy: ``from_url`` never touches the network, so a server that
 is down at start makes ``health()`` False and the tier stack runs without the
 tier until a re-probe succeeds; the connection pool reconnects by itself.
@@ -45,6 +53,7 @@ import inspect
 import logging
 import os
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -214,8 +223,21 @@ class RespStore(ByteStore):
 
     # -- the client (built on first use; building never connects) ----------------------------
     def _retry(self) -> Any:
+        """Retry a broken connection (stale after a server restart), never a timeout: redis-py's
+        default also retries timeouts, which made a hung server cost 2-3x ``timeout``."""
         m = self._mod
-        return m.retry.Retry(m.backoff.ExponentialBackoff(cap=0.5, base=0.05), self.options.retries)
+        return m.retry.Retry(m.backoff.ExponentialBackoff(cap=0.5, base=0.05), self.options.retries,
+                             supported_errors=(m.exceptions.ConnectionError,))
+
+    def classify_error(self, exc: BaseException) -> str | None:
+        """For the tier stack: ``"timeout"`` (back off at once), ``"refused"`` (an error reply such
+        as OOM or READONLY: the server answers, only this write failed), else None."""
+        e = self._mod.exceptions
+        if isinstance(exc, (e.TimeoutError, TimeoutError, socket.timeout)):
+            return "timeout"
+        if isinstance(exc, e.ResponseError):
+            return "refused"
+        return None
 
     def _build_client(self) -> Any:
         o, m = self.options, self._mod
@@ -291,6 +313,8 @@ class RespStore(ByteStore):
         for attempt in (0, 1):
             try:
                 return self._direct_get(self.key_name(key), alloc)
+            except (TimeoutError, socket.timeout, self._mod.exceptions.TimeoutError):
+                raise  # a hung server: retrying would double the wait
             except (ConnectionError, OSError, self._mod.exceptions.ConnectionError) as exc:
                 # A pooled connection may be stale after a server restart: retry once on a fresh one.
                 if attempt:
