@@ -137,3 +137,41 @@ def test_chunks_stored_during_backoff_reach_the_server_after_it_returns(server_f
         tiers_mod.BACKOFF_START_S = old
     stack.close()
     assert pool.live_count() == 0
+
+
+def test_engine_writes_through_what_memory_held_while_redis_was_down(server_factory: ServerFactory) -> None:
+    """The issue's reproduction through the engine: store while redis is down, redis comes back,
+    the same tokens are stored again (all of them hit the memory tier, so nothing is gathered);
+    a second engine (another process's view) then gets every token from redis."""
+    import torch
+
+    from lmcache_core.testing.fault_tests import CHUNK, engine_for, kv_for, retrieve_into_zeros
+
+    server = server_factory.redis()
+    url = f"{server.url}?timeout=1&connect_timeout=0.5"
+    tokens = [7_000 + t for t in range(CHUNK * 6)]
+    kv, layers = kv_for(tokens, seed=5)
+    server.kill()
+    a = engine_for(["memory://?capacity=64MiB", url])  # redis down at start: backing off
+    try:
+        a.store(tokens, kv, slots=torch.arange(len(tokens)))
+        assert a.flush(30)
+        assert a.metrics.value("lmcache_dropped_stores", tier="redis") == 6
+        server.start()
+        t = next(t for t in a.tiers.tiers if t.name == "redis")
+        t.down_until = time.monotonic()  # skip the rest of the back-off; the probe still decides
+        deadline = time.monotonic() + 10
+        while healthy(a.tiers, "redis") != 1:
+            assert time.monotonic() < deadline, "redis did not come back"
+            a.lookup([1 + t for t in tokens[:CHUNK]])  # a memory miss asks redis: starts the probe
+            time.sleep(0.05)
+        a.store(tokens, kv, slots=torch.arange(len(tokens)))  # finds all 6 chunks in memory
+        assert a.flush(30)
+        b = engine_for(["memory://?capacity=64MiB", url])
+        try:
+            hits, by_tier = retrieve_into_zeros(b, tokens, layers)
+            assert hits == len(tokens) and by_tier == {"redis": hits}, by_tier
+        finally:
+            b.close()
+    finally:
+        a.close()
