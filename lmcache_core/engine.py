@@ -171,8 +171,11 @@ class CacheEngine:
         metrics: Metrics | None = None,
         shard: str = "",
         device_index: int = 0,
+        block_size: int | None = None,
     ) -> None:
         self.config = config or Config.load()
+        if block_size is not None:  # the engine's KV block size, when known up front: fail at start
+            self.config.check_block_size(block_size)
         logging.getLogger("lmcache_core").setLevel(self.config.log_level)
         self.geometry = geometry
         self.plugins = plugins or get_plugin_manager()

@@ -219,3 +219,11 @@ def test_every_corrupt_chunk_of_a_load_is_deleted_and_rewritten_by_the_next_stor
     assert torch.equal(dst.layers[1].k[4:8], src.layers[1].k[0:4])
     _assert_clean(eng)
     eng.close()
+
+
+def test_chunk_size_not_a_multiple_of_the_block_size_fails_at_engine_start() -> None:
+    from lmcache_core.errors import ConfigError
+
+    cfg = Config.from_dict({"tiers": ["memory://"], "device": "cpu", "chunk_size": 200})
+    with pytest.raises(ConfigError, match="multiple of the engine block size 16, got 200"):
+        CacheEngine(GEOM, cfg, model="m", block_size=16)
