@@ -139,6 +139,8 @@ def _flush_at_exit() -> None:
     it queued, within a bounded time, and says so when it cannot."""
     deadline = time.monotonic() + AT_EXIT_FLUSH_S
     for engine in list(_OPEN_ENGINES):
+        if engine._closed:
+            continue
         left = max(0.0, deadline - time.monotonic())
         try:
             if not engine.flush(left):
