@@ -312,6 +312,24 @@ def chunk_keys(
     return keys
 
 
+SEGMENT_KEY_TAG = "lmcache-segment-v1"
+
+
+def segment_extras(extras: KeyExtras | None = None) -> KeyExtras:
+    """The key extras of a reusable prompt segment (CacheBlend, :mod:`lmcache_core.blend`):
+    its tokens start a chain of their own, seeded by this tag and the request's adapter,
+    cache salt and extra key, so a segment's keys do not depend on what precedes it in a
+    prompt (position independent), are in the engine's namespace like every chunk key, and
+    never equal a prefix chunk's key (whose chain starts from zeros or the request seed).
+    Multimodal items and prompt embeddings are placed by prompt offset: refused."""
+    extras = extras or KeyExtras()
+    if extras.mm or extras.embeds:
+        raise ValueError("segment keys cover token ids, adapter, cache salt and extra key only; this "
+                         "request has multimodal inputs or prompt embeddings")
+    tag = SEGMENT_KEY_TAG + ("|" + extras.extra_key if extras.extra_key else "")
+    return KeyExtras(adapter=extras.adapter, cache_salt=extras.cache_salt, extra_key=tag)
+
+
 # -- SGLang's page-hash chain (key_scheme "sglang") ------------------------------------------
 #
 # SGLang (0.5.23) names each page of ``page_size`` tokens by
