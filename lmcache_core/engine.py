@@ -21,13 +21,13 @@ from . import chunk as chunkmod
 from .chunk import ChunkBuffer
 from .config import Config
 from .device import Device, Event
-from .errors import ConfigError, LayoutError, MissingDependencyError, PluginError
+from .errors import LayoutError
 from .keys import ChunkKey, KeyExtras, Namespace, chunk_keys, sglang_chunk_keys
 from .layout import ChunkGeometry, PagedKV, slot_mapping
 from .memory import BufferPool
 from .metrics import Metrics, serve
-from .plugins import PluginManager, get_plugin_manager
-from .storage import Store, StoreContext
+from .plugins import PluginManager, build_stores, get_plugin_manager, resolve_device
+from .storage import StoreContext
 from .tiers import Presence, TierStack
 
 if TYPE_CHECKING:
@@ -57,76 +57,6 @@ class LookupResult:
 class RetrieveResult:
     hit_tokens: int
     by_tier: dict[str, int] = field(default_factory=dict)
-
-
-def resolve_device(name: str, plugins: PluginManager, index: int = 0) -> Device:
-    """``auto``: the one accelerator present, else a host device other than cpu, else cpu.
-    ``index`` is the local device the engine's KV lives on (a worker's own GPU, never 0 by
-    assumption); host devices ignore it."""
-    regs = plugins.registrations("device")
-    if name != "auto":
-        cls = plugins.get("device", name).load()
-        det = cls.detect()
-        if not det.available:
-            raise PluginError(f"device {name!r} is not available: {det.reason}")
-        return cls(index) if cls.capabilities.accelerator else cls()
-    accel: list[tuple[str, type[Device]]] = []
-    host: list[tuple[str, type[Device]]] = []
-    for reg_name, reg in sorted(regs.items()):
-        if reg_name == "cpu":
-            continue
-        try:
-            cls = reg.load()
-            det = cls.detect()
-        except MissingDependencyError as exc:
-            logger.debug("device %s skipped: %s", reg_name, exc)
-            continue
-        except Exception as exc:  # noqa: BLE001 - detection must never take the engine down
-            # A broken or colliding plugin is the operator's to fix: say so, then go on without it.
-            logger.warning("device plugin %s skipped by device: auto (%s: %s); see `lmcache plugins`",
-                           reg_name, type(exc).__name__, exc)
-            continue
-        if not det.available:
-            logger.debug("device %s not available: %s", reg_name, det.reason)
-            continue
-        if not getattr(cls, "auto_select", True):
-            logger.debug("device %s is only used when named", reg_name)
-            continue
-        (accel if cls.capabilities.accelerator else host).append((reg_name, cls))
-    if len(accel) > 1:
-        names = ", ".join(n for n, _ in accel)
-        raise PluginError(f"device: auto found several accelerators ({names}); set device to one of them")
-    if accel:
-        return accel[0][1](index)
-    if len(host) == 1:
-        return host[0][1]()
-    return plugins.get("device", "cpu").load()()
-
-
-def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreContext) -> list[Store]:
-    stores: list[Store] = []
-    names: set[str] = set()
-    for url in urls:
-        scheme = url.split("://", 1)[0].lower()
-        reg = plugins.storage_for_scheme(scheme)
-        cls = reg.load()
-        try:
-            store = cls.from_url(url, context)
-        except (ConfigError, PluginError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - an unreachable remote tier must not stop the engine
-            logger.warning("tier %s could not be created (%s: %s); running without it",
-                           url, type(exc).__name__, exc)
-            continue
-        base, n = store.name, 2
-        while store.name in names:
-            store.name = f"{base}{n}"
-            n += 1
-        names.add(store.name)
-        stores.append(store)
-    if not stores:
-        raise ConfigError(f"tiers: none of {list(urls)} could be created; see the log above")
-    return stores
 
 
 _OPEN_ENGINES: "weakref.WeakSet[CacheEngine]" = weakref.WeakSet()

@@ -16,12 +16,16 @@ import os
 import threading
 import traceback
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import pluggy
 
 from . import hookspecs
-from .errors import DuplicatePluginError, MissingDependencyError, PluginError
+from .errors import ConfigError, DuplicatePluginError, MissingDependencyError, PluginError
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .storage import Store, StoreContext
 
 logger = logging.getLogger(__name__)
 
@@ -481,3 +485,74 @@ def _core_version() -> str:
         return md.version(CORE_DISTRIBUTION)
     except md.PackageNotFoundError:
         return "0+source"
+
+
+# -- resolving what the config names --------------------------------------------------------
+def resolve_device(name: str, plugins: PluginManager, index: int = 0) -> Device:
+    """``auto``: the one accelerator present, else a host device other than cpu, else cpu.
+    ``index`` is the local device the engine's KV lives on (a worker's own GPU, never 0 by
+    assumption); host devices ignore it."""
+    regs = plugins.registrations("device")
+    if name != "auto":
+        cls = plugins.get("device", name).load()
+        det = cls.detect()
+        if not det.available:
+            raise PluginError(f"device {name!r} is not available: {det.reason}")
+        return cls(index) if cls.capabilities.accelerator else cls()
+    accel: list[tuple[str, type[Device]]] = []
+    host: list[tuple[str, type[Device]]] = []
+    for reg_name, reg in sorted(regs.items()):
+        if reg_name == "cpu":
+            continue
+        try:
+            cls = reg.load()
+            det = cls.detect()
+        except MissingDependencyError as exc:
+            logger.debug("device %s skipped: %s", reg_name, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - detection must never take the engine down
+            # A broken or colliding plugin is the operator's to fix: say so, then go on without it.
+            logger.warning("device plugin %s skipped by device: auto (%s: %s); see `lmcache plugins`",
+                           reg_name, type(exc).__name__, exc)
+            continue
+        if not det.available:
+            logger.debug("device %s not available: %s", reg_name, det.reason)
+            continue
+        if not getattr(cls, "auto_select", True):
+            logger.debug("device %s is only used when named", reg_name)
+            continue
+        (accel if cls.capabilities.accelerator else host).append((reg_name, cls))
+    if len(accel) > 1:
+        names = ", ".join(n for n, _ in accel)
+        raise PluginError(f"device: auto found several accelerators ({names}); set device to one of them")
+    if accel:
+        return accel[0][1](index)
+    if len(host) == 1:
+        return host[0][1]()
+    return plugins.get("device", "cpu").load()()
+
+
+def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreContext) -> list[Store]:
+    stores: list[Store] = []
+    names: set[str] = set()
+    for url in urls:
+        scheme = url.split("://", 1)[0].lower()
+        reg = plugins.storage_for_scheme(scheme)
+        cls = reg.load()
+        try:
+            store = cls.from_url(url, context)
+        except (ConfigError, PluginError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unreachable remote tier must not stop the engine
+            logger.warning("tier %s could not be created (%s: %s); running without it",
+                           url, type(exc).__name__, exc)
+            continue
+        base, n = store.name, 2
+        while store.name in names:
+            store.name = f"{base}{n}"
+            n += 1
+        names.add(store.name)
+        stores.append(store)
+    if not stores:
+        raise ConfigError(f"tiers: none of {list(urls)} could be created; see the log above")
+    return stores

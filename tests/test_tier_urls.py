@@ -12,7 +12,7 @@ import pytest
 from lmcache_core.builtin.disk_store import DiskStore
 from lmcache_core.builtin.memory_store import MemoryStore
 from lmcache_core.config import Config
-from lmcache_core.engine import build_stores
+from lmcache_core.plugins import build_stores
 from lmcache_core.errors import ConfigError
 from lmcache_core.memory import BufferPool
 from lmcache_core.plugins import PluginManager

@@ -90,7 +90,7 @@ def test_ipc_refuses_host_tensors() -> None:
 def test_selecting_an_absent_gpu_names_the_reason() -> None:
     if CUDADevice.detect().available:
         pytest.skip("a GPU is present: the absence path cannot be checked here")
-    from lmcache_core.engine import resolve_device
+    from lmcache_core.plugins import resolve_device
     from lmcache_core.errors import PluginError
 
     pm = PluginManager(allow="cuda", block="")
