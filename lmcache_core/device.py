@@ -92,6 +92,13 @@ class Device(abc.ABC):
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.capabilities.pinned_memory)
 
+    def register_host(self, tensor: "torch.Tensor") -> None:
+        """Make host memory this process did not allocate (the daemon's shared arena) usable for
+        fast async copies, as ``alloc_host`` memory is: ``cudaHostRegister`` / ``hipHostRegister``
+        on accelerators. The default does nothing (host devices, or a device without it: copies
+        then run from pageable memory, correct but slower)."""
+        return None
+
     # -- data movement -------------------------------------------------------------
     @abc.abstractmethod
     def gather(

@@ -101,6 +101,18 @@ class StreamDevice(Device):
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
+    def register_host(self, tensor: "torch.Tensor") -> None:
+        """Page-lock memory mapped from elsewhere (the daemon's arena) for async DMA
+        (``cudaHostRegister``; torch maps it to ``hipHostRegister`` on ROCm)."""
+        if self.backend_name != "cuda" or tensor.numel() == 0:
+            return
+        import torch
+
+        err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+        code = getattr(err, "value", err)
+        if code not in (0, 712):  # 712: cudaErrorHostMemoryAlreadyRegistered
+            raise RuntimeError(f"cudaHostRegister of {tensor.numel()} bytes failed with error {code}")
+
     # -- data movement -------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", slots: "torch.Tensor", out: "torch.Tensor",
                layers: Sequence[int] | None = None) -> None:
