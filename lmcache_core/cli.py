@@ -136,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("conformance", help="run the conformance suite (lmcache conformance --help)")
 
+    from .daemon.cli import add_commands as add_daemon_commands
+
+    add_daemon_commands(sub)  # serve, status, stats, clear, invalidate
+
     args = parser.parse_args(argv)
     from .errors import LMCacheError
 

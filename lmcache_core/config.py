@@ -129,6 +129,18 @@ class Config:
         secret=True))
     integrity_key_file: str = field(default="", metadata=_meta(
         "File holding the integrity secret (trailing newline ignored); instead of integrity_key."))
+    daemon: str = field(default="", metadata=_meta(
+        "Use an `lmcache serve` daemon's tiers instead of in-process ones: daemon:///path/to/socket "
+        "(a Unix socket) or daemon+tcp://host:port. Empty: embedded (the tiers above)."))
+    daemon_token: str = field(default="", repr=False, metadata=_meta(
+        "Tenant token presented to the daemon (it decides the tenant from the token). Never printed.",
+        secret=True))
+    daemon_token_file: str = field(default="", metadata=_meta(
+        "File holding the daemon token (trailing newline ignored); instead of daemon_token."))
+    daemon_autostart: bool = field(default=False, metadata=_meta(
+        "Start `lmcache serve` on the daemon socket when no daemon answers there."))
+    daemon_timeout_ms: int = field(default=5000, metadata=_meta(
+        "Deadline of one daemon request; past it the request is a miss (or a dropped store).", minimum=1))
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -144,7 +156,9 @@ class Config:
         raw: dict[str, Any] = {}
         path = path or env.get(ENV_PREFIX + "CONFIG_FILE")
         if path:
-            raw.update(_read_yaml(Path(path)))
+            data = _read_yaml(Path(path))
+            data.pop("serve", None)  # the daemon's own section (lmcache_core.daemon.settings)
+            raw.update(data)
         raw.update(_from_env(env))
         if overrides:
             raw.update(dict(overrides))
@@ -187,8 +201,9 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Every value, the integrity secret shown as ``<redacted>`` (``config show``, logs)."""
         out = self._values()
-        if out["integrity_key"]:
-            out["integrity_key"] = REDACTED
+        for key in ("integrity_key", "daemon_token"):
+            if out[key]:
+                out[key] = REDACTED
         return out
 
     def integrity_secret(self) -> bytes | None:
@@ -230,6 +245,15 @@ class Config:
                               f"{len(self.integrity_key.encode('utf-8'))} (e.g. python -c 'import secrets; "
                               "print(secrets.token_hex(32))')")
         self.integrity_secret()  # a missing or short key file is an error at load
+        if self.daemon_token == REDACTED:
+            raise ConfigError("daemon_token: got the redacted placeholder from to_dict(); pass the token itself "
+                              "or use daemon_token_file")
+        if self.daemon_token and self.daemon_token_file:
+            raise ConfigError("daemon_token and daemon_token_file are both set; set one of them")
+        if self.daemon:
+            from .daemon.address import parse_address  # here: keeps the daemon package off the import path
+
+            parse_address(self.daemon)
         if not self.tiers:
             raise ConfigError("tiers: at least one storage tier is needed, e.g. ['memory://?capacity=2GiB']")
         from .storage import parse_url  # here: storage imports this module
@@ -243,6 +267,16 @@ class Config:
                 parse_url(url)  # what every store checks (ports, brackets, '#', repeated options, ...)
             except ConfigError as exc:
                 raise ConfigError(f"tiers: {exc}") from None
+
+    def daemon_token_value(self) -> str:
+        """The daemon token (from ``daemon_token`` or ``daemon_token_file``), or ""."""
+        if self.daemon_token or not self.daemon_token_file:
+            return self.daemon_token
+        path = Path(self.daemon_token_file).expanduser()
+        try:
+            return path.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"daemon_token_file: {str(path)!r} cannot be read: {exc.strerror}") from exc
 
     def check_block_size(self, block_size: int) -> None:
         """Chunks start on block boundaries so a chunk maps to whole engine blocks."""

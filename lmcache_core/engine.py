@@ -33,6 +33,8 @@ from .tiers import Presence, TierStack
 if TYPE_CHECKING:
     import torch
 
+    from .daemon.client import DaemonTiers
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +106,7 @@ class CacheEngine:
         shard: str = "",
         device_index: int = 0,
         block_size: int | None = None,
+        daemon_kind: str = "engine",
     ) -> None:
         self.config = config or Config.load()
         if block_size is not None:  # the engine's KV block size, when known up front: fail at start
@@ -119,14 +122,25 @@ class CacheEngine:
         self.metrics_port = 0
         if self.config.metrics_port:
             self.serve_metrics(self.config.metrics_port)
-        # Pinned allocation is ~1 GB/s: on devices with pinned buffers keep a reserve of whole
-        # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches).
-        reserve = min(HOST_POOL_RESERVE, self.config.host_pool_size) if self.device.capabilities.pinned_memory else 0
-        self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size, reserve_bytes=reserve)
+        tenant = self.config.tenant
+        self.daemon: "DaemonTiers | None" = None
+        if self.config.daemon:  # the daemon owns the tiers; chunk buffers are slots of its arena
+            from .daemon.client import DaemonTiers, check_tenant
+
+            self.daemon = DaemonTiers(self.config, self.metrics, self.device, kind=daemon_kind,
+                                      namespaces=lambda: (self.namespace, *self.peer_namespaces))
+            tenant = check_tenant(self.config, self.daemon.connect())
+            self.daemon.expected_tenant = tenant
+            self.pool: BufferPool = self.daemon.pool
+        else:
+            # Pinned allocation is ~1 GB/s: on devices with pinned buffers keep a reserve of whole
+            # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches).
+            reserve = (min(HOST_POOL_RESERVE, self.config.host_pool_size)
+                       if self.device.capabilities.pinned_memory else 0)
+            self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size, reserve_bytes=reserve)
         chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
         # Namespace refuses an empty model: two models must never share chunks by default.
-        self.namespace = Namespace(model or self.config.model, geometry.signature,
-                                   self.config.tenant, self.config.salt, shard)
+        self.namespace = Namespace(model or self.config.model, geometry.signature, tenant, self.config.salt, shard)
         #: Namespaces a lookup must also find every chunk in (the other TP ranks / PP stages,
         #: set by a scheduler that plans loads for all of them).
         self.peer_namespaces: tuple[Namespace, ...] = ()
@@ -147,11 +161,15 @@ class CacheEngine:
                            on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
                            on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n),
                            geometry=geometry)
-        self.tiers = TierStack(
-            build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
-            queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
-            reader_threads=self.config.reader_threads, promote=self.config.promote,
-        )
+        self.tiers: "TierStack | DaemonTiers"
+        if self.daemon is not None:
+            self.tiers = self.daemon
+        else:
+            self.tiers = TierStack(
+                build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
+                queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
+                reader_threads=self.config.reader_threads, promote=self.config.promote,
+            )
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="lmcache-seal")
         self._sealing = 0
         self._sealing_cv = threading.Condition()
@@ -332,37 +350,48 @@ class CacheEngine:
                         len(ranges), self.inflight_bytes(), self.max_inflight_bytes)
             return LayerwiseStore(self, kv, [])
         try:
+            self.pool.prepare([chunkmod.HEADER_SIZE + self._chunk_bytes(k.num_tokens) for k, _ in ranges])
             for key, slot in ranges:
                 todo.append((chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens), slot))
+        except MemoryError as exc:  # no host memory (or no daemon arena slot): a future miss
+            for c, _ in todo:
+                c.release()
+            self.pool.unprepare()
+            self._unreserve(nbytes)
+            self.dropped_stores += 1
+            self.metrics.dropped.labels("memory").inc()
+            logger.info("store of %d chunks dropped: %s", len(ranges), exc)
+            return LayerwiseStore(self, kv, [])
         except BaseException:
             for c, _ in todo:
                 c.release()
+            self.pool.unprepare()
             self._unreserve(nbytes)
             raise
         return LayerwiseStore(self, kv, todo, nbytes)
 
     def _seal_and_put(self, chunks: list[ChunkBuffer], nbytes: int = 0) -> None:
         done = 0
+        sealed: list[ChunkBuffer] = []
         try:
             for c in chunks:
                 done += 1
                 try:
-                    sealed = chunkmod.seal(c, self.config.codec, self.pool)
+                    sealed.append(chunkmod.seal(c, self.config.codec, self.pool))
                 except Exception:  # noqa: BLE001
                     logger.exception("sealing chunk %s failed; not storing it", c.key)
                     c.release()
-                    continue
-                try:
-                    self.tiers.put(sealed.key, sealed)
-                except Exception:  # noqa: BLE001 - one failed put is one future miss
-                    logger.exception("storing chunk %s failed; not storing it", c.key)
-                finally:
-                    sealed.release()
+            try:  # one call for the request: one commit round trip to a daemon
+                self.tiers.put_many([(s.key, s) for s in sealed])
+            except Exception:  # noqa: BLE001 - a failed put is a future miss
+                logger.exception("storing %d chunks failed; not storing them", len(sealed))
         except BaseException:
             for c in chunks[done:]:  # interpreter shutdown or worse: give the rest back
                 c.release()
             raise
         finally:
+            for s in sealed:
+                s.release()
             self._unreserve(nbytes)
             with self._sealing_cv:
                 self._sealing -= 1

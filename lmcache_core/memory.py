@@ -140,6 +140,13 @@ class BufferPool:
             self._live_bytes += size
         return buf
 
+    def prepare(self, sizes: "list[int]") -> None:
+        """A hint that ``acquire`` follows for each of ``sizes`` (a pool over a daemon's arena asks
+        for them in one round trip); plain pools ignore it."""
+
+    def unprepare(self) -> None:
+        """Drop what ``prepare`` set aside and ``acquire`` did not take."""
+
     def _new(self, size: int) -> PooledBuffer:
         backing = self._allocate(size + ALIGN)
         shift = (-backing.data_ptr()) % ALIGN

@@ -347,6 +347,14 @@ class TierStack:
                 continue
             self._enqueue(tier, key, chunk)
 
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkBuffer]]) -> None:
+        """:meth:`put` for each item, in order (one failed put does not stop the rest)."""
+        for key, chunk in items:
+            try:
+                self.put(key, chunk)
+            except Exception:  # noqa: BLE001 - one failed put is one future miss
+                logger.exception("storing chunk %s failed; not storing it", key)
+
     def _enqueue(self, tier: Tier, key: ChunkKey, chunk: ChunkBuffer) -> bool:
         """Queue a write of ``chunk`` to the slow ``tier`` (bounded); False if dropped."""
         with tier.lock:
