@@ -29,5 +29,11 @@ $(VENV)/.test-installed: pyproject.toml scripts/install.sh $(PLUGIN_PROJECTS)
 	PYTHON=$(PYTHON) scripts/install.sh $(VENV) test
 	touch $@ $(VENV)/.demo-installed
 
+# The cpu and arm device conformance and core tests on aarch64: qemu-user emulation on other hosts,
+# about 30 minutes; not part of `make test` or CI. Writes docs/conformance/arm64-emulated.json.
+.PHONY: arm64-emulated
+arm64-emulated:
+	scripts/arm64-emulated.sh
+
 clean:
 	rm -rf $(VENV) .venv-vllm build *.egg-info
