@@ -111,6 +111,10 @@ class Config:
         "Threads that fetch chunks from slow tiers in parallel.", minimum=1))
     promote: bool = field(default=True, metadata=_meta(
         "Copy hits from slower tiers into the fastest tier."))
+    load_policy: str = field(default="always", metadata=_meta(
+        "How much of a hit to load: always (every hit chunk), or adaptive (per request, only the leading "
+        "chunks that load faster, by each tier's measured throughput, than this engine recomputes them).",
+        choices=("always", "adaptive")))
     host_pool_size: int = field(default=4 * 1024**3, metadata=_meta(
         "Upper bound of host buffer bytes held by the buffer pool (idle buffers kept for reuse).",
         size=True, minimum=0))
