@@ -156,6 +156,10 @@ class CacheEngine:
         self._inflight_lock = threading.Lock()
         self.dropped_stores = 0
         self.short_loads = 0
+        from .policy import make_policy
+
+        #: load_policy: how much of a hit to load (``adaptive``: only what loads faster than it computes)
+        self.policy = make_policy(self.config)
         ctx = StoreContext(self.pool, self.config.to_dict(),
                            on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n),
                            on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
@@ -204,6 +208,7 @@ class CacheEngine:
         from eviction until :meth:`release` (or a retrieve given this result) ends. With
         ``peer_namespaces`` set, a chunk counts only when every shard holds it."""
         keys = self.keys(tokens, extras)
+        self.policy.begin(len(tokens))
         presence = self._presence(keys)
         hits = presence.hits
         for ns in self.peer_namespaces:
@@ -327,6 +332,7 @@ class CacheEngine:
         ``dropped_stores`` and the ``lmcache_dropped_stores{tier="inflight"}`` metric): a
         future miss, never a wait or unbounded memory."""
         self._check_kv(kv)
+        self.policy.end_prefill(len(tokens))
         keys = self.keys(tokens, extras)
         # Only the in-process tier is asked (no I/O on the engine's step): a chunk it lacks is
         # gathered and written through again; slower tiers skip or overwrite what they hold.
@@ -441,6 +447,7 @@ class CacheEngine:
         try:
             keys = list(lookup.keys)
             cap = lookup.hit_tokens if max_tokens is None else min(max_tokens, lookup.hit_tokens)
+            cap = self.policy.plan(lookup, cap, skip_tokens, self._chunk_bytes)
             first, start = 0, 0  # first chunk to fetch, its first token
             while first < len(keys) and start + keys[first].num_tokens <= skip_tokens:
                 start += keys[first].num_tokens
@@ -455,7 +462,9 @@ class CacheEngine:
                 want -= self._chunk_bytes(keys[last].num_tokens)
                 self.short_loads += 1
             reserved = want
+            t_fetch = time.perf_counter()
             fetched = self.tiers.get_many(keys[first:last])
+            t_fetch = time.perf_counter() - t_fetch
             by_tier: dict[str, int] = {}
             pos = start
             ok = True
@@ -478,6 +487,9 @@ class CacheEngine:
                 parts.append((c, None, off, n))  # type: ignore[arg-type]
                 by_tier[tier] = by_tier.get(tier, 0) + n - off
                 pos += n
+            self.policy.observe_fetch([(g[1], self._chunk_bytes(k.num_tokens))
+                                       for k, g in zip(keys[first:last], fetched) if g is not None],
+                                      t_fetch, len(tokens), pos)
             # Slots after the fetch: a bad block table raises here and the finally releases all.
             ranges = []
             p = start
