@@ -136,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sub.add_parser("conformance", help="run the conformance suite (lmcache conformance --help)")
 
+    from .bench.cli import add_parser as add_bench_parser  # workloads against engines: docs/bench.md
+
+    add_bench_parser(sub)
+
     from .daemon.cli import add_commands as add_daemon_commands
 
     add_daemon_commands(sub)  # serve, status, stats, clear, invalidate
