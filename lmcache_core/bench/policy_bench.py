@@ -1,0 +1,110 @@
+"""Load or recompute, measured: ``always`` vs ``adaptive`` vs no cache on one ``CachedModel``.
+
+The case the policy is for: a shared system prompt sits in this engine's memory tier,
+documents were stored by another instance into a slow shared tier (S3), and the model
+prefills quickly. ``always`` loads the documents from the slow tier; ``adaptive``
+loads the system prompt and recomputes the documents once it has measured both;
+no cache recomputes everything. With ``slow_tier`` None the documents sit in the
+memory tier too (the case where adaptive must cost nothing). Configurations take
+turns request by request, so drift on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .runner import Result
+from .workloads import FIRST_TOKEN, Request
+
+POLICY_CONFIGS = ("none", "always", "adaptive")
+
+
+@dataclass(frozen=True)
+class PolicyShape:
+    system: int = 512
+    doc: int = 1536
+    question: int = 16
+    requests: int = 12
+    max_tokens: int = 1
+    chunk_size: int = 256
+
+
+def policy_model(seed: int = 0) -> Any:
+    """A random Llama whose KV is large next to its compute (8 KV heads, fp32): 8 KiB a token."""
+    from ..integrations.transformers import random_llama
+
+    return random_llama(num_layers=4, hidden=256, heads=8, kv_heads=8, vocab=4096, seed=seed)
+
+
+def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = PolicyShape(), seed: int = 0,
+                     on_result: Callable[[str, Result], None] | None = None) -> dict[str, list[Result]]:
+    """Results per configuration (``none``, ``always``, ``adaptive``)."""
+    from ..config import Config
+    from ..engine import CacheEngine
+    from ..integrations.transformers import CachedModel, geometry_for, model_identity
+
+    rng = np.random.default_rng([seed, 11])
+    vocab = int(model.config.vocab_size)
+
+    def toks(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(FIRST_TOKEN, vocab, size=n)]
+
+    system = toks(shape.system)
+    docs = [toks(shape.doc) for _ in range(shape.requests)]
+    prompts = [system + d + toks(shape.question) for d in docs]
+    salt = uuid.uuid4().hex[:12]  # this run's chunks only (the slow tier may be shared)
+    name = model_identity(model)
+    geometry = geometry_for(model)
+    memory = "memory://?capacity=1GiB"
+    base = {"chunk_size": shape.chunk_size, "device": "cpu", "salt": salt, "save_partial": False}
+
+    def engine(tiers: list[str], policy: str = "always") -> CacheEngine:
+        return CacheEngine(geometry, Config.from_dict({**base, "tiers": tiers, "load_policy": policy}), model=name)
+
+    def warm(cm: CachedModel, tokens: list[int]) -> None:
+        cm.generate(tokens, max_new_tokens=1)  # computes and stores the prompt
+
+    engines: list[CacheEngine] = []
+    try:
+        writer = engine([slow_tier] if slow_tier else [memory])
+        engines.append(writer)
+        if slow_tier:  # another instance stored the documents (system prompt + document) there
+            cm = CachedModel(model, writer)
+            for p in prompts:
+                warm(cm, p[: shape.system + shape.doc])
+            writer.flush(120)
+        targets: dict[str, CachedModel] = {}
+        for cfg in ("always", "adaptive"):
+            eng = engine([memory, slow_tier] if slow_tier else [memory], cfg)
+            engines.append(eng)
+            cm = targets[cfg] = CachedModel(model, eng)
+            # slow case: this engine served the system prompt before; memory case: the documents too
+            for p in ([system] if slow_tier else [q[: shape.system + shape.doc] for q in prompts]):
+                warm(cm, p)
+            eng.flush(60)
+        plain = CachedModel(model, writer)
+        out: dict[str, list[Result]] = {c: [] for c in POLICY_CONFIGS}
+        for i, p in enumerate(prompts):
+            order = list(POLICY_CONFIGS[i % 3:] + POLICY_CONFIGS[: i % 3])  # take turns going first
+            for cfg in order:
+                req = Request(f"policy-{i}", f"p{i}", tuple(p), shape.max_tokens)
+                cm = plain if cfg == "none" else targets[cfg]
+                res = cm.generate(p, max_new_tokens=shape.max_tokens, use_cache=cfg != "none")
+                r = Result(req.id, req.session, 0.0, len(p), res.ttft_s, res.total_s, len(res.tokens),
+                           res.hit_tokens, dict(res.by_tier))
+                out[cfg].append(r)
+                if on_result is not None:
+                    on_result(cfg, r)
+        return out
+    finally:
+        for e in engines:
+            e.close()
+
+
+def policy_stats(results: dict[str, list[Result]], skip_first: int = 0) -> dict[str, float]:
+    """Mean TTFT (s) per configuration, leaving out the first ``skip_first`` requests."""
+    return {cfg: float(np.mean([r.ttft_s for r in rs[skip_first:]])) for cfg, rs in results.items() if rs}
