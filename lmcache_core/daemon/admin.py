@@ -89,9 +89,7 @@ class AdminServer:
         ts = self.daemon.settings.tenant_for_token(token) if token else None
         if ts is not None and ts.token_sha256:
             return "tenant", ts.name
-        if ts is not None and not self.daemon.settings.admin_token_sha256:
-            return "tenant", ts.name  # a lone tokenless tenant and no admin token: loopback is trusted
-        return None
+        return None  # any local user reaches 127.0.0.1: without a configured token nothing changes
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -143,7 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         peer = f"http:{self.client_address[0]}"
         if who is None:
             d.audit("unauthenticated", path, "refused", peer=peer, reason="no valid token")
-            self._send(401, {"error": "a valid admin or tenant token is needed: Authorization: Bearer <token>"})
+            self._send(401, {"error": "a valid admin or tenant token is needed: Authorization: Bearer <token> "
+                                      "(configure serve.admin_token_sha256: `lmcache serve --hash-token TOKEN`)"})
             return
         try:
             length = int(self.headers.get("Content-Length", "0"))

@@ -58,7 +58,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for name, t in stats["tenants"].items():
         mem = t["tiers"].get("memory", {})
         print(f"  tenant {name}: arena {t['arena_used'] >> 20}/{t['arena_bytes'] >> 20} MiB, memory tier "
-              f"{mem.get('used', 0) >> 20} MiB in {mem.get('chunks', 0)} chunks, {t['sessions']} session(s), "
+              f"{mem.get('used_bytes', 0) >> 20} MiB in {mem.get('items', 0)} chunks, {t['sessions']} session(s), "
               f"models {', '.join(t['models']) or '-'}")
     return 0
 

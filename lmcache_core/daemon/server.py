@@ -311,6 +311,10 @@ class Daemon:
                 protocol.send(conn, reply)
         except protocol.ProtocolError as exc:
             self._refuse(peer, session, str(exc))
+            try:
+                protocol.send(conn, {"ok": False, "error": f"protocol error: {exc}"})
+            except OSError:
+                pass
         except OSError as exc:
             logger.info("connection from %s ended: %s", peer, exc)
         except Exception:  # noqa: BLE001 - one bad session must never take the daemon down
