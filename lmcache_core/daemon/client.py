@@ -24,6 +24,7 @@ from ..errors import ChunkError, ConfigError
 from ..keys import ChunkKey, Namespace
 from ..memory import BufferPool, PooledBuffer, round_up
 from ..metrics import Metrics
+from ..storage import StoreCapabilities
 from ..tiers import Presence
 from . import protocol
 from .address import Address, parse_address
@@ -366,9 +367,12 @@ class ClientArenaPool(BufferPool):
 
 
 class _DaemonStoreView:
-    """What ``engine.tiers.tiers[i].store`` offers in daemon mode (clear, usage)."""
+    """What ``engine.tiers.tiers[i].store`` offers in daemon mode (clear, capabilities)."""
 
     name = "daemon"
+    schemes = ("daemon",)
+    # the daemon outlives engines and every client of the tenant sees its chunks
+    capabilities = StoreCapabilities(persistent=True, shared=True, pinning=True)
 
     def __init__(self, tiers: "DaemonTiers") -> None:
         self._tiers = tiers
