@@ -1,7 +1,7 @@
 """A chunk at rest: a 4096-byte header, then the payload, in one aligned byte image.
 
 Header: ``b"LMCK"``, format version, flags, metadata length, msgpack metadata
-(key, token count, layout signature, dtype, shape, codec, payload lengths),
+(key, token count, layout signature, dtype, shape, codec wire id, payload lengths),
 xxh3-64 of everything before it (a quick check that lets a store reject a
 foreign header before it reads the payload), then the *tag*, then zeros up to
 4096 bytes. The tag covers the header before it and the stored payload: xxh3-128
@@ -14,7 +14,9 @@ a gathered buffer is written as is and a read lands in a buffer that is used in
 place. :func:`decode_image` checks every field against every other and the tag
 before it trusts a byte, bounds decompression by the declared size, and turns
 any failure into :class:`ChunkError` (the tier deletes the object), never
-another exception and never a chunk whose bytes differ from what was sealed.
+another exception and never a chunk whose bytes differ from what was sealed. Codecs other
+than ``none``/``zlib`` are :mod:`lmcache_core.codecs` chains, named in the header by wire id;
+the tag covers the coded bytes, the codec checks its own stream as it decodes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import xxhash
 
+from . import codecs as _codecs
 from .errors import ChunkError
 from .keys import ChunkKey
 from .layout import ChunkGeometry, itemsize, torch_dtype
@@ -46,7 +49,7 @@ MAGIC = b"LMCK"
 VERSION = 2  # 2: the tag covers header and payload, and may be keyed
 HEADER_SIZE = 4096
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, metadata length
-CODECS = ("none", "zlib")
+CODECS = ("none", "zlib")  # coded here; every other codec field is a wire id of lmcache_core.codecs
 FLAG_KEYED = 0x1
 TAG_PLAIN = 16  # xxh3-128
 TAG_KEYED = 32  # HMAC-SHA256
@@ -56,6 +59,11 @@ MAX_PAYLOAD_BYTES = 1 << 32  # 4 GiB of decoded KV per chunk
 _META_TYPES: dict[str, type] = {"key": bytes, "tokens": int, "layout": str, "dtype": str, "shape": list,
                                 "codec": str, "payload_len": int, "stored_len": int}
 _INFLATE_STEP = 1 << 20
+
+
+def MAX_STORED_EXTRA(payload_len: int) -> int:  # noqa: N802 - a bound, read like a constant
+    """Most stored bytes any codec may declare for ``payload_len`` decoded bytes."""
+    return payload_len + payload_len // 100 + 4096
 
 
 @dataclass(frozen=True)
@@ -219,9 +227,9 @@ def _decode_header(mv: memoryview) -> ChunkHeader:
             raise ChunkError(f"chunk header field {name} is a {type(meta[name]).__name__}, not {typ.__name__}")
     tokens = _int_field(meta, "tokens", 1, MAX_TOKENS)
     payload_len = _int_field(meta, "payload_len", 1, MAX_PAYLOAD_BYTES)
-    stored_len = _int_field(meta, "stored_len", 1, MAX_PAYLOAD_BYTES + MAX_PAYLOAD_BYTES // 100 + 4096)
+    stored_len = _int_field(meta, "stored_len", 1, MAX_STORED_EXTRA(MAX_PAYLOAD_BYTES))
     codec = meta["codec"]
-    if codec not in CODECS:
+    if codec not in CODECS and not _codecs.REGISTRY.known_wire(codec):
         raise ChunkError(f"chunk codec {codec!r} is unknown")
     try:
         geometry = ChunkGeometry.from_signature(meta["layout"])
@@ -238,6 +246,12 @@ def _decode_header(mv: memoryview) -> ChunkHeader:
     if codec == "zlib" and stored_len > payload_len + payload_len // 100 + 1024:
         raise ChunkError(f"chunk's {stored_len} zlib bytes exceed the bound for {payload_len} bytes")
     key = ChunkKey.from_bytes(meta["key"], tokens)
+    if codec not in CODECS:
+        ctx = _codecs.CodecContext(key, geometry, tokens)
+        bound = min(_codecs.REGISTRY.chain_for_wire(codec).max_encoded_len(payload_len, ctx),
+                    MAX_STORED_EXTRA(payload_len))
+        if stored_len > bound:
+            raise ChunkError(f"chunk's {stored_len} {codec} bytes exceed the bound {bound} for {payload_len} bytes")
     checksum = bytes(mv[tag_offset : tag_offset + tag_len])
     return ChunkHeader(key, geometry, tokens, codec, payload_len, stored_len, checksum, flags, tag_offset)
 
@@ -318,7 +332,20 @@ def seal(chunk: ChunkBuffer, codec: str = "none", pool: BufferPool | None = None
         stored = buf.memoryview(HEADER_SIZE, len(data))
         chunk.release()
     else:
-        raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
+        if pool is None:
+            raise ValueError(f"seal(codec={codec!r}) needs a pool for the encoded image")
+        chain = _codecs.resolve(codec)
+        if chain is None:
+            raise ValueError(f"codec must be one of {CODECS} or a registered codec, got {codec!r}")
+        out = encode_chunk(chunk, chain, pool)
+        chunk.release()
+        return out
+    return _write_header(out, codec, stored, pool)
+
+
+def _write_header(out: ChunkBuffer, codec: str, stored: memoryview, pool: BufferPool | None) -> ChunkBuffer:
+    """Tag ``out``'s header (with ``codec``) and ``stored`` payload and write the header in place."""
+    h = out.header
     key = _KEYRING.get(pool)
     flags = FLAG_KEYED if key is not None else 0
     header = ChunkHeader(h.key, h.geometry, h.num_tokens, codec, h.payload_len, len(stored), b"", flags)
@@ -331,6 +358,34 @@ def seal(chunk: ChunkBuffer, codec: str = "none", pool: BufferPool | None = None
     out.header = ChunkHeader(h.key, h.geometry, h.num_tokens, codec, h.payload_len, len(stored), tag, flags,
                              len(head))
     return out
+
+
+def encode_chunk(chunk: ChunkBuffer, chain: "_codecs.Chain", pool: BufferPool, key: ChunkKey | None = None) -> ChunkBuffer:
+    """A new sealed image of plain ``chunk``'s payload coded by ``chain`` (``chunk`` is not
+    consumed), under ``key`` (a lossy chain's namespace) or the chunk's own. Raises ValueError
+    when the chain cannot code this chunk's layout."""
+    h = chunk.header
+    if h.codec != "none":
+        raise ValueError(f"chunk {h.key} is already coded ({h.codec}); codecs apply to plain chunks")
+    key = h.key if key is None else key
+    ctx = _codecs.CodecContext(key, h.geometry, h.num_tokens, pool)
+    why = chain.supports(ctx)
+    if why:
+        raise ValueError(why)
+    data = memoryview(chain.encode(chunk.buf.memoryview(HEADER_SIZE, h.payload_len), ctx)).cast("B")
+    if len(data) > MAX_STORED_EXTRA(h.payload_len):
+        raise ValueError(f"codec {chain.name} made {len(data)} bytes of a {h.payload_len}-byte chunk {h.key}, "
+                         f"more than a header may declare; not storing it coded")
+    buf = pool.acquire(HEADER_SIZE + len(data))
+    try:
+        stored = buf.memoryview(HEADER_SIZE, len(data))
+        stored[:] = data
+        out = ChunkBuffer(buf, ChunkHeader(key, h.geometry, h.num_tokens, chain.wire_id, h.payload_len,
+                                           len(data), b""))
+        return _write_header(out, chain.wire_id, stored, pool)
+    except BaseException:
+        buf.release()
+        raise
 
 
 def decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, pool: BufferPool,
@@ -381,7 +436,12 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
             return ChunkBuffer(buf, header)
         plain = pool.acquire(HEADER_SIZE + header.payload_len)
         owned = plain
-        _inflate(stored, plain.memoryview(HEADER_SIZE, header.payload_len), header)
+        if header.codec == "zlib":
+            _inflate(stored, plain.memoryview(HEADER_SIZE, header.payload_len), header)
+        else:
+            ctx = _codecs.CodecContext(header.key, header.geometry, header.num_tokens, pool)
+            decoded = _codecs.REGISTRY.chain_for_wire(header.codec).decode(stored, header.payload_len, ctx)
+            plain.memoryview(HEADER_SIZE, header.payload_len)[:] = memoryview(decoded).cast("B")
         buf.release()
         owned = buf = plain
         header = ChunkHeader(header.key, header.geometry, header.num_tokens, "none",
@@ -420,4 +480,4 @@ def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
 
 
 __all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "bind_integrity_key", "decode_header", "decode_image",
-           "encode_header", "integrity_keyed", "new_chunk", "seal", "set_integrity_key", "itemsize"]
+           "encode_chunk", "encode_header", "integrity_keyed", "new_chunk", "seal", "set_integrity_key", "itemsize"]

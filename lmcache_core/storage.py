@@ -263,6 +263,11 @@ class Store(abc.ABC):
     #: True when the store reports its real writes and skipped puts through ``context.on_write`` /
     #: ``context.on_skip`` (the tier stack then does not count every accepted put as a write).
     reports_writes: ClassVar[bool] = False
+    #: The tier's codec spec and the secret file of an encrypting codec (its URL's ``codec=`` and
+    #: ``codec_key_file=``, which ``build_stores`` takes out before ``from_url``): the tier stack
+    #: codes what it writes here; the store sees only images.
+    codec: str = ""
+    codec_key_file: str = ""
 
     def __init__(self, name: str, context: StoreContext) -> None:
         self.name = name

@@ -8,6 +8,14 @@ A full queue drops the store (counted), it never stalls the engine.
 Reads: chunk ``i`` comes from the fastest tier that has it; hits from slower
 tiers are verified, then promoted into the fastest tier (same buffer, no copy).
 
+Codecs: a slow tier may name a codec chain (``disk:///x?codec=lossless``); its writer threads
+code each chunk before the store sees it, and reads decode and verify it (a chunk that does
+not decode or authenticate is a corrupt chunk: counted, deleted, a miss). A lossy chain's
+chunks live under their own namespace (:func:`lmcache_core.codecs.lossy_namespace`), so an
+exact tier or another engine never reads them as exact; a hit from a lossy tier is not
+promoted, and a later store of the same key (KV the engine got from that hit) goes to the
+lossy tiers only.
+
 Faults: any exception from a store is a miss, counted by tier and operation,
 and logged. After repeated failures, or at once after a timeout, a tier backs
 off (skipped, re-probed with ``health()`` at growing intervals) so a dead or
@@ -28,8 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
-from .chunk import ChunkBuffer
-from .errors import ChunkError
+from . import codecs
+from .chunk import ChunkBuffer, encode_chunk
+from .errors import ChunkError, ConfigError
 from .keys import ChunkKey
 from .metrics import Metrics
 from .storage import Store
@@ -41,6 +50,7 @@ FAILURES_BEFORE_BACKOFF = 3
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
 MISSED_MAX = 16384  # per tier: keys of stores it missed while backing off, written through later
+LOSSY_NS_MAX = 1024  # per tier: cached lossy namespace ids
 REFUSED_LOG_S = 30.0  # at most one log line per tier per this many seconds for refused writes
 
 # What a store failure means for the tier (``Store.classify_error`` may say; see ``fault_kind``).
@@ -80,10 +90,31 @@ class Tier:
     #: chunks whose store this tier missed while backing off (oldest first, at most MISSED_MAX)
     missed: OrderedDict[ChunkKey, None] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    chain: "codecs.Chain | None" = None  # what the writer threads code chunks with (codec= option)
+    lossy_ns: dict[bytes, bytes] = field(default_factory=dict)  # exact namespace id -> lossy one
 
     @property
     def name(self) -> str:
         return self.store.name
+
+    @property
+    def lossy(self) -> bool:
+        return self.chain is not None and not self.chain.lossless
+
+    def key(self, key: ChunkKey) -> ChunkKey:
+        """The key this tier keeps ``key`` under (its own namespace for a lossy codec)."""
+        if not self.lossy:
+            return key
+        assert self.chain is not None
+        ns = self.lossy_ns.get(key.namespace)
+        if ns is None:
+            ns = codecs.lossy_namespace(key.namespace, self.chain)
+            if len(self.lossy_ns) < LOSSY_NS_MAX:
+                self.lossy_ns[key.namespace] = ns
+        return ChunkKey(ns, key.digest, key.num_tokens)
+
+    def keys(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+        return list(keys) if not self.lossy else [self.key(k) for k in keys]
 
 
 @dataclass(frozen=True)
@@ -106,8 +137,12 @@ class TierStack:
         for store in stores:
             fast = store.capabilities.holds_buffers
             writer = None if fast else ThreadPoolExecutor(writer_threads, thread_name_prefix=f"lmcache-w-{store.name}")
-            self.tiers.append(Tier(store, fast, writer))
+            self.tiers.append(Tier(store, fast, writer, chain=self._chain(store, fast)))
             self.metrics.healthy.labels(store.name).set(1)
+        #: keys last served by a lossy tier (oldest first, bounded): their KV in the engine is not
+        #: exact, so a store of them goes to lossy tiers only
+        self._lossy_served: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._lossy_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="lmcache-r")
         self._prober = ThreadPoolExecutor(1, thread_name_prefix="lmcache-probe")
         self._idle = threading.Condition()
@@ -115,6 +150,26 @@ class TierStack:
         self._closed = False
         for tier in self.tiers:
             self._check_health(tier, at_start=True)
+
+    @staticmethod
+    def _chain(store: Store, fast: bool) -> "codecs.Chain | None":
+        spec = getattr(store, "codec", "") or ""
+        if not spec:
+            return None
+        if fast:
+            raise ConfigError(f"tier {store.name}: codec={spec} on a tier that keeps buffers in place; the "
+                              f"memory tier holds exact chunks, put codec= on disk or remote tiers")
+        options = dict(getattr(store.context, "options", {}) or {})
+        chain = codecs.resolve(spec, options)
+        if chain is not None and any(getattr(c, "encrypts", False) for c in chain.codecs):
+            from .codecs.aesgcm import bind_secret, read_secret
+
+            path = getattr(store, "codec_key_file", "")
+            if not path:
+                raise ConfigError(f"tier {store.name}: codec={spec} encrypts and needs a secret; add "
+                                  f"codec_key_file=/path/to/a/file of at least 16 random bytes to its URL")
+            bind_secret(store.context.pool, read_secret(path))
+        return chain
 
     # -- fault isolation ------------------------------------------------------------
     def _check_health(self, tier: Tier, at_start: bool = False) -> None:
@@ -233,7 +288,7 @@ class TierStack:
                 continue
             if not missing:
                 break
-            present = self._call(tier, "exists", lambda t=tier: t.store.exists([keys[i] for i in missing]),
+            present = self._call(tier, "exists", lambda t=tier: t.store.exists(t.keys([keys[i] for i in missing])),
                                  [False] * len(missing))
             still = []
             for i, ok in zip(missing, present):
@@ -296,27 +351,35 @@ class TierStack:
     def pin(self, keys: Sequence[ChunkKey]) -> None:
         for tier in self.tiers:
             if tier.store.capabilities.pinning:
-                self._call(tier, "pin", lambda t=tier: t.store.pin(keys), None)
+                self._call(tier, "pin", lambda t=tier: t.store.pin(t.keys(keys)), None)
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
         for tier in self.tiers:
             if tier.store.capabilities.pinning:
-                self._call(tier, "unpin", lambda t=tier: t.store.unpin(keys), None)
+                self._call(tier, "unpin", lambda t=tier: t.store.unpin(t.keys(keys)), None)
 
     # -- reads ------------------------------------------------------------------------
     def get(self, key: ChunkKey) -> tuple[ChunkBuffer, str] | None:
         """The chunk from the fastest tier that holds a valid copy (caller releases it)."""
         for i, tier in enumerate(self.tiers):
+            tkey = tier.key(key)
             try:
-                chunk = self._call(tier, "get", lambda t=tier: t.store.get(key), None)
+                chunk = self._call(tier, "get", lambda t=tier: t.store.get(tkey), None)
             except ChunkError as exc:
                 self.metrics.corrupt.labels(tier.name).inc()
-                logger.warning("tier %s holds a bad chunk %s (%s); deleting it", tier.name, key, exc)
-                self._call(tier, "delete", lambda t=tier: t.store.delete([key]), 0)
+                logger.warning("tier %s holds a bad chunk %s (%s); deleting it", tier.name, tkey, exc)
+                self._call(tier, "delete", lambda t=tier: t.store.delete([tkey]), 0)
                 continue
             if chunk is None:
                 continue
             self.metrics.bytes.labels(tier.name, "read").inc(chunk.header.image_len)
+            if tier.lossy:  # never promoted into exact tiers; the engine's copy is not exact either
+                with self._lossy_lock:
+                    self._lossy_served[key] = None
+                    self._lossy_served.move_to_end(key)
+                    while len(self._lossy_served) > MISSED_MAX:
+                        self._lossy_served.popitem(last=False)
+                return chunk, tier.name
             if i > 0 and self.promote:
                 for upper in self.tiers[:i]:
                     if upper.fast:
@@ -336,7 +399,11 @@ class TierStack:
     def put(self, key: ChunkKey, chunk: ChunkBuffer) -> None:
         """Write-through to every tier. Takes no ownership: the caller still releases ``chunk``."""
         self.metrics.stored_tokens.inc(chunk.num_tokens)
+        with self._lossy_lock:
+            inexact = key in self._lossy_served
         for tier in self.tiers:
+            if inexact and not tier.lossy:
+                continue  # KV the engine loaded from a lossy tier is never stored as exact
             if tier.fast:
                 if self._call(tier, "put", lambda t=tier: t.store.put(key, chunk), False) and \
                         not tier.store.reports_writes:
@@ -387,8 +454,16 @@ class TierStack:
             if not self._usable(tier):
                 self._dropped(tier, key, "is backing off", remember=True)
                 return
+            coded = self._code(tier, key, chunk)
+            if coded is None:
+                return
+            tkey, tchunk = coded
             try:
-                ok = tier.store.put(key, chunk)
+                try:
+                    ok = tier.store.put(tkey, tchunk)
+                finally:
+                    if tchunk is not chunk:
+                        tchunk.release()
             except Exception as exc:  # noqa: BLE001 - a ChunkError from a put is still only a failed write
                 if self._failed(tier, "put", exc, background=True) == REFUSED:
                     self._dropped(tier, key, f"refused a write ({type(exc).__name__}: {exc})", remember=False)
@@ -399,12 +474,27 @@ class TierStack:
             if tier.failures:
                 tier.failures = 0
             if ok and not getattr(tier.store, "reports_writes", False):
-                self.metrics.bytes.labels(tier.name, "write").inc(chunk.header.image_len)
+                self.metrics.bytes.labels(tier.name, "write").inc(tchunk.header.image_len)
         except BaseException:  # noqa: BLE001 - even at interpreter exit, a lost store leaves a line
             self.metrics.errors.labels(tier.name, "put").inc()
             logger.exception("tier %s background put of %s failed", tier.name, key)
         finally:
             self._done(tier, chunk)
+
+    def _code(self, tier: Tier, key: ChunkKey, chunk: ChunkBuffer) -> tuple[ChunkKey, ChunkBuffer] | None:
+        """``(key, chunk)`` as ``tier`` keeps them: coded by its chain (a new buffer the caller
+        releases), or as given. None when coding failed: a dropped store, counted and logged;
+        the tier itself is fine."""
+        if tier.chain is None or chunk.header.codec != "none":
+            return key, chunk
+        tkey = tier.key(key)
+        try:
+            return tkey, encode_chunk(chunk, tier.chain, tier.store.context.pool, tkey)
+        except Exception as exc:  # noqa: BLE001 - a chunk the codec cannot take is one dropped store
+            self.metrics.errors.labels(tier.name, "encode").inc()
+            self._dropped(tier, key, f"cannot code chunks with {tier.chain.name} ({type(exc).__name__}: {exc})",
+                          remember=False)
+            return None
 
     def _done(self, tier: Tier, chunk: ChunkBuffer) -> None:
         try:
@@ -426,7 +516,7 @@ class TierStack:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
-        return sum(self._call(t, "delete", lambda t=t: t.store.delete(keys), 0) for t in self.tiers)
+        return sum(self._call(t, "delete", lambda t=t: t.store.delete(t.keys(keys)), 0) for t in self.tiers)
 
     def close(self) -> None:
         if self._closed:

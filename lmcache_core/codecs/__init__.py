@@ -1,0 +1,30 @@
+"""KV codecs: fewer bytes on every link, and encryption at rest.
+
+A codec is named per tier (``disk:///var/cache/lmcache?codec=lossless``, ``s3://b/p?codec=cachegen``,
+``redis://h?codec=lossless+aesgcm``): the memory tier keeps exact chunks, the tier stack encodes
+on its writer threads and every read decodes and verifies. See ``docs/codecs.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+from .base import DEVICE, HOST, Codec, CodecContext
+from .registry import BUILTIN, NATIVE, REGISTRY, Chain, CodecRegistry, CodecSpec, resolve
+
+# torch.frombuffer over read-only bytes (a decoded stage): we never write through such a view
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def lossy_namespace(namespace: bytes, chain: Chain) -> bytes:
+    """The namespace id under which a lossy chain's chunks live (16 bytes): the exact
+    namespace and the chain's wire id, so a lossy chunk is never found under an exact key."""
+    if chain.lossless:
+        return namespace
+    return hashlib.blake2b(namespace + b"\0" + chain.wire_id.encode(), digest_size=16,
+                           person=b"lmcache-lossy").digest()
+
+
+__all__ = ["BUILTIN", "Chain", "Codec", "CodecContext", "CodecRegistry", "CodecSpec", "DEVICE", "HOST", "NATIVE",
+           "REGISTRY", "lossy_namespace", "resolve"]

@@ -1,0 +1,96 @@
+"""``fp8``: e4m3 values with one bf16 scale per token and head (the torch reference).
+
+For every (layer, plane, token, head) the scale is ``bf16(amax / 448)`` (1 where the head is all
+zeros) and each value is stored as ``e4m3(clamp(x / scale, -448, 448))``; decoding multiplies back
+and rounds to the KV dtype. Per element the error is at most ``(2**-4 + 2**-8) * amax`` of its
+head (three mantissa bits, and a scale rounded down by bf16 clamping the largest value), so the
+declared bound (a fraction of the layer's and plane's ``max|x|``) is 0.07.
+
+Stored form, layer by layer (so one layer of a chunk stays one contiguous slice): the e4m3
+bytes ``[planes, tokens, heads * dim]``, then the scales ``[planes, tokens, heads]`` as bf16.
+The GPU gather kernel (``lmcache_kernels.fp8``) writes exactly this form and its scatter reads
+it, so a chunk quantised on the device is read by this host codec and the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ChunkError
+from ..layout import torch_dtype
+from .base import DEVICE, Codec, CodecContext, check_len
+
+if TYPE_CHECKING:
+    from ..layout import ChunkGeometry
+
+FP8_MAX = 448.0
+SCALE_BYTES = 2  # bf16
+
+
+def encoded_len(geometry: "ChunkGeometry", num_tokens: int) -> int:
+    """Bytes of the fp8 form of a chunk of ``num_tokens`` tokens."""
+    per_plane = num_tokens * (geometry.hidden + geometry.num_heads * SCALE_BYTES)
+    return geometry.num_layers * geometry.kv_planes * per_plane
+
+
+def layer_len(geometry: "ChunkGeometry", num_tokens: int) -> int:
+    return encoded_len(geometry, num_tokens) // geometry.num_layers
+
+
+def quantize(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[..., heads * head_dim]`` -> (e4m3 ``[..., heads * head_dim]``, bf16 scales
+    ``[..., heads]``). The reference every kernel must match."""
+    shape = x.shape
+    xf = x.reshape(*shape[:-1], shape[-1] // head_dim, head_dim).float()
+    amax = xf.abs().amax(dim=-1)
+    scale = (amax / FP8_MAX).to(torch.bfloat16)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (xf / scale.float().unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(shape), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = q.shape
+    qf = q.reshape(*shape[:-1], shape[-1] // head_dim, head_dim).float()
+    return (qf * scale.float().unsqueeze(-1)).to(dtype).reshape(shape)
+
+
+class FP8Codec(Codec):
+    name = "fp8"
+    wire_id = "fp8-e4m3-th/1"
+    lossless = False
+    error_bound = 0.07
+    where = DEVICE  # fused into the GPU gather/scatter where the device offers it; this is the host path
+    dtypes = ("float32", "float16", "bfloat16")
+
+    def encode(self, data: memoryview, ctx: CodecContext) -> memoryview:
+        g, t = ctx.geometry, ctx.num_tokens
+        check_len(len(data), ctx.payload_len, "fp8 input", ctx)
+        x = torch.frombuffer(data, dtype=torch_dtype(g.dtype)).view(g.num_layers, g.kv_planes * t, g.hidden)
+        q, s = quantize(x, g.head_dim)
+        out = torch.empty(g.num_layers, layer_len(g, t), dtype=torch.uint8)
+        nq = g.kv_planes * t * g.hidden
+        out[:, :nq] = q.view(torch.uint8).reshape(g.num_layers, nq)
+        out[:, nq:] = s.view(torch.uint8).reshape(g.num_layers, -1)
+        return memoryview(out.numpy()).cast("B")
+
+    def decode(self, data: memoryview, limit: int, ctx: CodecContext) -> memoryview:
+        g, t = ctx.geometry, ctx.num_tokens
+        if len(data) != encoded_len(g, t) or limit != ctx.payload_len:
+            raise ChunkError(f"chunk {ctx.key}: fp8 stream of {len(data)} bytes, expected {encoded_len(g, t)}")
+        raw = torch.frombuffer(data, dtype=torch.uint8).view(g.num_layers, layer_len(g, t))
+        nq = g.kv_planes * t * g.hidden
+        q = raw[:, :nq].contiguous().view(torch.float8_e4m3fn).view(g.num_layers, g.kv_planes * t, g.hidden)
+        s = raw[:, nq:].contiguous().view(torch.bfloat16).view(g.num_layers, g.kv_planes * t, g.num_heads)
+        x = dequantize(q, s, g.head_dim, torch_dtype(g.dtype))
+        if not torch.isfinite(x).all():
+            raise ChunkError(f"chunk {ctx.key}: fp8 stream decodes to non-finite values")
+        return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
+
+    def max_encoded_len(self, n: int, ctx: CodecContext) -> int:
+        return encoded_len(ctx.geometry, ctx.num_tokens)
+
+
+__all__ = ["FP8Codec", "FP8_MAX", "dequantize", "encoded_len", "layer_len", "quantize"]
