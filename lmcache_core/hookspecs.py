@@ -1,7 +1,7 @@
-"""Hook specifications: the three registration hooks every plugin may implement.
+"""Hook specifications: the four registration hooks every plugin may implement.
 
 Each hook receives a ``register`` callback, so one plugin can contribute several
-devices, storage schemes or transports. Registrations name a factory by import
+devices, storage schemes, transports or codecs. Registrations name a factory by import
 path (``"package.module:Class"``); it is imported only when the plugin is chosen,
 so a plugin whose dependencies are absent still lists, detects and explains
 itself. See ``docs/plugins.md`` for a worked example.
@@ -56,6 +56,19 @@ class RegisterTransport(Protocol):
     ) -> None: ...
 
 
+class RegisterCodec(Protocol):
+    def __call__(
+        self,
+        name: str,
+        factory: str,
+        *,
+        wire_id: str,
+        extra: str | None = None,
+        requires: tuple[str, ...] = (),
+        description: str = "",
+    ) -> None: ...
+
+
 @hookspec
 def lmcache_register_devices(register: RegisterDevice) -> None:
     """Register device implementations (accelerators or host CPUs).
@@ -99,6 +112,23 @@ def lmcache_register_transports(register: RegisterTransport) -> None:
     :param register: call ``register(name, "pkg.module:Class", extra=...,
         requires=(...), description=...)`` once per transport. ``Class``
         subclasses :class:`lmcache_core.transport.Transport`.
+
+    Return value: ignored. All implementations are called (not firstresult).
+    """
+
+
+@hookspec
+def lmcache_register_codecs(register: RegisterCodec) -> None:
+    """Register KV codecs (compression, quantisation, encryption of stored chunks).
+
+    Purpose: make ``codec=NAME`` usable on a tier URL (``disk:///x?codec=NAME``,
+    chains joined by ``+``).
+
+    :param register: call ``register(name, "pkg.module:Class", wire_id="name/1",
+        extra=..., requires=(...), description=...)`` once per codec. ``Class``
+        subclasses :class:`lmcache_core.codecs.Codec` and declares the same
+        ``name`` and ``wire_id``; the wire id is what chunk headers record, so a
+        new stored format is a new wire id.
 
     Return value: ignored. All implementations are called (not firstresult).
     """
