@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lmcache"
 CORE_DISTRIBUTION = "lmcache-core"
-KINDS = ("device", "storage", "transport")
+KINDS = ("device", "storage", "transport", "codec")
 
 
 class PluginImportError(PluginError):
@@ -42,7 +42,7 @@ class PluginImportError(PluginError):
 class Registration:
     """One named factory contributed by a plugin."""
 
-    kind: str  # "device" | "storage" | "transport"
+    kind: str  # "device" | "storage" | "transport" | "codec"
     name: str
     factory: str  # "package.module:Attr"
     plugin: str  # entry-point name of the contributing plugin
@@ -53,6 +53,7 @@ class Registration:
     description: str = ""
 
     conflict: str = ""  # set when another plugin registered the same name or scheme: load() refuses
+    wire_id: str = ""  # codecs: what chunk headers record
 
     def install_hint(self) -> str:
         if self.extra:
@@ -341,11 +342,15 @@ class PluginManager:
             extra: str | None = None,
             requires: tuple[str, ...] = (),
             description: str = "",
+            wire_id: str = "",
         ) -> None:
             if kind == "storage" and not schemes:
                 raise PluginError(f"storage {name!r} from {distribution} registered no URL schemes")
+            if kind == "codec" and not wire_id:
+                raise PluginError(f"codec {name!r} from {distribution} registered no wire_id")
             reg = Registration(
-                kind, name, factory, plugin, distribution, extra, tuple(requires), tuple(schemes), description
+                kind, name, factory, plugin, distribution, extra, tuple(requires), tuple(schemes), description,
+                wire_id=wire_id,
             )
             with _LOCK:
                 info.registrations.append(reg)
@@ -533,14 +538,19 @@ def resolve_device(name: str, plugins: PluginManager, index: int = 0) -> Device:
 
 
 def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreContext) -> list[Store]:
+    from .codecs.registry import register_from_plugins, split_codec
+
+    register_from_plugins(plugins)
     stores: list[Store] = []
     names: set[str] = set()
     for url in urls:
         scheme = url.split("://", 1)[0].lower()
         reg = plugins.storage_for_scheme(scheme)
         cls = reg.load()
+        url, codec, codec_key_file = split_codec(url)  # the tier stack's business, not the store's
         try:
             store = cls.from_url(url, context)
+            store.codec, store.codec_key_file = codec, codec_key_file
         except (ConfigError, PluginError):
             raise
         except Exception as exc:  # noqa: BLE001 - an unreachable remote tier must not stop the engine
