@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..hookspecs import RegisterDevice, RegisterStorage, RegisterTransport, hookimpl
+from ..hookspecs import RegisterCodec, RegisterDevice, RegisterStorage, RegisterTransport, hookimpl
 
 
 @hookimpl
@@ -23,3 +23,12 @@ def lmcache_register_storage(register: RegisterStorage) -> None:
 def lmcache_register_transports(register: RegisterTransport) -> None:
     register("local", "lmcache_core.builtin.local_transport:LocalTransport",
              description="In-process buffer copies (reference transport)")
+
+
+@hookimpl
+def lmcache_register_codecs(register: RegisterCodec) -> None:
+    from ..codecs.registry import BUILTIN  # names and import paths only; nothing heavy is imported
+
+    for spec in BUILTIN:
+        register(spec.name, spec.factory, wire_id=spec.wire_id, extra=spec.extra, requires=spec.requires,
+                 description=spec.description)
