@@ -271,3 +271,32 @@ def test_admin_api(shared_daemon):
         assert out.returncode == 0 and "tenant default" in out.stdout
     finally:
         eng.close()
+
+
+def test_cached_model_through_the_daemon(shared_daemon):
+    """CachedModel (transformers) with daemon: two model instances, one daemon memory tier."""
+    import torch
+
+    from lmcache_core import Config
+    from lmcache_core.integrations.transformers import CachedModel, random_llama
+
+    model = random_llama(num_layers=2, hidden=64, heads=4, kv_heads=2, vocab=300, seed=3)
+    cfg = Config.from_dict({"daemon": shared_daemon.url, "chunk_size": 32, "device": "cpu"})
+    g = torch.Generator().manual_seed(1)
+    doc = torch.randint(0, 300, (100,), generator=g).tolist()
+    q = torch.randint(0, 300, (9,), generator=g).tolist()
+    first = CachedModel(model, config=cfg, model_name="tiny-daemon")
+    try:
+        ref = first.generate(doc + q, 6, use_cache=False)
+        out = first.generate(doc + q, 6)
+        assert out.tokens == ref.tokens and out.hit_tokens == 0
+        first.engine.flush()
+    finally:
+        first.close()
+    second = CachedModel(model, config=cfg, model_name="tiny-daemon")
+    try:
+        again = second.generate(doc + q, 6)
+        assert again.tokens == ref.tokens
+        assert again.hit_tokens == 108 and again.by_tier == {"memory": 108}
+    finally:
+        second.close()

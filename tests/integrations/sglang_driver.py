@@ -26,6 +26,7 @@ and the CUDA build on PyPI would replace the CPU torch.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -166,6 +167,31 @@ def scenario(layout: str, mla: bool, tiers_dir: Path) -> dict[str, Any]:
                      and out["exists_other"] == 0 and all(out["get"]) and out["bit_exact"]
                      and out["others_untouched"] and out["get_after_corruption"][2] is False
                      and out["exists_after_corruption"] == 2)
+    return out
+
+
+def daemon_scenario(url: str) -> dict[str, Any]:
+    """Two backends (two SGLang servers) through one ``lmcache serve``: the reader gets the writer's
+    pages from the daemon's memory tier, bit for bit."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    layout = "page_first"
+    extra = extra_config(["memory://?capacity=1MiB"], daemon=url)
+    src_pool, dst_pool = mha_pool(layout, True, 11), mha_pool(layout, False, 12)
+    writer = make_backend(src_pool, layout, False, extra)
+    keys = get_hash_str(list(range(3000, 3000 + 4 * PAGE)), None, page_size=PAGE)
+    keys = keys if isinstance(keys, list) else [keys]
+    src_idx = torch.arange(4 * PAGE, (4 + len(keys)) * PAGE)
+    dst_idx = torch.arange(12 * PAGE, (12 + len(keys)) * PAGE)
+    out: dict[str, Any] = {"pages": len(keys), "set": writer.batch_set_v1(keys, src_idx)}
+    writer.flush()
+    out["writer_tiers"] = [t.name for t in writer._engine().tiers.tiers]
+    writer.close()
+    reader = make_backend(dst_pool, layout, False, extra)
+    out["exists"] = reader.batch_exists(keys)
+    out["get"] = reader.batch_get_v1(keys, dst_idx)
+    out["bit_exact"] = bool(torch.equal(token_rows(dst_pool, dst_idx, False), token_rows(src_pool, src_idx, False)))
+    reader.close()
     return out
 
 
@@ -399,6 +425,12 @@ def main(out_path: str, tiers_dir: str) -> None:
             results["identity"][name] = fn(Path(tiers_dir))
         except Exception as exc:  # noqa: BLE001
             results["errors"].append({"what": name, "error": f"{type(exc).__name__}: {exc}",
+                                      "trace": traceback.format_exc()})
+    if os.environ.get("LMCACHE_TEST_DAEMON_URL"):
+        try:
+            results["daemon"] = daemon_scenario(os.environ["LMCACHE_TEST_DAEMON_URL"])
+        except Exception as exc:  # noqa: BLE001
+            results["errors"].append({"what": "daemon", "error": f"{type(exc).__name__}: {exc}",
                                       "trace": traceback.format_exc()})
     Path(out_path).write_text(json.dumps(results, indent=1))
 

@@ -11,12 +11,15 @@ SGLang's hash chain. What is not run here: a full ``sglang.launch_server``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from lmcache_core.testing.daemon import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +33,21 @@ def results(vh: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         pytest.skip(why)
     work = tmp_path_factory.mktemp("sglang")
     out = work / "out.json"
-    proc = subprocess.run([python, str(HERE / "sglang_driver.py"), str(out), str(work)], capture_output=True,
-                          text=True, timeout=300)
+    daemon = DaemonProcess(work / "daemon", http=False).start()  # the daemon scenario's lmcache serve
+    try:
+        proc = subprocess.run([python, str(HERE / "sglang_driver.py"), str(out), str(work)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "LMCACHE_TEST_DAEMON_URL": daemon.url})
+    finally:
+        daemon.stop()
     assert proc.returncode == 0 and out.exists(), f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
+
+
+def test_backend_through_the_daemon(results: dict[str, Any]) -> None:
+    d = results["daemon"]
+    assert d["writer_tiers"] == ["daemon"]  # the daemon's tiers, not in-process ones
+    assert d["set"] == [True] * d["pages"] and d["exists"] == d["pages"] and d["get"] == [True] * d["pages"]
+    assert d["bit_exact"]
 
 
 def test_real_sglang_version(results: dict[str, Any]) -> None:
