@@ -6,7 +6,7 @@
 For every layout vLLM hands a connector (0.32's per-layer ``[blocks, heads,
 block, K||V]`` views over one LBNHC buffer, the older ``[2, blocks, block,
 heads, dim]``, and CPU_ATTN's split slabs), it drives
-:class:`lmcache_core.integrations._vllm_worker.VLLMWorker` exactly as vLLM's
+:class:`lmcache_core.integrations.vllm.worker.VLLMWorker` exactly as vLLM's
 model runner does (bind a step plan, ``start_load``, per layer ``wait_layer``
 then ``save_layer``, ``wait_for_save``, ``get_finished``) and checks:
 
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lmcache_core import CacheEngine, Config  # noqa: E402
-from lmcache_core.integrations._vllm_common import LoadSpec, SaveSpec, StepPlan  # noqa: E402
-from lmcache_core.integrations._vllm_layout import bind_vllm_caches, geometry_from_spec  # noqa: E402
-from lmcache_core.integrations._vllm_worker import VLLMWorker  # noqa: E402
+from lmcache_core.integrations.vllm.common import LoadSpec, SaveSpec, StepPlan  # noqa: E402
+from lmcache_core.integrations.vllm.layout import bind_vllm_caches, geometry_from_spec  # noqa: E402
+from lmcache_core.integrations.vllm.worker import VLLMWorker  # noqa: E402
 
 
 def make_caches(layout: str, layers: int, blocks: int, heads: int, block: int, dim: int, dtype: torch.dtype,

@@ -118,8 +118,8 @@ def vllm_side(tiers: list[str], mla: bool, num_blocks: int, fill: bool, seed: in
               key_scheme: str = "sglang") -> tuple[Any, Any, list]:
     """A CacheEngine built the way the vLLM connector builds its own, plus vLLM-shaped caches."""
     from lmcache_core.engine import CacheEngine
-    from lmcache_core.integrations._vllm_common import load_config
-    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+    from lmcache_core.integrations.vllm.common import load_config
+    from lmcache_core.integrations.vllm.layout import geometry_from_spec
     from lmcache_core.layout import PagedKV
 
     _opts, config = load_config({"key_scheme": key_scheme, "chunk_size": PAGE, "tiers": tiers, "device": "cpu",

@@ -13,10 +13,10 @@ import torch
 
 from lmcache_core import CacheEngine, Config
 from lmcache_core.errors import ConfigError, LayoutError
-from lmcache_core.integrations._vllm_common import ConnectorOptions, LoadSpec, SaveSpec, StepPlan, load_config
-from lmcache_core.integrations._vllm_layout import bind_vllm_caches, layer_order
-from lmcache_core.integrations._vllm_scheduler import VLLMScheduler
-from lmcache_core.integrations._vllm_worker import VLLMWorker
+from lmcache_core.integrations.vllm.common import ConnectorOptions, LoadSpec, SaveSpec, StepPlan, load_config
+from lmcache_core.integrations.vllm.layout import bind_vllm_caches, layer_order
+from lmcache_core.integrations.vllm.scheduler import VLLMScheduler
+from lmcache_core.integrations.vllm.worker import VLLMWorker
 
 L, B, H, N, D = 3, 12, 2, 16, 8
 
@@ -95,7 +95,7 @@ def test_options_and_config_come_from_one_dict() -> None:
 @pytest.fixture
 def engines(tmp_path: Path) -> Iterator[tuple[CacheEngine, CacheEngine]]:
     """Two engines as two processes would have: own memory tier, one shared disk tier."""
-    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+    from lmcache_core.integrations.vllm.layout import geometry_from_spec
 
     geom = geometry_from_spec(L, H, D, torch.float32, False)
     made = [CacheEngine(geom, Config.from_dict({
@@ -269,7 +269,7 @@ class RichRequest(FakeRequest):
 
 
 def test_request_extras_follow_vllms_extra_keys() -> None:
-    from lmcache_core.integrations._vllm_scheduler import request_extras
+    from lmcache_core.integrations.vllm.scheduler import request_extras
 
     prompt = list(range(64))
     plain = request_extras(RichRequest("p", prompt), 32)
@@ -400,7 +400,7 @@ def test_failure_policy_option() -> None:
 def test_scheduler_follows_the_workers_memory_tier_through_worker_metadata() -> None:
     """Memory-only tiers, scheduler and worker in two processes (two engines here): the worker's
     journal tells the scheduler what its memory holds, so the scheduler offers those hits."""
-    from lmcache_core.integrations._vllm_layout import geometry_from_spec
+    from lmcache_core.integrations.vllm.layout import geometry_from_spec
 
     geom = geometry_from_spec(L, H, D, torch.float32, False)
     cfg = Config.from_dict({"tiers": ["memory://?capacity=64MiB"], "chunk_size": 32, "device": "cpu"})

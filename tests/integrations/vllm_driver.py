@@ -72,7 +72,7 @@ def probe_layout(out_path: str) -> None:
     import torch
     from vllm import _custom_ops as ops
 
-    from lmcache_core.integrations._vllm_layout import bind_vllm_caches
+    from lmcache_core.integrations.vllm.layout import bind_vllm_caches
 
     result: dict[str, Any] = {}
     for isa in ("vec", "vec16"):

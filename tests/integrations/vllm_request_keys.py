@@ -15,8 +15,8 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 from vllm.v1.request import Request
 
 from lmcache_core import CacheEngine, ChunkGeometry, Config
-from lmcache_core.integrations._vllm_common import ConnectorOptions
-from lmcache_core.integrations._vllm_scheduler import VLLMScheduler, prompt_tokens, request_extras
+from lmcache_core.integrations.vllm.common import ConnectorOptions
+from lmcache_core.integrations.vllm.scheduler import VLLMScheduler, prompt_tokens, request_extras
 
 CHUNK = 32
 

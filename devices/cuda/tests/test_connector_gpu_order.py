@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(not DET.available or not torch.cuda.is_available
 
 from lmcache_core import CacheEngine, Config  # noqa: E402
 from lmcache_core.errors import LayoutError  # noqa: E402
-from lmcache_core.integrations._vllm_common import LoadSpec, SaveSpec, StepPlan  # noqa: E402
-from lmcache_core.integrations._vllm_layout import bind_vllm_caches  # noqa: E402
-from lmcache_core.integrations._vllm_worker import VLLMWorker  # noqa: E402
+from lmcache_core.integrations.vllm.common import LoadSpec, SaveSpec, StepPlan  # noqa: E402
+from lmcache_core.integrations.vllm.layout import bind_vllm_caches  # noqa: E402
+from lmcache_core.integrations.vllm.worker import VLLMWorker  # noqa: E402
 from lmcache_core.keys import model_fingerprint  # noqa: E402
 
 L, B, H, N, D = 4, 160, 8, 16, 128

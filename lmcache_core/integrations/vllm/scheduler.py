@@ -15,11 +15,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ..keys import KeyExtras, MMItem
-from ._vllm_common import LOCAL_SCHEMES, ConnectorOptions, LoadSpec, PresenceMirror, SaveSpec, StepPlan
+from ...keys import KeyExtras, MMItem
+from .common import LOCAL_SCHEMES, ConnectorOptions, LoadSpec, PresenceMirror, SaveSpec, StepPlan
 
 if TYPE_CHECKING:
-    from ..engine import CacheEngine
+    from ...engine import CacheEngine
 
 logger = logging.getLogger(__name__)
 

@@ -32,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..layout import PagedKV
-from ._vllm_common import LoadSpec, SaveSpec, StepPlan
+from ...layout import PagedKV
+from .common import LoadSpec, SaveSpec, StepPlan
 
 if TYPE_CHECKING:
     import torch
 
-    from ..engine import CacheEngine, LayerwiseRetrieve, LayerwiseStore
+    from ...engine import CacheEngine, LayerwiseRetrieve, LayerwiseStore
 
 logger = logging.getLogger(__name__)
 

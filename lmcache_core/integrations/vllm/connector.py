@@ -8,7 +8,7 @@ Enable it with one flag::
 
 ``kv_connector_extra_config`` holds the same keys as every other lmcache-core
 config (``chunk_size``, ``tiers``, ``model``, ...) plus the connector options
-of :class:`~lmcache_core.integrations._vllm_common.ConnectorOptions`. vLLM
+of :class:`~lmcache_core.integrations.vllm.common.ConnectorOptions`. vLLM
 makes one SCHEDULER-role instance (in the engine-core process) and one
 WORKER-role instance per worker. With one GPU both live in one engine-core
 process and share one engine (its memory tier serves hits); with tensor or
@@ -37,12 +37,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from ..errors import ConfigError, LayoutError
-from ..keys import Namespace, model_fingerprint, named_model_fingerprint, shard_id
-from ._vllm_common import EngineHandle, StepPlan, load_config, note_without_shared_tier, shared_engine
-from ._vllm_layout import bind_vllm_caches, geometry_from_spec, stage_layers
-from ._vllm_scheduler import VLLMScheduler
-from ._vllm_worker import STAT_KEYS, VLLMWorker
+from ...errors import ConfigError, LayoutError
+from ...keys import Namespace, model_fingerprint, named_model_fingerprint, shard_id
+from .common import EngineHandle, StepPlan, load_config, note_without_shared_tier, shared_engine
+from .layout import bind_vllm_caches, geometry_from_spec, stage_layers
+from .scheduler import VLLMScheduler
+from .worker import STAT_KEYS, VLLMWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

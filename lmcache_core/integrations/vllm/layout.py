@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ..errors import LayoutError
-from ..layout import ChunkGeometry, LayerPlanes, PagedKV, dtype_name
+from ...errors import LayoutError
+from ...layout import ChunkGeometry, LayerPlanes, PagedKV, dtype_name
 
 if TYPE_CHECKING:
     import torch

@@ -13,11 +13,11 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
-from ..config import Config
-from ..engine import CacheEngine
-from ..errors import ConfigError
-from ..keys import ChunkKey, KeyExtras
-from ..layout import ChunkGeometry
+from ...config import Config
+from ...engine import CacheEngine
+from ...errors import ConfigError
+from ...keys import ChunkKey, KeyExtras
+from ...layout import ChunkGeometry
 
 logger = logging.getLogger(__name__)
 
