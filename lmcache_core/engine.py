@@ -174,6 +174,7 @@ class CacheEngine:
                 queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
                 reader_threads=self.config.reader_threads, promote=self.config.promote,
             )
+        self.policy.fast_tiers = frozenset(t.name for t in self.tiers.tiers if t.fast)  # in-process: a memcpy
         self._sealer = ThreadPoolExecutor(1, thread_name_prefix="lmcache-seal")
         self._sealing = 0
         self._sealing_cv = threading.Condition()
