@@ -6,7 +6,9 @@ fitted to the engine's own recent fetches) with the estimated time to recompute
 them (a line fitted to this engine's recent prefills: ``overhead + tokens /
 throughput``), and loads the leading chunks only as far as loading them is faster:
 a slow tier (S3 at tens of MB/s) in front of a model that prefills quickly is
-recomputed, a memory tier is always loaded. Before anything is measured it loads
+recomputed; a tier in this process's memory (``fast_tiers``: a hit there is a copy) is
+always loaded and never timed. Prefills shorter than ``MIN_PREFILL_TOKENS`` are not
+used (they time the engine's fixed cost per step). Before anything is measured it loads
 everything (and so measures); every ``PROBE_EVERY``-th request it would cut short
 loads one chunk more, so a tier that got faster is noticed.
 
@@ -84,6 +86,8 @@ class LoadPolicy:
     """``always``: load every hit chunk (the hooks do nothing)."""
 
     name = "always"
+    #: tiers in this process's memory (the engine sets them): a hit there costs a copy, always loaded
+    fast_tiers: frozenset[str] = frozenset()
 
     def begin(self, num_tokens: int) -> None:
         """A lookup of a ``num_tokens`` prompt on this thread (its prefill may start now)."""
@@ -113,6 +117,7 @@ class AdaptivePolicy(LoadPolicy):
 
     name = "adaptive"
     PROBE_EVERY = 16
+    MIN_PREFILL_TOKENS = 64  # shorter prefills time the engine's fixed cost per step, not its tokens
     MAX_PENDING_S = 600.0  # a lookup whose store never came is forgotten after this
 
     def __init__(self, decay: float = 0.8) -> None:
@@ -121,20 +126,21 @@ class AdaptivePolicy(LoadPolicy):
         self.prefill = DecayedLine(decay)
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._cut = 0  # plans that loaded less than the hit
         self.planned = 0
         self.skipped_tokens = 0  # hit tokens left to recompute
 
     # -- measurements ---------------------------------------------------------------------
     def observe_fetch(self, fetched: Sequence[tuple[str, int]], seconds: float, num_tokens: int,
                       loaded: int) -> None:
-        if fetched:
-            by_tier: dict[str, int] = {}
-            for tier, nbytes in fetched:
+        by_tier: dict[str, int] = {}
+        for tier, nbytes in fetched:
+            if tier not in self.fast_tiers:
                 by_tier[tier] = by_tier.get(tier, 0) + nbytes
+        if by_tier:
             with self._lock:
                 # Chunks of several tiers come in one parallel fetch: the slowest tier (by its
-                # estimate, an unmeasured one first) gets the time the others are not expected to take.
+                # estimate, an unmeasured one first) gets the time the others are not expected to
+                # take; in-process tiers (fast_tiers) are a copy and take ~none.
                 def speed(t: str) -> float:
                     line = self.load.get(t)
                     c = line.coefficients() if line else None
@@ -160,7 +166,7 @@ class AdaptivePolicy(LoadPolicy):
             self.observe_prefill(num_tokens - pending.loaded, seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
+        if tokens >= self.MIN_PREFILL_TOKENS and seconds > 0:
             with self._lock:
                 self.prefill.add(float(tokens), seconds)
 
@@ -184,19 +190,21 @@ class AdaptivePolicy(LoadPolicy):
             end = min(pos + key.num_tokens, cap)
             if end > skip_tokens:
                 running[tier] = running.get(tier, 0) + chunk_bytes(end - max(pos, skip_tokens))
-                load = sum(c[0] + c[1] * n for t, n in running.items() if (c := lines.get(t)) is not None)
+                load = sum(c[0] + c[1] * n for t, n in running.items()
+                           if t not in self.fast_tiers and (c := lines.get(t)) is not None)
                 options.append((end, load + (cap - end) * per_token))
             pos = end
         best = 0
         for i, (_, cost) in enumerate(options):
             if cost <= options[best][1]:  # ties: load (it saves compute for other requests)
                 best = i
-        choice = options[best][0]
         self.planned += 1
+        if self.planned % self.PROBE_EVERY == 0 and len(options) > 1:
+            # now and then one chunk the other way, so neither estimate goes stale: load one more
+            # (the tier is timed again) or recompute one more (a longer prefill is timed)
+            best = best + 1 if best + 1 < len(options) else best - 1
+        choice = options[best][0]
         if choice < cap:
-            self._cut += 1
-            if self._cut % self.PROBE_EVERY == 0 and best + 1 < len(options):
-                choice = options[best + 1][0]  # one chunk more now and then: re-measure that tier
             self.skipped_tokens += cap - choice
         return choice
 

@@ -85,6 +85,12 @@ def test_adaptive_probes_a_cut_tier_now_and_then():
     plans = [p.plan(lk, 4 * CHUNK, 0, _bytes) for _ in range(p.PROBE_EVERY)]
     assert plans[:-1] == [0] * (p.PROBE_EVERY - 1)
     assert plans[-1] == CHUNK  # one chunk more: the tier is measured again
+    fast = AdaptivePolicy()
+    fast.observe_prefill(1000, 10.0)  # a slow model: load everything ...
+    fast.observe_fetch([("s3", 10_000_000)], 0.1, 0, 0)
+    plans = [fast.plan(lk, 4 * CHUNK, 0, _bytes) for _ in range(fast.PROBE_EVERY)]
+    assert plans[:-1] == [4 * CHUNK] * (fast.PROBE_EVERY - 1)
+    assert plans[-1] == 3 * CHUNK  # ... but now and then recompute one chunk: a longer prefill is timed
 
 
 def test_adaptive_splits_a_mixed_fetch_by_the_slow_tier():
@@ -96,12 +102,14 @@ def test_adaptive_splits_a_mixed_fetch_by_the_slow_tier():
     assert stats["load_bytes_per_s.memory"] > 1e10
 
 
-def test_engine_measures_prefill_between_load_and_store(make_engine):
+def test_engine_measures_prefill_between_load_and_store(make_engine, tmp_path):
     """The engine's hooks: a miss's lookup and the store of the same prompt on this thread time
     its prefill; a retrieve times the fetch per tier and consults the plan."""
     g = ChunkGeometry(2, 2, 8, "float32")
-    eng = make_engine(g, tiers=["memory://?capacity=64MiB"], chunk_size=32, load_policy="adaptive")
+    eng = make_engine(g, tiers=[f"disk://{tmp_path / 'chunks'}?capacity=64MiB"], chunk_size=32,
+                      load_policy="adaptive")
     assert isinstance(eng.policy, AdaptivePolicy)
+    assert eng.policy.fast_tiers == frozenset()  # disk is timed; an in-process memory tier would not be
     tokens = list(range(128))
     src = [(torch.randn(1, 2, 128, 8), torch.randn(1, 2, 128, 8)) for _ in range(2)]
     kv = PagedKV.from_hf(src)
@@ -114,6 +122,8 @@ def test_engine_measures_prefill_between_load_and_store(make_engine):
     dst = [(torch.zeros(1, 2, 128, 8), torch.zeros(1, 2, 128, 8)) for _ in range(2)]
     out = PagedKV.from_hf(dst)
     res = eng.retrieve(tokens, out, slots=slots)
-    assert res.hit_tokens == 128  # memory loads faster than the slow "prefill" above: all of it
+    assert res.hit_tokens == 128  # disk loads faster than the slow "prefill" above: all of it
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(src, dst))
-    assert "load_bytes_per_s.memory" in eng.policy.stats()
+    assert [k for k in eng.policy.stats() if k.startswith("load_bytes_per_s.")]  # the disk fetch was timed
+    mem = make_engine(g, tiers=["memory://?capacity=64MiB"], chunk_size=32, load_policy="adaptive")
+    assert mem.policy.fast_tiers == frozenset({"memory"})
