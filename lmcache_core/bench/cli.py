@@ -59,7 +59,10 @@ def add_parser(sub: Any) -> None:
     pol = bsub.add_parser("policy", help="load_policy always vs adaptive vs no cache (CachedModel)")
     pol.add_argument("--slow-tier", default="", help="tier URL of the slow shared tier (e.g. s3://...); "
                                                      "empty: the memory-tier case")
-    pol.add_argument("--local-s3", action="store_true", help="start a local SeaweedFS S3 for the slow tier")
+    pol.add_argument("--local-s3", action="store_true", help="start a local SeaweedFS S3 for the slow tier, "
+                                                              "behind a link of --link-mb-s")
+    pol.add_argument("--link-mb-s", type=float, default=16.0, help="bandwidth to the local S3 in MB/s "
+                                                                    "(each direction; 0: no limit)")
     pol.add_argument("--requests", type=int, default=12)
     pol.add_argument("--json", help="write results here")
     pol.set_defaults(func=cmd_policy)
@@ -316,16 +319,23 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from .policy_bench import PolicyShape, policy_model, policy_stats, run_policy_bench
 
     console = Console()
-    slow, server = args.slow_tier or None, None
+    slow, server, proxy = args.slow_tier or None, None, None
     if args.local_s3:
         from ..testing.servers import SeaweedS3
+        from .throttle import ProxyProcess
 
         server = SeaweedS3().start()
         bucket = server.create_bucket(f"lmcache-bench-{uuid.uuid4().hex[:8]}")
-        slow = server.url(bucket)
+        if args.link_mb_s > 0:
+            proxy = ProxyProcess(server.port, args.link_mb_s * 1e6)
+            slow = server.url(bucket, endpoint_url=proxy.endpoint_url)
+        else:
+            slow = server.url(bucket)
     try:
         results = run_policy_bench(policy_model(), slow, PolicyShape(requests=args.requests))
     finally:
+        if proxy is not None:
+            proxy.close()
         if server is not None:
             server.close()
     summaries = [report.summarize(cfg, "policy-" + ("slow" if slow else "memory"), rs,
@@ -335,6 +345,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
         f"{k} {v * 1e3:.1f}" for k, v in policy_stats(results, 1).items()))
     path = Path(args.json) if args.json else default_json("policy")
     report.write_json(path, summaries=summaries, results=results,
-                      params={"slow_tier": bool(slow), "requests": args.requests})
+                      params={"slow_tier": bool(slow), "requests": args.requests,
+                              "link_mb_s": args.link_mb_s if args.local_s3 else None})
     console.print(f"results: {path}")
     return 0
