@@ -1,0 +1,233 @@
+"""fp8 fused into the copy: quantise inside the gather, dequantise inside the scatter.
+
+The chunk side is the stored form of the ``fp8`` codec (:mod:`lmcache_core.codecs.fp8`): per
+layer, the e4m3 bytes ``[planes, tokens, heads * dim]`` then one bf16 scale per (plane, token,
+head). A gather reads the paged cache, takes each head's ``amax``, and writes e4m3 and scales;
+a scatter reads them and writes ``e4m3 * scale`` in the KV dtype. Half the bytes cross PCIe
+(plus 2 per head and token), the host stores what crossed, and any tier reads it with the host
+codec. One launch per layer selection covers every chunk of a batch (a chunk table, as in
+:mod:`.triton_copy`); chunks may lie in device memory or in pinned host memory the device maps.
+
+:func:`gather_ref` / :func:`scatter_ref` are the torch reference (the CPU path); the kernels
+match them bit for bit (IEEE division, round-to-nearest-even conversions, the same clamp).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from lmcache_core.codecs.fp8 import FP8_MAX, dequantize, layer_len, quantize
+
+from .reference import layer_list
+from .triton_copy import interpreting, layer_ids, plane_table, to_device, triton
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmcache_core.layout import PagedKV
+
+#: one chunk of a batch: its slots and its fp8 image (uint8, ``encoded_len`` bytes, layer-major)
+Batch = Sequence[tuple["torch.Tensor", "torch.Tensor"]]
+_COLS = 3  # byte offset of the image from the uint8 base, tokens, where its slots start
+
+if triton is not None:
+    import triton.language as tl
+
+    _SUBNORMAL_MAGIC: tl.constexpr = 1.5 * 2.0**14  # fp32 add rounds to a multiple of 2**-9
+
+    @triton.jit
+    def _round_bits(x, drop: tl.constexpr):
+        """``x`` (fp32) rounded to nearest-even with its low ``drop`` mantissa bits cleared."""
+        b = x.to(tl.int32, bitcast=True)
+        b = b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)
+        b = b & (-(1 << drop))
+        return b.to(tl.float32, bitcast=True)
+
+    def _fp8_kernel(
+        kbase,  # KV-dtype tensor: paged plane addresses are element offsets from it
+        qbase,  # uint8 tensor: image byte offsets are from it
+        sbase,  # bfloat16 tensor at the same address as qbase (scales: 2-byte offsets)
+        plane_offs, layer_ids_, tab, slots,
+        s_blk, s_tok, s_head, s_dim, block_size,
+        P: tl.constexpr, HEADS: tl.constexpr, HP2: tl.constexpr, DIM: tl.constexpr,
+        BLOCK_T: tl.constexpr, GATHER: tl.constexpr, DROP: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        c = tl.program_id(1)
+        lp = tl.program_id(2)
+        p = lp % P
+        layer = tl.load(layer_ids_ + lp // P).to(tl.int64)
+        img = tl.load(tab + c * 3)
+        n = tl.load(tab + c * 3 + 1)
+        start = tl.load(tab + c * 3 + 2)
+        hidden = HEADS * DIM
+        llen = P * n * (hidden + 2 * HEADS)  # bytes of one layer of the image
+        q0 = img + layer * llen + p * n * hidden
+        s0 = (img + layer * llen + P * n * hidden) // 2 + p * n * HEADS
+        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = tok < n
+        slot = tl.load(slots + start + tok, mask=tmask, other=0)
+        blk = slot // block_size
+        off = slot - blk * block_size
+        h = tl.arange(0, HP2)
+        d = tl.arange(0, DIM)
+        plane_off = tl.load(plane_offs + layer * P + p)
+        paged = (plane_off + blk[:, None, None] * s_blk + off[:, None, None] * s_tok
+                 + h[None, :, None] * s_head + d[None, None, :] * s_dim)
+        t64 = tok.to(tl.int64)
+        qoff = q0 + t64[:, None, None] * hidden + h[None, :, None] * DIM + d[None, None, :]
+        soff = s0 + t64[:, None] * HEADS + h[None, :]
+        mask = tmask[:, None, None] & (h < HEADS)[None, :, None]
+        smask = tmask[:, None] & (h < HEADS)[None, :]
+        if GATHER:
+            x = tl.load(kbase + paged, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.max(tl.abs(x), axis=2)
+            scale = _round_bits(tl.div_rn(amax, FP8_MAX), 16)  # to bf16, nearest-even
+            scale = tl.where(scale > 0, scale, 1.0)
+            y = tl.div_rn(x, scale[:, :, None])
+            y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+            # round to e4m3 here (nearest-even, as torch does), so the conversion below is exact on
+            # every backend: the Triton interpreter rounds ties away from zero
+            sub = (y + _SUBNORMAL_MAGIC) - _SUBNORMAL_MAGIC  # multiples of 2**-9 below 2**-6
+            y = tl.where(tl.abs(y) < 0.015625, sub, _round_bits(y, 20))
+            q = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            tl.store(qbase + qoff, q, mask=mask)
+            tl.store(sbase + soff, scale.to(tl.bfloat16), mask=smask)
+        else:
+            q = tl.load(qbase + qoff, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            scale = tl.load(sbase + soff, mask=smask, other=1.0).to(tl.float32)
+            x = q * scale[:, :, None]  # exact: 4 x 8 significant bits
+            if DROP > 0:  # nearest-even to the KV dtype here too (see above)
+                x = _round_bits(x, DROP)
+            tl.store(kbase + paged, x.to(kbase.dtype.element_ty), mask=mask)
+
+
+_JITTED: Any = None
+
+
+def _kernel() -> Any:
+    global _JITTED
+    if _JITTED is None:
+        _JITTED = triton.jit(_fp8_kernel)  # decorated late: TRITON_INTERPRET is read when jitting
+    return _JITTED
+
+
+def _check(kv: "PagedKV", batch: Batch) -> None:
+    from lmcache_core.codecs.fp8 import encoded_len
+    from lmcache_core.layout import check_slots
+
+    g = kv.geometry
+    if g.dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"fp8 gather/scatter takes float32, float16 or bfloat16 KV, not {g.dtype}")
+    for slots, img in batch:
+        n = int(slots.numel())
+        if img.dtype.itemsize != 1 or img.dim() != 1 or int(img.numel()) != encoded_len(g, n):
+            raise ValueError(f"an fp8 image of {n} tokens is {encoded_len(g, n)} bytes (uint8, 1-D), "
+                             f"got {tuple(img.shape)} of {img.dtype}")
+        if int(img.data_ptr()) % 2:
+            raise ValueError("an fp8 image must start at an even address (its scales are bf16)")
+    check_slots(kv, batch)  # one vectorised range check: the kernel never sees a bad slot
+
+
+def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
+    import torch
+
+    _check(kv, batch)
+    sel = layer_list(kv, layers)
+    if not batch or not sel:
+        return
+    table, why = plane_table(kv)
+    if table is None:
+        raise ValueError(why)
+    dev = kv.device
+    g = kv.geometry
+    qbase = torch.empty(256, dtype=torch.uint8, device=dev)
+    sbase = qbase.view(torch.bfloat16)
+    kbase = table.base.view(torch_dtype(g.dtype))
+    rows: list[int] = []
+    start = 0
+    for slots, img in batch:
+        rows += [int(img.data_ptr()) - int(qbase.data_ptr()), int(slots.numel()), start]
+        start += int(slots.numel())
+    tab = to_device(rows, torch.int64, dev)
+    from .triton_copy import concat_slots
+
+    sl = concat_slots([s for s, _ in batch], dev)
+    max_n = max(int(s.numel()) for s, _ in batch)
+    hp2 = triton.next_power_of_2(g.num_heads)
+    block_t = triton.next_power_of_2(max_n) if interpreting() else max(1, min(triton.next_power_of_2(max_n),
+                                                                                   4096 // (hp2 * g.head_dim)))
+    sb, stok, sh, sd = table.strides
+    grid = (triton.cdiv(max_n, block_t), len(batch), len(sel) * g.kv_planes)
+    lid = layer_ids(sel, dev)
+    if dev.type == "cuda":
+        stream = torch.cuda.current_stream(dev)
+        for t in (table.addrs, table.base, tab, sl, lid, qbase):
+            t.record_stream(stream)
+    _kernel()[grid](kbase, qbase, sbase, table.addrs, lid, tab, sl, sb, stok, sh, sd, kv.block_size,
+                    P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
+                    DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
+
+
+def torch_dtype(name: str) -> Any:
+    from lmcache_core.layout import torch_dtype as td
+
+    return td(name)
+
+
+def gather(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    """Kernel: quantise ``kv`` at each chunk's slots into its fp8 image (one launch)."""
+    _run(kv, batch, layers, True)
+
+
+def scatter(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    """Kernel: dequantise each fp8 image into ``kv`` at its slots (one launch)."""
+    _run(kv, batch, layers, False)
+
+
+# -- the torch reference ----------------------------------------------------------------------
+def _views(kv: "PagedKV", img: "torch.Tensor", n: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    g = kv.geometry
+    per = img.view(g.num_layers, layer_len(g, n))
+    nq = g.kv_planes * n * g.hidden
+    return per[:, :nq], per[:, nq:]
+
+
+def gather_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    import torch
+
+    from lmcache_core.builtin.cpu import torch_gather
+
+    g = kv.geometry
+    for slots, img in batch:
+        n = int(slots.numel())
+        for layer in layer_list(kv, layers):
+            plain = torch.empty((g.num_layers, g.kv_planes, n, g.hidden), dtype=torch_dtype(g.dtype), device=img.device)
+            torch_gather(kv, slots, plain, [layer])
+            q, s = quantize(plain[layer].reshape(g.kv_planes * n, g.hidden), g.head_dim)
+            qv, sv = _views(kv, img, n)
+            qv[layer].copy_(q.view(torch.uint8).reshape(-1))
+            sv[layer].copy_(s.contiguous().view(torch.uint8).reshape(-1))
+
+
+def scatter_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
+    import torch
+
+    from lmcache_core.builtin.cpu import torch_scatter
+
+    g = kv.geometry
+    for slots, img in batch:
+        n = int(slots.numel())
+        plain = torch.empty((g.num_layers, g.kv_planes, n, g.hidden), dtype=torch_dtype(g.dtype), device=img.device)
+        qv, sv = _views(kv, img, n)
+        sel = layer_list(kv, layers)
+        for layer in sel:
+            q = qv[layer].contiguous().view(torch.float8_e4m3fn).view(g.kv_planes * n, g.hidden)
+            s = sv[layer].contiguous().view(torch.bfloat16).view(g.kv_planes * n, g.num_heads)
+            plain[layer] = dequantize(q, s, g.head_dim, plain.dtype).view(g.kv_planes, n, g.hidden)
+        torch_scatter(kv, slots, plain, sel)
+
+
+__all__ = ["FP8_MAX", "gather", "gather_ref", "scatter", "scatter_ref"]
