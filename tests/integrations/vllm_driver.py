@@ -143,6 +143,10 @@ def run(spec_path: str, out_path: str) -> None:
         result["fingerprint"] = vllm_model_fingerprint(llm.llm_engine.vllm_config)
     lora_ids = {name: i + 1 for i, name in enumerate(sorted(loras))}
     for phase in spec["phases"]:
+        if phase.get("wait_for"):  # paced by the test (e.g. a daemon killed between two phases)
+            deadline = time.time() + 600
+            while not os.path.exists(phase["wait_for"]) and time.time() < deadline:
+                time.sleep(0.05)
         ids = list(phase["prompts"])
         prompts, lora_requests = [], []
         for i in ids:
@@ -169,6 +173,8 @@ def run(spec_path: str, out_path: str) -> None:
         }
         result["phases"][phase["name"]]["_seconds"] = round(time.time() - t1, 2)
         print(f"phase {phase['name']}: {len(ids)} prompts in {time.time() - t1:.1f}s", flush=True)
+        with open(f"{out_path}.{phase['name']}.done", "w") as f:  # the test may act between phases
+            json.dump(result["phases"][phase["name"]], f)
     # Stats reach the frontend's Prometheus registry with the engine's next outputs.
     time.sleep(0.5)
     result["metrics"] = metrics_snapshot(llm)

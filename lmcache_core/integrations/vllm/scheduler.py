@@ -107,6 +107,9 @@ class VLLMScheduler:
         self.can_save = can_save
         fast = engine.tiers.tiers[0]
         self._fast_tier = fast.name if fast.fast else None
+        daemon = engine.daemon is not None  # the daemon's index is every process's: no mirror, no remote
+        if daemon:
+            self._fast_tier = "memory"  # a hit in the daemon's memory is a copy out of the shared arena
         self._hits: dict[str, _Hit] = {}
         self._loads: dict[str, LoadSpec] = {}
         self._sources: dict[str, dict[str, int]] = {}
@@ -118,15 +121,15 @@ class VLLMScheduler:
         self._lookups: dict[str, "Future[tuple[int, dict[str, int]]] | tuple[int, dict[str, int]]"] = {}
         self._lookup_lock = threading.Lock()
         mode = options.async_lookup
-        remote = [t.name for t in engine.tiers.tiers
-                  if not t.fast and not (set(getattr(type(t.store), "schemes", ())) & LOCAL_SCHEMES)]
+        remote = [] if daemon else [t.name for t in engine.tiers.tiers
+                                    if not t.fast and not (set(getattr(type(t.store), "schemes", ())) & LOCAL_SCHEMES)]
         self.async_lookup = mode == "true" or (mode == "auto" and bool(remote))
         self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-vllm-lookup") \
             if self.async_lookup else None
         self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0, "lookup_errors": 0}
         # The workers' memory tiers (other processes under TP/PP or the mp executor).
         self.mirror = PresenceMirror()
-        if engine.presence_hint is None:
+        if engine.presence_hint is None and not daemon:
             engine.presence_hint = self.mirror.contains
             if self._fast_tier:
                 engine.hint_tier = self._fast_tier
