@@ -217,13 +217,15 @@ def _run_url(args: argparse.Namespace, names: list[str], arrival: Arrival, progr
     params["url"] = args.url
 
 
-def _vllm_vocab(model_dir: str) -> int:
+def _model_config(model_dir: str) -> tuple[int, int]:
+    """(vocabulary size, context length) of a model directory, or defaults."""
     import json
 
     try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
-    except (OSError, KeyError, ValueError):
-        return 32000
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return int(cfg.get("vocab_size", 32000)), min(8192, int(cfg.get("max_position_embeddings", 4096)))
 
 
 def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival, progress: Progress,
@@ -237,7 +239,12 @@ def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival
     python = eng.python_with("vllm", args.vllm_python)
     if python is None:
         raise SystemExit("no interpreter imports vllm and lmcache_core; pass --vllm-python")
-    workloads = [make(n, _shape(args, _vllm_vocab(args.model)), args.seed) for n in names]
+    vocab, context = _model_config(args.model)
+    workloads = [make(n, _shape(args, vocab), args.seed) for n in names]
+    longest = max((len(r.tokens) + r.max_tokens for w in workloads for r in w.requests), default=0)
+    if longest > context:
+        raise SystemExit(f"the longest prompt has {longest} tokens, the model's context is {context}; "
+                         "use --scale below 1 or --quick")
     tiers = [t for t in args.tiers.split(",") if t]
     run_salt = uuid.uuid4().hex[:8]
     startups: dict[str, float] = {}
@@ -258,7 +265,8 @@ def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival
                              "(pass --upstream-python); skipped")
                 continue
             connector, env = eng.upstream_connector()
-        server = eng.VLLMServer(py, args.model, connector=connector, env=env, log_dir=log_dir)
+        server = eng.VLLMServer(py, args.model, connector=connector, env=env, log_dir=log_dir,
+                                max_model_len=context)
         try:
             server.start()
         except RuntimeError as exc:
