@@ -182,6 +182,7 @@ class AdaptivePolicy(LoadPolicy):
         # Option i: load the hit through its i-th chunk, recompute the rest up to cap. Loading
         # costs each tier's line over its bytes; an unmeasured tier costs nothing (load, measure).
         options = [(min(skip_tokens, cap), (cap - skip_tokens) * per_token)]
+        option_tier: list[str] = [""]  # the tier of the chunk option i loads last
         running: dict[str, int] = {}
         pos = 0
         for key, tier in zip(lookup.keys, lookup.tiers):
@@ -193,6 +194,7 @@ class AdaptivePolicy(LoadPolicy):
                 load = sum(c[0] + c[1] * n for t, n in running.items()
                            if t not in self.fast_tiers and (c := lines.get(t)) is not None)
                 options.append((end, load + (cap - end) * per_token))
+                option_tier.append(tier)
             pos = end
         best = 0
         for i, (_, cost) in enumerate(options):
@@ -200,9 +202,11 @@ class AdaptivePolicy(LoadPolicy):
                 best = i
         self.planned += 1
         if self.planned % self.PROBE_EVERY == 0 and len(options) > 1:
-            # now and then one chunk the other way, so neither estimate goes stale: load one more
-            # (the tier is timed again) or recompute one more (a longer prefill is timed)
-            best = best + 1 if best + 1 < len(options) else best - 1
+            # now and then one chunk of a timed tier the other way, so neither estimate goes stale:
+            # load one more (the tier is timed again) or recompute one more (a longer prefill)
+            probe = best + 1 if best + 1 < len(options) else best - 1
+            if option_tier[max(probe, best)] not in self.fast_tiers:
+                best = probe
         choice = options[best][0]
         if choice < cap:
             self.skipped_tokens += cap - choice

@@ -91,6 +91,8 @@ def test_adaptive_probes_a_cut_tier_now_and_then():
     plans = [fast.plan(lk, 4 * CHUNK, 0, _bytes) for _ in range(fast.PROBE_EVERY)]
     assert plans[:-1] == [4 * CHUNK] * (fast.PROBE_EVERY - 1)
     assert plans[-1] == 3 * CHUNK  # ... but now and then recompute one chunk: a longer prefill is timed
+    fast.fast_tiers = frozenset({"s3"})  # an in-process tier is never probed: a copy is always cheaper
+    assert {fast.plan(lk, 4 * CHUNK, 0, _bytes) for _ in range(2 * fast.PROBE_EVERY)} == {4 * CHUNK}
 
 
 def test_adaptive_splits_a_mixed_fetch_by_the_slow_tier():
