@@ -448,7 +448,9 @@ class CacheEngine:
         try:
             keys = list(lookup.keys)
             cap = lookup.hit_tokens if max_tokens is None else min(max_tokens, lookup.hit_tokens)
-            cap = self.policy.plan(lookup, cap, skip_tokens, self._chunk_bytes)
+            if not owned_lookup:  # a caller with its own lookup computes what is not loaded (CachedModel);
+                # vLLM's worker passes none: its scheduler already counted the hit as loaded
+                cap = self.policy.plan(lookup, cap, skip_tokens, self._chunk_bytes)
             first, start = 0, 0  # first chunk to fetch, its first token
             while first < len(keys) and start + keys[first].num_tokens <= skip_tokens:
                 start += keys[first].num_tokens
