@@ -129,3 +129,23 @@ def test_engine_measures_prefill_between_load_and_store(make_engine, tmp_path):
     assert [k for k in eng.policy.stats() if k.startswith("load_bytes_per_s.")]  # the disk fetch was timed
     mem = make_engine(g, tiers=["memory://?capacity=64MiB"], chunk_size=32, load_policy="adaptive")
     assert mem.policy.fast_tiers == frozenset({"memory"})
+
+
+def test_a_retrieve_without_the_callers_lookup_is_never_cut(make_engine, tmp_path):
+    """vLLM's worker retrieves without a lookup of its own: its scheduler already told vLLM the hit is
+    loaded, so the policy must never cut it (a cut would be a failed load)."""
+    g = ChunkGeometry(2, 2, 8, "float32")
+    eng = make_engine(g, tiers=[f"disk://{tmp_path / 'chunks'}?capacity=64MiB"], chunk_size=32,
+                      load_policy="adaptive")
+    src = [(torch.randn(1, 2, 128, 8), torch.randn(1, 2, 128, 8)) for _ in range(2)]
+    eng.store(list(range(128)), PagedKV.from_hf(src), slots=torch.arange(128), wait=True)
+    eng.policy.observe_prefill(1000, 1e-6)  # recomputing looks free ...
+    eng.policy.observe_fetch([("disk", 1_000_000)], 10.0, 0, 0)  # ... and the disk very slow
+    dst = [(torch.zeros(1, 2, 128, 8), torch.zeros(1, 2, 128, 8)) for _ in range(2)]
+    assert eng.retrieve(list(range(128)), PagedKV.from_hf(dst), slots=torch.arange(128)).hit_tokens == 128
+    lk = eng.lookup(list(range(128)), pin=True)
+    try:  # with the caller's own lookup (CachedModel's way) the same load is cut to nothing
+        assert eng.retrieve(list(range(128)), PagedKV.from_hf(dst), slots=torch.arange(128),
+                            lookup=lk).hit_tokens == 0
+    finally:
+        eng.release(lk)
