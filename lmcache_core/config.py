@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .upstream_config import hint, upstream_keys_message
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,8 @@ class Config:
         for key, value in raw.items():
             name = key.replace("-", "_").lower()
             if name not in known:
-                raise ConfigError(
-                    f"unknown config key {key!r}; allowed keys: {', '.join(sorted(known))}"
-                )
+                raise ConfigError(upstream_keys_message(raw, known) or
+                                  f"unknown config key {key!r}; allowed keys: {', '.join(sorted(known))}")
             values[name] = _coerce(known[name], value)
         if values.get("key_scheme") == "sglang":
             # SGLang names whole pages only: a partial last chunk has no SGLang key.
@@ -343,6 +343,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if rest.upper() in _OTHER_ENV or rest.upper().startswith("KV_"):
             continue
         low = rest.lower()
+        if hint(low):  # upstream LMCache reads LMCACHE_* too
+            logger.warning("environment variable %s is ignored: %s", key, hint(low))
+            continue
         guess = low if low in names else squashed.get(low.replace("_", ""))
         if guess is None:
             close = difflib.get_close_matches(low, sorted(names), n=1, cutoff=0.8)
