@@ -48,6 +48,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--tiers", default="memory://?capacity=1GiB", help="lmcache tiers, comma-separated")
     r.add_argument("--chunk-size", type=int, default=256)
     r.add_argument("--daemon", default="", help="daemon socket of lmcache-daemon (default: start one)")
+    r.add_argument("--kv-blocks", type=int, default=0, help="vllm-serve: the engine's KV cache in blocks "
+                   "(--num-gpu-blocks-override), so its prefix cache evicts as a busy server's does")
     r.add_argument("--vllm-python", help="interpreter with vLLM (default: this one, then .venv-vllm)")
     r.add_argument("--upstream-python", help="interpreter with vLLM and upstream LMCache (config upstream)")
     r.add_argument("--json", help="write results here (default benchmarks/results/bench-<machine>-<date>.json "
@@ -67,11 +69,25 @@ def add_parser(sub: Any) -> None:
     pol.add_argument("--json", help="write results here")
     pol.set_defaults(func=cmd_policy)
 
+    pl = bsub.add_parser("plot", help="plot a bench JSON (TTFT CDF, hit rate over time, tokens saved)")
+    pl.add_argument("json")
+    pl.add_argument("png")
+    pl.set_defaults(func=cmd_plot)
+
     for name, script in SCRIPTS.items():
         s = bsub.add_parser(name, help=f"benchmarks/{script} of a checkout (arguments pass through)",
                             add_help=False)
         s.add_argument("args", nargs=argparse.REMAINDER)
         s.set_defaults(func=cmd_script, script=script)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    out = report.plot(Path(args.png), report.read_results(Path(args.json)))
+    if out is None:
+        print("matplotlib is not importable here; run this with an interpreter that has it", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
 
 
 def cmd_script(args: argparse.Namespace) -> int:
@@ -167,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     params: dict[str, Any] = {"engine": args.engine, "model": args.model, "arrival": arrival.describe(),
                               "seed": args.seed, "scale": args.scale, "quick": args.quick,
-                              "tiers": args.tiers, "chunk_size": args.chunk_size, "max_tokens": args.max_tokens}
+                              "tiers": args.tiers, "chunk_size": args.chunk_size, "max_tokens": args.max_tokens,
+                              "kv_blocks": args.kv_blocks}
     try:
         if args.engine == "transformers":
             _run_transformers(args, names, arrival, progress, summaries, results, params, notes)
@@ -250,12 +267,13 @@ def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival
     startups: dict[str, float] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="lmcache-bench-"))
     for group, cfgs in eng.server_groups(configs):
-        connector, env, py = None, {}, python
+        connector, env, py, daemon = None, {}, python, None
         if group == "lmcache":
             connector = eng.lmcache_connector({"tiers": tiers, "chunk_size": args.chunk_size, "salt": run_salt})
         elif group == "lmcache-daemon":
-            daemon = eng.start_daemon(tiers, log_dir) if not args.daemon else None
-            socket_path = args.daemon or daemon.socket  # type: ignore[union-attr]
+            if not args.daemon:
+                daemon = eng.start_daemon(tiers, args.chunk_size, log_dir)
+            socket_path = args.daemon or daemon.socket
             connector = eng.lmcache_connector({"daemon": f"daemon://{socket_path}", "chunk_size": args.chunk_size,
                                                "salt": run_salt})
         elif group == "upstream":
@@ -266,21 +284,27 @@ def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival
                 continue
             connector, env = eng.upstream_connector()
         server = eng.VLLMServer(py, args.model, connector=connector, env=env, log_dir=log_dir,
-                                max_model_len=context)
+                                max_model_len=context,
+                                extra_args=("--num-gpu-blocks-override", str(args.kv_blocks)) if args.kv_blocks
+                                else ())
         try:
-            server.start()
-        except RuntimeError as exc:
-            if group == "upstream":  # a peer that does not run here is a finding, not a bench error
-                notes.append(f"upstream: vllm serve with LMCacheConnectorV1 did not start: {str(exc)[-600:]}")
-                continue
-            raise
-        startups[group] = round(server.startup_s, 1)
-        try:
+            try:
+                server.start()
+            except RuntimeError as exc:
+                if group == "upstream":  # a peer that does not run here is a finding, not a bench error
+                    notes.append(f"upstream: vllm serve with LMCacheConnectorV1 did not start: {str(exc)[-600:]}")
+                    continue
+                raise
+            startups[group] = round(server.startup_s, 1)
             for cfg in cfgs:
                 target = OpenAITarget(cfg, server.url, "bench", unique_salt=cfg == "none")
                 _phase(target, cfg, workloads, arrival, progress, summaries, results)
+            if group == "upstream":
+                notes.append("upstream: " + eng.upstream_findings(server.log_path))
         finally:
             server.close()
+            if daemon is not None:
+                daemon.stop()
     params["server_startup_s"] = startups
 
 
@@ -306,19 +330,21 @@ def _run_transformers(args: argparse.Namespace, names: list[str], arrival: Arriv
                                  "salt": f"{run_salt}-{cfg}"}
         if cfg == "lmcache-adaptive":
             extra["load_policy"] = "adaptive"
+        daemon = None
         if cfg == "lmcache-daemon":
             if not args.daemon:
-                notes.append("lmcache-daemon: pass --daemon SOCKET (an `lmcache serve`); skipped")
-                continue
-            extra["daemon"] = f"daemon://{args.daemon}"
+                daemon = eng.start_daemon(tiers, args.chunk_size, Path(tempfile.mkdtemp(prefix="lmcache-bench-")))
+            extra["daemon"] = f"daemon://{args.daemon or daemon.socket}"
         engine = CacheEngine(geometry_for(model), Config.from_dict(extra), model=model_identity(model))
         try:
             target = CachedModelTarget(cfg, CachedModel(model, engine), use_cache=cfg != "none")
             _phase(target, cfg, workloads, arrival, progress, summaries, results)
             if cfg == "lmcache-adaptive":
-                params["policy_stats"] = engine.policy.stats()  # type: ignore[attr-defined]
+                params["policy_stats"] = engine.policy.stats()
         finally:
             engine.close()
+            if daemon is not None:
+                daemon.stop()
 
 
 def cmd_policy(args: argparse.Namespace) -> int:

@@ -150,3 +150,22 @@ def server_groups(configs: list[str]) -> list[tuple[str, list[str]]]:
         if c not in ("none", "prefix"):
             groups.append((c, [c]))
     return groups
+
+
+def start_daemon(tiers: list[str], chunk_size: int, workdir: Path) -> Any:
+    """An ``lmcache serve`` on a socket under ``workdir`` with these tiers (stop() it when done)."""
+    from ..testing.daemon import DaemonProcess
+
+    return DaemonProcess(workdir / f"daemon-{free_port()}", tiers=tiers, config={"chunk_size": chunk_size},
+                         http=False).start()
+
+
+def upstream_findings(log_path: Path) -> str:
+    """What upstream LMCache said about its hits and lookups in a server log (its own log lines)."""
+    import re
+
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    hits = [int(m) for m in re.findall(r"LMCache hit tokens: (\d+)", text)]
+    timeouts = text.count("Timeout occurred")
+    return (f"LMCacheConnectorV1 ran; its log shows {len(hits)} lookups with {sum(hits)} LMCache hit tokens "
+            f"and {timeouts} lookup RPC timeouts (log {log_path})")

@@ -93,6 +93,12 @@ def write_json(path: Path, *, summaries: Sequence[Summary], results: dict[str, l
     return path
 
 
+def read_results(path: Path) -> dict[str, list[Result]]:
+    """The per-request results of a JSON written by :func:`write_json` (to plot them elsewhere)."""
+    doc = json.loads(Path(path).read_text())
+    return {k: [Result(**r) for r in v] for k, v in doc["results"].items()}
+
+
 def plot(path: Path, results: dict[str, list[Result]]) -> Path | None:
     """TTFT CDF per configuration, hit rate over time, prefill tokens saved; None (and nothing
     written) when matplotlib is not importable: it is never a dependency of lmcache-core."""
