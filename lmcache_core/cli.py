@@ -65,6 +65,28 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_import(args: argparse.Namespace) -> int:
+    """An upstream LMCache YAML -> the equivalent lmcache-core config, checked to load first."""
+    from pathlib import Path
+
+    from .config import Config, _read_yaml
+    from .upstream_config import convert, render
+
+    imported = convert(_read_yaml(Path(args.file)))
+    Config.from_dict(imported.config)  # the result must load, or nothing is written
+    text = render(imported, args.file)
+    if not args.output:
+        print(text, end="")
+        return 0
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        print(f"error: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    out.write_text(text)
+    print(f"wrote {out} ({len(imported.dropped)} upstream settings not carried over, listed in it)", file=sys.stderr)
+    return 0
+
+
 def _cmd_devices(args: argparse.Namespace) -> int:
     """``detect()`` of every registered device; a device that fails to import, collides or
     raises in ``detect()`` is a row that says so, never a traceback."""
@@ -86,7 +108,21 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - detect() must not raise; say that it did
             row["reason"] = f"detect() raised {type(exc).__name__}: {exc}"
         rows.append(row)
-    print(json.dumps(rows, indent=2))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="lmcache devices")
+    for col in ("device", "distribution", "available", "count", "reason"):
+        table.add_column(col)
+    for r in rows:
+        # Plugin text is data, not rich markup (a reason may hold "lmcache-core[rocm]").
+        table.add_row(*(escape(str(x)) for x in (r["device"], r["distribution"], "yes" if r["available"] else "no",
+                                                 r["count"], r["reason"])))
+    Console().print(table)
     return 0
 
 
@@ -121,8 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=_cmd_config)
+    imp = csub.add_parser("import", help="convert an upstream LMCache YAML config into an lmcache-core one")
+    imp.add_argument("file", help="the upstream LMCache YAML file")
+    imp.add_argument("-o", "--output", help="write the config here (default: print it)")
+    imp.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    imp.set_defaults(func=_cmd_config_import)
 
     p = sub.add_parser("devices", help="detect every registered device (no device context is created)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_devices)
 
     p = sub.add_parser("demo", help="run a real small model with and without the cache")

@@ -144,7 +144,7 @@ def test_syntax_error_in_a_device_module_never_crashes_a_listing(site):
               {"bad_device.py": "class BadDevice(:\n    pass\n"})
     with pytest.raises(PluginImportError, match="SyntaxError"):
         PluginManager().get("device", "bad").load()
-    devices = cli(["devices"], site)
+    devices = cli(["devices", "--json"], site)
     assert devices.returncode == 0, devices.stderr
     assert "Traceback" not in devices.stderr
     row = {r["device"]: r for r in json.loads(devices.stdout)}["bad"]
@@ -170,7 +170,7 @@ def test_detect_that_raises_is_a_row_not_a_crash(site):
               DEVICE.format(name="bad", factory="bad_device:BadDevice"),
               {"bad_device.py": "class BadDevice:\n    @classmethod\n    def detect(cls):\n"
                                 "        raise RuntimeError('probe exploded')\n"})
-    proc = cli(["devices"], site)
+    proc = cli(["devices", "--json"], site)
     assert proc.returncode == 0, proc.stderr
     row = {r["device"]: r for r in json.loads(proc.stdout)}["bad"]
     assert row["reason"] == "detect() raised RuntimeError: probe exploded"
