@@ -150,7 +150,7 @@ def test_chains_and_specs_are_checked():
         resolve("fp8+cachegen")
     with pytest.raises(ConfigError, match="must come last"):
         resolve("aesgcm+lossless")
-    with pytest.raises(ConfigError, match="unknown; known: none, aesgcm, cachegen, fp8, lossless"):
+    with pytest.raises(ConfigError, match="unknown; known: none, aesgcm, .*cachegen, fp8, lossless"):
         split_codec("disk:///x?codec=zstd")
     assert split_codec("disk:///x?capacity=1GiB&codec=lossless+aesgcm&codec_key_file=/k") == \
         ("disk:///x?capacity=1GiB", "lossless+aesgcm", "/k")
