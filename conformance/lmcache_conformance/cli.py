@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
-SUITES = {"device": "suite_devices.py", "storage": "suite_storage.py", "transport": "suite_transports.py"}
-CONTRACTS = ("chunk", "pipelining", "zero-copy", "storage", "transport")
+SUITES = {"device": "suite_devices.py", "storage": "suite_storage.py", "transport": "suite_transports.py",
+          "codec": "suite_codecs.py"}
+CONTRACTS = ("chunk", "pipelining", "zero-copy", "storage", "transport", "codec")
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage URL to test, e.g. redis://127.0.0.1:6379/0 (repeatable)")
     p.add_argument("--transport", action="append", default=[], metavar="NAME",
                    help="transport plugin to test (repeatable)")
+    p.add_argument("--codec", action="append", default=[], metavar="SPEC",
+                   help="codec (or chain, e.g. lossless+aesgcm) to test (repeatable)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--xfail-file", metavar="FILE",
                    help="known failures: one test-id pattern per line, '*' wildcards, '# reason'")
@@ -53,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kinds(args: argparse.Namespace) -> list[str]:
-    named = [k for k, v in (("device", args.device), ("storage", args.storage), ("transport", args.transport)) if v]
+    named = [k for k, v in (("device", args.device), ("storage", args.storage), ("transport", args.transport),
+                            ("codec", args.codec)) if v]
     kinds = named or list(SUITES)
     if args.contract:
         by_kind = {"device": {"chunk", "pipelining", "zero-copy"}, "storage": {"storage", "chunk", "zero-copy"},
-                   "transport": {"transport"}}
+                   "transport": {"transport"}, "codec": {"codec"}}
         kinds = [k for k in kinds if by_kind[k] & set(args.contract)]
     return kinds
 
@@ -89,6 +93,10 @@ def pytest_args(args: argparse.Namespace, kinds: list[str]) -> list[str]:
         argv += ["--lmcache-storage", url]
     for name in args.transport:
         argv += ["--lmcache-transport", name]
+    if args.codec:  # read by suite_codecs.py (codecs are not plugin targets)
+        import os
+
+        os.environ["LMCACHE_CONFORMANCE_CODECS"] = ",".join(args.codec)
     if args.xfail_file:
         argv += ["--lmcache-xfail-file", args.xfail_file]
     if args.contract:
