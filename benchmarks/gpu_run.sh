@@ -5,6 +5,7 @@
 # (default ./out): setup.log, pytest-gpu.log, connector.log, connector_gpu.json,
 # conformance.log, cuda-gpu.json, bench.log, gpu_transfer.json.
 # Usage: OUT=/tmp/o STEPS=tests,connector,conformance,transfer benchmarks/gpu_run.sh [--quick]
+# (STEPS=codecs: benchmarks/codecs.py --sections gpu -> codecs.log, codecs-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,4 +54,15 @@ if want transfer; then
     SECTIONS=ceilings,store_load,tune,overlap,ttft
     [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
     timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" 2>&1 | tee "$OUT/bench.log" | tail -n 40
+fi
+
+# KV codecs (issue 14): fp8 fused into the scatter/gather vs the pinned copy ceiling of the bf16
+# bytes, nvCOMP lossless (wheels carried under build/codec-wheels, installed offline when present).
+if want codecs; then
+    if ls build/codec-wheels/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps build/codec-wheels/*.whl >"$OUT/codecs-setup.log" 2>&1
+        echo "nvcomp wheels rc=$?"
+    fi
+    timeout 420 $PY benchmarks/codecs.py --sections gpu --out "$OUT" >"$OUT/codecs.log" 2>&1
+    echo "codecs rc=$?"; tail -n 8 "$OUT/codecs.log"
 fi
