@@ -299,3 +299,27 @@ def test_codec_configuration_errors_name_the_fix(make_engine, tmp_path):
     short = _secret(tmp_path, "short", b"abc")
     with pytest.raises(ConfigError, match="at least 16"):
         make_engine(G, [f"disk://{tmp_path / 'x'}?codec=aesgcm&codec_key_file={short}"], chunk_size=64)
+
+
+def test_a_chunk_the_codec_cannot_code_is_a_counted_dropped_store(tmp_path):
+    from lmcache_core.metrics import Metrics
+    from lmcache_core.plugins import build_stores, get_plugin_manager
+    from lmcache_core.storage import StoreContext
+    from lmcache_core.tiers import TierStack
+
+    g8 = ChunkGeometry(2, 2, 8, "float8_e4m3fn")
+    pool = BufferPool()
+    m = Metrics()
+    stack = TierStack(build_stores([f"disk://{tmp_path / 'd'}?codec=fp8"], get_plugin_manager(),
+                                   StoreContext(pool, geometry=g8)), m)
+    key = chunk_keys(list(range(16)), Namespace("m", g8.signature), 16)[0]
+    c = new_chunk(pool, key, g8, 16)
+    c.kv().view(torch.uint8).fill_(0x38)
+    sealed = seal(c)
+    stack.put(key, sealed)
+    assert stack.flush(10)
+    sealed.release()
+    assert m.dropped.labels("disk")._value.get() == 1
+    assert m.errors.labels("disk", "encode")._value.get() == 1
+    assert stack.get(key) is None
+    stack.close()
