@@ -17,6 +17,7 @@ import socket
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -54,6 +55,10 @@ class Tenant:
     admin_pins: "collections.Counter[ChunkKey]" = field(default_factory=collections.Counter)
     ttl_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    committer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="lmcache-daemon-commit"))
+    committing: int = 0
+    commit_cv: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def name(self) -> str:
@@ -273,6 +278,8 @@ class Daemon:
                 except OSError:
                     pass
         for tenant in self.tenants.values():
+            self.wait_commits(tenant, 30)
+            tenant.committer.shutdown(wait=True)
             tenant.tiers.flush(30)
             tenant.tiers.close()
             tenant.arena.close()
@@ -447,11 +454,16 @@ class Daemon:
 
     def _op_unpin(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
         keys = self._keys(s, msg["keys"])
-        mine = [k for k in keys if s.pins.get(k, 0) > 0]
-        for k in mine:
-            s.pins[k] -= 1
-            if not s.pins[k]:
-                del s.pins[k]
+        pins = s.pins
+        mine = []
+        for k in keys:
+            n = pins.get(k, 0)
+            if n:
+                mine.append(k)
+                if n == 1:
+                    del pins[k]
+                else:
+                    pins[k] = n - 1
         if mine:
             s.tenant.tiers.unpin(mine)
         return {"ok": True}
@@ -460,6 +472,7 @@ class Daemon:
         keys = self._keys(s, msg["keys"])
         items: list[Any] = []
         tenant = s.tenant
+        served: collections.Counter[tuple[str, str]] = collections.Counter()
         for key, got in zip(keys, tenant.tiers.get_many(keys)):
             if got is None:
                 items.append(None)
@@ -475,9 +488,11 @@ class Daemon:
                 buf.view(0, chunk.header.image_len).copy_(chunk.buf.view(0, chunk.header.image_len))
                 chunk.release()
                 chunk = ChunkBuffer(buf, chunk.header)
-            self.hit_tokens.labels(tenant.name, self._model(tenant, key), tier).inc(chunk.num_tokens)
+            served[(self._model(tenant, key), tier)] += chunk.num_tokens
             sid = s.new_slot(chunk)
             items.append([sid, tenant.pool.offset(chunk.buf), chunk.header.image_len, tier])
+        for (model, tier), n in served.items():
+            self.hit_tokens.labels(tenant.name, model, tier).inc(n)
         return {"ok": True, "items": items}
 
     def _op_alloc(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
@@ -493,39 +508,62 @@ class Daemon:
         return {"ok": True, "slots": out}
 
     def _op_commit(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        """Take the slots over now (they are the daemon's from here on, whatever happens to the
+        client) and answer; verifying and publishing run on the tenant's committer thread, off
+        the client's path. A chunk becomes visible once it is verified, never before."""
         tenant = s.tenant
-        stored: list[bool] = []
-        for sid, raw_key, num_tokens, nbytes in msg["items"]:
-            obj = s.slots.pop(sid, None)
-            if not isinstance(obj, PooledBuffer):
-                if obj is not None:
-                    s.slots[sid] = obj
+        accepted: list[bool] = []
+        batch: list[tuple[PooledBuffer, ChunkKey, int]] = []
+        for sid, _, _, _ in msg["items"]:
+            if not isinstance(s.slots.get(sid), PooledBuffer):
                 raise Refused(f"slot {sid} is not a slot this session allocated")
+        for sid, raw_key, num_tokens, nbytes in msg["items"]:
+            buf = s.slots.pop(sid)
             key = ChunkKey.from_bytes(raw_key, num_tokens)
             if key.namespace not in s.namespaces:
-                obj.release()
+                buf.release()  # type: ignore[union-attr]
                 self._refuse(s.peer, s, f"commit into namespace {key.namespace.hex()} not registered")
-                stored.append(False)
+                accepted.append(False)
                 continue
-            try:
-                chunk = chunkmod.decode_image(obj, nbytes, key, tenant.pool)  # verified once, here
-            except ChunkError as exc:
-                tenant.metrics.corrupt.labels("commit").inc()
-                logger.warning("session %d committed a bad chunk %s (%s); not stored", s.id, key, exc)
-                stored.append(False)
-                continue
-            try:
-                tenant.tiers.put(key, chunk)
-            finally:
-                chunk.release()
-            model = tenant.namespaces[key.namespace].model
-            with tenant.lock:
-                tenant.origins[key] = (model, s.kind, s.pid, time.time())
-                tenant.origins.move_to_end(key)
-                while len(tenant.origins) > ORIGINS_KEPT:
-                    tenant.origins.popitem(last=False)
-            stored.append(True)
-        return {"ok": True, "stored": stored}
+            batch.append((buf, key, nbytes))  # type: ignore[arg-type]
+            accepted.append(True)
+        if batch:
+            with tenant.commit_cv:
+                tenant.committing += 1
+            tenant.committer.submit(self._publish, tenant, batch, s.kind, s.pid, s.id)
+        return {"ok": True, "stored": accepted}
+
+    def _publish(self, tenant: Tenant, batch: list[tuple[PooledBuffer, ChunkKey, int]], kind: str, pid: int,
+                 sid: int) -> None:
+        try:
+            now = time.time()
+            for buf, key, nbytes in batch:
+                try:
+                    chunk = chunkmod.decode_image(buf, nbytes, key, tenant.pool)  # verified once, here
+                except ChunkError as exc:
+                    tenant.metrics.corrupt.labels("commit").inc()
+                    logger.warning("session %d committed a bad chunk %s (%s); not stored", sid, key, exc)
+                    continue
+                try:
+                    tenant.tiers.put(key, chunk)
+                except Exception:  # noqa: BLE001 - one failed put is one future miss
+                    logger.exception("storing chunk %s failed", key)
+                finally:
+                    chunk.release()
+                ns = tenant.namespaces.get(key.namespace)
+                with tenant.lock:
+                    tenant.origins[key] = (ns.model if ns else "?", kind, pid, now)
+                    tenant.origins.move_to_end(key)
+                    while len(tenant.origins) > ORIGINS_KEPT:
+                        tenant.origins.popitem(last=False)
+        finally:
+            with tenant.commit_cv:
+                tenant.committing -= 1
+                tenant.commit_cv.notify_all()
+
+    def wait_commits(self, tenant: Tenant, timeout: float) -> bool:
+        with tenant.commit_cv:
+            return tenant.commit_cv.wait_for(lambda: tenant.committing == 0, timeout)
 
     def _op_delete(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "n": s.tenant.tiers.delete(self._keys(s, msg["keys"]))}
@@ -537,7 +575,9 @@ class Daemon:
         return {"ok": True}
 
     def _op_flush(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "done": s.tenant.tiers.flush(float(msg["timeout"]))}
+        deadline = time.monotonic() + float(msg["timeout"])
+        done = self.wait_commits(s.tenant, float(msg["timeout"]))
+        return {"ok": True, "done": done and s.tenant.tiers.flush(max(0.0, deadline - time.monotonic()))}
 
     def _op_stats(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "stats": self.tenant_stats(s.tenant)}
