@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--skip", type=int, default=None, help="tokens already in vLLM's prefix cache")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--daemon", action="store_true",
+                   help="through an `lmcache serve` started here (the arena as the host memory)")
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     # Llama-3-8B KV on the GPU; a small model on the CPU so the check runs in seconds.
@@ -265,9 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     a.compute_dim, a.compute_iters = (4096, 4) if gpu else (256, 2)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    cfg = Config.from_dict({"tiers": ["memory://?capacity=16GiB" if gpu else "memory://?capacity=1GiB"],
-                            "chunk_size": 256, "device": a.device_plugin or ("auto" if gpu else "cpu"),
-                            "host_pool_size": "16GiB" if gpu else "1GiB"})
+    memory = "16GiB" if gpu else "1GiB"
+    daemon = None
+    extra: dict[str, Any] = {"tiers": [f"memory://?capacity={memory}"], "host_pool_size": memory}
+    if a.daemon:
+        from lmcache_core.testing.daemon import DaemonProcess
+
+        daemon = DaemonProcess(outdir / "daemon", tiers=[f"memory://?capacity={memory}"],
+                               config={"chunk_size": 256}, http=False).start()
+        extra = {"daemon": daemon.url}
+    cfg = Config.from_dict({"chunk_size": 256, "device": a.device_plugin or ("auto" if gpu else "cpu"),
+                            "max_inflight_bytes": memory, **extra})
     geometry = geometry_from_spec(a.layers, a.heads, a.dim, getattr(torch, a.dtype), False)
     report: dict[str, Any] = {
         "host": platform.node(), "torch": torch.__version__, "device": a.device,
@@ -295,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "trace": traceback.format_exc()})
             print(f"{layout}: FAILED {type(exc).__name__}: {exc}", flush=True)
     engine.close()
+    if daemon is not None:
+        daemon.stop()
+    report["mode"] = "daemon" if a.daemon else "embedded"
     report["ok"] = not report["errors"] and all(r["ok"] for r in report["results"])
-    (outdir / "connector_gpu.json").write_text(json.dumps(report, indent=2))
-    print(f"ok={report['ok']} -> {outdir / 'connector_gpu.json'} (device plugin {report['device_plugin']})")
+    name = "connector_gpu-daemon.json" if a.daemon else "connector_gpu.json"
+    (outdir / name).write_text(json.dumps(report, indent=2))
+    print(f"ok={report['ok']} -> {outdir / name} (device plugin {report['device_plugin']}, {report['mode']})")
     return 0 if report["ok"] else 1
 
 

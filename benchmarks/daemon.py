@@ -176,20 +176,23 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=2048, help="prompt length of the TTFT part")
-    ap.add_argument("--gpu", action="store_true", help="only the GPU part (needs CUDA)")
+    ap.add_argument("--sections", default="control,ttft", help="control, ttft, gpu (comma separated)")
+    ap.add_argument("--gpu", action="store_true", help="same as --sections control,gpu")
     args = ap.parse_args()
+    sections = set(("control,gpu" if args.gpu else args.sections).split(","))
     work = Path(tempfile.mkdtemp(prefix="lmcache-daemon-bench-"))
-    memory = "48GiB" if args.gpu else "2GiB"
+    memory = "48GiB" if "gpu" in sections else "2GiB"
     d = DaemonProcess(work, tiers=[f"memory://?capacity={memory}"], config={"chunk_size": 256}, http=False)
     d.start()
     result: dict[str, Any] = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
                               "date": time.strftime("%Y-%m-%d"), "python": platform.python_version()}
     try:
-        if args.gpu:
-            result["gpu"] = gpu(d, args.reps)
-        else:
+        if "control" in sections:
             result["control_plane"] = control_plane(d, args.reps)
+        if "ttft" in sections:
             result["ttft"] = ttft(d, args.reps, args.tokens)
+        if "gpu" in sections:
+            result["gpu"] = gpu(d, args.reps)
     finally:
         d.stop()
     print(json.dumps(result, indent=1))
@@ -198,6 +201,7 @@ def main() -> int:
         print(f"\nfull-hit TTFT, {t['prompt_tokens']} tokens, {t['model']}: embedded {t['embedded']['median_ms']} ms, "
               f"daemon {t['daemon']['median_ms']} ms ({t['daemon_over_embedded']}x); recompute "
               f"{t['recompute_median_ms']} ms")
+    if "control_plane" in result:
         c = result["control_plane"]
         print(f"control plane, 32K tokens: {c['round_trips_ms_per_request']} ms of round trips per request "
               f"(store + load); {c['median_ms']}")

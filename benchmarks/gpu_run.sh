@@ -6,6 +6,7 @@
 # conformance.log, cuda-gpu.json, bench.log, gpu_transfer.json.
 # Usage: OUT=/tmp/o STEPS=tests,connector,conformance,transfer benchmarks/gpu_run.sh [--quick]
 # (STEPS=codecs: benchmarks/codecs.py --sections gpu -> codecs.log, codecs-gpu.json)
+# (STEPS=daemon: connector_gpu.py --daemon -> connector_gpu-daemon.json; daemon.py --gpu -> daemon-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,15 @@ fi
 if want connector; then
     timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT" >"$OUT/connector.log" 2>&1
     echo "connector rc=$?"; tail -n 8 "$OUT/connector.log"
+fi
+
+# Daemon mode (issue 11): the connector's worker half through `lmcache serve`, and the engine's
+# store/load through the shared arena vs embedded, plus the control plane's round trips.
+if want daemon; then
+    timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT" --daemon >"$OUT/connector-daemon.log" 2>&1
+    echo "connector (daemon) rc=$?"; tail -n 6 "$OUT/connector-daemon.log"
+    timeout 300 $PY benchmarks/daemon.py --gpu --json "$OUT/daemon-gpu.json" >"$OUT/daemon.log" 2>&1
+    echo "daemon bench rc=$?"; tail -n 8 "$OUT/daemon.log"
 fi
 
 if want conformance; then
