@@ -181,7 +181,7 @@ def main() -> int:
     args = ap.parse_args()
     sections = set(("control,gpu" if args.gpu else args.sections).split(","))
     work = Path(tempfile.mkdtemp(prefix="lmcache-daemon-bench-"))
-    memory = "48GiB" if "gpu" in sections else "2GiB"
+    memory = "12GiB" if "gpu" in sections else "2GiB"
     d = DaemonProcess(work, tiers=[f"memory://?capacity={memory}"], config={"chunk_size": 256}, http=False)
     d.start()
     result: dict[str, Any] = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
