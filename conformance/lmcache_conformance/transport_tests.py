@@ -1,8 +1,10 @@
 """Contract tests every transport plugin runs: buffers arrive intact, failures are reported.
 
 Two endpoints (``transport_pair``) stand for two agents; by default both are
-``cls()`` of the registered class. A vendor whose transport needs setup (agent
-names, metadata exchange, a second process) overrides ``transport_pair``.
+``cls()`` of the registered class, each connected to the other
+(``connect(endpoint())``, the metadata exchange). A vendor whose transport needs
+more setup overrides ``transport_pair``. :class:`TransportProcessTests` runs a
+peer in another process (transports whose capabilities say ``cross_process``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class TransportTests(ContractTests):
         lmcache_transport.require()
         cls = get_plugin_manager().get("transport", lmcache_transport.name).load()
         a, b = cls(), cls()
+        a.connect(b.endpoint())
+        b.connect(a.endpoint())
         yield a, b
         a.close()
         b.close()

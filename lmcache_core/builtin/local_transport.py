@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from ..errors import LMCacheError
-from ..transport import Descriptor, Transport
+from ..transport import Descriptor, Transport, TransportOptions
 
 _TABLE: dict[int, memoryview] = {}
 _IDS = itertools.count(1)
@@ -17,10 +17,10 @@ _LOCK = threading.Lock()
 class LocalTransport(Transport):
     name = "local"
 
-    def __init__(self, agent: str = "local") -> None:
-        self.agent = agent
+    def __init__(self, options: TransportOptions | str | None = None) -> None:
+        self.agent = options if isinstance(options, str) else (options.agent if options else "") or "local"
 
-    def register(self, buffer: memoryview) -> Descriptor:
+    def register(self, buffer: memoryview, *, private: bool = False) -> Descriptor:
         mv = memoryview(buffer).cast("B")
         with _LOCK:
             handle = next(_IDS)
