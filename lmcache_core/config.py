@@ -58,6 +58,18 @@ def parse_size(value: Any, *, key: str = "size") -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
 
 
+def parse_bool(value: Any, *, key: str) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case) -> bool; anything else is an error naming the key."""
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/lmcache-core``; a relative ``XDG_CACHE_HOME`` is ignored, as the XDG
     base directory spec says, so the default disk tier never depends on the working directory."""
@@ -380,14 +392,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
                 value = value.strip()
             return int(value)
         if typ == "bool":
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
+            return parse_bool(value, key=key)
         if typ == "str":
             if isinstance(value, bool) or not isinstance(value, (str, int, float)) or (
                     f.metadata.get("secret") and not isinstance(value, str)):
