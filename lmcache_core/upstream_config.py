@@ -137,21 +137,12 @@ def _size(gib: float) -> str:
     return f"{gib:g}GiB" if float(gib).is_integer() else f"{int(round(mib))}MiB"
 
 
-def _bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{key}: expected true or false, got {value!r}")
-
-
 def _tiers(raw: Mapping[str, Any], out: Imported) -> list[str]:
     """local_cpu / local_disk / remote_url with upstream's defaults -> our tier URLs, fastest first."""
+    from .config import parse_bool
+
     tiers: list[str] = []
-    if _bool(raw.get("local_cpu", True), "local_cpu"):
+    if parse_bool(raw.get("local_cpu", True), key="local_cpu"):
         gib = _gib(raw.get("max_local_cpu_size", UPSTREAM_CPU_GB), "max_local_cpu_size")
         if gib > 0:
             tiers.append(f"memory://?capacity={_size(gib)}")
@@ -199,7 +190,7 @@ def convert(raw: Mapping[str, Any]) -> Imported:
     Keys of ours pass through; mapped upstream keys are converted (sizes are GiB upstream);
     every other upstream key is listed in ``dropped`` with the reason. The result still has
     to load (``Config.from_dict``), which the CLI checks before writing it."""
-    from .config import Config
+    from .config import Config, parse_bool
 
     ours = {f for f in Config.__dataclass_fields__}
     out = Imported()
@@ -222,7 +213,7 @@ def convert(raw: Mapping[str, Any]) -> Imported:
     if serde is not None and str(serde).lower() != "naive":
         out.dropped.append(f"remote_serde: {serde!r} is not converted; choose a codec of ours (docs/configuration.md)")
     if "save_unfull_chunk" in raw:
-        out.config["save_partial"] = _bool(raw["save_unfull_chunk"], "save_unfull_chunk")
+        out.config["save_partial"] = parse_bool(raw["save_unfull_chunk"], key="save_unfull_chunk")
         out.notes.append(f"save_unfull_chunk -> save_partial: {str(out.config['save_partial']).lower()}")
     if "pre_caching_hash_algorithm" in raw:
         out.dropped.append(f"pre_caching_hash_algorithm: {raw['pre_caching_hash_algorithm']!r}: lmcache-core's "
