@@ -130,7 +130,7 @@ def test_a_header_naming_another_codec_or_an_unknown_one_is_a_miss(real_kv):
     coded = encode_chunk(plain, resolve("lossless"), pool)
     from lmcache_core.chunk import _write_header
 
-    for wire in ("cachegen/1", "fp8-e4m3-th/1", "lossless-zstd/2", "nope/1"):
+    for wire in ("cachegen/1", "fp8-e4m3-th/1", "lossless-zstd/1", "nope/1"):
         img = pool.acquire(coded.header.image_len)
         img.memoryview(0, coded.header.image_len)[:] = coded.image()
         stored = img.memoryview(HEADER_SIZE, coded.header.stored_len)
@@ -184,7 +184,7 @@ def _xor_plugin():
 
 def test_builtin_and_plugin_codecs_register_through_lmcache_register_codecs(make_engine, real_kv, tmp_path):
     regs = get_plugin_manager().registrations("codec")
-    assert {(n, r.wire_id) for n, r in regs.items()} >= {("lossless", "lossless-zstd/1"), ("fp8", "fp8-e4m3-th/1"),
+    assert {(n, r.wire_id) for n, r in regs.items()} >= {("lossless", "lossless-zstd/2"), ("fp8", "fp8-e4m3-th/1"),
                                                          ("cachegen", "cachegen/1"), ("aesgcm", "aesgcm/1")}
     pm = PluginManager(load_entry_points=False)
     pm.register_plugin(_xor_plugin(), "xor-plugin", "lmcache-test-xor")

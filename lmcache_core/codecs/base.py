@@ -4,7 +4,7 @@ A codec turns a chunk's payload (``[layers, planes, tokens, hidden]`` of the KV 
 layer-major) into stored bytes and back. It declares, as class attributes:
 
 - ``name``: what a tier URL names (``disk:///x?codec=lossless``);
-- ``wire_id``: what the chunk header records (``lossless-zstd/1``); every read checks it, and a
+- ``wire_id``: what the chunk header records (``lossless-zstd/2``); every read checks it, and a
   change of the stored format is a new wire id, never the same one;
 - ``lossless``: whether decode gives back every byte; a lossy codec declares ``error_bound``:
   the largest ``|x - decode(encode(x))|`` as a fraction of ``max|x|`` of the same layer and
@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import ChunkError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..keys import ChunkKey
     from ..layout import ChunkGeometry
     from ..memory import BufferPool
@@ -87,10 +89,34 @@ class Codec(abc.ABC):
         return ""
 
 
+def to_float32(data: "memoryview | bytes", dtype: str) -> "np.ndarray":
+    """KV bytes of ``dtype`` (float32, float16, bfloat16) as a float32 array (numpy: one thread,
+    no thread-pool wake-ups on a busy host)."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float16":
+        return np.frombuffer(data, np.float16).astype(np.float32)
+    return np.frombuffer(data, np.float32)
+
+
+def from_float32(x: "np.ndarray", dtype: str) -> bytes:
+    """float32 values rounded to ``dtype`` (nearest-even, as torch rounds), as bytes."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        return ((b + (0x7FFF + ((b >> 16) & 1))) >> 16).astype(np.uint16).tobytes()
+    if dtype == "float16":
+        return np.ascontiguousarray(x).astype(np.float16).tobytes()
+    return np.ascontiguousarray(x, dtype=np.float32).tobytes()
+
+
 def check_len(got: int, want: int, what: str, ctx: CodecContext) -> None:
     """ChunkError unless a decoded length is what the header declared."""
     if got != want:
         raise ChunkError(f"chunk {ctx.key}: {what} decoded to {got} bytes, expected {want}")
 
 
-__all__ = ["Codec", "CodecContext", "DEVICE", "HOST", "check_len"]
+__all__ = ["Codec", "CodecContext", "DEVICE", "HOST", "check_len", "from_float32", "to_float32"]

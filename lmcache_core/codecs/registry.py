@@ -57,7 +57,7 @@ class CodecSpec:
 
 
 BUILTIN: tuple[CodecSpec, ...] = (
-    CodecSpec("lossless", "lmcache_core.codecs.lossless:LosslessCodec", "lossless-zstd/1", ("zstandard",),
+    CodecSpec("lossless", "lmcache_core.codecs.lossless:LosslessCodec", "lossless-zstd/2", ("zstandard",),
               "codecs", "Exact: byte planes of each value, zstd level 1 per plane"),
     CodecSpec("fp8", "lmcache_core.codecs.fp8:FP8Codec", "fp8-e4m3-th/1", ("torch",), "torch",
               "Lossy: e4m3 with a bf16 scale per token and head; fused into the GPU gather/scatter"),
