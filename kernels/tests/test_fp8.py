@@ -22,6 +22,7 @@ META = json.loads((DATA / "smollm2_kv.json").read_text())
 G = ChunkGeometry(META["num_layers"], META["num_heads"], META["head_dim"], "bfloat16")
 LAYERS = 4  # the interpreter pays per program: a few real layers are enough
 BLOCK = 16
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled on a GPU, interpreted on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,11 @@ def paged():
     g = ChunkGeometry(LAYERS, G.num_heads, G.head_dim, "bfloat16")
     blocks = 8
     perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(1))[:4]  # 4 blocks of 16 tokens
-    slots = (perm[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)
+    slots = (perm[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1).to(DEV)
+    kv = kv.to(DEV)
     layers = []
     for l in range(LAYERS):
-        k = torch.zeros(blocks, BLOCK, g.num_heads, g.head_dim, dtype=torch.bfloat16)
+        k = torch.zeros(blocks, BLOCK, g.num_heads, g.head_dim, dtype=torch.bfloat16, device=DEV)
         v = torch.zeros_like(k)
         k.view(-1, g.hidden)[slots] = kv[l, 0]
         v.view(-1, g.hidden)[slots] = kv[l, 1]
@@ -50,12 +52,12 @@ def _kv(g, layers):
 
 def test_kernel_matches_the_reference_and_the_host_codec(paged):
     g, _, slots, kv, layers = paged
-    ok, why = kernel_available(torch.device("cpu"))
+    ok, why = kernel_available(DEV)
     if not ok:
         pytest.skip(why)
     pkv = _kv(g, layers)
     n = int(slots.numel())
-    ref = torch.zeros(encoded_len(g, n), dtype=torch.uint8)
+    ref = torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV)
     out = torch.zeros_like(ref)
     fp8.gather_ref(pkv, [(slots, ref)])
     fp8.gather(pkv, [(slots, out)])
@@ -63,8 +65,8 @@ def test_kernel_matches_the_reference_and_the_host_codec(paged):
     # the host codec writes and reads the same image
     key = chunk_keys(list(range(n)), Namespace("m", g.signature), n)[0]
     ctx = CodecContext(key, g, n)
-    host = bytes(resolve("fp8").encode(memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B"), ctx))
-    assert host == ref.numpy().tobytes()
+    host = bytes(resolve("fp8").encode(memoryview(kv.cpu().contiguous().view(torch.uint8).numpy()).cast("B"), ctx))
+    assert host == ref.cpu().numpy().tobytes()
     # scatter: kernel and reference write the same values, within the codec's bound of the original
     back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
     back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
@@ -82,6 +84,6 @@ def test_bad_images_and_slots_are_refused_before_any_copy(paged):
     pkv = _kv(g, layers)
     n = int(slots.numel())
     with pytest.raises(ValueError, match="bytes"):
-        fp8.gather(pkv, [(slots, torch.zeros(encoded_len(g, n) - 2, dtype=torch.uint8))])
+        fp8.gather(pkv, [(slots, torch.zeros(encoded_len(g, n) - 2, dtype=torch.uint8, device=DEV))])
     with pytest.raises(Exception, match="slot"):
-        fp8.scatter(pkv, [(slots + 10_000, torch.zeros(encoded_len(g, n), dtype=torch.uint8))])
+        fp8.scatter(pkv, [(slots + 10_000, torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV))])
