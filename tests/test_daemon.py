@@ -300,3 +300,22 @@ def test_cached_model_through_the_daemon(shared_daemon):
         assert again.hit_tokens == 108 and again.by_tier == {"memory": 108}
     finally:
         second.close()
+
+
+def test_autostart_starts_a_daemon_when_none_answers(tmp_path, monkeypatch):
+    cfg = tmp_path / "daemon.yaml"
+    cfg.write_text("tiers: ['memory://?capacity=16MiB']\n")
+    monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(cfg))  # what the started daemon reads
+    sock = tmp_path / "auto.sock"
+    eng = drv.engine(f"daemon://{sock}", daemon_autostart=True)
+    proc = eng.daemon.conn._autostarted
+    try:
+        assert proc is not None and proc.poll() is None and sock.exists()
+        tokens = drv.prompt(71, 100)
+        assert drv.store(eng, tokens) == 100
+        assert drv.load(eng, tokens)[:2] == (100, True)
+    finally:
+        eng.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
