@@ -15,10 +15,7 @@ __all__ = ["LMCacheCoreConnector", "vllm_model_fingerprint"]
 
 def __getattr__(name: str) -> Any:
     # vLLM's connector factory does getattr(import_module(kv_connector_module_path), kv_connector).
-    if name.startswith("__") or name in ("common", "connector", "layout", "scheduler", "worker"):
+    # Only the connector's names: anything else (a submodule such as compat) is imported as usual.
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    connector = importlib.import_module(f"{__name__}.connector")  # imports vLLM
-    try:
-        return getattr(connector, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return getattr(importlib.import_module(f"{__name__}.connector"), name)  # imports vLLM

@@ -1,4 +1,4 @@
-"""lmcache-core as a vLLM KV connector (KV connector V1 API, vLLM >= 0.32).
+"""lmcache-core as a vLLM KV connector (KV connector V1 API; tested vLLM range in compat.py).
 
 Enable it with one flag::
 
@@ -28,14 +28,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch  # noqa: F401 - vLLM imports it anyway; keeps the import order torch-first
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+import vllm
+
+from .compat import check_modules, check_startup
+
+check_modules(vllm.__version__)  # before the imports below: a moved module is a clear refusal
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats  # noqa: E402
+from vllm.v1.metrics.cache_hit_source import CacheHitSource  # noqa: E402
 
 from ...errors import ConfigError, LayoutError
 from ...keys import Namespace, model_fingerprint, named_model_fingerprint, shard_id
@@ -178,6 +184,7 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig") -> None:
+        check_startup(vllm.__version__, KVConnectorBase_V1, type(self))  # refuse an untested API change
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         _ensure_log_handler()
         self.options, self.config = load_config(self._kv_transfer_config.kv_connector_extra_config)
