@@ -99,6 +99,10 @@ class Device(abc.ABC):
         then run from pageable memory, correct but slower)."""
         return None
 
+    def unregister_host(self, tensor: "torch.Tensor") -> None:
+        """Undo :meth:`register_host` (before the memory is unmapped)."""
+        return None
+
     # -- data movement -------------------------------------------------------------
     @abc.abstractmethod
     def gather(

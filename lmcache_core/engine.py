@@ -128,7 +128,8 @@ class CacheEngine:
             from .daemon.client import DaemonTiers, check_tenant
 
             self.daemon = DaemonTiers(self.config, self.metrics, self.device, kind=daemon_kind,
-                                      namespaces=lambda: (self.namespace, *self.peer_namespaces))
+                                      namespaces=lambda: (self.namespace, *self.peer_namespaces),
+                                      geometry=geometry)
             tenant = check_tenant(self.config, self.daemon.connect())
             self.daemon.expected_tenant = tenant
             self.pool: BufferPool = self.daemon.pool

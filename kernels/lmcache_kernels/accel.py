@@ -108,10 +108,22 @@ class StreamDevice(Device):
             return
         import torch
 
-        err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel(), 0)
         code = getattr(err, "value", err)
         if code not in (0, 712):  # 712: cudaErrorHostMemoryAlreadyRegistered
+            cudart.cudaGetLastError()  # clear it, or torch reports it at its next kernel launch
             raise RuntimeError(f"cudaHostRegister of {tensor.numel()} bytes failed with error {code}")
+
+    def unregister_host(self, tensor: "torch.Tensor") -> None:
+        if self.backend_name != "cuda" or tensor.numel() == 0:
+            return
+        import torch
+
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostUnregister(tensor.data_ptr())
+        if getattr(err, "value", err) != 0:
+            cudart.cudaGetLastError()
 
     # -- data movement -------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", slots: "torch.Tensor", out: "torch.Tensor",

@@ -76,19 +76,20 @@ class ExtentAllocator:
 class Arena:
     """A shared mapping of ``size`` bytes: created by the daemon, attached by clients."""
 
-    def __init__(self, fd: int, size: int, path: str = "", owner: bool = False) -> None:
+    def __init__(self, fd: int, size: int, path: str = "", owner: bool = False, populate: bool = False) -> None:
         import torch
 
         self.fd = fd
         self.size = size
         self.path = path
         self._owner = owner
-        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        self._mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor: "torch.Tensor" = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.base = int(self.tensor.data_ptr())
 
     @classmethod
-    def create(cls, size: int, name: str, directory: str = "") -> "Arena":
+    def create(cls, size: int, name: str, directory: str = "", populate: bool = False) -> "Arena":
         """A new arena: a memfd (passed to clients over the Unix socket), or with ``directory``
         a file there (e.g. /dev/shm, mounted into other containers) that clients open by path."""
         size = round_up(size)
@@ -100,7 +101,7 @@ class Arena:
             fd = os.memfd_create(f"lmcache-arena-{name}", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            return cls(fd, size, path, owner=True)
+            return cls(fd, size, path, owner=True, populate=populate)
         except BaseException:
             os.close(fd)
             if path:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..chunk import HEADER_SIZE, ChunkBuffer, decode_header, decode_image
+from ..chunk import HEADER_SIZE, MAGIC, ChunkBuffer, ChunkHeader, decode_header, decode_image
 from ..errors import ChunkError, ConfigError
 from ..keys import ChunkKey, Namespace
 from ..memory import BufferPool, PooledBuffer, round_up
@@ -33,6 +33,7 @@ from .arena import Arena
 if TYPE_CHECKING:
     from ..config import Config
     from ..device import Device
+    from ..layout import ChunkGeometry
 
 logger = logging.getLogger(__name__)
 RELEASE_FLUSH_S = 0.05  # slot releases are sent with the next request, or after this long
@@ -53,6 +54,8 @@ class _Link:
         self.generation = generation
         self.tenant: str = hello["tenant"]
         self.lease_s: float = float(hello["lease_s"])
+        self.registered = threading.Event()  # the device page-locked the arena (copies are async DMA)
+        self.register_ok = False
 
 
 class DaemonConnection:
@@ -78,6 +81,8 @@ class DaemonConnection:
         self.requests = 0
         self.failures = 0
         self._autostarted: subprocess.Popen[bytes] | None = None
+        self._retired: list[_Link] = []  # links of earlier sessions whose arenas may still be in use
+        self.live_in: Callable[[int], int] = lambda generation: 0  # buffers of a session still held
         self._keeper = threading.Thread(target=self._keep_alive, name="lmcache-daemon-client", daemon=True)
         self._keeper.start()
 
@@ -145,12 +150,6 @@ class DaemonConnection:
         for fd in fds[1:]:
             os.close(fd)
         arena.close()  # the descriptor; the mapping stays
-        if self.device is not None:
-            try:
-                self.device.register_host(arena.tensor)
-            except Exception as exc:  # noqa: BLE001 - unregistered memory still works, slower
-                logger.warning("registering the daemon arena with device %s failed (%s); copies use "
-                               "pageable memory", self.device.name, exc)
         self._generation += 1
         link = _Link(sock, hello, arena, self._generation)
         return link
@@ -188,14 +187,50 @@ class DaemonConnection:
                                "back", exc)
                 self._warned = True
             raise
+        if self.link is not None:
+            self._retired.append(self.link)
         self.link = link
         self._backoff = 0.1
+        # Page-locking a large arena takes seconds: off the caller's path, while the keeper pings.
+        # Until it is done, copies run from pageable memory (correct, slower).
+        threading.Thread(target=self._register, args=(link,), name="lmcache-arena-register", daemon=True).start()
         if self._warned:
             logger.warning("lmcache daemon %s connected again (tenant %s)", self.address, link.tenant)
         self._warned = False
         with self._rel_lock:
             self._pending_rel.clear()  # slots of an earlier session died with it
         return link
+
+    def _register(self, link: _Link) -> None:
+        if self.device is None:
+            link.registered.set()
+            return
+        t = time.monotonic()
+        try:
+            self.device.register_host(link.arena.tensor)
+            link.register_ok = True
+            logger.info("daemon arena (%d MiB) page-locked for device %s in %.1f s", link.arena.size >> 20,
+                        self.device.name, time.monotonic() - t)
+        except Exception as exc:  # noqa: BLE001 - unregistered memory still works, slower
+            logger.warning("registering the daemon arena with device %s failed (%s); copies use pageable memory",
+                           self.device.name, exc)
+        finally:
+            link.registered.set()
+
+    def _reap_retired(self) -> None:
+        """Unregister and unmap arenas of earlier sessions once no buffer of theirs is in use
+        (a new mapping may reuse their addresses: they must not stay registered)."""
+        keep = []
+        for link in self._retired:
+            if not link.registered.is_set() or self.live_in(link.generation):
+                keep.append(link)
+                continue
+            if link.register_ok and self.device is not None:
+                try:
+                    self.device.unregister_host(link.arena.tensor)
+                except Exception:  # noqa: BLE001
+                    logger.exception("unregistering an old daemon arena failed")
+        self._retired = keep
 
     def _drop(self, link: _Link, why: str) -> None:
         if self.link is link:
@@ -244,6 +279,8 @@ class DaemonConnection:
     def _keep_alive(self) -> None:
         while not self._closed:
             time.sleep(RELEASE_FLUSH_S)
+            if self._retired:
+                self._reap_retired()
             link = self.link
             if link is None:
                 continue
@@ -343,6 +380,10 @@ class ClientArenaPool(BufferPool):
             for gen, slot, _ in items:
                 self.conn.release_slots(gen, [slot])
 
+    def live_in_generation(self, generation: int) -> int:
+        with self._lock:
+            return sum(1 for gen, _ in self._slots.values() if gen == generation)
+
     def slot(self, buf: PooledBuffer) -> tuple[int, int] | None:
         with self._lock:
             return self._slots.get(id(buf))
@@ -395,7 +436,9 @@ class DaemonTiers:
     """The daemon's tiers, with :class:`~lmcache_core.tiers.TierStack`'s methods."""
 
     def __init__(self, config: "Config", metrics: Metrics, device: "Device | None" = None, *,
-                 kind: str = "engine", namespaces: Callable[[], Sequence[Namespace]] = lambda: ()) -> None:
+                 kind: str = "engine", namespaces: Callable[[], Sequence[Namespace]] = lambda: (),
+                 geometry: "ChunkGeometry | None" = None) -> None:
+        self.geometry = geometry
         self.address = parse_address(config.daemon)
         self.metrics = metrics
         self.namespaces = namespaces
@@ -406,6 +449,7 @@ class DaemonTiers:
                                      timeout_s=config.daemon_timeout_ms / 1000, autostart=config.daemon_autostart,
                                      device=device, on_link=self._on_link)
         self.pool = ClientArenaPool(self.conn)
+        self.conn.live_in = self.pool.live_in_generation
         self.local_pool = BufferPool()  # decoded copies of encoded chunks
         self.tiers = [_DaemonTier(self)]
         self.dropped = 0
@@ -491,22 +535,47 @@ class DaemonTiers:
             if item is None:
                 out.append(None)
                 continue
-            slot, offset, nbytes, tier = item
             try:
+                slot, offset, nbytes, tier = item[:4]
                 buf = self.pool.wrap(link, slot, offset, nbytes)
-            except ValueError as exc:  # a slot outside the arena: the daemon is confused; a miss
+            except (ValueError, TypeError) as exc:  # a bad slot: the daemon is confused; a miss
                 logger.warning("daemon returned a bad slot for %s (%s)", key, exc)
-                self.conn.release_slots(link.generation, [slot])
+                if isinstance(item, list) and item and isinstance(item[0], int):
+                    self.conn.release_slots(link.generation, [item[0]])
                 out.append(None)
                 continue
-            chunk = self._accept(buf, key, nbytes, tier)
+            chunk = self._accept(buf, key, nbytes, tier, item[4:])
             out.append(None if chunk is None else (chunk, tier))
         return out
 
-    def _accept(self, buf: PooledBuffer, key: ChunkKey, nbytes: int, tier: str) -> ChunkBuffer | None:
+    def _fast_header(self, buf: PooledBuffer, key: ChunkKey, nbytes: int, info: Sequence[Any]) -> ChunkHeader | None:
+        """The header as the daemon describes it (it verified the image), when it is a plain chunk
+        of this engine's layout and the slot's header carries our key; else None (parse it)."""
+        g = self.geometry
+        if g is None or len(info) != 5:
+            return None
+        num_tokens, codec, payload_len, stored_len, signature = info
+        if codec != "none" or signature != g.signature or type(num_tokens) is not int:
+            return None
+        if key.num_tokens and num_tokens != key.num_tokens:
+            return None
+        if payload_len != g.nbytes(num_tokens) or stored_len != payload_len or HEADER_SIZE + stored_len != nbytes:
+            return None
+        head = bytes(buf.memoryview(0, 512))
+        if head[:4] != MAGIC or key.to_bytes() not in head:
+            return None
+        return ChunkHeader(ChunkKey(key.namespace, key.digest, num_tokens), g, num_tokens, "none", payload_len,
+                           stored_len, b"")
+
+    def _accept(self, buf: PooledBuffer, key: ChunkKey, nbytes: int, tier: str,
+                info: Sequence[Any] = ()) -> ChunkBuffer | None:
         """Check the header in the slot names the key we asked for; the daemon verified the whole
         image when it was committed. Encoded images are verified and decoded into local memory."""
         try:
+            fast = self._fast_header(buf, key, nbytes, info)
+            if fast is not None:
+                self.metrics.bytes.labels(f"daemon:{tier}", "read").inc(nbytes)
+                return ChunkBuffer(buf, fast)
             header = decode_header(buf.memoryview(0, HEADER_SIZE))
             if header.key != key or (key.num_tokens and header.num_tokens != key.num_tokens):
                 raise ChunkError(f"slot holds {header.key}, asked for {key}")

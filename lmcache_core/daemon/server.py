@@ -144,7 +144,8 @@ class Daemon:
 
         tier_memory, others = self._tier_urls(ts.name)
         memory = ts.memory or tier_memory or self.settings.memory
-        arena = Arena.create(int(memory * (1 + self.settings.headroom)), ts.name, self.settings.arena_dir)
+        arena = Arena.create(int(memory * (1 + self.settings.headroom)), ts.name, self.settings.arena_dir,
+                             populate=self.settings.populate)
         alloc = ExtentAllocator(arena.size)
         pool = ArenaPool(arena, alloc.alloc, lambda off, _n: alloc.free(off))
         chunkmod.bind_integrity_key(pool, self.config.integrity_secret())
@@ -490,7 +491,9 @@ class Daemon:
                 chunk = ChunkBuffer(buf, chunk.header)
             served[(self._model(tenant, key), tier)] += chunk.num_tokens
             sid = s.new_slot(chunk)
-            items.append([sid, tenant.pool.offset(chunk.buf), chunk.header.image_len, tier])
+            h = chunk.header  # verified at commit (or by the tier that read it): the client need not parse it
+            items.append([sid, tenant.pool.offset(chunk.buf), h.image_len, tier, h.num_tokens, h.codec,
+                          h.payload_len, h.stored_len, h.geometry.signature])
         for (model, tier), n in served.items():
             self.hit_tokens.labels(tenant.name, model, tier).inc(n)
         return {"ok": True, "items": items}

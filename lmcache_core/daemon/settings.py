@@ -56,6 +56,7 @@ class ServeSettings:
     memory: int = 2 << 30  # default memory tier per tenant
     headroom: float = 0.25  # arena bytes beyond the memory tier, for stores and loads in flight
     lease_s: float = 60.0  # a client silent this long loses its pins and slots
+    populate: bool = True  # touch the arenas' pages at start (clients then page-lock them fast)
     admin_token_sha256: str = ""
     audit_log: str = ""  # JSON lines; empty: the log only
     tenants: tuple[TenantSettings, ...] = field(default_factory=lambda: (TenantSettings("default"),))
@@ -147,7 +148,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         http=str(raw.get("http", "")), arena_dir=str(raw.get("arena_dir", "")), memory=memory,
         headroom=float(raw.get("headroom", ServeSettings.headroom)),
         lease_s=float(raw.get("lease_s", ServeSettings.lease_s)), admin_token_sha256=admin,
-        audit_log=str(raw.get("audit_log", "")), tenants=tenants)
+        audit_log=str(raw.get("audit_log", "")), populate=bool(raw.get("populate", True)), tenants=tenants)
     if settings.tcp and not settings.arena_dir:
         raise ConfigError("serve.tcp: TCP clients cannot receive the arena's memfd; set serve.arena_dir to a "
                           "shared-memory directory both sides mount (e.g. /dev/shm)")
