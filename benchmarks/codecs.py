@@ -109,12 +109,10 @@ def _correct(answer: str, facts: tuple[str, ...]) -> bool:
 
 def section_quality(new_tokens: int, questions: int) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
-    from codecs_capture import document_prompt, load_smollm2, prompt_kv  # type: ignore[import-not-found]
+    from codecs_capture import document_prompt, load_smollm2  # type: ignore[import-not-found]
 
     from lmcache_core import Config
-    from lmcache_core.codecs import CodecContext, resolve
     from lmcache_core.integrations.transformers import CachedModel
-    from lmcache_core.keys import Namespace, chunk_keys
 
     model, tok, label = load_smollm2()
     root = Path(tempfile.mkdtemp(prefix="lmcache-codec-quality-"))
@@ -149,18 +147,7 @@ def section_quality(new_tokens: int, questions: int) -> dict[str, Any]:
                 print(f"  Q{qi + 1} {name:8s} hit {got.hit_tokens}/{len(ids)} agreement "
                       f"{same}/{len(ref.tokens)} correct {per_codec[name][-1]['correct']}: {answer.strip()[:60]!r}",
                       file=sys.stderr)
-        # perplexity of a held-out continuation given coded context KV
-        text = json.loads((Path(__import__("lmcache_core").__file__).parent / "data" / "rag_documents.json")
-                          .read_text())
-        held = " ".join(_strings(text))
-        ids = tok.tok(held)["input_ids"][:1536]
-        ctx_n, cont = 1024, ids[1024:1536]
-        kv = prompt_kv(model, ids[:ctx_n])  # [L, 2, T, hidden] fp32
-        ppl: dict[str, float] = {}
-        for name in ("exact", "fp8", "cachegen"):
-            coded = kv if name == "exact" else _round_trip(kv, resolve(name), CodecContext, chunk_keys, Namespace)
-            ppl[name] = _perplexity(model, coded, ids[:ctx_n], cont)
-            print(f"  held-out perplexity {name}: {ppl[name]:.4f}", file=sys.stderr)
+        ppl, heldout = heldout_perplexity(model, tok)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     summary = {}
@@ -169,14 +156,36 @@ def section_quality(new_tokens: int, questions: int) -> dict[str, Any]:
                          "correct": sum(r["correct"] for r in rows), "questions": len(rows),
                          "perplexity": ppl[name], "perplexity_change": ppl[name] / ppl["exact"] - 1}
     print(f"\nquality: {label}, {questions} document questions x {new_tokens} greedy tokens, KV loaded "
-          f"from a disk tier with the codec; held-out perplexity over {len(cont)} tokens after {ctx_n}")
+          f"from a disk tier with the codec; held-out perplexity over {heldout['scored']} tokens after "
+          f"{heldout['context']}")
     print("| codec | greedy-token agreement | answers correct | held-out perplexity | change |")
     print("|---|---|---|---|---|")
     for name, s in summary.items():
         print(f"| {name} | {s['agreement']:.3f} | {s['correct']}/{s['questions']} | {s['perplexity']:.4f} | "
               f"{100 * s['perplexity_change']:+.3f}% |")
     return {"model": label, "new_tokens": new_tokens, "summary": summary, "questions": per_codec,
-            "heldout": {"source": "lmcache_core/data/rag_documents.json", "context": ctx_n, "scored": len(cont)}}
+            "heldout": heldout}
+
+
+def heldout_perplexity(model: Any, tok: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Perplexity of 512 held-out tokens after 1024 of context whose KV is exact or coded."""
+    sys.path.insert(0, str(HERE))
+    from codecs_capture import prompt_kv  # type: ignore[import-not-found]
+
+    from lmcache_core.codecs import CodecContext, resolve
+    from lmcache_core.keys import Namespace, chunk_keys
+
+    text = json.loads((Path(__import__("lmcache_core").__file__).parent / "data" / "rag_documents.json").read_text())
+    ids = tok.tok(" ".join(_strings(text)))["input_ids"][:1536]
+    ctx_n, cont = 1024, ids[1024:1536]
+    kv = prompt_kv(model, ids[:ctx_n])  # [L, 2, T, hidden] fp32
+    ppl: dict[str, float] = {}
+    for name in ("exact", "fp8", "cachegen"):
+        coded = kv if name == "exact" else _round_trip(kv, model.config.num_key_value_heads, resolve(name),
+                                                       CodecContext, chunk_keys, Namespace)
+        ppl[name] = _perplexity(model, coded, ids[:ctx_n], cont)
+        print(f"  held-out perplexity {name}: {ppl[name]:.4f}", file=sys.stderr)
+    return ppl, {"source": "lmcache_core/data/rag_documents.json", "context": ctx_n, "scored": len(cont)}
 
 
 def _strings(obj: Any) -> list[str]:
@@ -189,12 +198,11 @@ def _strings(obj: Any) -> list[str]:
     return []
 
 
-def _round_trip(kv: torch.Tensor, chain: Any, ctx_cls: Any, chunk_keys: Any, ns_cls: Any) -> torch.Tensor:
+def _round_trip(kv: torch.Tensor, heads: int, chain: Any, ctx_cls: Any, chunk_keys: Any, ns_cls: Any) -> torch.Tensor:
     """``kv`` ([L, 2, T, hidden]) through ``chain`` in chunks of 256 tokens, as a tier would."""
     from lmcache_core.layout import ChunkGeometry
 
     L, _, t, hidden = kv.shape
-    heads = 3
     g = ChunkGeometry(L, heads, hidden // heads, "float32")
     out = torch.empty_like(kv)
     for s in range(0, t, 256):
@@ -213,15 +221,13 @@ def _perplexity(model: Any, kv: torch.Tensor, context: list[int], cont: list[int
     L, _, t, hidden = kv.shape
     heads = model.config.num_key_value_heads
     cache = DynamicCache(config=model.config)
-    for i in range(L):
-        k = kv[i, 0].view(t, heads, hidden // heads).transpose(0, 1).unsqueeze(0).contiguous()
-        v = kv[i, 1].view(t, heads, hidden // heads).transpose(0, 1).unsqueeze(0).contiguous()
+    for i in range(L):  # the context but its last token, which is fed below to predict cont[0]
+        k = kv[i, 0, : t - 1].reshape(t - 1, heads, hidden // heads).transpose(0, 1).unsqueeze(0).contiguous()
+        v = kv[i, 1, : t - 1].reshape(t - 1, heads, hidden // heads).transpose(0, 1).unsqueeze(0).contiguous()
         cache.update(k, v, i)
     with torch.inference_mode():
         ids = torch.tensor([[context[-1], *cont[:-1]]])
-        # the context's last token is fed again at its position: its KV is replaced in place
         pos = torch.arange(t - 1, t - 1 + ids.shape[1]).unsqueeze(0)
-        cache.crop(t - 1)
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True, position_ids=pos).logits[0].float()
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(cont))
     return float(torch.exp(nll))
