@@ -565,4 +565,8 @@ def build_stores(urls: Sequence[str], plugins: PluginManager, context: StoreCont
         stores.append(store)
     if not stores:
         raise ConfigError(f"tiers: none of {list(urls)} could be created; see the log above")
+    for store in stores:  # a tier that works with the others of its stack (p2p serves from memory)
+        bind = getattr(store, "bind_tiers", None)
+        if bind is not None:
+            bind(stores)
     return stores
