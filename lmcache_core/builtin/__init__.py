@@ -17,12 +17,16 @@ def lmcache_register_storage(register: RegisterStorage) -> None:
              description="Process memory, LRU under a byte capacity, zero-copy")
     register("disk", "lmcache_core.builtin.disk_store:DiskStore", schemes=("disk", "file"),
              description="Local disk, LRU across restarts, atomic writes, O_DIRECT")
+    register("p2p", "lmcache_core.p2p.store:P2PStore", schemes=("p2p",),
+             description="Chunks other instances hold in memory (Redis/Valkey directory or rendezvous), verified")
 
 
 @hookimpl
 def lmcache_register_transports(register: RegisterTransport) -> None:
     register("local", "lmcache_core.builtin.local_transport:LocalTransport",
              description="In-process buffer copies (reference transport)")
+    register("tcp", "lmcache_core.builtin.tcp_transport:TcpTransport",
+             description="One-sided reads/writes of registered buffers over TCP, between processes or hosts")
 
 
 @hookimpl
