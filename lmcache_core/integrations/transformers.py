@@ -47,6 +47,7 @@ class GenerationResult:
     stored_tokens: int = 0
     blended: bool = False  # the prompt was blended from segments (an approximation)
     recomputed_tokens: int = 0  # blended: tokens computed in the layers after the check layer
+    ttft_cpu_s: float = 0.0  # CPU time of this process (all threads) until the first token
 
 
 # Decoder families whose layers the blend loop drives: Llama-style layers (rotate-half RoPE,
@@ -263,10 +264,13 @@ class CachedModel:
         hidden = inner.embed_tokens(ids)[:, sel]
         cache = _BlendCache(ks, vs)
         layer_kw = "cache" if "cache" in inspect.signature(layers[0].forward).parameters else "past_key_values"
+        causal_ok = getattr(self.model.config, "_attn_implementation", None) == "sdpa"
         for i, layer in enumerate(layers):
             pos = positions[sel][None]
             cache.sel, cache.measure = sel, i == full_upto < len(layers) - 1
-            out = layer(hidden, attention_mask=blend_attention_mask(pos[0], n, hidden.dtype), position_ids=pos,
+            # every token computed: plain causal attention (sdpa's causal kernel, no [n, n] mask)
+            mask = None if causal_ok and sel.numel() == n else blend_attention_mask(pos[0], n, hidden.dtype)
+            out = layer(hidden, attention_mask=mask, position_ids=pos,
                         use_cache=True, position_embeddings=inner.rotary_emb(hidden, pos), **{layer_kw: cache})
             hidden = out[0] if isinstance(out, tuple) else out
             if i == full_upto and i < len(layers) - 1:
@@ -307,7 +311,7 @@ class CachedModel:
         if segs is not None and use_cache and why and why not in self._blend_refused:
             self._blend_refused.add(why)
             logger.warning("lmcache-core: not blending segments (%s); running a full prefill", why)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         blended, recomputed, stored = False, 0, 0
         with torch.inference_mode():
             if why is None:
@@ -321,7 +325,7 @@ class CachedModel:
                 rest = torch.tensor([ids[hit:]], device=self.model.device)
                 logits = self._forward(rest, cache, hit)
             token = int(torch.argmax(logits))
-            ttft = time.perf_counter() - t0
+            ttft, ttft_cpu = time.perf_counter() - t0, time.process_time() - c0
             if use_cache and segs is None:
                 stored = self.store_prompt(ids, cache)
             out = [token]
@@ -332,7 +336,7 @@ class CachedModel:
                 out.append(token)
                 pos += 1
         return GenerationResult(out, ttft, time.perf_counter() - t0, len(ids), hit, by_tier, stored, blended,
-                                recomputed)
+                                recomputed, ttft_cpu)
 
     @staticmethod
     def _ids(tokens: Sequence[int] | "torch.Tensor") -> list[int]:
