@@ -121,4 +121,96 @@ class TransportTests(ContractTests):
             b.deregister(rd)
 
 
-__all__ = ["TransportTests", "pattern", "wait"]
+PEER_SCRIPT = r"""
+import json, sys
+from lmcache_core.plugins import get_plugin_manager
+from lmcache_core.transport import TransportOptions
+cls = get_plugin_manager().get("transport", sys.argv[1]).load()
+t = cls(TransportOptions())
+import numpy as np
+src = bytearray(np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+dst = bytearray(1 << 20)
+ds, dd = t.register(memoryview(src)), t.register(memoryview(dst))
+enc = lambda d: [d.agent, d.handle, d.nbytes, d.meta.hex()]
+print("PEER " + json.dumps({"endpoint": t.endpoint().hex(), "src": enc(ds), "dst": enc(dd)}), flush=True)
+sys.stdin.readline()
+print("PEER " + json.dumps({"dst_ok": dst == src}), flush=True)
+sys.stdin.readline()
+"""
+
+
+class TransportProcessTests(ContractTests):
+    """The transport between two processes: a peer process registers buffers, this one reads and
+    writes them; a peer that dies makes transfers fail within the timeout, never hang."""
+
+    kind = "transport"
+    contract = "transport"
+
+    @pytest.fixture
+    def peer(self, lmcache_transport: Target) -> Iterator[tuple[Transport, Any, dict[str, Any]]]:
+        import json
+        import subprocess
+        import sys
+
+        from lmcache_core.plugins import get_plugin_manager
+
+        lmcache_transport.require()
+        cls = get_plugin_manager().get("transport", lmcache_transport.name).load()
+        if not cls.capabilities.cross_process:
+            pytest.skip(f"transport {lmcache_transport.name} does not declare cross_process")
+        proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, lmcache_transport.name], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        info = _peer_line(proc)
+        t = cls()
+        t.connect(bytes.fromhex(info["endpoint"]))
+        yield t, proc, info
+        t.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def test_read_and_write_another_process(self, peer: tuple[Transport, Any, dict[str, Any]]) -> None:
+        t, proc, info = peer
+        local = bytearray(1 << 20)
+        ld = t.register(memoryview(local))
+        try:
+            wait(t, t.read(ld, _desc(info["src"])))
+            assert local == pattern(1 << 20, 5), "bytes read from the peer process differ"
+            wait(t, t.write(ld, _desc(info["dst"])))
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert _peer_line(proc)["dst_ok"], "bytes written into the peer process differ"
+        finally:
+            t.deregister(ld)
+
+    def test_dead_peer_fails_within_the_timeout(self, peer: tuple[Transport, Any, dict[str, Any]]) -> None:
+        t, proc, info = peer
+        proc.kill()
+        proc.wait()
+        local = bytearray(1 << 20)
+        ld = t.register(memoryview(local))
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - failing is the contract; hanging or succeeding is not
+                wait(t, t.read(ld, _desc(info["src"])), timeout=20)
+            assert time.monotonic() - t0 < 25
+        finally:
+            t.deregister(ld)
+
+
+def _peer_line(proc: Any) -> dict[str, Any]:
+    import json
+
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the peer process ended (exit {proc.wait()})")
+        if line.startswith("PEER "):
+            return json.loads(line[5:])
+
+
+def _desc(raw: list[Any]) -> Descriptor:
+    return Descriptor(raw[0], raw[1], raw[2], bytes.fromhex(raw[3]))
+
+
+__all__ = ["TransportProcessTests", "TransportTests", "pattern", "wait"]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from lmcache_conformance.transport_tests import TransportTests
+from lmcache_conformance.transport_tests import TransportProcessTests, TransportTests
 
 
 class TestTransport(TransportTests):
+    pass
+
+
+class TestTransportProcesses(TransportProcessTests):
     pass
