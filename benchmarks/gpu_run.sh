@@ -7,6 +7,7 @@
 # Usage: OUT=/tmp/o STEPS=tests,connector,conformance,transfer benchmarks/gpu_run.sh [--quick]
 # (STEPS=codecs: benchmarks/codecs.py --sections gpu -> codecs.log, codecs-gpu.json)
 # (STEPS=daemon: connector_gpu.py --daemon -> connector_gpu-daemon.json; daemon.py --gpu -> daemon-gpu.json)
+# (STEPS=p2p: nixl conformance -> nixl-gpu.json; nixl_vram.py -> nixl-vram.json; p2p.py --device cuda -> p2p-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,4 +76,27 @@ if want codecs; then
     fi
     timeout 420 $PY benchmarks/codecs.py --sections gpu --out "$OUT" >"$OUT/codecs.log" 2>&1
     echo "codecs rc=$?"; tail -n 8 "$OUT/codecs.log"
+fi
+
+# NIXL transport and P2P (issue 13): the transport contract on the GPU host, VRAM/DRAM one-sided
+# reads between two processes vs torch copies, and P2P fetches. The nixl wheels (nixl, nixl-cu12)
+# are carried under build/nixl-wheels and installed offline when present.
+if want p2p; then
+    if ls build/nixl-wheels/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps build/nixl-wheels/*.whl >"$OUT/nixl-setup.log" 2>&1
+        echo "nixl wheels rc=$?"
+    fi
+    $PY -m pip install -q --no-deps --no-build-isolation -e backends/nixl >>"$OUT/nixl-setup.log" 2>&1
+    if $PY -c "import nixl._api" 2>>"$OUT/nixl-setup.log"; then
+        timeout 180 $PY -m lmcache_core.cli conformance --transport nixl --report "$OUT/nixl-gpu.json" \
+            >"$OUT/nixl-conformance.log" 2>&1
+        echo "nixl conformance rc=$? :: $(grep -E 'passed|failed' "$OUT/nixl-conformance.log" | tail -n 1)"
+        timeout 180 $PY benchmarks/nixl_vram.py --json "$OUT/nixl-vram.json" >"$OUT/nixl-vram.log" 2>&1
+        echo "nixl vram rc=$?"; grep -v "NIXL INFO" "$OUT/nixl-vram.log" | tail -n 6
+    else
+        echo "nixl not importable (see nixl-setup.log); p2p over tcp only"
+    fi
+    timeout 240 $PY benchmarks/p2p.py --device cuda --machine h200 --json "$OUT/p2p-gpu.json" \
+        >"$OUT/p2p.log" 2>&1
+    echo "p2p rc=$?"; grep -v "NIXL INFO" "$OUT/p2p.log" | tail -n 5
 fi
