@@ -32,9 +32,14 @@ def load_smollm2():  # -> (model, tokenizer wrapper, label)
 
 
 def document_prompt(tok, question: int = 0) -> list[int]:
-    from lmcache_core.demo import SYSTEM, _workload
+    """The demo's document question ``question`` as the demo asks it (its data files)."""
+    from importlib import resources
 
-    doc, work = _workload()
+    from lmcache_core.demo import SYSTEM
+
+    data = resources.files("lmcache_core") / "data"
+    doc = (data / "demo_document.md").read_text()
+    work = json.loads((data / "demo_workload.json").read_text())
     return tok.encode_chat([{"role": "system", "content": SYSTEM + doc},
                             {"role": "user", "content": work["questions"][question]}])
 
