@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ def holder(mib: int) -> None:
     dram = vram.cpu().pin_memory()
     dv, dd = t.register(vram), t.register(dram)
     enc = lambda d: [d.agent, d.handle, d.nbytes, d.meta.hex()]  # noqa: E731
-    print("HOLDER " + json.dumps({"endpoint": t.endpoint().hex(), "vram": enc(dv), "dram": enc(dd)}), flush=True)
+    print(json.dumps({"endpoint": t.endpoint().hex(), "vram": enc(dv), "dram": enc(dd)}), flush=True)
     sys.stdin.readline()
     t.close()
 
@@ -61,16 +62,13 @@ def main() -> None:
     from lmcache_backend_nixl.transport import NixlTransport
     from lmcache_core.transport import Descriptor
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from p2p import child_json
+
     proc = subprocess.Popen([sys.executable, __file__, "holder", "--mib", str(args.mib)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        while True:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise SystemExit(f"holder ended with {proc.wait()}")
-            if line.startswith("HOLDER "):
-                info = json.loads(line[7:])
-                break
+        info = child_json(proc)
         t = NixlTransport()
         t.connect(bytes.fromhex(info["endpoint"]))
         n = args.mib << 20

@@ -80,6 +80,16 @@ def serve(args: argparse.Namespace) -> None:
     eng.close()
 
 
+def child_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The next JSON line a child process prints (NIXL logs to stdout too)."""
+    while True:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"the holder process ended (exit {proc.wait()})")
+        if line.startswith("{"):
+            return json.loads(line)
+
+
 def best(fn: Any, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -98,13 +108,7 @@ def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
                               "--tokens", str(args.tokens), "--layers", str(args.layers)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        while True:
-            line = child.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                raise RuntimeError(f"the holder process ended (exit {child.wait()})")
-            if line.startswith("{"):
-                info = json.loads(line)
-                break
+        info = child_json(child)
         total = args.chunks * args.tokens
         caches, kv = paged(args.layers, total, 2, args.device)
         eng = CacheEngine(kv.geometry, config(args, "", transport, args.device), model="bench-p2p")
