@@ -159,6 +159,7 @@ def test_peer_killed_mid_read_is_a_miss(directory, token_file, engine_b) -> None
         assert res.hit_tokens == 0, "a peer killed mid-transfer must be a miss"
         assert time.monotonic() - t0 < 10
         assert all(not c.any() for c in caches), "a half-read chunk reached the engine's KV"
+        assert b.pool.live_count() == 0, "a buffer of the broken transfer was not released"
         assert a.proc.wait(timeout=10) == -9
         assert b.tiers.by_name("p2p").stats["peer_errors"] >= 1
         t0 = time.monotonic()  # the dead peer is backing off: the next load costs nothing
@@ -190,6 +191,8 @@ def test_corrupt_bytes_from_a_peer_are_a_miss(directory, token_file, engine_b) -
         assert b.retrieve(TOKENS, kv, BLOCKS).hit_tokens == 0
         assert all(not c.any() for c in caches), "a corrupt chunk reached the engine's KV"
         assert b.metrics.value("lmcache_corrupt_chunks", tier="p2p") >= 1
+        assert b.pool.live_count() == 0, "a buffer of the corrupt chunk was not released"
+        assert a.stats()["leases"] == 0, "the holder still lends chunks the fetcher is done with"
         first = b.keys(TOKENS)[0]
         d = RespDirectory(directory)
         assert a.address not in d.holders([first])[0], "the corrupt holder's entry was not dropped"
