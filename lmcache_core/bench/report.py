@@ -122,7 +122,7 @@ def plot(path: Path, results: dict[str, list[Result]]) -> Path | None:
             cum_prompt = np.cumsum([r.prompt_tokens for r in ok])
             b.plot([r.start_s for r in ok], cum_hit / np.maximum(cum_prompt, 1), label=name)
             saved[name] = int(cum_hit[-1])
-    a.set(xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF")
+    a.set(xlabel="TTFT (ms, log scale)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
     b.set(xlabel="time since start (s)", ylabel="hit rate so far", title="hit rate over time", ylim=(0, 1))
     c.bar(list(saved), list(saved.values()))
     c.set(ylabel="prompt tokens not computed", title="prefill tokens saved")
