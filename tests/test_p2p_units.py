@@ -148,6 +148,19 @@ def test_bad_urls_name_the_fix(engines, url: str, needle: str) -> None:  # type:
         engines(url)
 
 
+def test_a_second_engine_on_a_taken_port_fetches_only(engines, redis_server) -> None:  # type: ignore[no-untyped-def]
+    a = engines(f"p2p://127.0.0.1?directory={redis_server.url}/0")
+    port = a.tiers.by_name("p2p").address.rsplit(":", 1)[1]
+    b = engines(f"p2p://127.0.0.1:{port}?directory={redis_server.url}/0")  # starts; only lends nothing
+    assert b.tiers.by_name("p2p").server is None
+    caches, kv = peer.paged(1)
+    tokens = list(range(2 * peer.CHUNK))
+    a.store(tokens, kv, torch.arange(4), wait=True)
+    a.flush()
+    _, dst = peer.paged(3)
+    assert b.retrieve(tokens, dst, torch.arange(4)).by_tier == {"p2p": len(tokens)}
+
+
 def test_a_missing_token_is_refused(engines, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.delenv("LMCACHE_P2P_TOKEN")
     with pytest.raises(ConfigError, match="cluster token of at least 16 bytes"):

@@ -141,7 +141,12 @@ class P2PStore(Store):
         if not self._local:
             logger.warning("p2p: no memory tier in this stack to serve from; fetching only")
             return
-        self.serve(StoresSource(self._local))
+        try:
+            self.serve(StoresSource(self._local))
+        except OSError as exc:  # e.g. a second engine of this process on the same port: fetch only
+            self.server = None
+            logger.warning("p2p: cannot listen on %s:%s (%s); this engine fetches from peers but lends "
+                           "nothing", *self._listen, exc)
 
     def serve(self, source: Any) -> PeerServer:
         """Start the peer server over ``source`` (a :class:`~.server.ChunkSource`)."""
