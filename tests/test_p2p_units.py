@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 import pytest
 import torch
@@ -165,3 +166,30 @@ def test_a_missing_token_is_refused(engines, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("LMCACHE_P2P_TOKEN")
     with pytest.raises(ConfigError, match="cluster token of at least 16 bytes"):
         engines("p2p://?peers=a:1")
+
+
+def test_a_stale_entry_is_a_miss_and_is_removed(engines, redis_server) -> None:  # type: ignore[no-untyped-def]
+    url = f"{redis_server.url}/0"
+    a = engines(f"p2p://127.0.0.1?directory={url}&reconcile=3600")
+    b = engines(f"p2p://?directory={url}")
+    _, kv = peer.paged(1)
+    tokens = list(range(7000, 7000 + 2 * peer.CHUNK))
+    a.store(tokens, kv, torch.arange(4), wait=True)
+    a.flush()
+    a.tiers.by_name("memory").clear()  # evicted, not yet withdrawn
+    _, dst = peer.paged(3)
+    assert b.retrieve(tokens, dst, torch.arange(4)).hit_tokens == 0
+    assert b.tiers.by_name("p2p").stats["absent"] >= 1
+    d = RespDirectory(url)
+    assert d.holders(b.keys(tokens)[:1]) == [[]], "the stale entry is still listed"
+    d.close()
+
+
+def test_a_dead_directory_is_a_miss(engines, server_factory) -> None:  # type: ignore[no-untyped-def]
+    redis = server_factory.redis()
+    b = engines(f"p2p://?directory={redis.url}/0&timeout=0.5")
+    redis.kill()
+    t0 = time.monotonic()
+    assert b.lookup(list(range(2 * peer.CHUNK))).hit_tokens == 0
+    assert time.monotonic() - t0 < 5
+    assert b.tiers.by_name("p2p").stats["directory_errors"] >= 1
