@@ -117,10 +117,10 @@ class AdaptivePolicy(LoadPolicy):
 
     name = "adaptive"
     PROBE_EVERY = 16
-    MIN_PREFILL_TOKENS = 64  # shorter prefills time the engine's fixed cost per step, not its tokens
+    MIN_PREFILL_TOKENS = 256  # shorter prefills time the engine's fixed cost per step, not its tokens
     MAX_PENDING_S = 600.0  # a lookup whose store never came is forgotten after this
 
-    def __init__(self, decay: float = 0.8) -> None:
+    def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
         self.load: dict[str, DecayedLine] = {}
         self.prefill = DecayedLine(decay)

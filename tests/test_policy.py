@@ -112,19 +112,22 @@ def test_engine_measures_prefill_between_load_and_store(make_engine, tmp_path):
                       load_policy="adaptive")
     assert isinstance(eng.policy, AdaptivePolicy)
     assert eng.policy.fast_tiers == frozenset()  # disk is timed; an in-process memory tier would not be
-    tokens = list(range(128))
-    src = [(torch.randn(1, 2, 128, 8), torch.randn(1, 2, 128, 8)) for _ in range(2)]
+    tokens = list(range(256))
+    src = [(torch.randn(1, 2, 256, 8), torch.randn(1, 2, 256, 8)) for _ in range(2)]
     kv = PagedKV.from_hf(src)
-    slots = torch.arange(128)
+    slots = torch.arange(256)
+    short = AdaptivePolicy()
+    short.observe_prefill(short.MIN_PREFILL_TOKENS - 1, 0.5)  # a fixed cost per step, not a rate
+    assert "prefill_tokens_per_s" not in short.stats()
     assert eng.lookup(tokens).hit_tokens == 0
     time.sleep(0.02)  # the "prefill"
     eng.store(tokens, kv, slots=slots, wait=True)
     stats = eng.policy.stats()
-    assert 0 < stats["prefill_tokens_per_s"] < 128 / 0.02 * 1.01
-    dst = [(torch.zeros(1, 2, 128, 8), torch.zeros(1, 2, 128, 8)) for _ in range(2)]
+    assert 0 < stats["prefill_tokens_per_s"] < 256 / 0.02 * 1.01
+    dst = [(torch.zeros(1, 2, 256, 8), torch.zeros(1, 2, 256, 8)) for _ in range(2)]
     out = PagedKV.from_hf(dst)
     res = eng.retrieve(tokens, out, slots=slots)
-    assert res.hit_tokens == 128  # disk loads faster than the slow "prefill" above: all of it
+    assert res.hit_tokens == 256  # disk loads faster than the slow "prefill" above: all of it
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(src, dst))
     assert [k for k in eng.policy.stats() if k.startswith("load_bytes_per_s.")]  # the disk fetch was timed
     mem = make_engine(g, tiers=["memory://?capacity=64MiB"], chunk_size=32, load_policy="adaptive")
