@@ -101,13 +101,20 @@ def to_float32(data: "memoryview | bytes", dtype: str) -> "np.ndarray":
     return np.frombuffer(data, np.float32)
 
 
+def round_bf16(x: "np.ndarray") -> "np.ndarray":
+    """float32 values rounded to bf16 (nearest-even), still as float32."""
+    import numpy as np
+
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
 def from_float32(x: "np.ndarray", dtype: str) -> bytes:
     """float32 values rounded to ``dtype`` (nearest-even, as torch rounds), as bytes."""
     import numpy as np
 
     if dtype == "bfloat16":
-        b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-        return ((b + (0x7FFF + ((b >> 16) & 1))) >> 16).astype(np.uint16).tobytes()
+        return (round_bf16(x).view(np.uint32) >> 16).astype(np.uint16).tobytes()
     if dtype == "float16":
         return np.ascontiguousarray(x).astype(np.float16).tobytes()
     return np.ascontiguousarray(x, dtype=np.float32).tobytes()
@@ -119,4 +126,4 @@ def check_len(got: int, want: int, what: str, ctx: CodecContext) -> None:
         raise ChunkError(f"chunk {ctx.key}: {what} decoded to {got} bytes, expected {want}")
 
 
-__all__ = ["Codec", "CodecContext", "DEVICE", "HOST", "check_len", "from_float32", "to_float32"]
+__all__ = ["Codec", "CodecContext", "DEVICE", "HOST", "check_len", "from_float32", "round_bf16", "to_float32"]

@@ -32,12 +32,10 @@ from typing import Any
 
 import constriction
 import numpy as np
-import torch
 import xxhash
 
 from ..errors import ChunkError
-from ..layout import torch_dtype
-from .base import Codec, CodecContext
+from .base import Codec, CodecContext, from_float32, round_bf16, to_float32
 
 GROUP = 16
 DEFAULT_BITS = (8, 7, 6)  # first, second, last third of the layers
@@ -93,16 +91,16 @@ class CacheGenCodec(Codec):
     def encode(self, data: memoryview, ctx: CodecContext) -> bytes:
         g, t = ctx.geometry, ctx.num_tokens
         c = g.kv_planes * g.hidden
-        x = torch.frombuffer(data, dtype=torch_dtype(g.dtype)).view(g.num_layers, g.kv_planes, t, g.hidden)
+        x = to_float32(data, g.dtype).reshape(g.num_layers, g.kv_planes, t, g.hidden)
         bits = layer_bits(g.num_layers, self.bits)
         parts = [_HEAD.pack(GROUP, g.num_layers), bytes(bits)]
         anchors, others = self._split(t)
         owner = anchors[np.arange(t) // GROUP][others]  # the anchor of each non-anchor row
         for layer, b in enumerate(bits):
-            xl = x[layer].float().permute(0, 2, 1).reshape(c, t)  # channel-major
-            amax = xl.abs().amax(dim=1).to(torch.bfloat16)
+            xl = x[layer].transpose(0, 2, 1).reshape(c, t)  # channel-major
+            amax = round_bf16(np.abs(xl).max(axis=1))
             step = self._step(amax, b)
-            q = torch.round(xl / step[:, None]).to(torch.int32).numpy()
+            q = np.rint(xl / step[:, None]).astype(np.int32)
             mean = np.rint(q.mean(axis=1)).astype(np.int16)
             sa = q[:, anchors] - mean[:, None]
             sd = q[:, others] - q[:, owner]
@@ -120,21 +118,21 @@ class CacheGenCodec(Codec):
                     if lo < hi:
                         coder.encode_reverse((sorted_sym[lo:hi].reshape(-1) + r).astype(np.int32), _model(k, b))
             words = coder.get_compressed()
-            decoded = self._values(q, step.numpy(), g, t)
-            parts += [amax.view(torch.int16).numpy().tobytes(), mean.tobytes(), ka.tobytes(), kd.tobytes(),
+            decoded = self._values(q, step, g, t)
+            parts += [(amax.view(np.uint32) >> 16).astype(np.uint16).tobytes(), mean.tobytes(), ka.tobytes(), kd.tobytes(),
                       _TAIL.pack(xxhash.xxh3_64_intdigest(decoded), len(words)), words.tobytes()]
         return b"".join(parts)
 
     @staticmethod
-    def _step(amax: torch.Tensor, b: int) -> torch.Tensor:
-        step = amax.float() / float(1 << (b - 1))
-        return torch.where(step > 0, step, torch.ones_like(step))
+    def _step(amax: np.ndarray, b: int) -> np.ndarray:
+        step = amax / np.float32(1 << (b - 1))
+        return np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
 
     @staticmethod
     def _values(q: np.ndarray, step: np.ndarray, g: Any, t: int) -> bytes:
         """Channel-major integers back to ``[planes, tokens, hidden]`` values of the KV dtype."""
-        xf = (torch.from_numpy(q).float() * torch.from_numpy(step)[:, None]).to(torch_dtype(g.dtype))
-        return xf.view(g.kv_planes, g.hidden, t).transpose(1, 2).contiguous().view(torch.uint8).numpy().tobytes()
+        xf = (q.astype(np.float32) * step[:, None]).reshape(g.kv_planes, g.hidden, t).transpose(0, 2, 1)
+        return from_float32(xf, g.dtype)
 
     def decode(self, data: memoryview, limit: int, ctx: CodecContext) -> bytes:
         try:
@@ -164,7 +162,7 @@ class CacheGenCodec(Codec):
         for b in bits:
             if len(data) < pos + c * _PER_CHANNEL + _TAIL.size:
                 raise ChunkError(f"chunk {ctx.key}: cachegen stream is truncated")
-            amax = torch.frombuffer(bytearray(data[pos: pos + 2 * c]), dtype=torch.bfloat16)
+            amax = (np.frombuffer(data, np.uint16, c, pos).astype(np.uint32) << 16).view(np.float32)
             pos += 2 * c
             mean = np.frombuffer(data, np.int16, c, pos)
             pos += 2 * c
@@ -174,7 +172,7 @@ class CacheGenCodec(Codec):
             pos += c
             digest, nwords = _TAIL.unpack_from(data, pos)
             pos += _TAIL.size
-            if not bool(torch.isfinite(amax).all()) or bool((amax < 0).any()) or \
+            if not bool(np.isfinite(amax).all()) or bool((amax < 0).any()) or \
                     int(ka.max(initial=0)) >= CLASSES or int(kd.max(initial=0)) >= CLASSES:
                 raise ChunkError(f"chunk {ctx.key}: cachegen model parameters are invalid")
             if len(data) < pos + 4 * nwords:
@@ -197,7 +195,7 @@ class CacheGenCodec(Codec):
                 q[:, cols] = sym
             q[:, anchors] += mean[:, None]
             q[:, others] += q[:, owner]
-            decoded = self._values(q, self._step(amax, b).numpy(), g, t)
+            decoded = self._values(q, self._step(amax, b), g, t)
             if xxhash.xxh3_64_intdigest(decoded) != digest:
                 raise ChunkError(f"chunk {ctx.key}: cachegen layer decodes to other values than were encoded")
             out.append(decoded)
