@@ -63,7 +63,7 @@ def main() -> None:
     from lmcache_core.transport import Descriptor
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from p2p import child_json
+    from p2p import child_json, stop_child
 
     proc = subprocess.Popen([sys.executable, __file__, "holder", "--mib", str(args.mib)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -100,10 +100,7 @@ def main() -> None:
                          "ratio": round(ceil / secs, 3), "bit_exact": exact})
         t.close()
     finally:
-        if proc.poll() is None:
-            proc.stdin.write("\n")  # type: ignore[union-attr]
-            proc.stdin.flush()  # type: ignore[union-attr]
-            proc.wait(timeout=60)
+        stop_child(proc)
     print(f"{'read':14} {'nixl GiB/s':>10} {'ceiling':>18} {'GiB/s':>7} {'ratio':>6} exact")
     for r in rows:
         print(f"{r['src'] + '->' + r['dst']:14} {r['nixl_gibs']:10.2f} {r['ceiling']:>18} "

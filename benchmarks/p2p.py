@@ -90,6 +90,14 @@ def child_json(proc: subprocess.Popen[str]) -> dict[str, Any]:
             return json.loads(line)
 
 
+def stop_child(proc: subprocess.Popen[str]) -> None:
+    """Tell a holder waiting on stdin to close, and wait for it."""
+    if proc.poll() is None:
+        proc.stdin.write("\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        proc.wait(timeout=60)
+
+
 def best(fn: Any, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -152,10 +160,7 @@ def measure(args: argparse.Namespace, transport: str) -> dict[str, Any]:
         t.deregister(local)
         eng.close()
     finally:
-        if child.poll() is None:
-            child.stdin.write("\n")  # type: ignore[union-attr]
-            child.stdin.flush()  # type: ignore[union-attr]
-            child.wait(timeout=60)
+        stop_child(child)
     gib = nbytes / (1 << 30)
     out = {k: round(gib / v, 3) for k, v in rows.items()}
     return {"transport": transport, "bytes": nbytes, "chunk_bytes": raws[0].nbytes, "chunks": len(raws),

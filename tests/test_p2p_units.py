@@ -48,6 +48,16 @@ def engines(token):  # type: ignore[no-untyped-def]
         e.close()
 
 
+def assert_served(a: CacheEngine, b: CacheEngine) -> None:
+    """Two chunks stored at ``a`` load at ``b`` from the p2p tier."""
+    _, kv = peer.paged(1)
+    tokens = list(range(2 * peer.CHUNK))
+    a.store(tokens, kv, torch.arange(4), wait=True)
+    a.flush()
+    _, dst = peer.paged(3)
+    assert b.retrieve(tokens, dst, torch.arange(4)).by_tier == {"p2p": len(tokens)}
+
+
 def keys(n: int) -> list[ChunkKey]:
     return [ChunkKey(bytes(16), i.to_bytes(16, "little"), 32) for i in range(n)]
 
@@ -130,12 +140,7 @@ def test_malformed_and_unauthenticated_messages_are_refused(engines, redis_serve
     assert stats["auth_failures"] == 1 and stats["protocol_errors"] >= 2
     # and it still serves a real peer afterwards
     b = engines(f"p2p://?directory={redis_server.url}/0")
-    caches, kv = peer.paged(1)
-    tokens = list(range(2 * peer.CHUNK))
-    a.store(tokens, kv, torch.arange(4), wait=True)
-    a.flush()
-    _, dst = peer.paged(3)
-    assert b.retrieve(tokens, dst, torch.arange(4)).by_tier == {"p2p": len(tokens)}
+    assert_served(a, b)
 
 
 @pytest.mark.parametrize("url,needle", [
@@ -154,12 +159,7 @@ def test_a_second_engine_on_a_taken_port_fetches_only(engines, redis_server) -> 
     port = a.tiers.by_name("p2p").address.rsplit(":", 1)[1]
     b = engines(f"p2p://127.0.0.1:{port}?directory={redis_server.url}/0")  # starts; only lends nothing
     assert b.tiers.by_name("p2p").server is None
-    caches, kv = peer.paged(1)
-    tokens = list(range(2 * peer.CHUNK))
-    a.store(tokens, kv, torch.arange(4), wait=True)
-    a.flush()
-    _, dst = peer.paged(3)
-    assert b.retrieve(tokens, dst, torch.arange(4)).by_tier == {"p2p": len(tokens)}
+    assert_served(a, b)
 
 
 def test_a_missing_token_is_refused(engines, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
