@@ -68,10 +68,10 @@ if want transfer; then
 fi
 
 # KV codecs (issue 14): fp8 fused into the scatter/gather vs the pinned copy ceiling of the bf16
-# bytes, nvCOMP lossless (wheels carried under build/codec-wheels, installed offline when present).
+# bytes, nvCOMP lossless (wheels carried under .cache/codec-wheels, installed offline when present).
 if want codecs; then
-    if ls build/codec-wheels/*.whl >/dev/null 2>&1; then
-        $PY -m pip install -q --no-index --no-deps build/codec-wheels/*.whl >"$OUT/codecs-setup.log" 2>&1
+    if ls .cache/codec-wheels/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps .cache/codec-wheels/*.whl >"$OUT/codecs-setup.log" 2>&1
         echo "nvcomp wheels rc=$?"
     fi
     timeout 420 $PY benchmarks/codecs.py --sections gpu --out "$OUT" >"$OUT/codecs.log" 2>&1
