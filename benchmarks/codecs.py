@@ -435,6 +435,14 @@ def section_gpu(token_counts: list[int], reps: int) -> dict[str, Any]:
     return out
 
 
+def _as_torch(a: Any) -> torch.Tensor:
+    """An nvCOMP array as a torch tensor on the GPU (DLPack, else the CUDA array interface)."""
+    try:
+        return torch.from_dlpack(a)
+    except Exception:  # noqa: BLE001
+        return torch.as_tensor(a, device="cuda")
+
+
 def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, reps: int) -> dict[str, Any]:
     """Lossless through nvCOMP: byte planes of the bf16 KV (as the host codec), each plane coded
     by ANS on the device; a load copies the compressed planes H2D and decodes on the device."""
@@ -448,9 +456,9 @@ def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, reps: int) -> dict
         best: dict[str, Any] = {}
         for algo, kw in (("ANS", {"data_type": "|u1"}), ("GDeflate", {"algorithm_type": 0}), ("Bitcomp", {})):
             try:
-                codec = nvcomp.Codec(algorithm=algo, **kw)
+                codec = nvcomp.Codec(algorithm=algo, cuda_stream=torch.cuda.current_stream().cuda_stream, **kw)
                 enc = [codec.encode(nvcomp.as_array(planes[i])) for i in range(2)]
-                comp = [torch.from_dlpack(e).view(torch.uint8).clone() for e in enc]
+                comp = [_as_torch(e).view(torch.uint8).reshape(-1).clone() for e in enc]
                 nbytes = sum(int(c.numel()) for c in comp)
                 pinned = [c.cpu().pin_memory() for c in comp]
                 stage = [torch.empty_like(c) for c in comp]
@@ -462,7 +470,7 @@ def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, reps: int) -> dict
                     torch.cuda.current_stream().synchronize()
                     for i in range(2):
                         dec = codec.decode(nvcomp.as_array(stage[i]))
-                        outp[i].copy_(torch.from_dlpack(dec).view(torch.uint8).reshape(-1))
+                        outp[i].copy_(_as_torch(dec).view(torch.uint8).reshape(-1))
                     torch.cuda.current_stream().synchronize()
 
                 s = _cuda_time(load, reps)
