@@ -88,7 +88,7 @@ else
              "$CACHE/qemu/usr/bin/qemu-aarch64"; do
         if [ -n "$q" ] && [ -x "$q" ]; then
             if probe "$q"; then QEMU_BIN=$q; break; fi
-            log "$q ($("$q" --version | head -1)) fails the probe: the guest sees the host's /proc/cpuinfo"
+            log "$q ($("$q" --version | head -1)) fails the probe: no aarch64 /proc/cpuinfo under -cpu $QEMU_CPU_MODEL (7.2 shows the host's)"
         fi
     done
     if [ -z "$QEMU_BIN" ]; then
