@@ -16,7 +16,7 @@ before the timed requests. Correct: the answer (one of its accepted spellings) i
 decoded text. Agreement: the share of full prefill's greedy tokens a mode reproduces before
 its first differing token.
 
-    nice python benchmarks/blend_eval.py --out benchmarks/results/blend-cpu-DATE.json
+    nice python -u benchmarks/blend_eval.py --questions 5 --out benchmarks/results/blend-cpu-DATE.json
     /tmp/plotvenv/bin/python benchmarks/blend_eval.py --plot RESULT.json --png docs/benchmarks-blend.png
 """
 
@@ -30,28 +30,10 @@ import random
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SYSTEM = "You are a helpful assistant. Answer the question briefly, using only the documents below.\n\n"
 RATIOS = (0.0, 0.05, 0.15, 0.30)
-
-
-def rag_data() -> dict[str, Any]:
-    return json.loads((resources.files("lmcache_core") / "data" / "rag_documents.json").read_text())
-
-
-def rag_segments(tok: Any, docs: list[dict[str, str]], order: list[int], question: str) -> list[list[int]]:
-    """Chat-template segments (ChatML, as SmolLM2 writes it): the system line, each document,
-    then the end of the system turn, the question and the assistant header."""
-    def enc(text: str) -> list[int]:
-        return [int(t) for t in tok.encode(text, add_special_tokens=False)]
-
-    head = enc(f"<|im_start|>system\n{SYSTEM}")
-    body = [enc(f"Document: {docs[i]['title']}\n{docs[i]['text']}\n\n") for i in order]
-    tail = enc(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
-    return [head, *body, tail]
 
 
 def prompt_orders(data: dict[str, Any], per_prompt: int, seed: int) -> list[list[int]]:
@@ -81,7 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from lmcache_core import Config
     from lmcache_core.blend import BlendConfig
-    from lmcache_core.demo import load_model
+    from lmcache_core.demo import answer_found, load_model, rag_data, rag_segments
     from lmcache_core.integrations.transformers import CachedModel
 
     console = Console()
@@ -103,11 +85,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             t0 = time.perf_counter()
             for d in range(len(docs)):  # warm-up: each document's segment KV, computed once on its own
-                segs = rag_segments(tok.tok, docs, [d], "Hello?")
+                segs = rag_segments(tok, docs, [d], "Hello?")
                 cm.generate(segments=segs, max_new_tokens=1)
             warm_s = time.perf_counter() - t0
             for qi, (q, order) in enumerate(zip(questions, orders)):
-                segs = rag_segments(tok.tok, docs, order, q["question"])
+                segs = rag_segments(tok, docs, order, q["question"])
                 ids = [t for s in segs for t in s]
                 row: dict[str, Any] = {"question": q["question"], "answers": q["answers"], "docs": order,
                                        "prompt_tokens": len(ids), "modes": {}}
@@ -123,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     text = tok.decode(res.tokens).strip()
                     row["modes"][name] = {
                         "ttft_s": res.ttft_s, "ttft_cpu_s": res.ttft_cpu_s, "hit_tokens": res.hit_tokens, "recomputed_tokens": res.recomputed_tokens,
-                        "correct": any(a.lower() in text.lower() for a in q["answers"]),
+                        "correct": answer_found(text, q["answers"]),
                         "agreement": agreement(ref, res.tokens), "same_tokens": res.tokens == ref, "text": text,
                     }
                 rows.append(row)
@@ -152,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     for m, r in zip(ms, rows)),
         }
     return {"model": label, "docs_per_prompt": args.docs, "max_new_tokens": n, "warmup_s": warm_s,
-            "document_tokens": [len(rag_segments(tok.tok, docs, [d], "")[1]) for d in range(len(docs))],
+            "document_tokens": [len(rag_segments(tok, docs, [d], "")[1]) for d in range(len(docs))],
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "load_avg_start": os.getloadavg()[0]},
@@ -204,7 +186,7 @@ def main() -> int:
     ap.add_argument("--cache-dir", help="where the converted model lives (default ~/.cache/lmcache-core)")
     ap.add_argument("--docs", type=int, default=3, help="documents per prompt")
     ap.add_argument("--questions", type=int, default=10)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="only draw: read this result JSON")
     ap.add_argument("--png", default="docs/benchmarks-blend.png")
