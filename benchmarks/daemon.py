@@ -33,7 +33,7 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def ttft(daemon: DaemonProcess, reps: int, tokens: int) -> dict[str, Any]:
+def ttft(daemon: DaemonProcess, reps: int, tokens: int, random_model: bool = False) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
@@ -41,7 +41,7 @@ def ttft(daemon: DaemonProcess, reps: int, tokens: int) -> dict[str, Any]:
     from lmcache_core.integrations.transformers import CachedModel
 
     cache = Path(tempfile.mkdtemp(prefix="lmcache-bench-"))
-    model, tok, name = load_model(Path.home() / ".cache" / "lmcache-core", False, Console(stderr=True))
+    model, tok, name = load_model(Path.home() / ".cache" / "lmcache-core", random_model, Console(stderr=True))
     g = torch.Generator().manual_seed(0)
     vocab = int(model.config.vocab_size)
     prompt = torch.randint(10, vocab - 10, (tokens,), generator=g).tolist()
@@ -178,8 +178,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2048, help="prompt length of the TTFT part")
     ap.add_argument("--sections", default="control,ttft", help="control, ttft, gpu (comma separated)")
     ap.add_argument("--gpu", action="store_true", help="same as --sections control,gpu")
+    ap.add_argument("--random-model", action="store_true", help="TTFT with a random-weight Llama (no SmolLM2 wheel)")
     args = ap.parse_args()
-    sections = set(("control,gpu" if args.gpu else args.sections).split(","))
+    sections = set(("control,gpu" if args.gpu and args.sections == "control,ttft" else args.sections).split(","))
     work = Path(tempfile.mkdtemp(prefix="lmcache-daemon-bench-"))
     memory = "12GiB" if "gpu" in sections else "2GiB"
     d = DaemonProcess(work, tiers=[f"memory://?capacity={memory}"], config={"chunk_size": 256}, http=False)
@@ -190,7 +191,7 @@ def main() -> int:
         if "control" in sections:
             result["control_plane"] = control_plane(d, args.reps)
         if "ttft" in sections:
-            result["ttft"] = ttft(d, args.reps, args.tokens)
+            result["ttft"] = ttft(d, args.reps, args.tokens, args.random_model)
         if "gpu" in sections:
             result["gpu"] = gpu(d, args.reps)
     finally:
