@@ -33,7 +33,9 @@ _COLS = 3  # byte offset of the image from the uint8 base, tokens, where its slo
 if triton is not None:
     import triton.language as tl
 
-    _SUBNORMAL_MAGIC: tl.constexpr = 1.5 * 2.0**14  # fp32 add rounds to a multiple of 2**-9
+    # globals a @triton.jit body reads must be constexpr objects (the compiler refuses others)
+    _SUBNORMAL_MAGIC = tl.constexpr(1.5 * 2.0**14)  # fp32 add rounds to a multiple of 2**-9
+    _FP8_MAX = tl.constexpr(FP8_MAX)
 
     @triton.jit
     def _round_bits(x, drop: tl.constexpr):
@@ -82,10 +84,10 @@ if triton is not None:
         if GATHER:
             x = tl.load(kbase + paged, mask=mask, other=0.0).to(tl.float32)
             amax = tl.max(tl.abs(x), axis=2)
-            scale = _round_bits(tl.div_rn(amax, FP8_MAX), 16)  # to bf16, nearest-even
+            scale = _round_bits(tl.div_rn(amax, _FP8_MAX), 16)  # to bf16, nearest-even
             scale = tl.where(scale > 0, scale, 1.0)
             y = tl.div_rn(x, scale[:, :, None])
-            y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+            y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
             # round to e4m3 here (nearest-even, as torch does), so the conversion below is exact on
             # every backend: the Triton interpreter rounds ties away from zero
             sub = (y + _SUBNORMAL_MAGIC) - _SUBNORMAL_MAGIC  # multiples of 2**-9 below 2**-6
