@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--phase", choices=("all", "first", "reuse"), default="all", help=argparse.SUPPRESS)
     p.add_argument("--random-model", action="store_true", help="use a random-weight Llama instead of SmolLM2")
     p.add_argument("--quick", action="store_true", help="a quarter of the document, two questions, two chat turns")
+    p.add_argument("--full", action="store_true", help="the whole document and every request (several minutes)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_demo)

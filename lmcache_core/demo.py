@@ -4,7 +4,7 @@ documents in a new order (CacheBlend, non-prefix reuse); then a second process f
 chunks on disk. Runs on the embedded default tiers (CPU memory + local disk).
 
 The default workload is short (half the document, three questions, two chat turns, two RAG
-prompts); ``args.full`` (``--full`` once the CLI passes it) runs the whole document and every
+prompts); ``--full`` runs the whole document and every
 request; ``--quick`` (the test) runs less still."""
 
 from __future__ import annotations
