@@ -150,13 +150,14 @@ class Daemon:
         pool = ArenaPool(arena, alloc.alloc, lambda off, _n: alloc.free(off))
         chunkmod.bind_integrity_key(pool, self.config.integrity_secret())
         metrics = Metrics()
-        ctx = StoreContext(pool, self.config.to_dict(),
+        ctx = StoreContext(pool, {**self.config.to_dict(), "tenant": ts.name},  # a p2p tier lends this tenant's only
                            on_evict=lambda tier, n: metrics.evictions.labels(tier).inc(n),
                            on_write=lambda tier, n: metrics.bytes.labels(tier, "write").inc(n),
                            on_skip=lambda tier, n: metrics.skipped_writes.labels(tier).inc(n))
-        stores = [MemoryStore(ctx, memory)]
-        if others:
-            stores += build_stores(others, self.plugins, ctx)
+        # one call, so that tiers working with the others of their stack see them all (p2p lends from memory)
+        stores = build_stores([f"memory://?capacity={memory}", *others], self.plugins, ctx)
+        if not isinstance(stores[0], MemoryStore):
+            raise ConfigError(f"the daemon's first tier must be its memory tier, got {stores[0].name}")
         tiers = TierStack(stores, metrics, queue_size=self.config.store_queue_size,
                           writer_threads=self.config.writer_threads, reader_threads=self.config.reader_threads,
                           promote=self.config.promote)
