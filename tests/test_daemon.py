@@ -16,7 +16,7 @@ import pytest
 from lmcache_core.daemon import protocol
 from lmcache_core.daemon.settings import hash_token
 from lmcache_core.errors import ConfigError
-from lmcache_core.testing.daemon import DaemonProcess
+from lmcache_core.testing.daemon import DaemonProcess, wait_for
 
 from . import daemon_driver as drv
 
@@ -43,16 +43,6 @@ def post(d: DaemonProcess, path: str, body: dict, token: str = "") -> tuple[int,
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
-
-
-def wait_for(pred, timeout: float = 15.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    return pred()
 
 
 @pytest.fixture(scope="module")

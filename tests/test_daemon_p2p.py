@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from lmcache_core.testing.daemon import DaemonProcess, _free_port
+from lmcache_core.testing.daemon import DaemonProcess, _free_port, wait_for
 
 from . import daemon_driver as drv
-from .test_daemon import wait_for
 
 
 def test_chunk_stored_through_daemon_a_is_served_through_daemon_b(tmp_path, redis_server):

@@ -11,7 +11,9 @@ import time
 
 from lmcache_core.testing.daemon import DaemonProcess
 
-from .test_daemon import DRIVER, stats, wait_for
+from lmcache_core.testing.daemon import wait_for
+
+from .test_daemon import DRIVER, stats
 
 CLIENTS = 3
 SECONDS = 45  # bounded: CI runs it every time

@@ -89,18 +89,16 @@ def test_addresses():
 
 def test_settings_refuse_what_would_weaken_isolation(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("serve:\n  tenants:\n    - {name: a, token_sha256: %s}\n    - {name: b}\n" % hash_token("x"))
-    with pytest.raises(ConfigError, match="every tenant needs a token"):
-        load_settings(f)
-    f.write_text("serve:\n  tenants:\n    - {name: a, token_sha256: plaintext-token}\n")
-    with pytest.raises(ConfigError, match="never the token itself"):
-        load_settings(f)
-    f.write_text("serve:\n  tcp: 0.0.0.0:7070\n")
-    with pytest.raises(ConfigError, match="arena_dir"):
-        load_settings(f)
-    f.write_text("serve:\n  sokcet: /tmp/x\n")
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_settings(f)
+    for text, why in (
+        ("serve:\n  tenants:\n    - {name: a, token_sha256: %s}\n    - {name: b}\n" % hash_token("x"),
+         "every tenant needs a token"),
+        ("serve:\n  tenants:\n    - {name: a, token_sha256: plaintext-token}\n", "never the token itself"),
+        ("serve:\n  tcp: 0.0.0.0:7070\n", "arena_dir"),
+        ("serve:\n  sokcet: /tmp/x\n", "unknown key"),
+    ):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            load_settings(f)
     f.write_text("tiers: ['memory://?capacity=1GiB']\nserve:\n  socket: /tmp/x.sock\n")
     assert load_settings(f).socket == "/tmp/x.sock"
     from lmcache_core.config import Config

@@ -79,6 +79,14 @@ class Session:
     last_seen: float = field(default_factory=time.monotonic)
     sock: socket.socket | None = None
 
+    def hang_up(self) -> None:
+        """End the connection; its handler thread then gives everything back."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def new_slot(self, obj: PooledBuffer | ChunkBuffer) -> int:
         sid = self.next_slot
         self.next_slot += 1
@@ -240,11 +248,7 @@ class Daemon:
             for s in stale:
                 logger.warning("session %d (%s pid %d) silent for %.0f s: lease expired, reclaiming", s.id,
                                s.kind, s.pid, now - s.last_seen)
-                if s.sock is not None:
-                    try:
-                        s.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                s.hang_up()
             for tenant in self.tenants.values():
                 if tenant.ttl_s:
                     self._expire(tenant, time.time() - tenant.ttl_s)
@@ -274,11 +278,7 @@ class Daemon:
         with self._lock:
             sessions = list(self.sessions.values())
         for s in sessions:
-            if s.sock is not None:
-                try:
-                    s.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            s.hang_up()
         for tenant in self.tenants.values():
             self.wait_commits(tenant, 30)
             tenant.committer.shutdown(wait=True)

@@ -82,3 +82,18 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(pred: Any, timeout: float = 15.0, step: float = 0.1, what: str = "") -> Any:
+    """Poll ``pred`` until it returns something true (returned); on timeout its last value, or
+    with ``what`` an AssertionError naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    if what:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return pred()
+

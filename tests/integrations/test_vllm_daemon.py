@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lmcache_core.testing.daemon import DaemonProcess
+from lmcache_core.testing.daemon import DaemonProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,7 @@ def _stats(d: DaemonProcess) -> dict[str, Any]:
 
 
 def _wait(pred, timeout: float, what: str, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, timeout, step, what)
 
 
 class Engine:
