@@ -78,6 +78,7 @@ class Session:
     next_slot: int = 1
     last_seen: float = field(default_factory=time.monotonic)
     sock: socket.socket | None = None
+    after_reply: Any = None  # work a handler queues for after its reply is sent
 
     def hang_up(self) -> None:
         """End the connection; its handler thread then gives everything back."""
@@ -317,7 +318,12 @@ class Daemon:
                     reply = {"ok": False, "error": str(exc)}
                 if "id" in msg:
                     reply["id"] = msg["id"]
-                protocol.send(conn, reply)
+                try:
+                    protocol.send(conn, reply)
+                finally:
+                    after, session.after_reply = session.after_reply, None
+                    if after is not None:
+                        after()
         except protocol.ProtocolError as exc:
             self._refuse(peer, session, str(exc))
             try:
@@ -534,7 +540,11 @@ class Daemon:
         if batch:
             with tenant.commit_cv:
                 tenant.committing += 1
-            tenant.committer.submit(self._publish, tenant, batch, s.kind, s.pid, s.id)
+
+            def publish() -> None:
+                tenant.committer.submit(self._publish, tenant, batch, s.kind, s.pid, s.id)
+
+            s.after_reply = publish  # the reply goes out before the committer competes for the GIL
         return {"ok": True, "stored": accepted}
 
     def _publish(self, tenant: Tenant, batch: list[tuple[PooledBuffer, ChunkKey, int]], kind: str, pid: int,
