@@ -106,7 +106,6 @@ class CacheEngine:
         shard: str = "",
         device_index: int = 0,
         block_size: int | None = None,
-        daemon_kind: str = "engine",
     ) -> None:
         self.config = config or Config.load()
         if block_size is not None:  # the engine's KV block size, when known up front: fail at start
@@ -127,7 +126,7 @@ class CacheEngine:
         if self.config.daemon:  # the daemon owns the tiers; chunk buffers are slots of its arena
             from .daemon.client import DaemonTiers, check_tenant
 
-            self.daemon = DaemonTiers(self.config, self.metrics, self.device, kind=daemon_kind,
+            self.daemon = DaemonTiers(self.config, self.metrics, self.device,
                                       namespaces=lambda: (self.namespace, *self.peer_namespaces),
                                       geometry=geometry)
             tenant = check_tenant(self.config, self.daemon.connect())
@@ -161,15 +160,15 @@ class CacheEngine:
 
         #: load_policy: how much of a hit to load (``adaptive``: only what loads faster than it computes)
         self.policy = make_policy(self.config)
-        ctx = StoreContext(self.pool, self.config.to_dict(),
-                           on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n),
-                           on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
-                           on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n),
-                           geometry=geometry)
         self.tiers: "TierStack | DaemonTiers"
         if self.daemon is not None:
             self.tiers = self.daemon
         else:
+            ctx = StoreContext(self.pool, self.config.to_dict(),
+                               on_evict=lambda tier, n: self.metrics.evictions.labels(tier).inc(n),
+                               on_write=lambda tier, n: self.metrics.bytes.labels(tier, "write").inc(n),
+                               on_skip=lambda tier, n: self.metrics.skipped_writes.labels(tier).inc(n),
+                               geometry=geometry)
             self.tiers = TierStack(
                 build_stores(self.config.tiers, self.plugins, ctx), self.metrics,
                 queue_size=self.config.store_queue_size, writer_threads=self.config.writer_threads,
@@ -361,21 +360,18 @@ class CacheEngine:
             self.pool.prepare([chunkmod.HEADER_SIZE + self._chunk_bytes(k.num_tokens) for k, _ in ranges])
             for key, slot in ranges:
                 todo.append((chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens), slot))
-        except MemoryError as exc:  # no host memory (or no daemon arena slot): a future miss
+        except BaseException as exc:
             for c, _ in todo:
                 c.release()
             self.pool.unprepare()
             self._unreserve(nbytes)
+            if not isinstance(exc, MemoryError):
+                raise
+            # no host memory (or no daemon arena slot): a dropped store, a future miss
             self.dropped_stores += 1
             self.metrics.dropped.labels("memory").inc()
             logger.info("store of %d chunks dropped: %s", len(ranges), exc)
             return LayerwiseStore(self, kv, [])
-        except BaseException:
-            for c, _ in todo:
-                c.release()
-            self.pool.unprepare()
-            self._unreserve(nbytes)
-            raise
         return LayerwiseStore(self, kv, todo, nbytes)
 
     def _seal_and_put(self, chunks: list[ChunkBuffer], nbytes: int = 0) -> None:

@@ -489,17 +489,25 @@ class DaemonTiers:
             done.add(ns.id)
         return wanted <= done
 
-    def _call(self, msg: dict[str, Any], default: Any, keys: Sequence[ChunkKey] = ()) -> Any:
+    def _exchange(self, msg: dict[str, Any], keys: Sequence[ChunkKey] = (),
+                  link: _Link | None = None) -> tuple[dict[str, Any] | None, _Link | None]:
+        """One request on ``link`` (or the current session): the reply, None for a miss, and the
+        session that answered (slot offsets in a reply are offsets into that session's arena)."""
         try:
-            link = self.conn.ensure()
+            link = link or self.conn.ensure()
             if keys and not self._register(link, {k.namespace for k in keys}):
-                return default
-            return self.conn.request(msg, link=link)
+                return None, link
+            return self.conn.request(msg, link=link), link
         except DaemonUnavailable:
-            return default
+            return None, link
         except Refusal as exc:
             logger.warning("daemon refused %s: %s", msg.get("op"), exc)
-            return default
+            return None, link
+
+    def _call(self, msg: dict[str, Any], default: Any, keys: Sequence[ChunkKey] = (), *,
+              link: _Link | None = None) -> Any:
+        reply, _ = self._exchange(msg, keys, link)
+        return default if reply is None else reply
 
     # -- the TierStack API -----------------------------------------------------------------
     def lookup(self, keys: Sequence[ChunkKey], *, fast_only: bool = False, pin: bool = False) -> Presence:
@@ -525,9 +533,7 @@ class DaemonTiers:
     def get_many(self, keys: Sequence[ChunkKey]) -> list[tuple[ChunkBuffer, str] | None]:
         if not keys:
             return []
-        link = self.conn.link
-        reply = self._call({"op": "get", "keys": [k.to_bytes() for k in keys]}, None, keys)
-        link = self.conn.link if link is None else link
+        reply, link = self._exchange({"op": "get", "keys": [k.to_bytes() for k in keys]}, keys)
         if reply is None or link is None:
             return [None] * len(keys)
         out: list[tuple[ChunkBuffer, str] | None] = []
@@ -614,7 +620,8 @@ class DaemonTiers:
         # the slots change hands now: a lost reply must not make us release what the daemon owns
         for buf in owners:
             self.pool.mark_committed(buf)
-        reply = self._call({"op": "commit", "items": commits}, None, [k for k, _ in items])
+        # only to the session that owns these slots (a reconnect in between makes it a dropped store)
+        reply = self._call({"op": "commit", "items": commits}, None, [k for k, _ in items], link=link)
         if reply is None:
             self._drop(len(commits), "the daemon did not take the commit")
             return [False] * len(items)
