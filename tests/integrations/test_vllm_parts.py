@@ -421,3 +421,66 @@ def test_scheduler_follows_the_workers_memory_tier_through_worker_metadata() -> 
     assert sched.get_num_new_matched_tokens(FakeRequest("c", prompt), 0) == (32, False)
     for e in (worker_engine, sched_engine):
         e.close()
+
+
+# -- disaggregated prefill: kv_transfer_params between a producer and a consumer ----------------------
+@dataclass
+class PDRequest(FakeRequest):
+    kv_transfer_params: dict | None = None
+
+
+def test_producer_reports_stored_tokens_and_consumer_waits_for_them(engines: tuple[CacheEngine, CacheEngine]
+                                                                    ) -> None:
+    import time
+
+    writer, reader = engines
+    prompt = list(range(2000, 2080))  # 80 tokens: two chunks and a partial
+    producer = VLLMScheduler(writer, N, ConnectorOptions(), can_load=False)
+    req = PDRequest("p", prompt, kv_transfer_params={"do_remote_decode": True})
+    producer.update_state_after_alloc(req, [1, 2, 3, 4, 5], 0)
+    plan = producer.build_plan(Output([NewReq("p", prompt, ([1, 2, 3, 4, 5],), 0)], Cached(), {"p": 80}))
+    params = producer.transfer_params(req)
+    assert params == {"do_remote_prefill": True, "do_remote_decode": False, "lmcache": {"v": 1, "tokens": 80}}
+    assert producer.transfer_params(PDRequest("x", prompt)) is None  # not asked: nothing to hand on
+    assert producer.request_finished("p") is True
+    # A prompt whose blocks vLLM freed (null block) is not stored: nothing is promised.
+    freed = PDRequest("f", list(range(3000, 3080)), kv_transfer_params={"do_remote_decode": True})
+    producer.update_state_after_alloc(freed, [0, 1, 2, 3, 4], 0)
+    producer.build_plan(Output([NewReq("f", freed.prompt_token_ids, ([0, 1, 2, 3, 4],), 0)], Cached(), {"f": 80}))
+    assert producer.transfer_params(freed) is None
+
+    consumer = VLLMScheduler(reader, N, ConnectorOptions(remote_prefill_wait_ms=5000), can_save=False)
+    dec = PDRequest("d", prompt, kv_transfer_params=params)
+    assert consumer.get_num_new_matched_tokens(dec, 0) == (None, False)  # the producer's store is not done
+    _step(_worker(writer, cpu_attn_caches(5), async_save=False), plan)  # now it is
+    writer.flush()
+    deadline = time.monotonic() + 5
+    got: tuple = (None, False)
+    while got[0] is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+        got = consumer.get_num_new_matched_tokens(dec, 0)
+    assert got == (79, True)  # found through a fresh lookup, from disk: an async load
+    assert consumer.take_stats()["remote_prefill_requests"] == 1
+
+    # A producer whose chunks never arrive: after the wait, the request computes what is missing.
+    impatient = VLLMScheduler(reader, N, ConnectorOptions(remote_prefill_wait_ms=50), can_save=False)
+    lost = PDRequest("l", list(range(9000, 9080)), kv_transfer_params=params)
+    t0 = time.monotonic()
+    while (answer := impatient.get_num_new_matched_tokens(lost, 0))[0] is None:
+        time.sleep(0.005)
+        assert time.monotonic() - t0 < 5, "the wait for a remote prefill did not end"
+    assert answer == (0, False) and time.monotonic() - t0 >= 0.05
+    assert impatient.take_stats()["remote_prefill_short"] == 1
+    # Params of another connector, or malformed ones, are an ordinary lookup.
+    for other in ({"do_remote_prefill": True, "remote_block_ids": [1]},
+                  {"do_remote_prefill": True, "lmcache": {"v": 1, "tokens": "80"}},
+                  {"do_remote_prefill": True, "lmcache": {"v": 99, "tokens": 80}}):
+        assert impatient.get_num_new_matched_tokens(PDRequest("o" + str(id(other)), list(range(7000, 7080)),
+                                                              kv_transfer_params=other), 0) == (0, False)
+
+
+def test_remote_prefill_wait_option_is_validated() -> None:
+    assert ConnectorOptions.split({"remote_prefill_wait_ms": "250"})[0].remote_prefill_wait_ms == 250
+    for bad in (-1, "soon"):
+        with pytest.raises(ConfigError, match="remote_prefill_wait_ms"):
+            ConnectorOptions.split({"remote_prefill_wait_ms": bad})

@@ -46,6 +46,11 @@ class ConnectorOptions:
     # auto: look requests up off the scheduler's step when a tier is remote (Redis, S3, ...);
     # true/false force one way.
     async_lookup: str = "auto"
+    # Disaggregated prefill, consumer side: how long a request whose kv_transfer_params
+    # say a prefill instance stored N prompt tokens waits for those chunks to be found
+    # (the producer's stores finish after its response); then it loads what is there and
+    # computes the rest.
+    remote_prefill_wait_ms: int = 2000
 
     @classmethod
     def split(cls, extra: Mapping[str, Any] | None) -> tuple["ConnectorOptions", dict[str, Any]]:
@@ -74,8 +79,15 @@ class ConnectorOptions:
             if async_save.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ConfigError(f"async_save: expected true or false, got {async_save!r}")
             async_save = async_save.lower() in ("true", "1", "yes", "on")
+        wait = options.get("remote_prefill_wait_ms", 2000)
+        try:
+            wait = int(wait)
+            if wait < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ConfigError(f"remote_prefill_wait_ms: expected milliseconds >= 0, got {wait!r}") from None
         return cls(async_load=async_load, async_save=bool(async_save), load_failure_policy=failure,
-                   async_lookup=async_lookup), rest
+                   async_lookup=async_lookup, remote_prefill_wait_ms=wait), rest
 
 
 def load_config(extra: Mapping[str, Any] | None) -> tuple[ConnectorOptions, Config]:

@@ -435,7 +435,8 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.request_finished(request.request_id), None
+        params = self._scheduler.transfer_params(request)  # disaggregated prefill: what decode is told
+        return self._scheduler.request_finished(request.request_id), params
 
 
 __all__ = ["LMCacheCoreConnector", "LMCacheCoreMetadata", "LMCacheCoreStats", "ConfigError"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -70,6 +71,39 @@ def prompt_tokens(request: Any) -> list[int]:
 
 _UNKEYABLE: Any = object()  # marks a request whose inputs cannot be keyed (never cached)
 
+# Disaggregated prefill (vLLM's convention, as its P/D proxies use it): the proxy sends the
+# prefill instance ``kv_transfer_params = {"do_remote_decode": true}``; that instance answers
+# with the params below, which the proxy hands the decode instance with the same prompt.
+# Our part says how many prompt tokens the producer stored; the consumer looks them up
+# (through its daemon's peers) and waits a bounded time for them to appear.
+TRANSFER_KEY = "lmcache"
+TRANSFER_VERSION = 1
+REMOTE_RETRY_S = 0.02  # between two lookups of a consumer waiting for a producer's chunks
+
+
+def remote_prefill_tokens(request: Any) -> int | None:
+    """Prompt tokens a prefill instance says it stored for this request (its
+    ``kv_transfer_params``), or None when the request is not a remote prefill of ours."""
+    params = getattr(request, "kv_transfer_params", None)
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        return None
+    ours = params.get(TRANSFER_KEY)
+    if not isinstance(ours, dict) or ours.get("v") != TRANSFER_VERSION:
+        return None
+    tokens = ours.get("tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        return None
+    return tokens
+
+
+@dataclass
+class _RemoteWait:
+    """A consumer request waiting for a producer's chunks: give up at ``deadline``."""
+
+    deadline: float
+    retry: float
+    waited: bool = False
+
 
 @dataclass(frozen=True)
 class _Hit:
@@ -90,7 +124,8 @@ class _Tracker:
     prompt: list[int]
     block_ids: list[int]
     extras: KeyExtras | None = None
-    saved: int = 0
+    saved: int = 0  # where the next store starts (the prompt's length once nothing more will be)
+    issued: int = 0  # the prompt tokens whose stores were handed to the workers
     hit_tokens: int = 0
     by_tier: dict[str, int] = field(default_factory=dict)
 
@@ -120,13 +155,15 @@ class VLLMScheduler:
         self._extras: dict[str, KeyExtras | None] = {}
         self._lookups: dict[str, "Future[tuple[int, dict[str, int]]] | tuple[int, dict[str, int]]"] = {}
         self._lookup_lock = threading.Lock()
+        self._remote_waits: dict[str, _RemoteWait] = {}
         mode = options.async_lookup
         remote = [] if daemon else [t.name for t in engine.tiers.tiers
                                     if not t.fast and not (set(getattr(type(t.store), "schemes", ())) & LOCAL_SCHEMES)]
         self.async_lookup = mode == "true" or (mode == "auto" and bool(remote))
         self._lookup_pool = ThreadPoolExecutor(2, thread_name_prefix="lmcache-vllm-lookup") \
             if self.async_lookup else None
-        self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0, "lookup_errors": 0}
+        self.stats = {"lookup_requests": 0, "lookup_tokens": 0, "hit_tokens": 0, "lookup_errors": 0,
+                      "remote_prefill_requests": 0, "remote_prefill_short": 0}
         # The workers' memory tiers (other processes under TP/PP or the mp executor).
         self.mirror = PresenceMirror()
         if engine.presence_hint is None and not daemon:
@@ -202,6 +239,11 @@ class VLLMScheduler:
         answer = self._answer(request, prompt, extras)
         if answer is None:
             return None, False
+        expected = remote_prefill_tokens(request)
+        if expected is not None:
+            answer = self._await_remote(request, prompt, extras, answer, min(expected, len(prompt)))
+            if answer is None:
+                return None, False
         hit_tokens, by_tier = answer
         hit = min(hit_tokens, int(request.num_tokens) - 1)
         ext = hit - num_computed_tokens
@@ -211,6 +253,50 @@ class VLLMScheduler:
         is_async = self._is_async(by_tier)
         self._hits[request.request_id] = _Hit(num_computed_tokens, hit, by_tier, is_async, extras)
         return ext, is_async
+
+    def _await_remote(self, request: Any, prompt: list[int], extras: KeyExtras | None,
+                      answer: tuple[int, dict[str, int]], expected: int) -> tuple[int, dict[str, int]] | None:
+        """A remote prefill's answer once its ``expected`` tokens are found, or what is found when
+        the wait (``remote_prefill_wait_ms``) runs out; None while waiting (vLLM asks again next
+        step; the lookup is repeated every ``REMOTE_RETRY_S``). Never blocks the step."""
+        rid = request.request_id
+        now = time.monotonic()
+        wait = self._remote_waits.get(rid)
+        if wait is None:
+            wait = self._remote_waits[rid] = _RemoteWait(now + self.options.remote_prefill_wait_ms / 1000,
+                                                         now + REMOTE_RETRY_S)
+            self.stats["remote_prefill_requests"] += 1
+        if answer[0] >= expected or wait.deadline <= 0:
+            return answer
+        if now >= wait.deadline:
+            wait.deadline = 0.0  # settled: this answer stands
+            self.stats["remote_prefill_short"] += 1
+            logger.warning("lmcache-core: request %s: the prefill instance stored %d prompt tokens, %d found after "
+                           "%d ms; computing the rest (raise remote_prefill_wait_ms if its stores are slower)",
+                           rid, expected, answer[0], self.options.remote_prefill_wait_ms)
+            return answer
+        if now < wait.retry:
+            return None
+        wait.retry = now + REMOTE_RETRY_S
+        with self._lookup_lock:
+            self._lookups.pop(rid, None)  # look again
+        again = self._answer(request, prompt, extras)
+        if again is None or (again[0] < expected and now < wait.deadline):
+            return None
+        return again
+
+    def transfer_params(self, request: Any) -> dict[str, Any] | None:
+        """What a finished request hands its decode instance (``kv_transfer_params``): when the
+        proxy asked (``do_remote_decode``) and this instance stores, the prompt tokens it stored."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not self.can_save or not isinstance(params, dict) or not params.get("do_remote_decode"):
+            return None
+        tr = self._trackers.get(request.request_id)
+        stored = tr.issued if tr is not None else 0
+        if stored <= 0:
+            return None  # nothing stored (unkeyable input, or a prompt shorter than a chunk): decode computes
+        return {"do_remote_prefill": True, "do_remote_decode": False,
+                TRANSFER_KEY: {"v": TRANSFER_VERSION, "tokens": stored}}
 
     def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """Blocks exist now: plan the load of ``[local, local + num_external_tokens)``. Also where a
@@ -270,7 +356,7 @@ class VLLMScheduler:
             tr.saved = n  # the chain of later chunks depends on these: the rest is not stored either
             return
         out.append(SaveSpec(tr.req_id, tuple(tr.prompt[:end]), tuple(tr.block_ids), tr.extras, tr.saved))
-        tr.saved = end
+        tr.saved = tr.issued = end
         self._save_issued.add(tr.req_id)
 
     def build_plan(self, scheduler_output: Any, null_block: int = 0) -> StepPlan:
@@ -311,6 +397,7 @@ class VLLMScheduler:
         self._hits.pop(request_id, None)
         self._sources.pop(request_id, None)
         self._extras.pop(request_id, None)
+        self._remote_waits.pop(request_id, None)
         with self._lookup_lock:
             self._lookups.pop(request_id, None)
         if request_id in self._save_issued:
