@@ -187,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_daemon_commands(sub)  # serve, status, stats, clear, invalidate
 
+    from .integrations.vllm.proxy import add_parser as add_proxy_parser  # stdlib only: no vLLM import
+
+    add_proxy_parser(sub)  # disaggregated prefill in front of vLLM servers: docs/p2p.md
+
     args = parser.parse_args(argv)
     from .errors import LMCacheError
 
