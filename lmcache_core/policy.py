@@ -8,7 +8,8 @@ throughput``), and loads the leading chunks only as far as loading them is faste
 a slow tier (S3 at tens of MB/s) in front of a model that prefills quickly is
 recomputed; a tier in this process's memory (``fast_tiers``: a hit there is a copy) is
 always loaded and never timed. Prefills shorter than ``MIN_PREFILL_TOKENS`` are not
-used (they time the engine's fixed cost per step). Before anything is measured it loads
+used (they time the engine's fixed cost per step); a sample far off its line (a prefill
+stalled by another process) is clipped before it counts (:class:`DecayedLine`). Before anything is measured it loads
 everything (and so measures); every ``PROBE_EVERY``-th request it would cut short
 loads one chunk more, so a tier that got faster is noticed.
 
@@ -40,14 +41,29 @@ class DecayedLine:
     """``y = a + b x`` by least squares over exponentially decayed samples (recent ones count most).
 
     ``decay`` is the weight an older sample keeps per new one; with one distinct ``x`` the line
-    goes through the origin (``b = mean y / mean x``)."""
+    goes through the origin (``b = mean y / mean x``). Once ``WARM`` samples are in, a new ``y``
+    is clipped to within ``clip`` times the line's prediction: one prefill stalled by another
+    process (a shared CPU stalls one by 5-20x) moves the line by a bounded step instead of
+    dragging it for the next ten samples, while a lasting change still gets through, a step
+    per sample (10x slower is followed in under 20 samples)."""
 
-    def __init__(self, decay: float = 0.9) -> None:
+    WARM = 3
+
+    def __init__(self, decay: float = 0.9, clip: float = 4.0) -> None:
+        if not 0 < decay <= 1 or clip <= 1:
+            raise ValueError(f"DecayedLine needs 0 < decay <= 1 and clip > 1, got decay={decay}, clip={clip}")
         self.decay = decay
+        self.clip = clip
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.count = 0
+        self.clipped = 0  # samples pulled in to the clip bound
 
     def add(self, x: float, y: float) -> None:
+        if self.count >= self.WARM:
+            p = self.predict(x)
+            if p is not None and p > 0 and not p / self.clip <= y <= p * self.clip:
+                y = min(max(y, p / self.clip), p * self.clip)
+                self.clipped += 1
         d = self.decay
         self.n = self.n * d + 1.0
         self.sx = self.sx * d + x
@@ -220,11 +236,13 @@ class AdaptivePolicy(LoadPolicy):
             if pre is not None:
                 out["prefill_tokens_per_s"] = 1.0 / pre[1] if pre[1] > 0 else float("inf")
                 out["prefill_overhead_s"] = pre[0]
+                out["prefill_clipped"] = self.prefill.clipped
             for t, line in self.load.items():
                 c = line.coefficients()
                 if c is not None:
                     out[f"load_bytes_per_s.{t}"] = 1.0 / c[1] if c[1] > 0 else float("inf")
                     out[f"load_latency_s.{t}"] = c[0]
+                    out[f"load_clipped.{t}"] = line.clipped
         return out
 
 

@@ -47,6 +47,42 @@ def test_decayed_line_fits_latency_and_slope():
     assert one.coefficients() == (0.0, 0.005)  # one size: proportional
 
 
+def test_decayed_line_bounds_a_stalled_sample_but_follows_a_lasting_change():
+    line = DecayedLine(0.9)
+    for i in range(12):
+        line.add(1000.0 + 100 * (i % 3), 0.05)  # 50 ms per ~1000 tokens
+    before = line.predict(1100.0)
+    line.add(1100.0, 0.05 * 20)  # one prefill stalled 20x by another process
+    assert line.clipped == 1
+    assert line.predict(1100.0) < before * 1.5  # unclipped, one sample would have tripled it
+    plain = DecayedLine(0.9, clip=1e9)
+    for i in range(12):
+        plain.add(1000.0 + 100 * (i % 3), 0.05)
+    plain.add(1100.0, 0.05 * 20)
+    assert plain.predict(1100.0) > before * 2.5
+    for i in range(20):  # the engine really got 10x slower: followed within 20 samples
+        line.add(1000.0 + 100 * (i % 3), 0.5)
+    assert line.predict(1100.0) == pytest.approx(0.5, rel=0.2)
+    for bad in ({"decay": 0.0}, {"clip": 1.0}):
+        with pytest.raises(ValueError, match="DecayedLine"):
+            DecayedLine(**bad)
+
+
+def test_adaptive_keeps_its_cut_through_a_few_stalled_prefills():
+    """A slow tier that costs 10x the recompute stays cut although two prefills stalled 20x."""
+    p = AdaptivePolicy()
+    lk = _lookup(["s3"] * 4)
+    for n in (256, 512, 1024, 2048, 512, 1024):
+        p.observe_prefill(n, n / 100e3)  # 100k tokens/s
+    for mb in (2, 4, 8):
+        p.observe_fetch([("s3", mb * 1_000_000)], mb / 100.0, 0, 0)  # 100 MB/s: 21 ms a chunk vs 2.6 ms
+    assert p.plan(lk, 4 * CHUNK, 0, _bytes) == 0
+    p.observe_prefill(1024, 20 * 1024 / 100e3)
+    p.observe_prefill(1024, 20 * 1024 / 100e3)
+    assert p.plan(lk, 4 * CHUNK, 0, _bytes) == 0
+    assert p.stats()["prefill_clipped"] == 2
+
+
 def test_always_loads_every_hit():
     lk = _lookup(["memory", "s3"])
     assert LoadPolicy().plan(lk, 512, 0, _bytes) == 512
