@@ -280,31 +280,49 @@ class TierStack:
     # -- lookup ----------------------------------------------------------------------
     def lookup(self, keys: Sequence[ChunkKey], *, fast_only: bool = False) -> Presence:
         """Longest prefix of ``keys`` present in any tier, each attributed to the fastest.
-        ``fast_only`` asks only the tiers that hold buffers in this process (no I/O)."""
-        where: list[str | None] = [None] * len(keys)
-        missing = list(range(len(keys)))
+        ``fast_only`` asks only the tiers that hold buffers in this process (no I/O).
+        Each tier is asked once about every key the faster tiers lack; a tier that has all
+        or none of them costs no per-key Python work here."""
+        n = len(keys)
+        where: list[str | None] = [None] * n
+        missing: list[int] | None = None if n else []  # indices no tier has yet; None: all of them
+        short = False  # a store answered fewer flags than keys asked: its tail is a miss
         for tier in self.tiers:
             if fast_only and not tier.fast:
                 continue
-            if not missing:
+            if missing is not None and not missing:
                 break
-            present = self._call(tier, "exists", lambda t=tier: t.store.exists(t.keys([keys[i] for i in missing])),
-                                 [False] * len(missing))
+            ask = keys if missing is None else [keys[i] for i in missing]
+            present = self._call(tier, "exists", lambda t=tier, a=ask: t.store.exists(t.keys(a)), [False] * len(ask))
+            if not isinstance(present, list):
+                present = list(present)
+            if len(present) == len(ask):
+                if all(present):
+                    if missing is None:
+                        where = [tier.name] * n
+                    else:
+                        for i in missing:
+                            where[i] = tier.name
+                    missing = []
+                    continue
+                if not any(present):
+                    continue
+            else:
+                short = True
             still = []
-            for i, ok in zip(missing, present):
+            for i, ok in zip(range(n) if missing is None else missing, present):
                 if ok:
                     where[i] = tier.name
                 else:
                     still.append(i)
             missing = still
-        hits = 0
-        for w in where:
-            if w is None:
-                break
-            hits += 1
+        if short:
+            hits = where.index(None) if None in where else n
+        else:  # every index is either found or in missing (ascending)
+            hits = 0 if missing is None else (missing[0] if missing else n)
         if fast_only and hits:
             self._write_behind(keys[:hits])
-        return Presence(hits, tuple(w for w in where[:hits] if w is not None))
+        return Presence(hits, tuple(where[:hits]))  # type: ignore[arg-type]
 
     @staticmethod
     def _remember(tier: Tier, key: ChunkKey) -> None:

@@ -113,7 +113,7 @@ class MemoryStore(Store):
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._index.lock:
-            return [k in self._chunks for k in keys]
+            return list(map(self._chunks.__contains__, keys))
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         with self._index.lock:
