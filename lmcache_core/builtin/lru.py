@@ -63,14 +63,21 @@ class LRUIndex(Generic[K]):
             self._pins[key] = n - 1
 
     def pin_many(self, keys: "Iterable[K]") -> None:
+        """:meth:`pin` of each key (inlined: a lookup pins every chunk of a request)."""
+        pins = self._pins
+        count = pins.get
         with self.lock:
             for k in keys:
-                self.pin(k)
+                pins[k] = count(k, 0) + 1
 
     def unpin_many(self, keys: "Iterable[K]") -> None:
+        """:meth:`unpin` of each key (inlined)."""
+        pins = self._pins
         with self.lock:
             for k in keys:
-                self.unpin(k)
+                n = pins.pop(k, 0)
+                if n > 1:
+                    pins[k] = n - 1
 
     def pinned(self, key: K) -> bool:
         return key in self._pins
