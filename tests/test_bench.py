@@ -97,6 +97,49 @@ def test_runner_closed_loop_keeps_turns_in_order_and_bounds_concurrency():
     assert len(run(one, w, Arrival(concurrency=4))) == 9 and one.most == 1  # CachedModel: one at a time
 
 
+class _Batched:
+    """A batched target of our own (the LLM API's way): records each wave it is handed."""
+
+    name = "batched"
+    concurrent = True
+    batched = True
+
+    def __init__(self, fail_wave: int = -1) -> None:
+        self.waves: list[list[str]] = []
+        self.fail_wave = fail_wave
+
+    def generate_batch(self, reqs: list[Request]) -> list[Outcome]:
+        self.waves.append([r.id for r in reqs])
+        if len(self.waves) - 1 == self.fail_wave:
+            raise RuntimeError("engine died")
+        return [Outcome(0.001, 0.002, r.max_tokens, 0) for r in reqs]
+
+    def generate(self, r: Request) -> Outcome:
+        return self.generate_batch([r])[0]
+
+    def info(self) -> dict[str, object]:
+        return {}
+
+
+def test_runner_feeds_a_batched_target_waves_of_the_closed_loop():
+    w = make("chat", SMALL, 0)  # 3 users x 3 rounds
+    t = _Batched()
+    rs = run(t, w, Arrival(concurrency=2))
+    assert len(rs) == 9 and not any(r.error for r in rs)
+    # two users at a time, turn by turn; the third user takes the first free place
+    assert t.waves[:3] == [["chat-u0-r0", "chat-u1-r0"], ["chat-u0-r1", "chat-u1-r1"],
+                           ["chat-u0-r2", "chat-u1-r2"]]
+    assert t.waves[3:] == [["chat-u2-r0"], ["chat-u2-r1"], ["chat-u2-r2"]]
+    rag = make("rag", SMALL, 0)
+    f = _Batched(fail_wave=1)
+    rs = run(f, rag, Arrival(concurrency=4))
+    assert [len(x) for x in f.waves] == [4, 4, 2]
+    assert sorted(r.id for r in rs if r.error) == sorted(f.waves[1]) and "engine died" in rs[4].error
+    po = _Batched()
+    rs = run(po, rag, Arrival(rate=200.0, seed=1))  # open loop: what has arrived when the engine is free
+    assert len(rs) == 10 and sum(map(len, po.waves)) == 10 and not any(r.error for r in rs)
+
+
 def test_runner_poisson_arrivals_spread_over_time():
     w = make("rag", SMALL, 0)
     t = _Recorder(concurrent=True)

@@ -62,3 +62,24 @@ def test_upstream_lmcache_where_installed(bench_run):
     assert rc == 0
     notes = " ".join(doc["notes"])
     assert "upstream" in notes  # it ran (a row per workload) or the note says why it did not start
+
+
+@pytest.mark.slow
+def test_short_bench_against_the_llm_api(vllm_env, tmp_path):
+    """vLLM's Python LLM API in a worker of the vLLM interpreter: two engine starts (none and prefix
+    share one, lmcache has its own); TTFT is vLLM's own per-request first-token latency."""
+    python, model = vllm_env
+    out = tmp_path / "llm.json"
+    rc = main(["bench", "run", "--engine", "vllm-llm", "--model", str(model), "--vllm-python", python,
+               "--configs", "none,prefix,lmcache", "--workloads", "chat,rag", "--quick", "--scale", "0.5",
+               "--chunk-size", "128", "--max-tokens", "4", "--concurrency", "2", "--kv-blocks", "24",
+               "--no-progress", "--json", str(out)])
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    assert rc == 0 and doc, "lmcache bench run --engine vllm-llm failed; see the captured log"
+    got = {(s["workload"], s["config"]): s for s in doc["summaries"]}
+    assert set(got) == {(w, c) for w in ("chat", "rag") for c in ("none", "prefix", "lmcache")}, set(got)
+    for s in got.values():
+        assert s["errors"] == 0 and s["requests"] > 0 and s["ttft_mean_s"] > 0, s
+        assert s["cached_tokens"] is not None, s
+    assert got[("chat", "none")]["cached_tokens"] == 0  # every request salted apart: nothing reused
+    assert set(doc["params"]["server_startup_s"]) == {"plain", "lmcache"}

@@ -28,13 +28,13 @@ def add_parser(sub: Any) -> None:
     bsub = p.add_subparsers(dest="bench_command", required=True)
 
     r = bsub.add_parser("run", help="drive an engine with workloads, every configuration in one run")
-    r.add_argument("--engine", choices=("vllm-serve", "transformers", "url"), default="url",
-                   help="vllm-serve: start `vllm serve` per configuration group; transformers: CachedModel; "
-                        "url: a server you run (--url)")
+    r.add_argument("--engine", choices=("vllm-serve", "vllm-llm", "transformers", "url"), default="url",
+                   help="vllm-serve: start `vllm serve` per configuration group; vllm-llm: vLLM's Python LLM "
+                        "API, one engine per group; transformers: CachedModel; url: a server you run (--url)")
     r.add_argument("--url", help="base URL of an OpenAI-compatible server (engine url)")
-    r.add_argument("--model", default="", help="vllm-serve: model directory; transformers: smollm2, random or "
+    r.add_argument("--model", default="", help="vllm-serve, vllm-llm: model directory; transformers: smollm2, random or "
                                                 "a directory; url: the served model name")
-    r.add_argument("--configs", help="comma-separated; vllm-serve: " + ",".join(eng.VLLM_CONFIGS) +
+    r.add_argument("--configs", help="comma-separated; vllm-serve, vllm-llm: " + ",".join(eng.VLLM_CONFIGS) +
                    "; transformers: " + ",".join(eng.HF_CONFIGS) + "; url: server,none (none: a unique "
                    "cache_salt per request)")
     r.add_argument("--workloads", default="chat,rag", help=f"comma-separated from {','.join(WORKLOADS)}")
@@ -48,7 +48,7 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--tiers", default="memory://?capacity=1GiB", help="lmcache tiers, comma-separated")
     r.add_argument("--chunk-size", type=int, default=256)
     r.add_argument("--daemon", default="", help="daemon socket of lmcache-daemon (default: start one)")
-    r.add_argument("--kv-blocks", type=int, default=0, help="vllm-serve: the engine's KV cache in blocks "
+    r.add_argument("--kv-blocks", type=int, default=0, help="vllm-serve, vllm-llm: the engine's KV cache in blocks "
                    "(--num-gpu-blocks-override), so its prefix cache evicts as a busy server's does")
     r.add_argument("--vllm-python", help="interpreter with vLLM (default: this one, then .venv-vllm)")
     r.add_argument("--upstream-python", help="interpreter with vLLM and upstream LMCache (config upstream)")
@@ -63,9 +63,11 @@ def add_parser(sub: Any) -> None:
                                                      "empty: the memory-tier case")
     pol.add_argument("--local-s3", action="store_true", help="start a local SeaweedFS S3 for the slow tier, "
                                                               "behind a link of --link-mb-s")
-    pol.add_argument("--link-mb-s", type=float, default=16.0, help="bandwidth to the local S3 in MB/s "
-                                                                    "(each direction; 0: no limit)")
-    pol.add_argument("--requests", type=int, default=12)
+    pol.add_argument("--link-mb-s", type=float, default=4.0, help="bandwidth to the local S3 in MB/s "
+                     "(each direction; 0: no limit); the instance that wrote the documents has its own link")
+    pol.add_argument("--requests", type=int, default=24)
+    pol.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's other load "
+                     "stalls a multi-threaded prefill at every barrier; 0: torch's default)")
     pol.add_argument("--json", help="write results here")
     pol.set_defaults(func=cmd_policy)
 
@@ -188,8 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.engine == "transformers":
             _run_transformers(args, names, arrival, progress, summaries, results, params, notes)
-        elif args.engine == "vllm-serve":
-            _run_vllm_serve(args, names, arrival, progress, summaries, results, params, notes)
+        elif args.engine in ("vllm-serve", "vllm-llm"):
+            _run_vllm(args, names, arrival, progress, summaries, results, params, notes)
         else:
             _run_url(args, names, arrival, progress, summaries, results, params)
     finally:
@@ -245,13 +247,15 @@ def _model_config(model_dir: str) -> tuple[int, int]:
     return int(cfg.get("vocab_size", 32000)), min(8192, int(cfg.get("max_position_embeddings", 4096)))
 
 
-def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival, progress: Progress,
-                    summaries: list[report.Summary], results: dict[str, list[Result]], params: dict[str, Any],
-                    notes: list[str]) -> None:
+def _run_vllm(args: argparse.Namespace, names: list[str], arrival: Arrival, progress: Progress,
+              summaries: list[report.Summary], results: dict[str, list[Result]], params: dict[str, Any],
+              notes: list[str]) -> None:
+    """``vllm serve`` (HTTP, streaming) or ``vllm.LLM`` in a worker (waves): one engine per group."""
+    from .llm_api import LLMTarget, LLMWorker
     from .targets import OpenAITarget
 
     if not args.model:
-        raise SystemExit("--engine vllm-serve needs --model DIR (a model directory vLLM can load)")
+        raise SystemExit(f"--engine {args.engine} needs --model DIR (a model directory vLLM can load)")
     configs = _configs(args, eng.VLLM_CONFIGS, "none,prefix,lmcache")
     python = eng.python_with("vllm", args.vllm_python)
     if python is None:
@@ -283,21 +287,28 @@ def _run_vllm_serve(args: argparse.Namespace, names: list[str], arrival: Arrival
                              "(pass --upstream-python); skipped")
                 continue
             connector, env = eng.upstream_connector()
-        server = eng.VLLMServer(py, args.model, connector=connector, env=env, log_dir=log_dir,
-                                max_model_len=context,
-                                extra_args=("--num-gpu-blocks-override", str(args.kv_blocks)) if args.kv_blocks
-                                else ())
+        server: eng.VLLMServer | LLMWorker
+        if args.engine == "vllm-llm":
+            server = LLMWorker(py, args.model, connector=connector, env=env, log_dir=log_dir, max_model_len=context,
+                               num_blocks=args.kv_blocks)
+        else:
+            server = eng.VLLMServer(py, args.model, connector=connector, env=env, log_dir=log_dir,
+                                    max_model_len=context,
+                                    extra_args=("--num-gpu-blocks-override", str(args.kv_blocks)) if args.kv_blocks
+                                    else ())
         try:
             try:
                 server.start()
             except RuntimeError as exc:
                 if group == "upstream":  # a peer that does not run here is a finding, not a bench error
-                    notes.append(f"upstream: vllm serve with LMCacheConnectorV1 did not start: {str(exc)[-600:]}")
+                    notes.append(f"upstream: {args.engine} with LMCacheConnectorV1 did not start: "
+                                 f"{str(exc)[-600:]}")
                     continue
                 raise
             startups[group] = round(server.startup_s, 1)
             for cfg in cfgs:
-                target = OpenAITarget(cfg, server.url, "bench", unique_salt=cfg == "none")
+                target: Any = (LLMTarget(cfg, server, unique_salt=cfg == "none") if isinstance(server, LLMWorker)
+                               else OpenAITarget(cfg, server.url, "bench", unique_salt=cfg == "none"))
                 _phase(target, cfg, workloads, arrival, progress, summaries, results)
             if group == "upstream":
                 notes.append("upstream: " + eng.upstream_findings(server.log_path))
@@ -352,8 +363,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
     from .policy_bench import PolicyShape, policy_model, policy_stats, run_policy_bench
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     console = Console()
-    slow, server, proxy = args.slow_tier or None, None, None
+    slow, server, proxy, writer = args.slow_tier or None, None, None, None
     if args.local_s3:
         from ..testing.servers import SeaweedS3
         from .throttle import ProxyProcess
@@ -363,15 +378,18 @@ def cmd_policy(args: argparse.Namespace) -> int:
         if args.link_mb_s > 0:
             proxy = ProxyProcess(server.port, args.link_mb_s * 1e6)
             slow = server.url(bucket, endpoint_url=proxy.endpoint_url)
+            writer = server.url(bucket)
         else:
             slow = server.url(bucket)
+    shape = PolicyShape(requests=args.requests)
     try:
-        results = run_policy_bench(policy_model(), slow, PolicyShape(requests=args.requests))
+        run = run_policy_bench(policy_model(), slow, shape, writer_tier=writer)
     finally:
         if proxy is not None:
             proxy.close()
         if server is not None:
             server.close()
+    results = run.results
     summaries = [report.summarize(cfg, "policy-" + ("slow" if slow else "memory"), rs,
                                   sum(r.total_s for r in rs)) for cfg, rs in results.items()]
     console.print(report.table(summaries, title="load_policy: " + ("slow tier" if slow else "memory tier")))
@@ -379,7 +397,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
         f"{k} {v * 1e3:.1f}" for k, v in policy_stats(results, 1).items()))
     path = Path(args.json) if args.json else default_json("policy")
     report.write_json(path, summaries=summaries, results=results,
-                      params={"slow_tier": bool(slow), "requests": args.requests,
-                              "link_mb_s": args.link_mb_s if args.local_s3 else None})
+                      params={"slow_tier": bool(slow), "requests": args.requests, "shape": shape.__dict__,
+                              "link_mb_s": args.link_mb_s if args.local_s3 else None, "threads": args.threads,
+                              "adaptive_estimates": run.policy})
     console.print(f"results: {path}")
     return 0

@@ -1,12 +1,15 @@
 """Load or recompute, measured: ``always`` vs ``adaptive`` vs no cache on one ``CachedModel``.
 
-The case the policy is for: a shared system prompt sits in this engine's memory tier,
+The case the policy is for: a long shared system prompt sits in this engine's memory tier,
 documents were stored by another instance into a slow shared tier (S3), and the model
-prefills quickly. ``always`` loads the documents from the slow tier; ``adaptive``
-loads the system prompt and recomputes the documents once it has measured both;
-no cache recomputes everything. With ``slow_tier`` None the documents sit in the
-memory tier too (the case where adaptive must cost nothing). Configurations take
-turns request by request, so drift on a shared machine hits them alike.
+prefills quickly next to that tier. ``always`` loads the documents from the slow tier;
+``adaptive`` loads the system prompt and recomputes the documents once it has measured both;
+no cache recomputes everything. The default shape makes the answer a matter of physics,
+not of noise (docs/bench.md derives it): the system prompt costs several times more to
+compute than to copy, each document several times more to load over the link than to
+compute. With ``slow_tier`` None the documents sit in the memory tier too (the case where
+adaptive must cost nothing). Configurations take turns request by request, so drift on a
+shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ POLICY_CONFIGS = ("none", "always", "adaptive")
 
 @dataclass(frozen=True)
 class PolicyShape:
-    system: int = 512
-    doc: int = 1536
+    system: int = 6144
+    doc: int = 1024
     question: int = 128
-    requests: int = 12
+    requests: int = 24
     max_tokens: int = 1
     chunk_size: int = 256
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    results: dict[str, list[Result]]  # per configuration, in request order
+    policy: dict[str, object]  # the adaptive engine's estimates at the end (AdaptivePolicy.stats)
 
 
 def policy_model(seed: int = 0) -> Any:
@@ -42,8 +51,11 @@ def policy_model(seed: int = 0) -> Any:
 
 
 def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = PolicyShape(), seed: int = 0,
-                     on_result: Callable[[str, Result], None] | None = None) -> dict[str, list[Result]]:
-    """Results per configuration (``none``, ``always``, ``adaptive``)."""
+                     on_result: Callable[[str, Result], None] | None = None,
+                     writer_tier: str | None = None) -> PolicyRun:
+    """Results per configuration (``none``, ``always``, ``adaptive``). ``writer_tier``: the same
+    store as ``slow_tier`` as the instance that wrote the documents reaches it (its own link;
+    default ``slow_tier``)."""
     from ..config import Config
     from ..engine import CacheEngine
     from ..integrations.transformers import CachedModel, geometry_for, model_identity
@@ -72,7 +84,7 @@ def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = Pol
 
     engines: list[CacheEngine] = []
     try:
-        writer = engine([slow_tier] if slow_tier else [memory])
+        writer = engine([writer_tier or slow_tier] if slow_tier else [memory])
         engines.append(writer)
         if slow_tier:  # another instance stored the documents (system prompt + document) there
             cm = CachedModel(model, writer)
@@ -103,7 +115,7 @@ def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = Pol
                 out[cfg].append(r)
                 if on_result is not None:
                     on_result(cfg, r)
-        return out
+        return PolicyRun(out, targets["adaptive"].engine.policy.stats())
     finally:
         for e in engines:
             e.close()

@@ -3,6 +3,11 @@
 
 A request that fails is a result with ``error`` set (the run goes on; the CLI exits non-zero
 when any failed). Sessions run their requests in order: a chat turn waits for the one before.
+
+A target with ``batched = True`` (vLLM's ``LLM`` API, which batches what it is given) is fed
+waves instead of threads: closed loop, a wave is the next turn of each of ``concurrency``
+sessions (a finished session's place goes to the next one); open loop, a wave is every
+request that has arrived, and whose turn before it is done, when the engine is free.
 """
 
 from __future__ import annotations
@@ -65,6 +70,60 @@ def _one(target: Target, req: Request, t0: float) -> Result:
     return res
 
 
+def _arrivals(sessions: list[tuple[Request, ...]], arrival: Arrival) -> dict[tuple[int, int], float]:
+    """Request arrival times: a Poisson process over the workload's request order, each
+    session's turns in order (a turn starts at its arrival or when the one before ends)."""
+    rng = np.random.default_rng([arrival.seed, 7])
+    order = [(si, ri) for ri in range(max(map(len, sessions), default=0))
+             for si, s in enumerate(sessions) if ri < len(s)]
+    gaps = rng.exponential(1.0 / arrival.rate, size=len(order))
+    return {k: float(t) for k, t in zip(order, np.cumsum(gaps))}
+
+
+def _waves(target: Any, sessions: list[tuple[Request, ...]], arrival: Arrival, t0: float,
+           record: Callable[[Result], None]) -> None:
+    """Feed a batched target one wave at a time (module docstring)."""
+    nxt = [0] * len(sessions)
+    at = _arrivals(sessions, arrival) if arrival.rate > 0 else {}
+    waiting = list(range(len(sessions)))  # closed loop: sessions not yet started, in order
+    active: list[int] = []
+    while True:
+        if arrival.rate > 0:
+            now = time.perf_counter() - t0
+            pending = [(at[(si, nxt[si])], si) for si in range(len(sessions)) if nxt[si] < len(sessions[si])]
+            if not pending:
+                return
+            first = min(pending)[0]
+            if first > now:
+                time.sleep(first - now)
+                now = time.perf_counter() - t0
+            wave = [si for t, si in sorted(pending) if t <= now]
+        else:
+            active = [si for si in active if nxt[si] < len(sessions[si])]
+            while waiting and len(active) < max(1, arrival.concurrency):
+                active.append(waiting.pop(0))
+            if not active:
+                return
+            wave = list(active)
+        reqs = [sessions[si][nxt[si]] for si in wave]
+        start = time.perf_counter() - t0
+        try:
+            outs: list[Any] = target.generate_batch(reqs)
+        except Exception as exc:  # noqa: BLE001 - a failed wave is failed results, the run goes on
+            logger.warning("a wave of %d requests on %s failed: %s: %s", len(reqs), target.name,
+                           type(exc).__name__, exc)
+            outs = [exc] * len(reqs)
+        for si, req, out in zip(wave, reqs, outs):
+            res = Result(req.id, req.session, start, len(req.tokens))
+            if isinstance(out, Exception):
+                res.error = f"{type(out).__name__}: {out}"
+            else:
+                res.ttft_s, res.total_s, res.output_tokens = out.ttft_s, out.total_s, out.output_tokens
+                res.cached_tokens, res.by_tier = out.cached_tokens, out.by_tier
+            record(res)
+            nxt[si] += 1
+
+
 def run(target: Target, workload: Workload, arrival: Arrival,
         on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every request of ``workload`` against ``target``; results in completion order."""
@@ -79,14 +138,11 @@ def run(target: Target, workload: Workload, arrival: Arrival,
             on_result(r)
 
     sessions = list(workload.sessions)
+    if getattr(target, "batched", False):
+        _waves(target, sessions, arrival, t0, record)
+        return results
     if arrival.rate > 0:
-        # Request arrival times: a Poisson process over the workload's request order, each
-        # session's turns in order (a turn starts at its arrival or when the one before ends).
-        rng = np.random.default_rng([arrival.seed, 7])
-        order = [(si, ri) for ri in range(max(map(len, sessions), default=0))
-                 for si, s in enumerate(sessions) if ri < len(s)]
-        gaps = rng.exponential(1.0 / arrival.rate, size=len(order))
-        at: dict[tuple[int, int], float] = {k: float(t) for k, t in zip(order, np.cumsum(gaps))}
+        at = _arrivals(sessions, arrival)
 
         def session_loop(si: int) -> None:
             for ri, req in enumerate(sessions[si]):
