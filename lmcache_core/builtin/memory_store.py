@@ -53,12 +53,13 @@ class MemoryStore(Store):
 
     def __init__(self, context: StoreContext, capacity: int | None, name: str = "memory") -> None:
         super().__init__(name, context)
-        self._index: LRUIndex[ChunkKey] = LRUIndex(capacity)
+        # The recency index, the pins and ``exists`` use a key's 32-byte id (namespace + digest),
+        # which hashes and compares in C; a ChunkKey would cost a Python __hash__ (and __eq__)
+        # call per key and dict operation: 512 keys on the 2-core VM, exists 0.057 against
+        # 0.125 ms, pin 0.05 against 0.11 ms.
+        self._index: LRUIndex[bytes] = LRUIndex(capacity)
         self._chunks: dict[ChunkKey, ChunkBuffer] = {}
-        # The same keys as 32 bytes (namespace + digest): ``exists`` asks this set, whose bytes hash
-        # and compare in C, where the dict would call ChunkKey.__hash__/__eq__ for every key
-        # (0.057 against 0.125 ms for 512 keys on the 2-core VM).
-        self._ids: set[bytes] = set()
+        self._keys: dict[bytes, ChunkKey] = {}  # id -> the key held in _chunks
         self.evictions = 0
         self.journal: PresenceJournal | None = None
 
@@ -78,20 +79,22 @@ class MemoryStore(Store):
 
     def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
         size = chunk.nbytes
+        kid = key.namespace + key.digest
         with self._index.lock:
-            if key in self._chunks:
-                self._index.touch(key)
+            if kid in self._keys:
+                self._index.touch(kid)
                 return True
-            victims = self._index.make_room(size)
-            if victims is None:
+            found = self._index.make_room(size)
+            if found is None:
                 logger.debug("memory tier full of pinned chunks; not caching %s", key)
                 return False
+            victims = [self._keys[v] for v in found]
             for victim in victims:
                 self._drop(victim)
             self.evictions += len(victims)
             self._chunks[key] = chunk.retain()
-            self._ids.add(key.namespace + key.digest)
-            self._index.add(key, size)
+            self._keys[kid] = key
+            self._index.add(kid, size)
             if self.journal is not None:
                 self.journal.record(added=(key,), removed=victims)
         if victims and self.context.on_evict:
@@ -99,10 +102,11 @@ class MemoryStore(Store):
         return True
 
     def _drop(self, key: ChunkKey, *, journal: bool = False) -> bool:
+        kid = key.namespace + key.digest
         chunk = self._chunks.pop(key, None)
-        self._index.remove(key)
+        self._index.remove(kid)
         if chunk is not None:
-            self._ids.discard(key.namespace + key.digest)
+            del self._keys[kid]
             if journal and self.journal is not None:
                 self.journal.record(removed=(key,))
             chunk.release()
@@ -114,12 +118,12 @@ class MemoryStore(Store):
             chunk = self._chunks.get(key)
             if chunk is None:
                 return None
-            self._index.touch(key)
+            self._index.touch(key.namespace + key.digest)
             return chunk.retain()
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._index.lock:
-            ids = self._ids
+            ids = self._keys
             return [k.namespace + k.digest in ids for k in keys]
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
@@ -131,10 +135,10 @@ class MemoryStore(Store):
             return list(self._chunks)
 
     def pin(self, keys: Sequence[ChunkKey]) -> None:
-        self._index.pin_many(keys)
+        self._index.pin_many([k.namespace + k.digest for k in keys])
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        self._index.unpin_many(keys)
+        self._index.unpin_many([k.namespace + k.digest for k in keys])
 
     def usage(self) -> Usage:
         with self._index.lock:
