@@ -426,16 +426,19 @@ class PrefixKeys:
 
     def _keys_of_list(self, tokens: list[int]) -> list[ChunkKey]:
         old, n = self._list, self._tokens.size
+        self._list = None  # set again once _tokens holds what it says (nothing below may leave them apart)
         if old is not None and len(tokens) >= n:
             tail = tokens[n:]
             old += tail  # compare whole lists: no slice of the long prefix
             if old == tokens:
                 arr = np.concatenate((self._tokens, token_bytes(tail))) if tail else self._tokens
-                return self._take(arr, n)
+                keys = self._take(arr, n)
+                self._list = old
+                return keys
         arr = token_bytes(tokens)
-        common = self._common(arr)
+        keys = self._take(arr, self._common(arr))
         self._list = list(tokens)
-        return self._take(arr, common)
+        return keys
 
     def _common(self, arr: np.ndarray) -> int:
         """How many leading tokens ``arr`` shares with the tokens hashed so far."""

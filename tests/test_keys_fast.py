@@ -261,3 +261,21 @@ def test_tier_lookup_equals_reference():
             finally:
                 stack.close()
                 ref_stack.close()
+
+
+def test_prefix_keys_after_a_refused_input():
+    chunk = 4
+    toks = list(range(6 * chunk))
+    cache = PrefixKeys(NS, chunk)
+    cache.keys(toks)
+    bad = toks + [None]
+    with pytest.raises(TypeError):
+        cache.keys(bad)  # the tail does not convert: nothing is kept from it
+    toks.append(3)
+    assert _triples(cache.keys(toks)) == reference_chunk_keys(toks, NS, chunk)
+    extras = KeyExtras(embeds=(b"d" * 16,), embeds_chunk=chunk, embeds_tokens=chunk)
+    cache = PrefixKeys(NS, chunk, extras=extras)
+    assert _triples(cache.keys(toks[:chunk])) == reference_chunk_keys(toks[:chunk], NS, chunk, extras=extras)
+    with pytest.raises(ValueError):
+        cache.keys(toks)  # past the embedding digests: refused as chunk_keys refuses it
+    assert _triples(cache.keys(toks[:chunk])) == reference_chunk_keys(toks[:chunk], NS, chunk, extras=extras)
