@@ -8,6 +8,7 @@
 # (STEPS=codecs: benchmarks/codecs.py --sections gpu -> codecs.log, codecs-gpu.json)
 # (STEPS=daemon: connector_gpu.py --daemon -> connector_gpu-daemon.json; daemon.py --gpu -> daemon-gpu.json)
 # (STEPS=p2p: nixl conformance -> nixl-gpu.json; nixl_vram.py -> nixl-vram.json; p2p.py --device cuda -> p2p-gpu.json)
+# (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -101,4 +102,10 @@ if want p2p; then
     timeout 240 $PY benchmarks/p2p.py --device cuda --machine h200 --json "$OUT/p2p-gpu.json" \
         >"$OUT/p2p.log" 2>&1
     echo "p2p rc=$?"; grep -v "NIXL INFO" "$OUT/p2p.log" | tail -n 5
+fi
+
+# Key hashing plus lookup (issue 12: under 1 ms for 128K tokens), on this host's CPU cores.
+if want lookup; then
+    timeout 300 $PY benchmarks/lookup.py --machine h200 --profile --json "$OUT/lookup-gpu.json" >"$OUT/lookup.log" 2>&1
+    echo "lookup rc=$?"; head -n 17 "$OUT/lookup.log"
 fi
