@@ -245,6 +245,12 @@ class ChunkKey:
     def to_bytes(self) -> bytes:
         return self.namespace + self.digest
 
+    @cached_property
+    def id(self) -> bytes:
+        """:meth:`to_bytes`, kept: the 32 bytes that hash and compare in C, for the stores'
+        indexes (set when :func:`chunk_keys` makes the key)."""
+        return self.namespace + self.digest
+
     @classmethod
     def from_bytes(cls, data: bytes, num_tokens: int = 0) -> "ChunkKey":
         if len(data) != 2 * HASH_BYTES:
@@ -281,6 +287,7 @@ def _trusted_key(namespace: bytes, digest: bytes, num_tokens: int) -> ChunkKey:
     fields["namespace"] = namespace
     fields["digest"] = digest
     fields["num_tokens"] = num_tokens
+    fields["id"] = namespace + digest
     return key
 
 
@@ -364,6 +371,7 @@ def _chain(arr: np.ndarray, start: int, stop: int, prev: bytes, ns: bytes, chunk
             fields["namespace"] = ns
             fields["digest"] = prev
             fields["num_tokens"] = chunk_size
+            fields["id"] = ns + prev
             append(key)
     if save_partial and end_full < stop:
         h = new_hasher(prev)

@@ -108,6 +108,8 @@ def test_fast_keys_are_ordinary_keys():
     assert type(key) is ChunkKey and key.num_tokens == 44
     assert key == ChunkKey(key.namespace, key.digest, 44) and hash(key) == hash(ChunkKey(key.namespace, key.digest, 0))
     assert pickle.loads(pickle.dumps(key)) == key
+    assert key.id == key.to_bytes() == ChunkKey(key.namespace, key.digest, 0).id
+    assert pickle.loads(pickle.dumps(key)).id == key.id
     assert ChunkKey.from_bytes(key.to_bytes(), 44) == key
     with pytest.raises(ValueError):
         ChunkKey(b"short", key.digest, 1)  # external construction is still validated

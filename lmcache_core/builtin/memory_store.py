@@ -79,7 +79,7 @@ class MemoryStore(Store):
 
     def put(self, key: ChunkKey, chunk: ChunkBuffer) -> bool:
         size = chunk.nbytes
-        kid = key.namespace + key.digest
+        kid = key.id
         with self._index.lock:
             if kid in self._keys:
                 self._index.touch(kid)
@@ -102,7 +102,7 @@ class MemoryStore(Store):
         return True
 
     def _drop(self, key: ChunkKey, *, journal: bool = False) -> bool:
-        kid = key.namespace + key.digest
+        kid = key.id
         chunk = self._chunks.pop(key, None)
         self._index.remove(kid)
         if chunk is not None:
@@ -118,13 +118,13 @@ class MemoryStore(Store):
             chunk = self._chunks.get(key)
             if chunk is None:
                 return None
-            self._index.touch(key.namespace + key.digest)
+            self._index.touch(key.id)
             return chunk.retain()
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._index.lock:
             ids = self._keys
-            return [k.namespace + k.digest in ids for k in keys]
+            return [k.id in ids for k in keys]
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         with self._index.lock:
@@ -135,10 +135,10 @@ class MemoryStore(Store):
             return list(self._chunks)
 
     def pin(self, keys: Sequence[ChunkKey]) -> None:
-        self._index.pin_many([k.namespace + k.digest for k in keys])
+        self._index.pin_many([k.id for k in keys])
 
     def unpin(self, keys: Sequence[ChunkKey]) -> None:
-        self._index.unpin_many([k.namespace + k.digest for k in keys])
+        self._index.unpin_many([k.id for k in keys])
 
     def usage(self) -> Usage:
         with self._index.lock:
