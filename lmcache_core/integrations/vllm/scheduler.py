@@ -102,7 +102,8 @@ class _RemoteWait:
 
     deadline: float
     retry: float
-    waited: bool = False
+    started: float = 0.0
+    lookups: int = 1
 
 
 @dataclass(frozen=True)
@@ -264,9 +265,14 @@ class VLLMScheduler:
         wait = self._remote_waits.get(rid)
         if wait is None:
             wait = self._remote_waits[rid] = _RemoteWait(now + self.options.remote_prefill_wait_ms / 1000,
-                                                         now + REMOTE_RETRY_S)
+                                                         now + REMOTE_RETRY_S, now)
             self.stats["remote_prefill_requests"] += 1
-        if answer[0] >= expected or wait.deadline <= 0:
+        if wait.deadline <= 0:
+            return answer
+        if answer[0] >= expected:
+            wait.deadline = 0.0
+            logger.info("lmcache-core: request %s: the prefill instance's %d prompt tokens found after %.1f ms "
+                        "(%d lookups)", rid, expected, (now - wait.started) * 1000, wait.lookups)
             return answer
         if now >= wait.deadline:
             wait.deadline = 0.0  # settled: this answer stands
@@ -278,12 +284,13 @@ class VLLMScheduler:
         if now < wait.retry:
             return None
         wait.retry = now + REMOTE_RETRY_S
+        wait.lookups += 1
         with self._lookup_lock:
             self._lookups.pop(rid, None)  # look again
         again = self._answer(request, prompt, extras)
-        if again is None or (again[0] < expected and now < wait.deadline):
-            return None
-        return again
+        if again is None or again[0] < expected:
+            return None  # the next call settles it (found, or the deadline)
+        return self._await_remote(request, prompt, extras, again, expected)
 
     def transfer_params(self, request: Any) -> dict[str, Any] | None:
         """What a finished request hands its decode instance (``kv_transfer_params``): when the
