@@ -83,7 +83,8 @@ fi
 
 # NIXL transport and P2P (issue 13): the transport contract on the GPU host, VRAM/DRAM one-sided
 # reads between two processes vs torch copies, and P2P fetches. The nixl wheels (nixl, nixl-cu12)
-# are carried under build/nixl-wheels and installed offline when present.
+# are carried under build/nixl-wheels and installed offline when present: nixl 1.5.1 and
+# nixl-cu13 1.5.1 (cp312, 58.8 MB: with the 7 MB tree it fits the 64 MiB carry; nixl-cu12 does not).
 if want p2p; then
     if ls build/nixl-wheels/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps build/nixl-wheels/*.whl >"$OUT/nixl-setup.log" 2>&1

@@ -13,7 +13,8 @@ hands out raw descriptors of the very same chunk images. This process then, per 
 - ``engine retrieve``: ``CacheEngine.retrieve`` of the whole prompt from the p2p tier, which
   adds the device's scatter into a paged KV cache (on CPU the torch scatter dominates).
 
-Each figure is the best of ``--reps`` rounds. A Redis directory is started on loopback.
+Each figure is the best of ``--reps`` rounds. A Redis directory is started on loopback (where
+no redis-server is installed, the GPU host, a rendezvous ``peers=`` list names the holder instead).
 
     python benchmarks/p2p.py                         # tcp and nixl where it imports
     python benchmarks/p2p.py --transports tcp --chunks 8 --json out.json
@@ -53,7 +54,7 @@ def config(args: argparse.Namespace, listen: str, transport: str, device: str = 
 
     return Config.from_dict({
         "tiers": [f"memory://?capacity={4 * args.chunks * args.tokens * args.layers * 8 * HEADS * DIM}",
-                  f"p2p://{listen}?directory={args.directory}&token_file={args.token_file}&transport={transport}"
+                  f"p2p://{listen}?{args.directory}&token_file={args.token_file}&transport={transport}"
                   f"&timeout=30"],
         "chunk_size": args.tokens, "device": device, "max_inflight_bytes": 8 << 30,
         "host_pool_size": 8 << 30})
@@ -65,7 +66,9 @@ def serve(args: argparse.Namespace) -> None:
 
     total = args.chunks * args.tokens
     _, kv = paged(args.layers, total, 1)
-    eng = CacheEngine(kv.geometry, config(args, "127.0.0.1", args.transport), model="bench-p2p")
+    # With a rendezvous peer list (no Redis) the holder listens where the list says.
+    listen = args.directory.removeprefix("peers=") if args.directory.startswith("peers=") else "127.0.0.1"
+    eng = CacheEngine(kv.geometry, config(args, listen, args.transport), model="bench-p2p")
     tokens = list(range(total))
     eng.store(tokens, kv, torch.arange((total + BLOCK - 1) // BLOCK), wait=True)
     eng.flush()
@@ -187,15 +190,24 @@ def main() -> None:
     if args.mode == "serve":
         serve(args)
         return
-    from lmcache_core.testing.servers import RedisServer
+    from contextlib import ExitStack
+
+    from lmcache_core.testing.servers import RedisServer, free_port
 
     results, skipped = [], {}
-    with tempfile.TemporaryDirectory() as tmp, RedisServer.redis() as redis:
-        redis.start()
-        args.directory = f"{redis.url}/0"
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        try:
+            redis = stack.enter_context(RedisServer.redis())
+            redis.start()
+            args.directory = f"directory={redis.url}/0"
+        except Exception as exc:  # noqa: BLE001 - no redis-server here (the GPU host): rendezvous instead
+            print(f"no Redis directory ({type(exc).__name__}: {exc}); using a rendezvous peer list")
+            args.directory = f"peers=127.0.0.1:{free_port()}"
         args.token_file = str(Path(tmp) / "token")
         Path(args.token_file).write_text("benchmark-cluster-token-0123456789")
         for tr in args.transports:
+            if args.directory.startswith("peers="):
+                args.directory = f"peers=127.0.0.1:{free_port()}"  # a fresh holder address per transport
             try:
                 results.append(measure(args, tr))
             except Exception as exc:  # noqa: BLE001 - one transport failing still reports the others
@@ -209,7 +221,7 @@ def main() -> None:
               f"{g['engine_retrieve']:9.2f} {r['ratio_engine_retrieve']:6.2f} {r['bit_exact']}")
     for tr, why in skipped.items():
         print(f"{tr}: not measured: {why}")
-    report = {"benchmark": "p2p", "machine": args.machine, "host": platform.node(), "cpu_count": os.cpu_count(),
+    report = {"benchmark": "p2p", "machine": args.machine, "directory": args.directory.split("=", 1)[0], "host": platform.node(), "cpu_count": os.cpu_count(),
               "date": time.strftime("%Y-%m-%d"), "device": args.device, "layers": args.layers,
               "tokens_per_chunk": args.tokens, "reps": args.reps, "results": results, "skipped": skipped}
     path = args.json or str(Path(__file__).parent / "results" / f"p2p-{args.machine}-{report['date']}.json")
