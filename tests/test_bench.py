@@ -170,6 +170,19 @@ def test_report_json_table_and_plot(tmp_path):
         assert out is not None and out.stat().st_size > 1000
 
 
+def test_plot_command_takes_several_runs(tmp_path):
+    rs = run(_Recorder(concurrent=True), make("qa", SMALL, 0), Arrival(concurrency=2))
+    paths = [write_json(tmp_path / f"r{i}.json", summaries=[], results={"qa/x": rs}, params={}) for i in (1, 2)]
+    png = tmp_path / "p.png"
+    rc = main(["bench", "plot", *map(str, paths), str(png)])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert rc == 2 and not png.exists()  # said so on stderr; matplotlib is never a dependency
+    else:
+        assert rc == 0 and png.stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_bench_run_transformers_end_to_end(tmp_path, capsys):
     """The CLI against a real random-weight Llama behind CachedModel: no cache and embedded lmcache."""

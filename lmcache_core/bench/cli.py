@@ -71,8 +71,9 @@ def add_parser(sub: Any) -> None:
     pol.add_argument("--json", help="write results here")
     pol.set_defaults(func=cmd_policy)
 
-    pl = bsub.add_parser("plot", help="plot a bench JSON (TTFT CDF, hit rate over time, tokens saved)")
-    pl.add_argument("json")
+    pl = bsub.add_parser("plot", help="plot bench JSONs (TTFT CDF, hit rate over time, tokens saved)")
+    pl.add_argument("json", nargs="+", help="one or more results; with several, each curve is named "
+                                             "after its run's time (the JSON's date)")
     pl.add_argument("png")
     pl.set_defaults(func=cmd_plot)
 
@@ -84,7 +85,14 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    out = report.plot(Path(args.png), report.read_results(Path(args.json)))
+    import json
+
+    results: dict[str, list[Result]] = {}
+    for name in args.json:
+        rs = report.read_results(Path(name))
+        when = json.loads(Path(name).read_text()).get("date", name)[11:16] if len(args.json) > 1 else ""
+        results.update({f"{when} {k}".strip(): v for k, v in rs.items()})
+    out = report.plot(Path(args.png), results)
     if out is None:
         print("matplotlib is not importable here; run this with an interpreter that has it", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ shared machine hits them alike.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -104,13 +105,15 @@ def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = Pol
             eng.flush(60)
         plain = CachedModel(model, writer)
         out: dict[str, list[Result]] = {c: [] for c in POLICY_CONFIGS}
+        t0 = time.perf_counter()
         for i, p in enumerate(prompts):
             order = list(POLICY_CONFIGS[i % 3:] + POLICY_CONFIGS[: i % 3])  # take turns going first
             for cfg in order:
                 req = Request(f"policy-{i}", f"p{i}", tuple(p), shape.max_tokens)
                 cm = plain if cfg == "none" else targets[cfg]
+                start = time.perf_counter() - t0
                 res = cm.generate(p, max_new_tokens=shape.max_tokens, use_cache=cfg != "none")
-                r = Result(req.id, req.session, 0.0, len(p), res.ttft_s, res.total_s, len(res.tokens),
+                r = Result(req.id, req.session, start, len(p), res.ttft_s, res.total_s, len(res.tokens),
                            res.hit_tokens, dict(res.by_tier))
                 out[cfg].append(r)
                 if on_result is not None:

@@ -111,6 +111,8 @@ def plot(path: Path, results: dict[str, list[Result]]) -> Path | None:
         return None
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     saved: dict[str, int] = {}
+    # results without start times (lmcache bench policy before it kept them) are drawn by request number
+    timed = any(r.start_s > 0 for rs in results.values() for r in rs)
     for name, rs in results.items():
         ok = sorted((r for r in rs if not r.error), key=lambda r: r.start_s)
         if not ok:
@@ -120,10 +122,12 @@ def plot(path: Path, results: dict[str, list[Result]]) -> Path | None:
         if all(r.cached_tokens is not None for r in ok):
             cum_hit = np.cumsum([r.cached_tokens or 0 for r in ok])
             cum_prompt = np.cumsum([r.prompt_tokens for r in ok])
-            b.plot([r.start_s for r in ok], cum_hit / np.maximum(cum_prompt, 1), label=name)
+            x = [r.start_s for r in ok] if timed else list(range(1, len(ok) + 1))
+            b.plot(x, cum_hit / np.maximum(cum_prompt, 1), label=name)
             saved[name] = int(cum_hit[-1])
     a.set(xlabel="TTFT (ms, log scale)", ylabel="fraction of requests", title="TTFT CDF", xscale="log")
-    b.set(xlabel="time since start (s)", ylabel="hit rate so far", title="hit rate over time", ylim=(0, 1))
+    b.set(xlabel="time since start (s)" if timed else "request", ylabel="hit rate so far",
+          title="hit rate over time", ylim=(0, 1))
     c.bar(list(saved), list(saved.values()))
     c.set(ylabel="prompt tokens not computed", title="prefill tokens saved")
     c.tick_params(axis="x", rotation=30)
