@@ -20,7 +20,7 @@ from .workloads import WORKLOADS, Shape, make
 
 logger = logging.getLogger(__name__)
 SCRIPTS = {"storage": "storage.py", "gpu-transfer": "gpu_transfer.py", "connector-gpu": "connector_gpu.py",
-           "demo-ttft": "demo_ttft.py"}
+           "demo-ttft": "demo_ttft.py", "lookup": "lookup.py"}
 
 
 def add_parser(sub: Any) -> None:
