@@ -1,6 +1,7 @@
 """The configurations a bench compares, and the engines behind them.
 
-vLLM (``vllm serve``, one process per group of configurations that can share it):
+vLLM (``vllm serve``, or ``vllm.LLM`` in a worker: :mod:`.llm_api`; one engine per group of
+configurations that can share it):
 
 - ``none``: no external cache; the server runs with its prefix cache, but every request
   carries its own ``cache_salt``, so nothing is ever reused (same process as ``prefix``);
