@@ -198,3 +198,16 @@ def test_bench_run_transformers_end_to_end(tmp_path, capsys):
     assert by[("chat", "none")]["cached_tokens"] == 0
     assert by[("chat", "lmcache")]["cached_tokens"] > 0  # later turns load the earlier ones
     assert "policy_stats" in doc["params"]
+
+
+def test_policy_costs_measure_what_the_case_is_made_of():
+    """lmcache bench policy's derivation, on a small shape: each step timed, the link computed."""
+    from lmcache_core.bench.policy_bench import PolicyShape, policy_costs, policy_model
+
+    shape = PolicyShape(system=256, doc=128, question=32, chunk_size=64)
+    costs = policy_costs(policy_model(), shape, link_bytes_per_s=4e6, repeats=1)
+    assert costs["kv_bytes_per_token"] == 4096  # 2 layers x K,V x 4 heads x 64 x fp32
+    assert costs["load_doc_over_link_s"] == pytest.approx(128 * 4096 / 4e6)
+    for k in ("prefill_whole_prompt_s", "prefill_system_s", "prefill_doc_and_question_behind_system_s",
+              "prefill_question_behind_doc_s", "copy_system_from_memory_s"):
+        assert 0 < costs[k] < 30, (k, costs)

@@ -66,6 +66,8 @@ def add_parser(sub: Any) -> None:
     pol.add_argument("--link-mb-s", type=float, default=4.0, help="bandwidth to the local S3 in MB/s "
                      "(each direction; 0: no limit); the instance that wrote the documents has its own link")
     pol.add_argument("--requests", type=int, default=24)
+    pol.add_argument("--costs-only", action="store_true", help="measure the costs the case is made of "
+                     "(each configuration's prefill, the memory copy, the link) and stop; a run measures them first")
     pol.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's other load "
                      "stalls a multi-threaded prefill at every barrier; 0: torch's default)")
     pol.add_argument("--json", help="write results here")
@@ -369,13 +371,24 @@ def _run_transformers(args: argparse.Namespace, names: list[str], arrival: Arriv
 def cmd_policy(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .policy_bench import PolicyShape, policy_model, policy_stats, run_policy_bench
+    from .policy_bench import PolicyShape, policy_costs, policy_model, policy_stats, run_policy_bench
 
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
     console = Console()
+    shape = PolicyShape(requests=args.requests)
+    model = policy_model()
+    link = args.link_mb_s * 1e6 if args.local_s3 else 0.0
+    costs = policy_costs(model, shape, link)
+    console.print("costs (s, best of 3): " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
+    if args.costs_only:
+        path = Path(args.json) if args.json else default_json("policy-costs")
+        report.write_json(path, summaries=[], results={}, params={"shape": shape.__dict__, "threads": args.threads,
+                                                                  "link_mb_s": args.link_mb_s, "costs": costs})
+        console.print(f"results: {path}")
+        return 0
     slow, server, proxy, writer = args.slow_tier or None, None, None, None
     if args.local_s3:
         from ..testing.servers import SeaweedS3
@@ -389,9 +402,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             writer = server.url(bucket)
         else:
             slow = server.url(bucket)
-    shape = PolicyShape(requests=args.requests)
     try:
-        run = run_policy_bench(policy_model(), slow, shape, writer_tier=writer)
+        run = run_policy_bench(model, slow, shape, writer_tier=writer)
     finally:
         if proxy is not None:
             proxy.close()
@@ -407,6 +419,6 @@ def cmd_policy(args: argparse.Namespace) -> int:
     report.write_json(path, summaries=summaries, results=results,
                       params={"slow_tier": bool(slow), "requests": args.requests, "shape": shape.__dict__,
                               "link_mb_s": args.link_mb_s if args.local_s3 else None, "threads": args.threads,
-                              "adaptive_estimates": run.policy})
+                              "costs": costs, "adaptive_estimates": run.policy})
     console.print(f"results: {path}")
     return 0

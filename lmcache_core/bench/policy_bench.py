@@ -51,6 +51,68 @@ def policy_model(seed: int = 0) -> Any:
     return random_llama(num_layers=2, hidden=64, heads=4, kv_heads=4, vocab=4096, seed=seed, head_dim=64)
 
 
+def policy_costs(model: Any, shape: PolicyShape = PolicyShape(), link_bytes_per_s: float = 0.0,
+                 repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """The costs the case is made of, in seconds (best of ``repeats``), measured on ``model`` the way
+    ``CachedModel`` runs it: each configuration's prefill, the copy of the system prompt out of the
+    memory tier, and (``link_bytes_per_s``) a document's bytes over the link."""
+    import torch
+
+    from ..config import Config
+    from ..engine import CacheEngine
+    from ..integrations.transformers import CachedModel, geometry_for, model_identity
+
+    rng = np.random.default_rng([seed, 12])
+    vocab = int(model.config.vocab_size)
+    ids = [int(t) for t in rng.integers(FIRST_TOKEN, vocab, size=shape.system + shape.doc + shape.question)]
+    geometry = geometry_for(model)
+    engine = CacheEngine(geometry, Config.from_dict({"chunk_size": shape.chunk_size, "device": "cpu",
+                                                     "tiers": ["memory://?capacity=1GiB"], "save_partial": False,
+                                                     "salt": uuid.uuid4().hex[:12]}), model=model_identity(model))
+    cm = CachedModel(model, engine)
+
+    def best(fn: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def none_prefill(n: int) -> None:
+        cm.generate(ids[:n], max_new_tokens=1, use_cache=False)
+
+    def behind(prefix: int, n: int) -> float:
+        with torch.inference_mode():
+            cache = cm._new_cache()
+            cm._forward(torch.tensor([ids[:prefix]]), cache, 0)
+            t0 = time.perf_counter()
+            cm._forward(torch.tensor([ids[prefix:prefix + n]]), cache, prefix)
+            return time.perf_counter() - t0
+
+    try:
+        s, d = shape.system, shape.doc
+        out = {"prefill_whole_prompt_s": best(lambda: none_prefill(len(ids))),
+               "prefill_system_s": best(lambda: none_prefill(s)),
+               "prefill_doc_and_question_behind_system_s": min(behind(s, len(ids) - s) for _ in range(repeats)),
+               "prefill_question_behind_doc_s": min(behind(s + d, len(ids) - s - d) for _ in range(repeats))}
+        cm.generate(ids[:s], max_new_tokens=1)  # the system prompt into the memory tier
+        engine.flush(60)
+
+        def copy() -> None:
+            cache, hit, _ = cm.load_prefix(ids[:s] + [FIRST_TOKEN])
+            if hit != s:
+                raise RuntimeError(f"the system prompt was not in the memory tier ({hit} of {s} tokens)")
+
+        out["copy_system_from_memory_s"] = best(copy)
+        out["kv_bytes_per_token"] = float(geometry.nbytes(shape.chunk_size) / shape.chunk_size)
+        if link_bytes_per_s > 0:
+            out["load_doc_over_link_s"] = d * out["kv_bytes_per_token"] / link_bytes_per_s
+        return out
+    finally:
+        engine.close()
+
+
 def run_policy_bench(model: Any, slow_tier: str | None, shape: PolicyShape = PolicyShape(), seed: int = 0,
                      on_result: Callable[[str, Result], None] | None = None,
                      writer_tier: str | None = None) -> PolicyRun:
