@@ -134,6 +134,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and len(argv) > 1:
+        from .bench.cli import SCRIPTS, cmd_script
+
+        if argv[1] in SCRIPTS:  # every argument is the script's own (argparse's REMAINDER drops leading options)
+            return cmd_script(argparse.Namespace(script=SCRIPTS[argv[1]], args=argv[2:]))
     if argv[:1] == ["conformance"]:
         try:
             from lmcache_conformance.cli import main as conformance_main

@@ -211,3 +211,13 @@ def test_policy_costs_measure_what_the_case_is_made_of():
     for k in ("prefill_whole_prompt_s", "prefill_system_s", "prefill_doc_and_question_behind_system_s",
               "prefill_question_behind_doc_s", "copy_system_from_memory_s"):
         assert 0 < costs[k] < 30, (k, costs)
+
+
+def test_component_benchmarks_get_every_argument(capsys) -> None:  # type: ignore[no-untyped-def]
+    """``lmcache bench SCRIPT --option``: options reach the script (argparse's REMAINDER would
+    reject an option in first place)."""
+    from lmcache_core.cli import main as lmcache_main
+
+    assert lmcache_main(["bench", "lookup", "--help"]) == 0
+    assert "--tokens" in capsys.readouterr().out
+    assert lmcache_main(["bench", "lookup", "--no-such-option"]) == 2  # the script's own usage error

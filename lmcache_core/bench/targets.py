@@ -16,7 +16,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 from .workloads import Request
 
@@ -31,6 +31,28 @@ class Outcome:
     output_tokens: int
     cached_tokens: int | None = None  # prompt tokens the engine did not compute (None: unknown)
     by_tier: dict[str, int] = field(default_factory=dict)
+
+
+def stream_messages(resp: Any, where: str) -> Iterator[dict[str, Any]]:
+    """The JSON messages of an OpenAI-style server-sent event stream, up to ``[DONE]``; a message
+    carrying an error raises RuntimeError naming ``where``."""
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        msg = json.loads(data)
+        if msg.get("error"):
+            raise RuntimeError(f"{where}: {msg['error']}")
+        yield msg
+
+
+def cached_tokens(usage: dict[str, Any], default: int | None = None) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` (vLLM with --enable-prompt-tokens-details)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details["cached_tokens"]) if details.get("cached_tokens") is not None else default
 
 
 class Target(Protocol):
@@ -114,16 +136,7 @@ class OpenAITarget:
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"{self.base_url} answered {resp.status}: {resp.read(500)!r}")
-            for raw in resp:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                msg = json.loads(data)
-                if msg.get("error"):
-                    raise RuntimeError(f"{self.base_url}: {msg['error']}")
+            for msg in stream_messages(resp, self.base_url):
                 if msg.get("choices"):
                     if ttft is None:
                         ttft = time.perf_counter() - t0
@@ -131,9 +144,7 @@ class OpenAITarget:
                 usage = msg.get("usage")
                 if usage:
                     out_tokens = int(usage.get("completion_tokens") or out_tokens)
-                    details = usage.get("prompt_tokens_details") or {}
-                    if details.get("cached_tokens") is not None:
-                        cached = int(details["cached_tokens"])
+                    cached = cached_tokens(usage, cached)
         finally:
             conn.close()
         total = time.perf_counter() - t0

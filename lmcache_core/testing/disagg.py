@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bench.engines import VLLMServer, free_port, lmcache_connector
+from ..bench.targets import cached_tokens, stream_messages
 from ..integrations.vllm.proxy import DisaggProxy
 from .daemon import DaemonProcess
 
@@ -56,25 +57,13 @@ def complete(url: str, prompt: list[int], max_tokens: int, *, salt: str = "", mo
         if resp.status != 200:
             raise RuntimeError(f"{url} answered {resp.status}: {resp.read(800)!r}")
         headers = {k.lower(): v for k, v in resp.getheaders()}
-        for raw in resp:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            msg = json.loads(data)
-            if msg.get("error"):
-                raise RuntimeError(f"{url}: {msg['error']}")
+        for msg in stream_messages(resp, url):
             for choice in msg.get("choices") or ():
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 tokens.extend(int(t) for t in choice.get("token_ids") or ())
-            usage = msg.get("usage")
-            if usage:
-                details = usage.get("prompt_tokens_details") or {}
-                if details.get("cached_tokens") is not None:
-                    cached = int(details["cached_tokens"])
+            if msg.get("usage"):
+                cached = cached_tokens(msg["usage"], cached)
     finally:
         conn.close()
     if ttft is None:
