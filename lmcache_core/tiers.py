@@ -286,7 +286,6 @@ class TierStack:
         n = len(keys)
         where: list[str | None] = [None] * n
         missing: list[int] | None = None if n else []  # indices no tier has yet; None: all of them
-        short = False  # a store answered fewer flags than keys asked: its tail is a miss
         for tier in self.tiers:
             if fast_only and not tier.fast:
                 continue
@@ -307,19 +306,14 @@ class TierStack:
                     continue
                 if not any(present):
                     continue
-            else:
-                short = True
-            still = []
+            still = []  # a short answer: zip leaves its tail out, those keys stay misses (where: None)
             for i, ok in zip(range(n) if missing is None else missing, present):
                 if ok:
                     where[i] = tier.name
                 else:
                     still.append(i)
             missing = still
-        if short:
-            hits = where.index(None) if None in where else n
-        else:  # every index is either found or in missing (ascending)
-            hits = 0 if missing is None else (missing[0] if missing else n)
+        hits = where.index(None) if None in where else n  # the first index no tier has
         if fast_only and hits:
             self._write_behind(keys[:hits])
         return Presence(hits, tuple(where[:hits]))  # type: ignore[arg-type]
