@@ -54,6 +54,14 @@ def python_with(module: str, explicit: str | None = None) -> str | None:
     return None
 
 
+def file_tail(path: Path, n: int = 30) -> str:
+    """The last ``n`` lines of a log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 class VLLMServer:
     """``vllm serve`` of a local model directory on a free port; ``connector`` is the
     ``kv_transfer_config`` (None: no connector)."""
@@ -84,10 +92,7 @@ class VLLMServer:
         return args
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, n)
 
     def start(self) -> "VLLMServer":
         t0 = time.monotonic()

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from .engines import file_tail
 from .targets import Outcome
 from .workloads import Request
 
@@ -49,10 +50,7 @@ class LLMWorker:
         self._lock = threading.Lock()
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, n)
 
     def _reply(self, timeout: float, what: str) -> dict[str, Any]:
         """The worker's next protocol line; the worker is killed if it takes longer than ``timeout``."""
