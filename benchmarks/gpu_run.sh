@@ -65,7 +65,7 @@ if want conformance; then
 fi
 
 if want transfer; then
-    SECTIONS=ceilings,store_load,tune,overlap,ttft
+    SECTIONS=${SECTIONS:-ceilings,store_load,tune,overlap,layerwise,ttft}
     [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
     timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" 2>&1 | tee "$OUT/bench.log" | tail -n 40
 fi

@@ -379,6 +379,146 @@ def device_overlap(shape: Shape, timer: Timer, kv: PagedKV, blocks: torch.Tensor
                 hidden_fraction=hidden, load_GBps=gbps(T * shape.bytes_per_token, load))
 
 
+# -- section 3b: layer-wise load under compute, per transfer variant and size --------------------------
+# name: TransferOptions for the engine's per-layer loads (the store that fills the tier is direct)
+LAYERWISE = {
+    "direct": dict(load_mode="direct"),
+    "direct_hi": dict(load_mode="direct", stream_priority="high"),
+    "direct_hi_p16": dict(load_mode="direct", stream_priority="high", layer_programs=16),
+    "direct_hi_p32": dict(load_mode="direct", stream_priority="high", layer_programs=32),
+    "direct_hi_p64": dict(load_mode="direct", stream_priority="high", layer_programs=64),
+    "staged": dict(load_mode="staged"),
+    "staged_hi": dict(load_mode="staged", stream_priority="high"),
+    "staged_hi_p8": dict(load_mode="staged", stream_priority="high", layer_programs=8),
+    "staged_hi_p16": dict(load_mode="staged", stream_priority="high", layer_programs=16),
+    "staged_hi_p32": dict(load_mode="staged", stream_priority="high", layer_programs=32),
+    "staged_hi_p16_8s": dict(load_mode="staged", stream_priority="high", layer_programs=16, staging_slots=8),
+}
+
+
+def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
+              sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """``CacheEngine.start_retrieve`` layer by layer beside a per-layer matmul, for each variant
+    of :data:`LAYERWISE` and each size; the same run's reference is a plain per-layer H2D copy of
+    the same bytes (one contiguous pinned range per layer) on a side stream beside the same
+    matmuls. Hidden share = (load + compute - both) / min(load, compute). Each variant's last
+    overlapped load goes into zeroed blocks and is compared bit for bit with what was stored."""
+    devname = "cuda" if cuda else "cpu"
+    sizes = sizes or tuple(t for t in shape.tokens if t >= 4 * shape.chunk) or shape.tokens
+    n = 2048 if cuda else 64
+    a = torch.randn(n, n, device=devname, dtype=torch.bfloat16 if cuda else torch.float32)
+    b = torch.randn_like(a)
+    mm = timer(lambda: torch.mm(a, b), reps=20, warmup=3)["median_s"]
+    out: dict[str, Any] = {"matmul": {"n": n, "ms": mm * 1e3}, "sizes": list(sizes), "rows": {}}
+    names = variants or list(LAYERWISE)
+
+    def measure(load_fn: Callable[[], Any], both_fn: Callable[[int], Any]) -> dict[str, Any]:
+        load = timer(load_fn, reps=3)["median_s"]
+        k = max(1, round(load / shape.layers / mm))
+
+        def compute_all() -> None:
+            for _ in range(shape.layers):
+                for _ in range(k):
+                    torch.mm(a, b)
+
+        comp = timer(compute_all, reps=3)["median_s"]
+        both = timer(lambda: both_fn(k), reps=3)["median_s"]
+        return dict(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both * 1e3, matmuls_per_layer=k,
+                    hidden_fraction=(load + comp - both) / min(load, comp))
+
+    for T in sizes:
+        num_blocks = 2 * T // shape.block
+        kv, caches = make_cache(shape, num_blocks, devname)
+        g = torch.Generator().manual_seed(11)
+        blocks = torch.randperm(num_blocks, generator=g)[: T // shape.block]
+        tokens = list(range(20, 20 + T))
+        nbytes = T * shape.bytes_per_token
+        row: dict[str, Any] = {"bytes": nbytes}
+        # the reference: one DMA per layer of the layer's bytes, contiguous pinned -> device
+        per_layer = nbytes // shape.layers
+        host = torch.empty(shape.layers, per_layer, dtype=torch.uint8, pin_memory=cuda)
+        dst = torch.empty(shape.layers, per_layer, dtype=torch.uint8, device=devname)
+        side = torch.cuda.Stream() if cuda else None
+
+        def plain_enqueue() -> list[Any]:
+            evs = []
+            for layer in range(shape.layers):
+                if side is None:
+                    dst[layer].copy_(host[layer])
+                    evs.append(None)
+                    continue
+                with torch.cuda.stream(side):
+                    dst[layer].copy_(host[layer], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                evs.append(ev)
+            return evs
+
+        def plain_load() -> None:
+            for ev in plain_enqueue():
+                if ev is not None:
+                    ev.synchronize()
+
+        def plain_both(k: int) -> None:
+            for ev in plain_enqueue():
+                if ev is not None:
+                    torch.cuda.current_stream().wait_event(ev)
+                for _ in range(k):
+                    torch.mm(a, b)
+
+        r = measure(plain_load, plain_both)
+        r["load_GBps"] = gbps(nbytes, r["load_ms"] / 1e3)
+        row["plain_copy"] = r
+        log.info("layerwise T=%d plain per-layer copy: load %.1f ms (%.1f GB/s) compute %.1f both %.1f hidden %.0f%%",
+                 T, r["load_ms"], r["load_GBps"], r["compute_ms"], r["overlapped_ms"], 100 * r["hidden_fraction"])
+        del host, dst
+        dev = device_cls(0, TransferOptions(store_mode="direct", load_mode="direct"))
+        cfg = Config.load(overrides={"tiers": [f"memory://?capacity={nbytes + 64 * MiB}"],
+                                     "chunk_size": shape.chunk, "host_pool_size": 2 * nbytes}, env={})
+        with CacheEngine(kv.geometry, cfg, model="layerwise", device=dev) as eng:
+            eng.store(tokens, kv, blocks, wait=True)
+            stored = [c[:, blocks].clone() for c in caches]
+            for name in names:
+                opts = TransferOptions(store_mode="direct", **LAYERWISE[name])
+                dev._options, dev._transfer = opts, None  # the engine's device takes the variant
+
+                def load_only() -> None:
+                    eng.start_retrieve(tokens, kv, blocks).finish()
+
+                def both(k: int) -> None:
+                    task = eng.start_retrieve(tokens, kv, blocks)
+                    for _layer in task:
+                        for _ in range(k):
+                            torch.mm(a, b)
+                    task.finish()
+
+                try:
+                    r = measure(load_only, both)
+                    for c in caches:
+                        c[:, blocks] = 0
+                    both(r["matmuls_per_layer"])
+                    timer.sync()
+                    r["bit_exact"] = all(torch.equal(bits(c[:, blocks]), bits(s)) for c, s in zip(caches, stored))
+                except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
+                    r = {"error": f"{type(exc).__name__}: {exc}"}
+                    log.exception("layerwise %s T=%d failed", name, T)
+                else:
+                    r["load_GBps"] = gbps(nbytes, r["load_ms"] / 1e3)
+                    r["options"] = LAYERWISE[name]
+                    r["transfer_stats"] = asdict(dev.transfer.stats)
+                    log.info("layerwise T=%d %-18s load %.1f ms (%.1f GB/s) compute %.1f both %.1f hidden %.0f%% %s",
+                             T, name, r["load_ms"], r["load_GBps"], r["compute_ms"], r["overlapped_ms"],
+                             100 * r["hidden_fraction"], "exact" if r["bit_exact"] else "MISMATCH")
+                row[name] = r
+            del stored
+        out["rows"][str(T)] = row
+        del caches, kv
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
 # -- section 4: TTFT ------------------------------------------------------------------------------------
 def llama_model(cuda: bool) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -560,6 +700,14 @@ def table(res: dict[str, Any]) -> str:
         if isinstance(ov, dict):
             lines.append(f"overlap {mode}: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
                          f"{ov['overlapped_ms']:.1f} ms hidden {100 * ov['hidden_fraction']:.0f}%")
+    for T, row in res.get("layerwise", {}).get("rows", {}).items():
+        for name, r in row.items():
+            if isinstance(r, dict) and "hidden_fraction" in r:
+                lines.append(f"layerwise {T:>6} {name:<18} load {r['load_ms']:7.1f} ms ({r['load_GBps']:5.1f} GB/s) "
+                             f"compute {r['compute_ms']:7.1f}  both {r['overlapped_ms']:7.1f}  "
+                             f"hidden {100 * r['hidden_fraction']:4.0f}%  {'' if r.get('bit_exact', True) else 'MISMATCH'}")
+            elif isinstance(r, dict) and "error" in r:
+                lines.append(f"layerwise {T:>6} {name:<18} ERROR {r['error']}")
     for T, r in res.get("ttft", {}).get("rows", {}).items():
         lines.append(f"ttft {T:>6}: recompute {r['recompute_ms']:8.1f} ms  hit {r['hit_ms']:7.1f} ms  "
                      f"batched {r['hit_batched_ms']:7.1f} ms  bound {r['bound_ms']:6.1f} ms  "
@@ -624,8 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
-    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,ttft")
+    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,layerwise,ttft")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variants", default="", help="layerwise section: comma-separated names of LAYERWISE "
+                                                   "(default all)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
     ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
     args = ap.parse_args(argv)
@@ -661,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("store_load", lambda: store_load(shape, timer, cuda, device_cls, args.reps)),
                      ("tune", lambda: tune(shape, timer, cuda, device_cls, args.reps)),
                      ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
+                     ("layerwise", lambda: layerwise(shape, timer, cuda, device_cls,
+                                                     args.variants.split(",") if args.variants else None)),
                      ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
                                            3 if cuda else 1))):
         if name not in sections:

@@ -172,6 +172,14 @@ class StreamDevice(Device):
 
     # -- streams and events ----------------------------------------------------------------------
     def new_stream(self) -> Any:
+        """A transfer stream, at the highest priority the backend offers when the transfer
+        options say ``stream_priority="high"`` (torch maps an out-of-range priority to the
+        nearest valid one; a backend whose streams take no priority gets a plain stream)."""
+        if self.transfer.options.stream_priority == "high":
+            try:
+                return self.backend.Stream(self.torch_device, priority=-(1 << 10))
+            except TypeError:
+                pass
         return self.backend.Stream(self.torch_device)
 
     @contextlib.contextmanager

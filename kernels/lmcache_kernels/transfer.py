@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "direct", "staged", "torch")
+PRIORITIES = ("normal", "high")
 # Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
 AUTO = {"store_layer": "direct", "load_layer": "direct", "store_many": "staged", "load_many": "staged"}
 
@@ -54,6 +55,12 @@ class TransferOptions:
     copy_streams: int = 2  # copy streams the staged path spreads DMAs over
     staging_bytes: int = 32 << 20  # bytes per staging ring slot (grown to fit one chunk)
     staging_slots: int = 4  # ring depth: the kernel fills slot i+1 while slot i is copied
+    # A per-layer call runs beside the model's kernels: its kernel may be held to this many
+    # programs (each loops over its share of the tiles), 0 for one program per tile.
+    layer_programs: int = 0
+    # Priority of the transfer streams the device hands out: "high" lets a layer's copy kernel
+    # start ahead of compute kernels queued before it, "normal" queues it behind them.
+    stream_priority: str = "normal"
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
@@ -61,16 +68,22 @@ class TransferOptions:
                 raise ValueError(f"{name} must be one of {', '.join(MODES)}, got {getattr(self, name)!r}")
         if self.copy_streams < 1 or self.staging_slots < 1 or self.staging_bytes < 1:
             raise ValueError("copy_streams, staging_slots and staging_bytes must be positive")
+        if self.layer_programs < 0:
+            raise ValueError(f"layer_programs must be 0 (one program per tile) or positive, got {self.layer_programs}")
+        if self.stream_priority not in PRIORITIES:
+            raise ValueError(f"stream_priority must be one of {', '.join(PRIORITIES)}, got {self.stream_priority!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "TransferOptions":
         """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
-        ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``; ``overrides`` win."""
+        ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``, ``LMCACHE_KV_LAYER_PROGRAMS``,
+        ``LMCACHE_KV_STREAM_PRIORITY``; ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
                                 ("COPY_STREAMS", "copy_streams", int), ("STAGING_BYTES", "staging_bytes", int),
-                                ("STAGING_SLOTS", "staging_slots", int)):
+                                ("STAGING_SLOTS", "staging_slots", int), ("LAYER_PROGRAMS", "layer_programs", int),
+                                ("STREAM_PRIORITY", "stream_priority", str)):
             value = env.get(f"LMCACHE_KV_{key}")
             if value:
                 try:
@@ -205,6 +218,8 @@ class KVTransfer:
             "store_mode": f"{self.options.mode(True, 1)} per layer, {self.options.mode(True, 2)} for several",
             "load_mode": f"{self.options.mode(False, 1)} per layer, {self.options.mode(False, 2)} for several",
             "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
+            "staging_slots": self.options.staging_slots, "layer_programs": self.options.layer_programs,
+            "stream_priority": self.options.stream_priority,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
 
@@ -225,7 +240,7 @@ class KVTransfer:
             if plan.near:
                 near = [batch[i] for i in plan.near]
                 prep = triton_copy.Prepared(plan.tab, self._slots(near), len(near), plan.max_n, plan.aligned)
-                triton_copy.run(kv, plan.table, prep, sel, gather)
+                triton_copy.run(kv, plan.table, prep, sel, gather, self._programs(sel))
                 self.stats.direct += len(near)
                 self.stats.launches += 1
             if plan.far:
@@ -236,6 +251,10 @@ class KVTransfer:
             logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
                            self.device, self.kernel_reason)
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
+
+    def _programs(self, sel: list[int]) -> int:
+        """The kernel's program cap for a call moving layers ``sel`` (per-layer calls only)."""
+        return self.options.layer_programs if len(sel) == 1 else 0
 
     def _fallback(self, why: str) -> None:
         if why not in self._warned:
@@ -395,7 +414,8 @@ class KVTransfer:
         slots = self._slots(items)
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
-            triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned)
+            triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned,
+                               programs=self._programs(run))
             self.streams.wait(cs, self.streams.record(cur))
             with self.streams.use(cs):
                 for (s, chunk), view in zip(items, views):
@@ -407,7 +427,8 @@ class KVTransfer:
                 for (s, chunk), view in zip(items, views):
                     self._copy(view, chunk[l0: l0 + nl, :, : int(s.numel())])
             self.streams.wait(cur, self.streams.record(cs))
-            triton_copy.launch(kv, table, items, run, False, slots=slots, rows=rows, rows_aligned=aligned)
+            triton_copy.launch(kv, table, items, run, False, slots=slots, rows=rows, rows_aligned=aligned,
+                               programs=self._programs(run))
             self._ring_free[slot_i] = self.streams.record(cur)
         self.stats.launches += 1
 

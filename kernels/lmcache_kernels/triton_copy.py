@@ -5,7 +5,9 @@ with one set of element strides ``(block, token, head, dim)`` shared by all
 planes (true of every constructor in :mod:`lmcache_core.layout`), and a table of
 chunks (base address, layer/plane/token strides, where its slots start, how many
 tokens). One launch covers every selected layer, both planes and every chunk of
-a batch; the grid is ``(token tiles, chunks, layers * planes)``.
+a batch; each program moves one token tile of one plane of one chunk at a time, and the
+grid is either one program per tile or capped (the programs then loop over the tiles), so
+a per-layer copy running beside the model's kernels can be held to a few SMs.
 
 Every address is an element offset from one base tensor of the moved integer
 type (all of them share the device's unified virtual address space), so a chunk
@@ -88,10 +90,24 @@ if triton is not None:
         BLOCK_H: tl.constexpr,
         GATHER: tl.constexpr,
         VEC: tl.constexpr,  # elements per 16 bytes when every offset and stride allows it, else 1
+        n_tiles,  # token tiles per chunk
+        n_chunks,
+        n_work,  # n_tiles * n_chunks * selected layers * P: one tile of one plane each
     ):
-        pid_t = tl.program_id(0)
-        c = tl.program_id(1)
-        lp = tl.program_id(2)
+        # A grid of at most n_work programs, each looping over tiles n_prog apart: one program
+        # per tile when the grid is full, a few resident programs when the caller caps it (a
+        # layer's load beside the model's kernels must not take every SM).
+        # (a while loop: the interpreter cannot take a tensor as a range bound)
+        w = tl.program_id(0)
+        while w < n_work:
+            _move_tile(base, plane_offs, layer_ids, chunk_tab, slots, s_blk, s_tok, s_head, s_dim,
+                       block_size, w % n_tiles, (w // n_tiles) % n_chunks, w // (n_tiles * n_chunks),
+                       P, DIM, HIDDEN, BLOCK_T, BLOCK_H, GATHER, VEC)
+            w += tl.num_programs(0)
+
+    def _move_tile_fn(base, plane_offs, layer_ids, chunk_tab, slots, s_blk, s_tok, s_head, s_dim, block_size,
+                      pid_t, c, lp, P: tl.constexpr, DIM: tl.constexpr, HIDDEN: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, GATHER: tl.constexpr, VEC: tl.constexpr):
         p = lp % P
         layer = tl.load(layer_ids + lp // P).to(tl.int64)
         row = chunk_tab + c * 6
@@ -131,13 +147,15 @@ if triton is not None:
 
 
 _JITTED: Any = None
+_move_tile: Any = None  # the jitted tile mover the kernel calls (a global: Triton resolves it by name)
 
 
 def _kernel() -> Any:
     """The kernel, jitted on first use: Triton decides between compiling and interpreting
     (``TRITON_INTERPRET``) when a function is decorated, so decorate as late as possible."""
-    global _JITTED
+    global _JITTED, _move_tile
     if _JITTED is None:
+        _move_tile = triton.jit(_move_tile_fn)
         _JITTED = triton.jit(_kv_copy_kernel)
     return _JITTED
 
@@ -317,8 +335,12 @@ def concat_slots(slots: Sequence["torch.Tensor"], device: "torch.device") -> "to
     return to_device(torch.cat([p.cpu() for p in parts]), torch.int64, device)
 
 
-def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] | None, gather: bool) -> None:
-    """Enqueue one kernel launch on the current stream for a prepared batch and a layer selection."""
+def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] | None, gather: bool,
+        programs: int = 0) -> None:
+    """Enqueue one kernel launch on the current stream for a prepared batch and a layer selection.
+
+    ``programs``: at most this many programs (each loops over its share of the tiles); 0 for
+    one program per tile, the whole device."""
     import torch
 
     if triton is None:
@@ -335,7 +357,9 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
     if interpreting():  # the interpreter pays per program, not per element
         block_t = triton.next_power_of_2(prep.max_n)
     vec = 16 // elem if (table.aligned and prep.aligned) else 1
-    grid = (triton.cdiv(prep.max_n, block_t), prep.n_chunks, len(sel) * g.kv_planes)
+    n_tiles = triton.cdiv(prep.max_n, block_t)
+    n_work = n_tiles * prep.n_chunks * len(sel) * g.kv_planes
+    grid = (min(n_work, programs) if programs > 0 else n_work,)
     sb, stok, sh, sd = table.strides
     if dev.type == "cuda":  # cached tables may come from another stream: keep them alive for this one
         stream = torch.cuda.current_stream(dev)
@@ -344,19 +368,20 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
     _kernel()[grid](
         table.base, table.addrs, lid, prep.tab, prep.slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
-        GATHER=gather, VEC=vec, num_warps=NUM_WARPS,
+        GATHER=gather, VEC=vec, n_tiles=n_tiles, n_chunks=prep.n_chunks, n_work=n_work, num_warps=NUM_WARPS,
     )
 
 
 def launch(kv: "PagedKV", table: PlaneTable, batch: Batch, layers: Sequence[int] | None, gather: bool,
            *, slots: "torch.Tensor | None" = None, rows: list[int] | None = None,
-           rows_aligned: bool | None = None) -> None:
+           rows_aligned: bool | None = None, programs: int = 0) -> None:
     """Check, prepare and launch ``batch`` in one call (every chunk reachable from the KV device)."""
     for s, ch in batch:
         check_chunk(kv, s, ch)
     if not batch or not layer_list(kv, layers):
         return
-    run(kv, table, prepare(kv, table, batch, slots=slots, rows=rows, rows_aligned=rows_aligned), layers, gather)
+    run(kv, table, prepare(kv, table, batch, slots=slots, rows=rows, rows_aligned=rows_aligned), layers, gather,
+        programs)
 
 
 def gather_batch(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:

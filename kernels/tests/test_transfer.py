@@ -115,3 +115,88 @@ def test_entry_point_is_listed_without_hooks() -> None:
     info = pm.plugins["kernels"]
     assert info.status == "loaded" and info.distribution == "lmcache-kernels"
     assert info.hooks == [] and info.registrations == []
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+@pytest.mark.parametrize("mode", ["direct", "staged"])
+@pytest.mark.parametrize("programs", [1, 3])
+def test_capped_grid_moves_every_tile_of_a_layer(mode: str, programs: int) -> None:
+    # a per-layer call with its kernel held to a few programs: each loops over many tiles
+    # (three chunks, two planes, several token tiles) and every byte still lands
+    opts = TransferOptions(store_mode=mode, load_mode=mode, layer_programs=programs, staging_bytes=6000)
+    xfer = KVTransfer(DEVICE, opts, BACKEND)
+    kv, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(5))
+    batch = _batch(kv, [8, 5, 8], 6, pin=DEVICE.type == "cuda")
+    for layer in range(len(kv.layers)):
+        xfer.gather(kv, batch, (layer,))
+    kv2, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(7))
+    for layer in range(len(kv2.layers)):
+        xfer.scatter(kv2, batch, (layer,))
+    ref = KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND)
+    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    ref.gather(kv, want)
+    back = [(s, chunk_like(kv2, c.shape[2])) for s, c in batch]
+    ref.gather(kv2, back)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for (s, c), (_, w), (_, b) in zip(batch, want, back):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+        assert torch.equal(bits(b[:, :, :n]), bits(w[:, :, :n]))
+    assert getattr(xfer.stats, mode) == 2 * len(kv.layers) * 3
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+def test_capped_kernel_launches_at_most_that_many_programs(monkeypatch) -> None:
+    kv, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(2))
+    batch = _batch(kv, [8, 8], 3, pin=DEVICE.type == "cuda")
+    grids = []
+    real = triton_copy._kernel()
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_copy, "_JITTED", Spy())
+    xfer = KVTransfer(DEVICE, TransferOptions(store_mode="direct", layer_programs=2), BACKEND)
+    xfer.gather(kv, batch, (0,))  # one layer: capped
+    xfer.gather(kv, batch)  # every layer: the whole device
+    assert grids[0] == (2,)
+    assert grids[1][0] > 2
+
+
+def test_layer_programs_and_priority_options() -> None:
+    opts = TransferOptions.from_env({"LMCACHE_KV_LAYER_PROGRAMS": "16", "LMCACHE_KV_STREAM_PRIORITY": "High"})
+    assert (opts.layer_programs, opts.stream_priority) == (16, "high")
+    with pytest.raises(ValueError, match="layer_programs"):
+        TransferOptions(layer_programs=-1)
+    with pytest.raises(ValueError, match="stream_priority"):
+        TransferOptions(stream_priority="urgent")
+
+
+def test_high_priority_streams_are_asked_for_and_fall_back() -> None:
+    from lmcache_kernels.accel import HostStreamDevice
+
+    asked = []
+
+    class WithPriority:
+        class Stream:
+            def __init__(self, device=None, priority=0):
+                asked.append(priority)
+
+    class NoPriority:
+        class Stream:
+            def __init__(self, device=None):
+                asked.append(None)
+
+    for backend, priority, want in ((WithPriority, "high", [-(1 << 10)]), (NoPriority, "high", [None]),
+                                    (WithPriority, "normal", [0])):
+        class Dev(HostStreamDevice):
+            @property
+            def backend(self):
+                return backend
+
+        asked.clear()
+        Dev(0, TransferOptions(stream_priority=priority)).new_stream()
+        assert asked == want
