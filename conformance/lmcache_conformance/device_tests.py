@@ -280,14 +280,14 @@ class PipeliningTests(DeviceContract):
     """Pipelining contract: layers land in order, each complete before compute gets it; overlap."""
 
     contract = "pipelining"
-    # A device that declares async_copy promises that loads overlap compute: at least 10% of the
-    # shorter of load and compute hidden (accelerators), or of the load (host devices). 10% is
-    # well above timer noise (a few percent on a busy host, well under one on a GPU) and well
-    # below what a real overlap gives (a plain side-stream H2D copy hid 96% on the H100 of
-    # docs/benchmarks.md), so passing it means the copies really run beside compute. It is
-    # never lowered to let a device pass: the figure is reported beside it (figures
+    # A device that declares async_copy promises that loads overlap compute. Accelerators: at
+    # least 80% of the shorter of load and compute hidden, what the engine is built to reach (a
+    # plain side-stream H2D copy hid 96-97% on the H100 and H200 of docs/benchmarks.md, the cuda
+    # device's layer-by-layer load 97-98% on the H200). Host devices, whose copies and compute
+    # share the cores: 10% of the load, well above timer noise on a busy host. Neither is ever
+    # lowered to let a device pass: the figure is reported beside it (figures
     # ``overlap_hidden_fraction`` and ``overlap_required_fraction``), and a device under it fails.
-    OVERLAP_MIN: ClassVar[float] = 0.10
+    OVERLAP_MIN: ClassVar[float] = 0.80
     OVERLAP_MIN_HOST: ClassVar[float] = 0.10
 
     def _stored(self, device: "Device", shape: KVShape, chunk_size: int, seed: int) -> Any:

@@ -221,8 +221,8 @@ def test_contract_modules_are_registered_for_assertion_rewriting() -> None:
 FIGURES = {"load_ms": 13.254, "compute_ms": 23.945, "both_ms": 35.929, "exposed_load_ms": 35.532}
 
 
-def test_overlap_threshold_is_ten_percent_everywhere() -> None:
-    assert PipeliningTests.OVERLAP_MIN == 0.10 and PipeliningTests.OVERLAP_MIN_HOST == 0.10
+def test_overlap_threshold_is_eighty_percent_on_accelerators_ten_on_hosts() -> None:
+    assert PipeliningTests.OVERLAP_MIN == 0.80 and PipeliningTests.OVERLAP_MIN_HOST == 0.10
 
 
 def test_overlap_under_the_threshold_fails_with_both_figures() -> None:

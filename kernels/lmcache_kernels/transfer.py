@@ -55,12 +55,15 @@ class TransferOptions:
     copy_streams: int = 2  # copy streams the staged path spreads DMAs over
     staging_bytes: int = 32 << 20  # bytes per staging ring slot (grown to fit one chunk)
     staging_slots: int = 4  # ring depth: the kernel fills slot i+1 while slot i is copied
-    # A per-layer call runs beside the model's kernels: its kernel may be held to this many
-    # programs (each loops over its share of the tiles), 0 for one program per tile.
-    layer_programs: int = 0
+    # A per-layer call runs beside the model's kernels: its kernel is held to this many programs
+    # (each loops over its share of the tiles), 0 for one program per tile. With 16 on a
+    # high-priority stream an H200 hid 97-98% of a 4K-32K layer-by-layer load behind per-layer
+    # matmuls; uncapped, the kernel's programs (waiting on PCIe reads) took the SMs and hid 8-10%
+    # (docs/benchmarks.md, "Layer-wise load under compute").
+    layer_programs: int = 16
     # Priority of the transfer streams the device hands out: "high" lets a layer's copy kernel
     # start ahead of compute kernels queued before it, "normal" queues it behind them.
-    stream_priority: str = "normal"
+    stream_priority: str = "high"
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):

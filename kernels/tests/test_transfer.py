@@ -160,10 +160,13 @@ def test_capped_kernel_launches_at_most_that_many_programs(monkeypatch) -> None:
 
     monkeypatch.setattr(triton_copy, "_JITTED", Spy())
     xfer = KVTransfer(DEVICE, TransferOptions(store_mode="direct", layer_programs=2), BACKEND)
+    xfer.mapped_host()  # on a GPU the probe launches the kernel once itself
+    grids.clear()
     xfer.gather(kv, batch, (0,))  # one layer: capped
     xfer.gather(kv, batch)  # every layer: the whole device
     assert grids[0] == (2,)
     assert grids[1][0] > 2
+    assert TransferOptions().layer_programs > 0 and TransferOptions().stream_priority == "high"
 
 
 def test_layer_programs_and_priority_options() -> None:
