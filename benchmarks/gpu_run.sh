@@ -8,6 +8,7 @@
 # (STEPS=codecs: benchmarks/codecs.py --sections gpu -> codecs.log, codecs-gpu.json)
 # (STEPS=daemon: connector_gpu.py --daemon -> connector_gpu-daemon.json; daemon.py --gpu -> daemon-gpu.json)
 # (STEPS=p2p: nixl conformance -> nixl-gpu.json; nixl_vram.py -> nixl-vram.json; p2p.py --device cuda -> p2p-gpu.json)
+# (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
@@ -62,6 +63,45 @@ if want conformance; then
     else
         echo "conformance not run (lmcache_conformance not importable or --quick)"
     fi
+fi
+
+# Copy-engine batches (mode dma, cuMemcpyBatchAsync through ctypes): probed in a child process
+# first, so a driver that refuses the call costs that process, not the benchmark.
+dma_probe() {
+    $PY - <<'PY'
+import torch
+from lmcache_kernels.testing import bits, chunk_like, make_kv, random_slots
+from lmcache_kernels.transfer import KVTransfer, TransferOptions
+dev = torch.device("cuda")
+kv, _ = make_kv("vllm_flash", device=dev, num_blocks=16, generator=torch.Generator().manual_seed(1))
+slots = random_slots(8, kv, torch.Generator().manual_seed(2))
+x = KVTransfer(dev, TransferOptions(store_mode="dma", load_mode="dma"), torch.cuda)
+got = chunk_like(kv, 8, "cpu", pin=True)
+x.gather(kv, [(slots, got)])
+want = chunk_like(kv, 8)
+KVTransfer(dev, TransferOptions(store_mode="torch"), torch.cuda).gather(kv, [(slots, want)])
+torch.cuda.synchronize()
+assert x.stats.dma == 1 and torch.equal(bits(got), bits(want.cpu())), (x.stats, x._copier_why)
+print("dma probe ok:", x._copier_why)
+PY
+}
+if want transfer || want dma; then
+    if ! dma_probe >"$OUT/dma-probe.log" 2>&1; then
+        export LMCACHE_BENCH_NO_DMA="the copy-engine probe failed: $(tail -n 1 "$OUT/dma-probe.log")"
+    fi
+    echo "dma probe: $(tail -n 1 "$OUT/dma-probe.log")"
+fi
+
+# The conformance suite and the connector's worker half with copy-engine loads and stores.
+if want dma && [ -z "${LMCACHE_BENCH_NO_DMA:-}" ]; then
+    LMCACHE_KV_LOAD_MODE=dma LMCACHE_KV_STORE_MODE=dma timeout 240 $PY -m lmcache_core.cli conformance \
+        --device cuda --report "$OUT/cuda-gpu-dma.json" >"$OUT/conformance-dma.log" 2>&1
+    echo "conformance (dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-dma.log" | tail -n 1)"
+    grep -i -E "overlap" "$OUT/conformance-dma.log" | head -n 3
+    mkdir -p "$OUT/dma"
+    LMCACHE_KV_LOAD_MODE=dma LMCACHE_KV_STORE_MODE=dma timeout 240 $PY benchmarks/connector_gpu.py \
+        --out "$OUT/dma" >"$OUT/connector-dma.log" 2>&1
+    echo "connector (dma) rc=$?"; tail -n 5 "$OUT/connector-dma.log"
 fi
 
 if want transfer; then

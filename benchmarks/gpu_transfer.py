@@ -148,6 +148,8 @@ VARIANTS = {
     "engine_direct": (dict(store_mode="direct", load_mode="direct"), "layerwise"),
     "engine_direct_uncapped": (dict(store_mode="direct", load_mode="direct", layer_programs=0,
                                     stream_priority="normal"), "layerwise"),
+    "engine_dma": (dict(store_mode="dma", load_mode="dma"), "layerwise"),
+    "batched_dma": (dict(store_mode="dma", load_mode="dma"), "batched"),
     "engine_staged": (dict(store_mode="staged", load_mode="staged"), "layerwise"),
     "batched_direct": (dict(store_mode="direct", load_mode="direct"), "batched"),
     "batched_staged_1cs": (dict(store_mode="staged", load_mode="staged", copy_streams=1), "batched"),
@@ -205,6 +207,9 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
     results: dict[str, Any] = {}
     check_t = sorted(shape.tokens)[min(1, len(shape.tokens) - 1)]
     for name, (opts, style) in VARIANTS.items():
+        if "dma" in name and os.environ.get("LMCACHE_BENCH_NO_DMA"):
+            results[name] = {"skipped": os.environ["LMCACHE_BENCH_NO_DMA"]}
+            continue
         dev = device_cls(0, TransferOptions(**opts))
         stream = dev.new_stream()
         row: dict[str, Any] = {"style": style, **opts}
@@ -393,7 +398,10 @@ LAYERWISE = {
     "direct_hi_p24": dict(load_mode="direct", layer_programs=24, stream_priority="high"),
     "direct_hi_p32": dict(load_mode="direct", layer_programs=32, stream_priority="high"),
     "staged_hi_p16_8s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=8),
+    "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
 }
+# also measured beside large GEMMs (8192^2, the conformance suite's size): they hold every SM
+LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma")
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
@@ -405,26 +413,34 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
     overlapped load goes into zeroed blocks and is compared bit for bit with what was stored."""
     devname = "cuda" if cuda else "cpu"
     sizes = sizes or tuple(t for t in shape.tokens if t >= 4 * shape.chunk) or shape.tokens
-    n = 2048 if cuda else 64
-    a = torch.randn(n, n, device=devname, dtype=torch.bfloat16 if cuda else torch.float32)
-    b = torch.randn_like(a)
-    mm = timer(lambda: torch.mm(a, b), reps=20, warmup=3)["median_s"]
-    out: dict[str, Any] = {"matmul": {"n": n, "ms": mm * 1e3}, "sizes": list(sizes), "rows": {}}
+    dt_ = torch.bfloat16 if cuda else torch.float32
+    mats = {}
+    for label, n in (("small", 2048 if cuda else 64), ("big", 8192 if cuda else 96)):
+        x = torch.randn(n, n, device=devname, dtype=dt_)
+        mats[label] = (x, torch.randn_like(x), timer(lambda: torch.mm(x, x), reps=10, warmup=3)["median_s"])
+    a, b, mm = mats["small"]
+    out: dict[str, Any] = {"matmul": {lbl: {"n": int(m[0].shape[0]), "ms": m[2] * 1e3} for lbl, m in mats.items()},
+                           "sizes": list(sizes), "rows": {}}
     names = variants or list(LAYERWISE)
+    gemm = {"mat": mats["small"]}
+
+    def mm_k(k: int) -> None:
+        x, y, _ = gemm["mat"]
+        for _ in range(k):
+            torch.mm(x, y)
 
     def measure(load_fn: Callable[[], Any], both_fn: Callable[[int], Any]) -> dict[str, Any]:
         load = timer(load_fn, reps=3)["median_s"]
-        k = max(1, round(load / shape.layers / mm))
+        k = max(1, round(load / shape.layers / gemm["mat"][2]))
 
         def compute_all() -> None:
             for _ in range(shape.layers):
-                for _ in range(k):
-                    torch.mm(a, b)
+                mm_k(k)
 
         comp = timer(compute_all, reps=3)["median_s"]
         both = timer(lambda: both_fn(k), reps=3)["median_s"]
         return dict(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both * 1e3, matmuls_per_layer=k,
-                    hidden_fraction=(load + comp - both) / min(load, comp))
+                    matmul_n=int(gemm["mat"][0].shape[0]), hidden_fraction=(load + comp - both) / min(load, comp))
 
     for T in sizes:
         num_blocks = 2 * T // shape.block
@@ -463,11 +479,13 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
             for ev in plain_enqueue():
                 if ev is not None:
                     torch.cuda.current_stream().wait_event(ev)
-                for _ in range(k):
-                    torch.mm(a, b)
+                mm_k(k)
 
         r = measure(plain_load, plain_both)
         r["load_GBps"] = gbps(nbytes, r["load_ms"] / 1e3)
+        gemm["mat"] = mats["big"]
+        r["big_gemm"] = measure(plain_load, plain_both)
+        gemm["mat"] = mats["small"]
         row["plain_copy"] = r
         log.info("layerwise T=%d plain per-layer copy: load %.1f ms (%.1f GB/s) compute %.1f both %.1f hidden %.0f%%",
                  T, r["load_ms"], r["load_GBps"], r["compute_ms"], r["overlapped_ms"], 100 * r["hidden_fraction"])
@@ -488,12 +506,23 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                 def both(k: int) -> None:
                     task = eng.start_retrieve(tokens, kv, blocks)
                     for _layer in task:
-                        for _ in range(k):
-                            torch.mm(a, b)
+                        mm_k(k)
                     task.finish()
 
+                if name.startswith("dma") and os.environ.get("LMCACHE_BENCH_NO_DMA"):
+                    row[name] = {"error": f"skipped: {os.environ['LMCACHE_BENCH_NO_DMA']}"}
+                    continue
                 try:
+                    gemm["mat"] = mats["small"]
                     r = measure(load_only, both)
+                    if name in LAYERWISE_BIG:
+                        gemm["mat"] = mats["big"]
+                        r["big_gemm"] = measure(load_only, both)
+                        gemm["mat"] = mats["small"]
+                        log.info("layerwise T=%d %-18s beside %d^2 GEMMs: hidden %.0f%% (load %.1f compute %.1f "
+                                 "both %.1f)", T, name, mats["big"][0].shape[0],
+                                 100 * r["big_gemm"]["hidden_fraction"], r["big_gemm"]["load_ms"],
+                                 r["big_gemm"]["compute_ms"], r["big_gemm"]["overlapped_ms"])
                     for c in caches:
                         c[:, blocks] = 0
                     both(r["matmuls_per_layer"])
@@ -698,6 +727,9 @@ def table(res: dict[str, Any]) -> str:
         toks = [k for k in next(iter(sl.values())) if k.isdigit()]
         lines.append("variant               " + "  ".join(f"{t:>15}" for t in toks) + "   exact")
         for name, row in sl.items():
+            if "skipped" in row:
+                lines.append(f"{name:<22}skipped: {row['skipped']}")
+                continue
             cells = "  ".join(f"{row[t]['store_GBps']:6.1f}/{row[t]['load_GBps']:6.1f}  " for t in toks)
             lines.append(f"{name:<22}{cells}  {row.get('store_bit_exact')}/{row.get('load_bit_exact')}")
     tn = res.get("tune", {})
@@ -712,9 +744,12 @@ def table(res: dict[str, Any]) -> str:
     for T, row in res.get("layerwise", {}).get("rows", {}).items():
         for name, r in row.items():
             if isinstance(r, dict) and "hidden_fraction" in r:
+                big = r.get("big_gemm")
                 lines.append(f"layerwise {T:>6} {name:<18} load {r['load_ms']:7.1f} ms ({r['load_GBps']:5.1f} GB/s) "
                              f"compute {r['compute_ms']:7.1f}  both {r['overlapped_ms']:7.1f}  "
-                             f"hidden {100 * r['hidden_fraction']:4.0f}%  {'' if r.get('bit_exact', True) else 'MISMATCH'}")
+                             f"hidden {100 * r['hidden_fraction']:4.0f}%"
+                             + (f"  big GEMMs {100 * big['hidden_fraction']:4.0f}%" if big else "")
+                             + f"  {'' if r.get('bit_exact', True) else 'MISMATCH'}")
             elif isinstance(r, dict) and "error" in r:
                 lines.append(f"layerwise {T:>6} {name:<18} ERROR {r['error']}")
     for T, r in res.get("ttft", {}).get("rows", {}).items():

@@ -1,6 +1,6 @@
 """KVTransfer: choose and run the path that moves a batch of chunks for one paged cache.
 
-Three paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
+Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 
 - ``direct``: one kernel launch reads the paged cache and writes the chunks in
   place, also when they are pinned host buffers (mapped into the device's address
@@ -8,6 +8,11 @@ Three paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 - ``staged``: the kernel gathers into a device staging ring, then the copy engine
   moves each chunk with one DMA on a copy stream (the reverse for loads); the
   kernel of group ``i + 1`` runs while group ``i`` is on the bus.
+- ``dma``: no kernel: the copy engines move every run of tokens that is contiguous in
+  its chunk and in one block, one ``cuMemcpyBatchAsync`` per call (:mod:`.dma`), so a
+  layer's load takes no SM from the model's kernels; for layouts whose tokens are
+  contiguous in a block (vLLM flash, FlashInfer NHD, MLA) and pinned host chunks, else
+  the direct kernel, with the reason logged once.
 - ``torch``: the reference (indexing ops and per-plane copies); also the fallback
   whenever the kernel cannot run, with the reason logged once.
 
@@ -28,7 +33,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from . import reference, triton_copy
+from . import dma, reference, triton_copy
 from .reference import Batch, layer_list
 
 if TYPE_CHECKING:
@@ -38,7 +43,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "direct", "staged", "torch")
+MODES = ("auto", "direct", "staged", "dma", "torch")
 PRIORITIES = ("normal", "high")
 # Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
 AUTO = {"store_layer": "direct", "load_layer": "direct", "store_many": "staged", "load_many": "staged"}
@@ -109,6 +114,8 @@ class TransferStats:
 
     direct: int = 0
     staged: int = 0
+    dma: int = 0  # chunks moved by copy-engine batches (mode "dma")
+    batches: int = 0  # copy-engine batch calls
     torch: int = 0
     launches: int = 0
     dmas: int = 0
@@ -123,6 +130,7 @@ class _Plan:
     table: Any  # triton_copy.PlaneTable, or None for the torch path
     near: list[int] = field(default_factory=list)
     far: list[int] = field(default_factory=list)
+    dma: list[int] = field(default_factory=list)
     tab: Any = None
     aligned: bool = False
     max_n: int = 0
@@ -183,6 +191,9 @@ class KVTransfer:
         self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
         self._checked: list[tuple[tuple[Any, ...], list[Any]]] = []
         self._warned: set[str] = set()
+        self._copier: Any = None
+        self._copier_why = ""
+        self._runs: list[tuple[tuple[Any, ...], list[Any], Any]] = []
 
     # -- public --------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
@@ -248,6 +259,8 @@ class KVTransfer:
                 self.stats.launches += 1
             if plan.far:
                 self._staged(kv, plan.table, [batch[i] for i in plan.far], sel, gather)
+            if plan.dma:
+                self._dma(kv, plan.table, [batch[i] for i in plan.dma], sel, gather)
         except Exception as exc:  # noqa: BLE001 - a kernel failure falls back, the engine keeps going
             self.kernel_ok, self.kernel_reason = False, f"{type(exc).__name__}: {exc}"
             self._plans.clear()
@@ -293,7 +306,7 @@ class KVTransfer:
                     self._fallback(f"{kv.kind}: {why}")
         plan = _Plan(nonempty, table)
         if table is not None:
-            plan.near, plan.far = self._split(kv, batch, nonempty, mode)
+            plan.near, plan.far, plan.dma = self._split(kv, batch, nonempty, mode)
             if plan.near:
                 near = [batch[i] for i in plan.near]
                 rows, aligned = triton_copy.chunk_rows(near, kv.layers[0].k.element_size())
@@ -305,10 +318,22 @@ class KVTransfer:
         del self._plans[16:]
         return plan
 
-    def _split(self, kv: "PagedKV", batch: Batch, idx: list[int], mode: str) -> tuple[list[int], list[int]]:
-        """Indices of chunks the kernel reaches in place (``near``) and of those to stage (``far``)."""
+    def _split(self, kv: "PagedKV", batch: Batch, idx: list[int], mode: str
+               ) -> tuple[list[int], list[int], list[int]]:
+        """Indices of chunks the kernel reaches in place (``near``), of those to stage (``far``) and
+        of those the copy engines move run by run (``dma``)."""
         near: list[int] = []
         far: list[int] = []
+        if mode == "dma":
+            why = self._dma_unusable(kv)
+            host = [i for i in idx if batch[i][1].device.type == "cpu"]
+            if why is None and all(batch[i][1].is_pinned() or kv.device.type == "cpu" for i in host) and all(
+                    batch[i][1].stride(3) == 1 and batch[i][1].stride(2) == kv.geometry.hidden for i in host):
+                rest = [i for i in idx if batch[i][1].device.type != "cpu"]
+                return rest, [], host
+            self._fallback(f"copy-engine batches unusable here ({why or 'chunks not pinned or not token-major'}): "
+                           "the direct kernel moves them")
+            mode = "direct"
         for i in idx:
             c = batch[i][1]
             if kv.device.type == "cpu" and c.device.type == "cpu":
@@ -323,7 +348,23 @@ class KVTransfer:
                     far.append(i)
             else:
                 raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
-        return near, far
+        return near, far, []
+
+    def _dma_unusable(self, kv: "PagedKV") -> str | None:
+        """Why copy-engine batches cannot move ``kv``'s chunks (None when they can)."""
+        if self._copier is None:
+            self._copier, self._copier_why = dma.copier(self.device)
+        if self._copier is None:
+            return self._copier_why
+        table, why = triton_copy.plane_table(kv)
+        if table is None:
+            return why
+        g = kv.geometry
+        s_blk, s_tok, s_head, s_dim = table.strides
+        if not (s_dim == 1 and s_head == g.head_dim and s_tok == g.hidden):
+            return (f"{kv.kind}: a token's heads are not contiguous in a block (strides block {s_blk}, token "
+                    f"{s_tok}, head {s_head}, dim {s_dim}), so a run of tokens is not one copy")
+        return None
 
     def _slots(self, items: Batch) -> "torch.Tensor":
         """The batch's slots concatenated on the KV device; cached by identity and version
@@ -434,6 +475,65 @@ class KVTransfer:
                                programs=self._programs(run))
             self._ring_free[slot_i] = self.streams.record(cur)
         self.stats.launches += 1
+
+    # -- copy-engine batches ------------------------------------------------------------------
+    def _run_table(self, kv: "PagedKV", items: Batch) -> Any:
+        """Per run of tokens (contiguous in its chunk and in one block): its chunk-side byte
+        address at layer 0 plane 0, its byte offset from a plane's base, its bytes, and its
+        chunk's layer and plane strides in bytes. Cached by the slot tensors' identity and
+        version and the chunks' addresses (the engine repeats one batch for every layer)."""
+        import numpy as np
+        import torch
+
+        try:
+            key: tuple[Any, ...] | None = (id(kv),) + tuple(
+                (id(s), s._version, int(c.data_ptr()), tuple(c.stride())) for s, c in items)
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            key = None
+        if key is not None:
+            for k, _, tab in self._runs:
+                if k == key:
+                    return tab
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        table, _ = triton_copy.plane_table(kv)
+        s_blk, s_tok = table.strides[0], table.strides[1]
+        cols: list[list[Any]] = [[], [], [], [], []]
+        for s, c in items:
+            starts, blk, off, lens = dma.runs(s.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
+                                              kv.block_size)
+            st = c.stride()
+            cols[0].append(int(c.data_ptr()) + starts * (st[2] * elem))
+            cols[1].append((blk * s_blk + off * s_tok) * elem)
+            cols[2].append(lens * (g.hidden * elem))
+            cols[3].append(np.full(starts.shape, st[0] * elem, dtype=np.int64))
+            cols[4].append(np.full(starts.shape, st[1] * elem, dtype=np.int64))
+        planes = [int(pl.data_ptr()) for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))]
+        tab = tuple(np.concatenate(col).astype(np.int64) for col in cols) + (np.array(planes, dtype=np.int64),)
+        if key is not None:
+            self._runs.insert(0, (key, [s for s, _ in items], tab))
+            del self._runs[4:]
+        return tab
+
+    def _dma(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
+        """Every selected layer and plane of ``items`` in one copy-engine batch on the current stream."""
+        import numpy as np
+
+        host0, rel, size, st_l, st_p, planes = self._run_table(kv, items)
+        P = kv.geometry.kv_planes
+        ls = np.repeat(np.asarray(sel, dtype=np.int64), P)
+        ps = np.tile(np.arange(P, dtype=np.int64), len(sel))
+        host = (host0[None, :] + ls[:, None] * st_l[None, :] + ps[:, None] * st_p[None, :]).ravel()
+        dev = (rel[None, :] + planes[ls * P + ps][:, None]).ravel()
+        sizes = np.tile(size, len(sel) * P)
+        cur = self.streams.current()
+        handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
+        dsts, srcs = (host, dev) if gather else (dev, host)
+        self._copier.copy(dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64), handle,
+                          not gather, self.device.index or 0)
+        self.stats.dma += len(items)
+        self.stats.batches += 1
+        self.stats.dmas += int(sizes.shape[0])
 
     def _copy(self, dst: "torch.Tensor", src: "torch.Tensor") -> None:
         """One DMA when both sides are contiguous, else one per (layer, plane) row block."""
