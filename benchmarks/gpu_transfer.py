@@ -813,6 +813,59 @@ def plot(res: dict[str, Any], png: str) -> None:
     fig.savefig(png, dpi=110)
 
 
+def plot_layerwise(runs: list[dict[str, Any]], png: str) -> None:
+    """Hidden share of a layer-by-layer load per size: beside small matmuls (left) and beside
+    8192^2 GEMMs (right), per variant, from one or more runs' ``layerwise`` sections (a later
+    run's variant replaces an earlier one's), with the load's GB/s alone beside the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for res in runs:
+        for T, row in res.get("layerwise", {}).get("rows", {}).items():
+            for name, r in row.items():
+                if isinstance(r, dict) and "hidden_fraction" in r:
+                    rows.setdefault(name, {})[int(T)] = r
+    show = [n for n in ("plain_copy", "direct", "direct_hi", "direct_p16", "direct_hi_p16", "staged_hi_p16_8s", "dma")
+            if n in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for i, name in enumerate(show):
+        color = f"C{i}"
+        ts = sorted(t for t in rows[name] if t >= 4096)
+        label = {"plain_copy": "plain per-layer DMA (reference)", "direct": "direct, uncapped (before)",
+                 "direct_hi_p16": "direct, 16 programs, high priority (default)"}.get(name, name)
+        axes[0].plot(ts, [100 * rows[name][t]["hidden_fraction"] for t in ts], marker="o", label=label, color=color)
+        big = [t for t in ts if "big_gemm" in rows[name][t]]
+        if big:
+            axes[1].plot(big, [100 * rows[name][t]["big_gemm"]["hidden_fraction"] for t in big], marker="o",
+                         label=label, color=color)
+        axes[2].plot(ts, [rows[name][t]["load_GBps"] for t in ts], marker="o", label=label, color=color)
+    for ax, title in ((axes[0], "hidden beside 2048^2 matmuls per layer"),
+                      (axes[1], "hidden beside 8192^2 GEMMs per layer")):
+        ax.axhline(80, color="grey", ls=":", lw=1, label="goal 80%")
+        ax.set_ylim(-20, 110)
+        ax.set_ylabel("% of the shorter side hidden")
+        ax.set_title(title)
+    ceil = max(r.get("ceilings", {}).get("h2d_GBps", 0.0) for r in runs)
+    if ceil:
+        axes[2].axhline(ceil, color="k", ls="--", lw=1, label=f"pinned H2D ceiling {ceil:.1f}")
+    axes[2].set_ylabel("load alone, GB/s")
+    axes[2].set_title("layer-by-layer load alone")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ts = sorted({t for n in show for t in rows[n] if t >= 4096})
+        ax.set_xticks(ts, [f"{t // 1024}K" for t in ts])
+        ax.set_xlabel("tokens (Llama-3-8B KV)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    env = runs[-1].get("env", {})
+    fig.suptitle(f"CacheEngine.start_retrieve layer by layer, {env.get('gpu', '?')}, {env.get('date', '?')[:10]}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -823,7 +876,18 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(default all)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
     ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
+    ap.add_argument("--plot-layerwise", nargs="+", metavar="JSON",
+                    help="only draw the layer-wise overlap figure from these runs' gpu_transfer.json")
     args = ap.parse_args(argv)
+    if args.plot_layerwise:
+        runs = []
+        for path in args.plot_layerwise:
+            with open(path) as f:
+                runs.append(json.load(f))
+        png = args.png if args.png != "docs/benchmarks-gpu-transfer.png" else "docs/benchmarks-layerwise.png"
+        plot_layerwise(runs, png)
+        print(f"wrote {png}")
+        return 0
     if args.plot:
         with open(args.plot) as f:
             plot(json.load(f), args.png)

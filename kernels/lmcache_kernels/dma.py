@@ -69,14 +69,19 @@ class DriverCopier:
         self._zero = (ctypes.c_size_t * 1)(0)
         self._fail = ctypes.c_size_t(0)
         self._lock = threading.Lock()
+        self.plain = False  # set once the driver refused the hinted attributes
 
-    def _attributes(self, to_device: bool, device_index: int) -> _MemcpyAttributes:
-        key = (to_device, device_index)
+    def _attributes(self, to_device: bool, device_index: int, plain: bool = False) -> _MemcpyAttributes:
+        """Stream-ordered sources, location hints and the overlap flag; ``plain``: no hints and
+        no flag (a driver that refuses the hinted form gets this one)."""
+        key = (to_device, device_index, plain)
         a = self._attrs.get(key)
         if a is None:
             host, dev = _MemLocation(_LOC_HOST, 0), _MemLocation(_LOC_DEVICE, device_index)
+            if plain:
+                host = dev = _MemLocation(0, 0)
             a = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM, host if to_device else dev, dev if to_device else host,
-                                  _PREFER_OVERLAP_WITH_COMPUTE)
+                                  0 if plain else _PREFER_OVERLAP_WITH_COMPUTE)
             self._attrs[key] = a
         return a
 
@@ -85,15 +90,23 @@ class DriverCopier:
         n = int(sizes.shape[0])
         if n == 0:
             return
-        attrs = self._attributes(to_device, device_index)
-        args = [dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, n, ctypes.addressof(attrs),
-                ctypes.addressof(self._zero), 1]
-        with self._lock:  # the failure index is one shared slot
-            if not self.v2:
-                args.append(ctypes.addressof(self._fail))
-            err = self.fn(*args, ctypes.c_void_p(int(stream)))
-        if err != 0:
-            raise RuntimeError(f"cuMemcpyBatchAsync of {n} copies failed with CUresult {err}")
+        if not stream:
+            raise ValueError("cuMemcpyBatchAsync does not take the legacy default stream")
+        err = 0
+        for plain in ((True,) if self.plain else (False, True)):
+            attrs = self._attributes(to_device, device_index, plain)
+            args = [dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, n, ctypes.addressof(attrs),
+                    ctypes.addressof(self._zero), 1]
+            with self._lock:  # the failure index is one shared slot
+                if not self.v2:
+                    args.append(ctypes.addressof(self._fail))
+                err = self.fn(*args, ctypes.c_void_p(int(stream)))
+            if err == 0:
+                if plain and not self.plain:
+                    self.plain = True
+                    logger.info("cuMemcpyBatchAsync refused location hints and the overlap flag; copying without")
+                return
+        raise RuntimeError(f"cuMemcpyBatchAsync of {n} copies failed with CUresult {err}")
 
 
 _DRIVER: tuple[Any, str] | None = None

@@ -529,8 +529,16 @@ class KVTransfer:
         cur = self.streams.current()
         handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
         dsts, srcs = (host, dev) if gather else (dev, host)
-        self._copier.copy(dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64), handle,
-                          not gather, self.device.index or 0)
+        args = (dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64))
+        if cur is not None and not handle:  # the legacy default stream: batch on a side stream joined to it
+            if not self._copy_streams:
+                self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
+            side = self._copy_streams[0]
+            self.streams.wait(side, self.streams.record(cur))
+            self._copier.copy(*args, side.cuda_stream, not gather, self.device.index or 0)
+            self.streams.wait(cur, self.streams.record(side))
+        else:
+            self._copier.copy(*args, handle, not gather, self.device.index or 0)
         self.stats.dma += len(items)
         self.stats.batches += 1
         self.stats.dmas += int(sizes.shape[0])
