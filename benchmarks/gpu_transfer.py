@@ -405,7 +405,7 @@ LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma")
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
-              sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+              sizes: tuple[int, ...] | None = None, blocks_order: str = "random") -> dict[str, Any]:
     """``CacheEngine.start_retrieve`` layer by layer beside a per-layer matmul, for each variant
     of :data:`LAYERWISE` and each size; the same run's reference is a plain per-layer H2D copy of
     the same bytes (one contiguous pinned range per layer) on a side stream beside the same
@@ -420,7 +420,7 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
         mats[label] = (x, torch.randn_like(x), timer(lambda: torch.mm(x, x), reps=10, warmup=3)["median_s"])
     a, b, mm = mats["small"]
     out: dict[str, Any] = {"matmul": {lbl: {"n": int(m[0].shape[0]), "ms": m[2] * 1e3} for lbl, m in mats.items()},
-                           "sizes": list(sizes), "rows": {}}
+                           "sizes": list(sizes), "blocks": blocks_order, "rows": {}}
     names = variants or list(LAYERWISE)
     gemm = {"mat": mats["small"]}
 
@@ -447,6 +447,8 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
         kv, caches = make_cache(shape, num_blocks, devname)
         g = torch.Generator().manual_seed(11)
         blocks = torch.randperm(num_blocks, generator=g)[: T // shape.block]
+        if blocks_order == "contiguous":  # a fresh request on an unfragmented cache: one run per chunk
+            blocks = torch.arange(num_blocks // 4, num_blocks // 4 + T // shape.block)
         tokens = list(range(20, 20 + T))
         nbytes = T * shape.bytes_per_token
         row: dict[str, Any] = {"bytes": nbytes}
@@ -872,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
     ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,layerwise,ttft")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--blocks", choices=("random", "contiguous"), default="random",
+                    help="layerwise section: the request's block ids random (worst case) or consecutive")
     ap.add_argument("--variants", default="", help="layerwise section: comma-separated names of LAYERWISE "
                                                    "(default all)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
@@ -921,7 +925,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("tune", lambda: tune(shape, timer, cuda, device_cls, args.reps)),
                      ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
                      ("layerwise", lambda: layerwise(shape, timer, cuda, device_cls,
-                                                     args.variants.split(",") if args.variants else None)),
+                                                     args.variants.split(",") if args.variants else None,
+                                                     blocks_order=args.blocks)),
                      ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
                                            3 if cuda else 1))):
         if name not in sections:

@@ -152,8 +152,11 @@ def copier(device: "torch.device") -> tuple[Any, str]:
     return _driver()
 
 
-def runs(slots: "np.ndarray", block_size: int) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray"]:
-    """Split a chunk's slots into runs of consecutive tokens that are consecutive in one block.
+def runs(slots: "np.ndarray", block_size: int, across_blocks: bool = False
+         ) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray"]:
+    """Split a chunk's slots into runs of consecutive tokens at consecutive slots, each within
+    one block, or, with ``across_blocks`` (a layout whose block ``b + 1`` follows block ``b`` in
+    memory), running on into the next block when the slots go on.
 
     Returns (first token of each run in the chunk, its block, its offset in the block, its
     length in tokens)."""
@@ -164,7 +167,8 @@ def runs(slots: "np.ndarray", block_size: int) -> tuple["np.ndarray", "np.ndarra
     off = slots - blk * block_size
     brk = np.ones(n, dtype=bool)
     if n > 1:
-        brk[1:] = (blk[1:] != blk[:-1]) | (off[1:] != off[:-1] + 1)
+        brk[1:] = (slots[1:] != slots[:-1] + 1) if across_blocks else \
+            (blk[1:] != blk[:-1]) | (off[1:] != off[:-1] + 1)
     starts = np.flatnonzero(brk)
     lens = np.diff(np.append(starts, n))
     return starts, blk[starts], off[starts], lens

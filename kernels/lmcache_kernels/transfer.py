@@ -9,7 +9,8 @@ Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
   moves each chunk with one DMA on a copy stream (the reverse for loads); the
   kernel of group ``i + 1`` runs while group ``i`` is on the bus.
 - ``dma``: no kernel: the copy engines move every run of tokens that is contiguous in
-  its chunk and in one block, one ``cuMemcpyBatchAsync`` per call (:mod:`.dma`), so a
+  its chunk and in the cache (within a block, or across consecutive blocks where the
+  layout puts them one after another), one ``cuMemcpyBatchAsync`` per call (:mod:`.dma`), so a
   layer's load takes no SM from the model's kernels; for layouts whose tokens are
   contiguous in a block (vLLM flash, FlashInfer NHD, MLA) and pinned host chunks, else
   the direct kernel, with the reason logged once.
@@ -498,10 +499,11 @@ class KVTransfer:
         elem = kv.layers[0].k.element_size()
         table, _ = triton_copy.plane_table(kv)
         s_blk, s_tok = table.strides[0], table.strides[1]
+        across = s_blk == kv.block_size * s_tok  # blocks follow each other: a run may cross into the next
         cols: list[list[Any]] = [[], [], [], [], []]
         for s, c in items:
             starts, blk, off, lens = dma.runs(s.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
-                                              kv.block_size)
+                                              kv.block_size, across)
             st = c.stride()
             cols[0].append(int(c.data_ptr()) + starts * (st[2] * elem))
             cols[1].append((blk * s_blk + off * s_tok) * elem)

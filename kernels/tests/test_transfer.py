@@ -246,6 +246,27 @@ def test_copy_engine_runs_split_at_block_edges_and_jumps() -> None:
     starts, blk, off, lens = dma.runs(np.array([4, 5, 6, 7, 8, 9, 30, 31, 2]), 4)
     assert starts.tolist() == [0, 4, 6, 8] and blk.tolist() == [1, 2, 7, 0]
     assert off.tolist() == [0, 0, 2, 2] and lens.tolist() == [4, 2, 2, 1]
+    starts, blk, off, lens = dma.runs(np.array([4, 5, 6, 7, 8, 9, 30, 31, 2]), 4, across_blocks=True)
+    assert starts.tolist() == [0, 6, 8] and blk.tolist() == [1, 7, 0] and lens.tolist() == [6, 2, 1]
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+@pytest.mark.parametrize("kind", ["vllm_flash", "flashinfer"])
+def test_copy_engine_runs_cross_blocks_only_where_blocks_are_adjacent(kind: str) -> None:
+    # consecutive blocks: one run per chunk and plane in vllm_flash (blocks adjacent per plane);
+    # FlashInfer interleaves K and V per block, so its runs stop at every block edge
+    kv, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(4))
+    slots = torch.arange(8, 8 + 24)
+    chunk = chunk_like(kv, 24, "cpu", pin=DEVICE.type == "cuda")
+    xfer = KVTransfer(DEVICE, TransferOptions(store_mode="dma"), BACKEND)
+    xfer.gather(kv, [(slots, chunk)], (0,))
+    want = chunk_like(kv, 24)
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, [(slots, want)], (0,))
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    assert torch.equal(bits(chunk[0]), bits(want[0]))
+    per_plane = 1 if kind == "vllm_flash" else -(-24 // kv.block_size) + (8 % kv.block_size > 0)
+    assert xfer.stats.dmas == 2 * per_plane
 
 
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
