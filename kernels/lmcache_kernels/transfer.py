@@ -21,7 +21,9 @@ Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 winners of the measurements in ``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py``
 records every variant): a call that moves one layer (the engine's layer-by-layer
 path) goes ``direct``, since staging it would cost one small DMA per chunk; a call
-that moves several layers of each chunk goes ``staged``, one whole-chunk DMA each. Everything is enqueued on the caller's current stream; work on
+that moves several layers of each chunk goes ``staged``, one whole-chunk DMA each; a
+per-layer load whose runs of tokens average ``dma_min_run_bytes`` or more (consecutive
+blocks) goes ``dma`` on an accelerator. Everything is enqueued on the caller's current stream; work on
 copy streams is joined back to it before a call returns, so an event recorded
 on the current stream afterwards covers the whole transfer.
 """
@@ -70,6 +72,10 @@ class TransferOptions:
     # Priority of the transfer streams the device hands out: "high" lets a layer's copy kernel
     # start ahead of compute kernels queued before it, "normal" queues it behind them.
     stream_priority: str = "high"
+    # An auto per-layer load whose runs of tokens (contiguous in chunk and cache) average at
+    # least this many bytes goes to the copy engines (mode "dma"); 0 never. 256 KiB lies between
+    # the measured points (32 KiB runs: 22-25 GB/s, 512 KiB: 46-48 GB/s on the H200).
+    dma_min_run_bytes: int = 256 << 10
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
@@ -79,6 +85,8 @@ class TransferOptions:
             raise ValueError("copy_streams, staging_slots and staging_bytes must be positive")
         if self.layer_programs < 0:
             raise ValueError(f"layer_programs must be 0 (one program per tile) or positive, got {self.layer_programs}")
+        if self.dma_min_run_bytes < 0:
+            raise ValueError(f"dma_min_run_bytes must be 0 (never) or positive, got {self.dma_min_run_bytes}")
         if self.stream_priority not in PRIORITIES:
             raise ValueError(f"stream_priority must be one of {', '.join(PRIORITIES)}, got {self.stream_priority!r}")
 
@@ -86,13 +94,14 @@ class TransferOptions:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "TransferOptions":
         """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
         ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``, ``LMCACHE_KV_LAYER_PROGRAMS``,
-        ``LMCACHE_KV_STREAM_PRIORITY``; ``overrides`` win."""
+        ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``; ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
                                 ("COPY_STREAMS", "copy_streams", int), ("STAGING_BYTES", "staging_bytes", int),
                                 ("STAGING_SLOTS", "staging_slots", int), ("LAYER_PROGRAMS", "layer_programs", int),
-                                ("STREAM_PRIORITY", "stream_priority", str)):
+                                ("STREAM_PRIORITY", "stream_priority", str),
+                                ("DMA_MIN_RUN_BYTES", "dma_min_run_bytes", int)):
             value = env.get(f"LMCACHE_KV_{key}")
             if value:
                 try:
@@ -195,6 +204,7 @@ class KVTransfer:
         self._copier: Any = None
         self._copier_why = ""
         self._runs: list[tuple[tuple[Any, ...], list[Any], Any]] = []
+        self._auto: list[tuple[tuple[Any, ...] | None, list[Any], bool]] = []
 
     # -- public --------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
@@ -234,7 +244,7 @@ class KVTransfer:
             "load_mode": f"{self.options.mode(False, 1)} per layer, {self.options.mode(False, 2)} for several",
             "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
             "staging_slots": self.options.staging_slots, "layer_programs": self.options.layer_programs,
-            "stream_priority": self.options.stream_priority,
+            "stream_priority": self.options.stream_priority, "dma_min_run_bytes": self.options.dma_min_run_bytes,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
 
@@ -245,6 +255,8 @@ class KVTransfer:
             return
         self.check_slots(kv, batch)  # before any path: no kernel or index op sees a bad slot
         mode = self.options.mode(gather, len(sel))
+        if mode == "direct" and self._auto_dma(kv, batch, sel, gather):
+            mode = "dma"
         plan = self._plan(kv, batch, mode)
         if plan is None:
             return
@@ -268,6 +280,42 @@ class KVTransfer:
             logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
                            self.device, self.kernel_reason)
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
+
+    def _auto_dma(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> bool:
+        """Whether an ``auto`` per-layer load goes to the copy engines instead of the capped kernel:
+        on an accelerator, for pinned host chunks in a layout the copy engines can take, when the
+        batch's runs average ``dma_min_run_bytes`` or more (the H200 moved 32 KiB runs at 22-25
+        GB/s and whole-chunk runs at 46-48, beside large GEMMs that starve a kernel)."""
+        o = self.options
+        if gather or len(sel) != 1 or o.load_mode != "auto" or o.dma_min_run_bytes <= 0:
+            return False
+        if self.streams.backend is None or not self.kernel_ok:
+            return False
+        try:  # decided once per batch: the engine repeats one batch for every layer
+            key: tuple[Any, ...] | None = (id(kv), o.dma_min_run_bytes) + tuple(
+                (id(s), s._version, int(c.data_ptr())) for s, c in batch)
+        except RuntimeError:
+            key = None
+        for k, _, got in self._auto:
+            if k == key:
+                return got
+        got = self._decide_dma(kv, batch)
+        if key is not None:
+            self._auto.insert(0, (key, [s for s, _ in batch], got))
+            del self._auto[8:]
+        return got
+
+    def _decide_dma(self, kv: "PagedKV", batch: Batch) -> bool:
+        o = self.options
+        chunks = [c for s, c in batch if int(s.numel()) > 0]
+        if not chunks or any(c.device.type != "cpu" or not (c.is_pinned() or kv.device.type == "cpu")
+                             or c.stride(3) != 1
+                             or c.stride(2) != kv.geometry.hidden for c in chunks):
+            return False
+        if self._dma_unusable(kv) is not None:
+            return False
+        size = self._run_table(kv, [(s, c) for s, c in batch if int(s.numel()) > 0])[2]
+        return bool(size.size) and float(size.mean()) >= o.dma_min_run_bytes
 
     def _programs(self, sel: list[int]) -> int:
         """The kernel's program cap for a call moving layers ``sel`` (per-layer calls only)."""
@@ -532,7 +580,8 @@ class KVTransfer:
         handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
         dsts, srcs = (host, dev) if gather else (dev, host)
         args = (dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64))
-        if cur is not None and not handle:  # the legacy default stream: batch on a side stream joined to it
+        if isinstance(self._copier, dma.DriverCopier) and not handle:
+            # the legacy default stream: batch on a side stream joined to it
             if not self._copy_streams:
                 self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
             side = self._copy_streams[0]

@@ -283,3 +283,32 @@ def test_copy_engine_mode_falls_back_for_layouts_it_cannot_move() -> None:
     assert torch.equal(bits(batch[0][1]), bits(want[0][1]))
     assert xfer.stats.dma == 0 and xfer.stats.direct + xfer.stats.staged == 1
     assert any("not contiguous" in f for f in xfer.stats.fallbacks)
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None:
+    from lmcache_kernels.accel import SyncBackend
+
+    backend = BACKEND if BACKEND is not None else SyncBackend()  # a stream backend: "an accelerator"
+    kv, _ = make_kv("vllm_flash", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(8))
+    contiguous = [(torch.arange(16, 32), chunk_like(kv, 16, "cpu", pin=DEVICE.type == "cuda"))]
+    scattered = _batch(kv, [16], 9, pin=DEVICE.type == "cuda")  # random slots: short runs
+    run_bytes = 16 * kv.geometry.hidden * kv.layers[0].k.element_size()
+    for batch, threshold, want in ((contiguous, run_bytes, "dma"), (contiguous, run_bytes + 1, "direct"),
+                                   (scattered, run_bytes, "direct")):
+        xfer = KVTransfer(DEVICE, TransferOptions(dma_min_run_bytes=threshold), backend)
+        for s, c in batch:
+            c.copy_(torch.randn(c.shape).to(c.dtype))
+        for layer in range(len(kv.layers)):
+            xfer.scatter(kv, batch, (layer,))  # per-layer loads, auto
+        xfer.gather(kv, batch, (0,))  # a per-layer store stays on the kernel
+        back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+        KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, back)
+        if BACKEND is not None:
+            BACKEND.synchronize()
+        assert torch.equal(bits(back[0][1]), bits(batch[0][1])), (threshold, want)
+        loads = xfer.stats.dma if want == "dma" else xfer.stats.direct - 1
+        assert loads == len(kv.layers), (threshold, want, xfer.stats)
+    with pytest.raises(ValueError, match="dma_min_run_bytes"):
+        TransferOptions(dma_min_run_bytes=-1)
+    assert TransferOptions.from_env({"LMCACHE_KV_DMA_MIN_RUN_BYTES": "0"}).dma_min_run_bytes == 0
