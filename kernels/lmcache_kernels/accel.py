@@ -178,7 +178,7 @@ class StreamDevice(Device):
         if self.transfer.options.stream_priority == "high":
             try:
                 return self.backend.Stream(self.torch_device, priority=-(1 << 10))
-            except TypeError:
+            except (TypeError, ValueError, RuntimeError):
                 pass
         return self.backend.Stream(self.torch_device)
 

@@ -205,6 +205,8 @@ class KVTransfer:
         self._copier_why = ""
         self._runs: list[tuple[tuple[Any, ...], list[Any], Any]] = []
         self._auto: list[tuple[tuple[Any, ...] | None, list[Any], bool]] = []
+        self._dma_broken = ""
+        self._dma_stream: Any = None
 
     # -- public --------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
@@ -273,7 +275,12 @@ class KVTransfer:
             if plan.far:
                 self._staged(kv, plan.table, [batch[i] for i in plan.far], sel, gather)
             if plan.dma:
-                self._dma(kv, plan.table, [batch[i] for i in plan.dma], sel, gather)
+                items = [batch[i] for i in plan.dma]
+                try:
+                    self._dma(kv, plan.table, items, sel, gather)
+                except Exception as exc:  # noqa: BLE001 - the copy engines' fault is not the kernel's
+                    self._disable_dma(f"{type(exc).__name__}: {exc}")
+                    self._reference(kv, items, sel, gather)
         except Exception as exc:  # noqa: BLE001 - a kernel failure falls back, the engine keeps going
             self.kernel_ok, self.kernel_reason = False, f"{type(exc).__name__}: {exc}"
             self._plans.clear()
@@ -296,12 +303,12 @@ class KVTransfer:
                 (id(s), s._version, int(c.data_ptr())) for s, c in batch)
         except RuntimeError:
             key = None
-        for k, _, got in self._auto:
-            if k == key:
+        for k, keep, got in self._auto:
+            if k == key and keep[0] is kv:
                 return got
         got = self._decide_dma(kv, batch)
         if key is not None:
-            self._auto.insert(0, (key, [s for s, _ in batch], got))
+            self._auto.insert(0, (key, [kv] + [s for s, _ in batch], got))
             del self._auto[8:]
         return got
 
@@ -376,12 +383,18 @@ class KVTransfer:
         if mode == "dma":
             why = self._dma_unusable(kv)
             host = [i for i in idx if batch[i][1].device.type == "cpu"]
+            rest = [i for i in idx if batch[i][1].device.type != "cpu"]
+            for i in rest:
+                if batch[i][1].device != kv.device:
+                    raise ValueError(f"chunk on {batch[i][1].device} cannot be moved to or from KV on {kv.device}")
             if why is None and all(batch[i][1].is_pinned() or kv.device.type == "cpu" for i in host) and all(
                     batch[i][1].stride(3) == 1 and batch[i][1].stride(2) == kv.geometry.hidden for i in host):
-                rest = [i for i in idx if batch[i][1].device.type != "cpu"]
                 return rest, [], host
-            self._fallback(f"copy-engine batches unusable here ({why or 'chunks not pinned or not token-major'}): "
-                           "the direct kernel moves them")
+            why = why or "chunks not pinned or not token-major"
+            if why not in self._warned:
+                self._warned.add(why)
+                logger.info("KV copy-engine batches unusable here (%s): the direct kernel moves the chunks", why)
+                self.stats.fallbacks.append(why)
             mode = "direct"
         for i in idx:
             c = batch[i][1]
@@ -399,8 +412,18 @@ class KVTransfer:
                 raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
         return near, far, []
 
+    def _disable_dma(self, why: str) -> None:
+        """Copy-engine batches failed: never again in this process (the kernel paths stay)."""
+        self._dma_broken = why
+        self._plans.clear()
+        self._auto.clear()
+        logger.warning("KV copy-engine batches failed on %s (%s); the kernel moves those chunks from now on",
+                       self.device, why)
+
     def _dma_unusable(self, kv: "PagedKV") -> str | None:
         """Why copy-engine batches cannot move ``kv``'s chunks (None when they can)."""
+        if self._dma_broken:
+            return f"they failed earlier ({self._dma_broken})"
         if self._copier is None:
             self._copier, self._copier_why = dma.copier(self.device)
         if self._copier is None:
@@ -530,7 +553,9 @@ class KVTransfer:
         """Per run of tokens (contiguous in its chunk and in one block): its chunk-side byte
         address at layer 0 plane 0, its byte offset from a plane's base, its bytes, and its
         chunk's layer and plane strides in bytes. Cached by the slot tensors' identity and
-        version and the chunks' addresses (the engine repeats one batch for every layer)."""
+        version and the chunks' addresses (the engine repeats one batch for every layer): like
+        every cache here keyed by ``_version``, slots changed behind torch's back (through a
+        numpy alias or ``.data``) must come in a new tensor."""
         import numpy as np
         import torch
 
@@ -540,8 +565,8 @@ class KVTransfer:
         except RuntimeError:  # inference-mode tensors keep no version counter
             key = None
         if key is not None:
-            for k, _, tab in self._runs:
-                if k == key:
+            for k, keep, tab in self._runs:
+                if k == key and keep[0] is kv:  # the entry keeps its kv alive: an id is never reused under it
                     return tab
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
@@ -561,7 +586,7 @@ class KVTransfer:
         planes = [int(pl.data_ptr()) for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))]
         tab = tuple(np.concatenate(col).astype(np.int64) for col in cols) + (np.array(planes, dtype=np.int64),)
         if key is not None:
-            self._runs.insert(0, (key, [s for s, _ in items], tab))
+            self._runs.insert(0, (key, [kv] + [s for s, _ in items], tab))
             del self._runs[4:]
         return tab
 
@@ -580,16 +605,20 @@ class KVTransfer:
         handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
         dsts, srcs = (host, dev) if gather else (dev, host)
         args = (dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64))
-        if isinstance(self._copier, dma.DriverCopier) and not handle:
-            # the legacy default stream: batch on a side stream joined to it
-            if not self._copy_streams:
-                self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
-            side = self._copy_streams[0]
-            self.streams.wait(side, self.streams.record(cur))
-            self._copier.copy(*args, side.cuda_stream, not gather, self.device.index or 0)
-            self.streams.wait(cur, self.streams.record(side))
-        else:
+        if not isinstance(self._copier, dma.DriverCopier):
             self._copier.copy(*args, handle, not gather, self.device.index or 0)
+        else:
+            with self.streams.backend.device(self.device):  # the driver copies in the current context
+                if handle:
+                    self._copier.copy(*args, handle, not gather, self.device.index or 0)
+                else:  # the legacy default stream, which the call refuses: a side stream joined to it
+                    with self._lock:
+                        if self._dma_stream is None:
+                            self._dma_stream = self.streams.new()
+                    side = self._dma_stream
+                    self.streams.wait(side, self.streams.record(cur))
+                    self._copier.copy(*args, side.cuda_stream, not gather, self.device.index or 0)
+                    self.streams.wait(cur, self.streams.record(side))
         self.stats.dma += len(items)
         self.stats.batches += 1
         self.stats.dmas += int(sizes.shape[0])

@@ -312,3 +312,36 @@ def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None
     with pytest.raises(ValueError, match="dma_min_run_bytes"):
         TransferOptions(dma_min_run_bytes=-1)
     assert TransferOptions.from_env({"LMCACHE_KV_DMA_MIN_RUN_BYTES": "0"}).dma_min_run_bytes == 0
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+def test_a_copy_engine_fault_is_a_fallback_and_leaves_the_kernel_on() -> None:
+    xfer = KVTransfer(DEVICE, TransferOptions(store_mode="dma", load_mode="dma"), BACKEND)
+    kv, _ = make_kv("vllm_flash", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(31))
+    batch = _batch(kv, [8, 5], 32, pin=DEVICE.type == "cuda")
+    xfer.mapped_host()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuMemcpyBatchAsync of 4 copies failed with CUresult 1")
+
+    xfer._dma_unusable(kv)  # loads the copier
+    xfer._copier.copy = broken
+    xfer.gather(kv, batch)  # falls back for this call, bit-exact
+    xfer.gather(kv, batch, (0,))  # later calls: the kernel, not the copy engines
+    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for (s, c), (_, w) in zip(batch, want):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+    assert xfer.kernel_ok and xfer.stats.torch == 2 and xfer.stats.direct + xfer.stats.staged == 2
+    assert "failed earlier" in (xfer._dma_unusable(kv) or "")
+
+
+def test_copy_engine_mode_refuses_chunks_on_another_device() -> None:
+    kv, _ = make_kv("vllm_flash", num_blocks=16, generator=torch.Generator().manual_seed(33))
+    xfer = KVTransfer(torch.device("cpu"), TransferOptions(store_mode="dma"), None)
+    batch = [(torch.arange(4), torch.empty(chunk_like(kv, 4).shape, dtype=kv.layers[0].k.dtype, device="meta"))]
+    with pytest.raises(ValueError, match="cannot be moved"):
+        xfer._split(kv, batch, [0], "dma")
