@@ -105,7 +105,7 @@ if want dma && [ -z "${LMCACHE_BENCH_NO_DMA:-}" ]; then
 fi
 
 if want transfer; then
-    SECTIONS=${SECTIONS:-ceilings,store_load,tune,overlap,layerwise,ttft}
+    SECTIONS=${SECTIONS:-ceilings,store_load,tune,overlap,concurrent,layerwise,ttft}
     [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
     timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" ${VARIANTS:+--variants "$VARIANTS"} ${BLOCKS:+--blocks "$BLOCKS"} 2>&1 | tee "$OUT/bench.log" | tail -n 40
 fi

@@ -550,6 +550,88 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
     return out
 
 
+# -- section 3c: one request storing while another loads ----------------------------------------------
+def concurrent(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str, Any]:
+    """Request A stored (gathers, paged GPU -> pinned chunks) while request B loads (scatters)
+    on a second transfer stream, layer by layer as the engine issues them, per size; against
+    the same run's bidirectional ceiling: one pinned H2D and one D2H copy of the same bytes on
+    two streams at once. Both directions are checked bit for bit after the timed runs."""
+    devname = "cuda" if cuda else "cpu"
+    out: dict[str, Any] = {"rows": {}}
+    sizes = tuple(t for t in shape.tokens if t >= 4 * shape.chunk) or shape.tokens
+    for T in sizes:
+        nbytes = T * shape.bytes_per_token
+        num_blocks = 4 * T // shape.block
+        kv, caches = make_cache(shape, num_blocks, devname)
+        g = torch.Generator().manual_seed(13)
+        perm = torch.randperm(num_blocks, generator=g)
+        blocks_a, blocks_b = perm[: T // shape.block], perm[T // shape.block: 2 * T // shape.block]
+        n = T // shape.chunk
+        row: dict[str, Any] = {"bytes_each_way": nbytes}
+        # the ceiling: plain copies, one each way, at once
+        h_up = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        h_down = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        d_up = torch.empty(nbytes, dtype=torch.uint8, device=devname)
+        d_down = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=devname)
+        s1 = torch.cuda.Stream() if cuda else None
+        s2 = torch.cuda.Stream() if cuda else None
+
+        def both_ways() -> None:
+            if not cuda:
+                d_up.copy_(h_up)
+                h_down.copy_(d_down)
+                return
+            with torch.cuda.stream(s1):
+                d_up.copy_(h_up, non_blocking=True)
+            with torch.cuda.stream(s2):
+                h_down.copy_(d_down, non_blocking=True)
+
+        t = timer(both_ways, reps=5)["median_s"]
+        row["ceiling_GBps"] = gbps(2 * nbytes, t)
+        del h_up, h_down, d_up, d_down
+        for name, opts in (("default", {}), ("dma", dict(store_mode="dma", load_mode="dma"))):
+            if name == "dma" and os.environ.get("LMCACHE_BENCH_NO_DMA"):
+                continue
+            dev = device_cls(0, TransferOptions(**opts))
+            geom = kv.geometry
+            src = make_chunks(dev, geom, n, shape.chunk)
+            dst = make_chunks(dev, geom, n, shape.chunk)
+            slots_a = slot_mapping(blocks_a, shape.block, 0, T)
+            slots_b = slot_mapping(blocks_b, shape.block, 0, T)
+            store = [(slots_a[i * shape.chunk:(i + 1) * shape.chunk], dst[i]) for i in range(n)]
+            load = [(slots_b[i * shape.chunk:(i + 1) * shape.chunk], src[i]) for i in range(n)]
+            dev.gather_many(kv, load)  # B's chunks hold what B's blocks hold now
+            dev.synchronize()
+            st, ls = dev.new_stream(), dev.new_stream()
+
+            def store_and_load() -> None:
+                evs = []
+                for layer in range(shape.layers):
+                    with dev.use_stream(st):
+                        dev.gather_many(kv, store, layers=(layer,))
+                    with dev.use_stream(ls):
+                        dev.scatter_many(kv, load, layers=(layer,))
+                        evs.append(dev.record_event(ls))
+                dev.record_event(st).synchronize()
+                for ev in evs:
+                    ev.synchronize()
+
+            t = timer(store_and_load, reps=5)["median_s"]
+            ok = check_store(kv, store, devname) and check_store(kv, load, devname)
+            r = {"GBps": gbps(2 * nbytes, t), "ms": t * 1e3, "bit_exact": ok,
+                 "share_of_ceiling": gbps(2 * nbytes, t) / row["ceiling_GBps"]}
+            row[name] = r
+            log.info("concurrent T=%d %s: %.1f GB/s both ways (%.0f%% of %.1f), %s", T, name, r["GBps"],
+                     100 * r["share_of_ceiling"], row["ceiling_GBps"], "exact" if ok else "MISMATCH")
+            del src, dst
+        out["rows"][str(T)] = row
+        del caches, kv
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
 # -- section 4: TTFT ------------------------------------------------------------------------------------
 def llama_model(cuda: bool) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -743,6 +825,13 @@ def table(res: dict[str, Any]) -> str:
         if isinstance(ov, dict):
             lines.append(f"overlap {mode}: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
                          f"{ov['overlapped_ms']:.1f} ms hidden {100 * ov['hidden_fraction']:.0f}%")
+    for T, row in res.get("concurrent", {}).get("rows", {}).items():
+        for name in ("default", "dma"):
+            if name in row:
+                r = row[name]
+                lines.append(f"concurrent {T:>6} {name:<8} {r['GBps']:6.1f} GB/s both ways = "
+                             f"{100 * r['share_of_ceiling']:.0f}% of {row['ceiling_GBps']:.1f}"
+                             f"{'' if r['bit_exact'] else '  MISMATCH'}")
     for T, row in res.get("layerwise", {}).get("rows", {}).items():
         for name, r in row.items():
             if isinstance(r, dict) and "hidden_fraction" in r:
@@ -872,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
-    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,layerwise,ttft")
+    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,concurrent,layerwise,ttft")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--blocks", choices=("random", "contiguous"), default="random",
                     help="layerwise section: the request's block ids random (worst case) or consecutive")
@@ -924,6 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("store_load", lambda: store_load(shape, timer, cuda, device_cls, args.reps)),
                      ("tune", lambda: tune(shape, timer, cuda, device_cls, args.reps)),
                      ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
+                     ("concurrent", lambda: concurrent(shape, timer, cuda, device_cls)),
                      ("layerwise", lambda: layerwise(shape, timer, cuda, device_cls,
                                                      args.variants.split(",") if args.variants else None,
                                                      blocks_order=args.blocks)),
