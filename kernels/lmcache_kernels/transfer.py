@@ -146,6 +146,46 @@ class _Plan:
     max_n: int = 0
 
 
+_MISS = object()
+
+
+def _batch_key(batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...] | None:
+    """``head`` plus, per pair, its slot tensor's identity and version (and with ``chunks`` the
+    chunk's address and strides); None for inference-mode tensors, which keep no version counter
+    (their results are computed afresh every call)."""
+    try:
+        if chunks:
+            return head + tuple((id(s), s._version, int(c.data_ptr()), tuple(c.stride())) for s, c in batch)
+        return head + tuple((id(s), s._version) for s, _ in batch)
+    except RuntimeError:
+        return None
+
+
+class _Memo:
+    """The last few results per batch key (the engine repeats one batch for every layer). Each
+    entry keeps its slot tensors and the PagedKV it was computed for alive, so no id in its key
+    can be reused by another object while it is held."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: list[tuple[tuple[Any, ...], list[Any], Any]] = []
+
+    def get(self, key: tuple[Any, ...] | None, kv: Any = None) -> Any:
+        if key is not None:
+            for k, keep, value in self._items:
+                if k == key and keep[0] is kv:
+                    return value
+        return _MISS
+
+    def put(self, key: tuple[Any, ...] | None, kv: Any, batch: Batch, value: Any) -> None:
+        if key is not None:
+            self._items.insert(0, (key, [kv] + [s for s, _ in batch], value))
+            del self._items[self._size:]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
 class _Streams:
     """The few stream operations the staged path needs, for torch.cuda-like modules or none."""
 
@@ -198,13 +238,13 @@ class KVTransfer:
         self._next_slot = 0
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
-        self._slot_cache: list[tuple[tuple[Any, ...], list[Any], "torch.Tensor"]] = []
-        self._checked: list[tuple[tuple[Any, ...], list[Any]]] = []
+        self._slot_cache = _Memo(4)
+        self._checked = _Memo(8)
         self._warned: set[str] = set()
         self._copier: Any = None
         self._copier_why = ""
-        self._runs: list[tuple[tuple[Any, ...], list[Any], Any]] = []
-        self._auto: list[tuple[tuple[Any, ...] | None, list[Any], bool]] = []
+        self._runs = _Memo(4)
+        self._auto = _Memo(8)
         self._dma_broken = ""
         self._dma_stream: Any = None
 
@@ -221,17 +261,11 @@ class KVTransfer:
         """Range check every slot of ``batch`` against ``kv`` (LayoutError), once per batch: the
         result is cached by the slot tensors' identity and version, so the engine's per-layer
         calls with one batch pay for one vectorised min/max, not one per layer."""
-        try:
-            key: tuple[Any, ...] | None = (kv.num_blocks * kv.block_size,) + tuple(
-                (id(s), s._version) for s, _ in batch)
-        except RuntimeError:  # inference-mode tensors keep no version counter: check every call
-            key = None
-        if key is not None and any(k == key for k, _ in self._checked):
+        key = _batch_key(batch, kv.num_blocks * kv.block_size)
+        if self._checked.get(key) is not _MISS:
             return
         reference.check_slots(kv, batch)
-        if key is not None:
-            self._checked.insert(0, (key, [s for s, _ in batch]))  # keeps the ids alive
-            del self._checked[8:]
+        self._checked.put(key, None, batch, True)
 
     def mapped_host(self) -> tuple[bool, str]:
         """Whether kernels on this device can address pinned host memory (probed once)."""
@@ -298,30 +332,19 @@ class KVTransfer:
             return False
         if self.streams.backend is None or not self.kernel_ok:
             return False
-        try:  # decided once per batch: the engine repeats one batch for every layer
-            key: tuple[Any, ...] | None = (id(kv), o.dma_min_run_bytes) + tuple(
-                (id(s), s._version, int(c.data_ptr())) for s, c in batch)
-        except RuntimeError:
-            key = None
-        for k, keep, got in self._auto:
-            if k == key and keep[0] is kv:
-                return got
-        got = self._decide_dma(kv, batch)
-        if key is not None:
-            self._auto.insert(0, (key, [kv] + [s for s, _ in batch], got))
-            del self._auto[8:]
+        key = _batch_key(batch, o.dma_min_run_bytes, chunks=True)  # decided once per batch
+        got = self._auto.get(key, kv)
+        if got is _MISS:
+            got = self._decide_dma(kv, batch)
+            self._auto.put(key, kv, batch, got)
         return got
 
     def _decide_dma(self, kv: "PagedKV", batch: Batch) -> bool:
         o = self.options
-        chunks = [c for s, c in batch if int(s.numel()) > 0]
-        if not chunks or any(c.device.type != "cpu" or not (c.is_pinned() or kv.device.type == "cpu")
-                             or c.stride(3) != 1
-                             or c.stride(2) != kv.geometry.hidden for c in chunks):
+        items = [(s, c) for s, c in batch if int(s.numel()) > 0]
+        if not items or not all(self._dma_chunk_ok(kv, c) for _, c in items) or self._dma_unusable(kv) is not None:
             return False
-        if self._dma_unusable(kv) is not None:
-            return False
-        size = self._run_table(kv, [(s, c) for s, c in batch if int(s.numel()) > 0])[2]
+        size = self._run_table(kv, items)[2]
         return bool(size.size) and float(size.mean()) >= o.dma_min_run_bytes
 
     def _programs(self, sel: list[int]) -> int:
@@ -380,21 +403,18 @@ class KVTransfer:
         of those the copy engines move run by run (``dma``)."""
         near: list[int] = []
         far: list[int] = []
-        if mode == "dma":
+        by_dma: list[int] = []
+        if mode == "dma":  # host chunks to the copy engines, the rest as ``direct`` would take them
             why = self._dma_unusable(kv)
             host = [i for i in idx if batch[i][1].device.type == "cpu"]
-            rest = [i for i in idx if batch[i][1].device.type != "cpu"]
-            for i in rest:
-                if batch[i][1].device != kv.device:
-                    raise ValueError(f"chunk on {batch[i][1].device} cannot be moved to or from KV on {kv.device}")
-            if why is None and all(batch[i][1].is_pinned() or kv.device.type == "cpu" for i in host) and all(
-                    batch[i][1].stride(3) == 1 and batch[i][1].stride(2) == kv.geometry.hidden for i in host):
-                return rest, [], host
-            why = why or "chunks not pinned or not token-major"
-            if why not in self._warned:
-                self._warned.add(why)
-                logger.info("KV copy-engine batches unusable here (%s): the direct kernel moves the chunks", why)
-                self.stats.fallbacks.append(why)
+            if why is None and all(self._dma_chunk_ok(kv, batch[i][1]) for i in host):
+                by_dma, idx = host, [i for i in idx if batch[i][1].device.type != "cpu"]
+            else:
+                why = why or "chunks not pinned or not token-major"
+                if why not in self._warned:
+                    self._warned.add(why)
+                    logger.info("KV copy-engine batches unusable here (%s): the direct kernel moves the chunks", why)
+                    self.stats.fallbacks.append(why)
             mode = "direct"
         for i in idx:
             c = batch[i][1]
@@ -410,7 +430,14 @@ class KVTransfer:
                     far.append(i)
             else:
                 raise ValueError(f"chunk on {c.device} cannot be moved to or from KV on {kv.device}")
-        return near, far, []
+        return near, far, by_dma
+
+    @staticmethod
+    def _dma_chunk_ok(kv: "PagedKV", c: "torch.Tensor") -> bool:
+        """A chunk the copy engines can take: host memory, pinned (or KV on the host too), and
+        token-major (each token's hidden vector contiguous, tokens one after another)."""
+        return c.device.type == "cpu" and (c.is_pinned() or kv.device.type == "cpu") and c.stride(3) == 1 \
+            and c.stride(2) == kv.geometry.hidden
 
     def _disable_dma(self, why: str) -> None:
         """Copy-engine batches failed: never again in this process (the kernel paths stay)."""
@@ -441,18 +468,11 @@ class KVTransfer:
     def _slots(self, items: Batch) -> "torch.Tensor":
         """The batch's slots concatenated on the KV device; cached by identity and version
         (inference-mode tensors keep no version counter and are concatenated afresh)."""
-        try:
-            key: tuple[Any, ...] | None = tuple((id(s), s._version) for s, _ in items)
-        except RuntimeError:
-            key = None
-        if key is not None:
-            for k, _, dev_slots in self._slot_cache:
-                if k == key:
-                    return dev_slots
-        dev_slots = triton_copy.concat_slots([s for s, _ in items], self.device)
-        if key is not None:
-            self._slot_cache.insert(0, (key, [s for s, _ in items], dev_slots))
-            del self._slot_cache[4:]
+        key = _batch_key(items)
+        dev_slots = self._slot_cache.get(key)
+        if dev_slots is _MISS:
+            dev_slots = triton_copy.concat_slots([s for s, _ in items], self.device)
+            self._slot_cache.put(key, None, items, dev_slots)
         return dev_slots
 
     # -- staged ------------------------------------------------------------------------------
@@ -559,15 +579,10 @@ class KVTransfer:
         import numpy as np
         import torch
 
-        try:
-            key: tuple[Any, ...] | None = (id(kv),) + tuple(
-                (id(s), s._version, int(c.data_ptr()), tuple(c.stride())) for s, c in items)
-        except RuntimeError:  # inference-mode tensors keep no version counter
-            key = None
-        if key is not None:
-            for k, keep, tab in self._runs:
-                if k == key and keep[0] is kv:  # the entry keeps its kv alive: an id is never reused under it
-                    return tab
+        key = _batch_key(items, chunks=True)
+        tab = self._runs.get(key, kv)
+        if tab is not _MISS:
+            return tab
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
         table, _ = triton_copy.plane_table(kv)
@@ -585,9 +600,7 @@ class KVTransfer:
             cols[4].append(np.full(starts.shape, st[1] * elem, dtype=np.int64))
         planes = [int(pl.data_ptr()) for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))]
         tab = tuple(np.concatenate(col).astype(np.int64) for col in cols) + (np.array(planes, dtype=np.int64),)
-        if key is not None:
-            self._runs.insert(0, (key, [kv] + [s for s, _ in items], tab))
-            del self._runs[4:]
+        self._runs.put(key, kv, items, tab)
         return tab
 
     def _dma(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
@@ -604,20 +617,24 @@ class KVTransfer:
         cur = self.streams.current()
         handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
         dsts, srcs = (host, dev) if gather else (dev, host)
-        args = (dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64))
+
+        def issue(stream: Any) -> None:
+            self._copier.copy(dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64), stream,
+                              not gather, self.device.index or 0)
+
         if not isinstance(self._copier, dma.DriverCopier):
-            self._copier.copy(*args, handle, not gather, self.device.index or 0)
+            issue(handle)
         else:
             with self.streams.backend.device(self.device):  # the driver copies in the current context
                 if handle:
-                    self._copier.copy(*args, handle, not gather, self.device.index or 0)
+                    issue(handle)
                 else:  # the legacy default stream, which the call refuses: a side stream joined to it
                     with self._lock:
                         if self._dma_stream is None:
                             self._dma_stream = self.streams.new()
                     side = self._dma_stream
                     self.streams.wait(side, self.streams.record(cur))
-                    self._copier.copy(*args, side.cuda_stream, not gather, self.device.index or 0)
+                    issue(side.cuda_stream)
                     self.streams.wait(cur, self.streams.record(side))
         self.stats.dma += len(items)
         self.stats.batches += 1
