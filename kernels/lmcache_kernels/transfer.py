@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "direct", "staged", "dma", "torch")
 PRIORITIES = ("normal", "high")
+STAGED_COPIES = ("batch", "each")
 # Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
 AUTO = {"store_layer": "direct", "load_layer": "direct", "store_many": "staged", "load_many": "staged"}
 
@@ -76,6 +77,10 @@ class TransferOptions:
     # least this many bytes goes to the copy engines (mode "dma"); 0 never. 256 KiB lies between
     # the measured points (32 KiB runs: 22-25 GB/s, 512 KiB: 46-48 GB/s on the H200).
     dma_min_run_bytes: int = 256 << 10
+    # How the staged path moves a group of chunks between the ring and host memory: "batch", one
+    # copy-engine batch call (cuMemcpyBatchAsync) per group, where the binding loads; "each", one
+    # torch copy per chunk, the host thread issuing every DMA (the only way before 2026-12-03).
+    staged_copies: str = "batch"
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
@@ -87,6 +92,8 @@ class TransferOptions:
             raise ValueError(f"layer_programs must be 0 (one program per tile) or positive, got {self.layer_programs}")
         if self.dma_min_run_bytes < 0:
             raise ValueError(f"dma_min_run_bytes must be 0 (never) or positive, got {self.dma_min_run_bytes}")
+        if self.staged_copies not in STAGED_COPIES:
+            raise ValueError(f"staged_copies must be one of {', '.join(STAGED_COPIES)}, got {self.staged_copies!r}")
         if self.stream_priority not in PRIORITIES:
             raise ValueError(f"stream_priority must be one of {', '.join(PRIORITIES)}, got {self.stream_priority!r}")
 
@@ -94,14 +101,16 @@ class TransferOptions:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "TransferOptions":
         """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
         ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``, ``LMCACHE_KV_LAYER_PROGRAMS``,
-        ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``; ``overrides`` win."""
+        ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``, ``LMCACHE_KV_STAGED_COPIES``;
+        ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
                                 ("COPY_STREAMS", "copy_streams", int), ("STAGING_BYTES", "staging_bytes", int),
                                 ("STAGING_SLOTS", "staging_slots", int), ("LAYER_PROGRAMS", "layer_programs", int),
                                 ("STREAM_PRIORITY", "stream_priority", str),
-                                ("DMA_MIN_RUN_BYTES", "dma_min_run_bytes", int)):
+                                ("DMA_MIN_RUN_BYTES", "dma_min_run_bytes", int),
+                                ("STAGED_COPIES", "staged_copies", str)):
             value = env.get(f"LMCACHE_KV_{key}")
             if value:
                 try:
@@ -144,6 +153,17 @@ class _Plan:
     tab: Any = None
     aligned: bool = False
     max_n: int = 0
+
+
+@dataclass
+class _StageLayout:
+    """How one batch fills the staging ring for runs of a given layer count (see ``_stage_layout``)."""
+
+    groups: list[list[int]]  # chunk indices per ring slot fill
+    offsets: list[list[int]]  # each chunk's byte offset in its slot
+    batch: bool  # the ring's copies go as one copy-engine batch per group
+    preps: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, l0 or -1) -> kernel table
+    copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, layers) -> copy list
 
 
 _MISS = object()
@@ -236,6 +256,8 @@ class KVTransfer:
         self._ring: list["torch.Tensor"] = []
         self._ring_free: list[Any] = []
         self._next_slot = 0
+        self._ring_gen = 0
+        self._layouts = _Memo(8)
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
         self._slot_cache = _Memo(4)
@@ -281,6 +303,7 @@ class KVTransfer:
             "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
             "staging_slots": self.options.staging_slots, "layer_programs": self.options.layer_programs,
             "stream_priority": self.options.stream_priority, "dma_min_run_bytes": self.options.dma_min_run_bytes,
+            "staged_copies": self.options.staged_copies,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
 
@@ -444,6 +467,7 @@ class KVTransfer:
         self._dma_broken = why
         self._plans.clear()
         self._auto.clear()
+        self._layouts.clear()
         logger.warning("KV copy-engine batches failed on %s (%s); the kernel moves those chunks from now on",
                        self.device, why)
 
@@ -487,13 +511,12 @@ class KVTransfer:
             self.streams.backend.synchronize(self.device)  # old ring slots may still be in use
         self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
                       for _ in range(self.options.staging_slots)]
+        self._ring_gen += 1  # cached layouts point into the old ring
         self._ring_free = [None] * len(self._ring)
         if not self._copy_streams:
             self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
 
     def _staged(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
-        g = kv.geometry
-        elem = kv.layers[0].k.element_size()
         runs: list[list[int]] = []
         for l in sel:  # contiguous layer runs: each run stages [n_layers, P, n, hidden] per chunk
             if runs and l == runs[-1][-1] + 1:
@@ -502,71 +525,161 @@ class KVTransfer:
                 runs.append([l])
         with self._lock:
             for run in runs:
-                per_item = [len(run) * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
-                self._ensure_ring(max(per_item))
-                cap = self._ring[0].numel()
-                group: list[int] = []
-                used = 0
-                for i, nbytes in enumerate(per_item):
-                    if group and used + nbytes > cap:
-                        self._stage_group(kv, table, [items[k] for k in group], run, gather)
-                        group, used = [], 0
-                    group.append(i)
-                    used += nbytes
-                if group:
-                    self._stage_group(kv, table, [items[k] for k in group], run, gather)
+                lay = self._stage_layout(kv, items, len(run))
+                for gi in range(len(lay.groups)):
+                    self._stage_group(kv, table, items, lay, gi, run, gather)
             self.stats.staged += len(items)
             if gather:  # later events on the current stream must cover the DMAs
                 cur = self.streams.current()
                 for cs in self._copy_streams:
                     self.streams.wait(cur, self.streams.record(cs))
 
-    def _stage_group(self, kv: "PagedKV", table: Any, items: Batch, run: list[int], gather: bool) -> None:
-        import torch
-
+    def _stage_layout(self, kv: "PagedKV", items: Batch, nl: int) -> "_StageLayout":
+        """How ``items`` fill the ring for runs of ``nl`` layers (groups of chunks per slot, each
+        chunk's offset in its slot), with the kernel tables and copy lists built on first use;
+        cached per batch (the engine repeats one batch for every layer)."""
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
-        dtype = kv.layers[0].k.dtype
+        per_item = [nl * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
+        self._ensure_ring(max(per_item))
+        key = _batch_key(items, nl, self._ring_gen, chunks=True)
+        lay = self._layouts.get(key, kv)
+        if lay is not _MISS:
+            return lay
+        cap = self._ring[0].numel()
+        lay = _StageLayout([], [], bool(self._copier_ok(kv, items)))
+        used = cap
+        for i, nbytes in enumerate(per_item):
+            if used + nbytes > cap:
+                lay.groups.append([])
+                lay.offsets.append([])
+                used = 0
+            lay.groups[-1].append(i)
+            lay.offsets[-1].append(used)
+            used += (nbytes + 255) // 256 * 256
+        self._layouts.put(key, kv, items, lay)
+        return lay
+
+    def _copier_ok(self, kv: "PagedKV", items: Batch) -> bool:
+        """Whether the ring's copies can go as one copy-engine batch per group (``staged_copies``
+        is ``batch``, the binding loads, every chunk pinned host memory in token-major order)."""
+        if self.options.staged_copies != "batch" or self._dma_broken:
+            return False
+        if self._copier is None:
+            self._copier, self._copier_why = dma.copier(self.device)
+        return self._copier is not None and all(self._dma_chunk_ok(kv, c) for _, c in items)
+
+    def _stage_group(self, kv: "PagedKV", table: Any, items: Batch, lay: "_StageLayout", gi: int,
+                     run: list[int], gather: bool) -> None:
         slot_i = self._next_slot % len(self._ring)
         self._next_slot += 1
-        ring = self._ring[slot_i]
         cs = self._copy_streams[slot_i % len(self._copy_streams)] if self._copy_streams else None
         cur = self.streams.current()
         l0, nl = run[0], len(run)
-        views: list["torch.Tensor"] = []
-        rows: list[int] = []
-        offset = 0
-        start = 0
-        for s, _ in items:
-            n = int(s.numel())
-            count = nl * g.kv_planes * n * g.hidden
-            view = ring[offset: offset + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
-            offset += (count * elem + 255) // 256 * 256
-            views.append(view)
-            s_l, s_p, s_t = g.kv_planes * n * g.hidden, n * g.hidden, g.hidden
-            rows += [int(view.data_ptr()) - l0 * s_l * elem, s_l, s_p, s_t, start, n]
-            start += n
-        aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
-        slots = self._slots(items)
+        group = [items[k] for k in lay.groups[gi]]
+        # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer
+        prep = lay.preps.get((slot_i, gi, l0 if nl > 1 else -1))
+        if prep is None:
+            prep = self._stage_prep(kv, table, group, lay.offsets[gi], slot_i, l0, nl)
+            lay.preps[(slot_i, gi, l0 if nl > 1 else -1)] = prep
+        programs = self._programs(run)
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
-            triton_copy.launch(kv, table, items, run, True, slots=slots, rows=rows, rows_aligned=aligned,
-                               programs=self._programs(run))
+            triton_copy.run(kv, table, prep, run, True, programs)
             self.streams.wait(cs, self.streams.record(cur))
             with self.streams.use(cs):
-                for (s, chunk), view in zip(items, views):
-                    self._copy(chunk[l0: l0 + nl, :, : int(s.numel())], view)
+                self._ring_copies(kv, lay, gi, group, slot_i, run, True, cs)
             self._ring_free[slot_i] = self.streams.record(cs)
         else:
             self.streams.wait(cs, self._ring_free[slot_i])
             with self.streams.use(cs):
-                for (s, chunk), view in zip(items, views):
-                    self._copy(view, chunk[l0: l0 + nl, :, : int(s.numel())])
+                self._ring_copies(kv, lay, gi, group, slot_i, run, False, cs)
             self.streams.wait(cur, self.streams.record(cs))
-            triton_copy.launch(kv, table, items, run, False, slots=slots, rows=rows, rows_aligned=aligned,
-                               programs=self._programs(run))
+            triton_copy.run(kv, table, prep, run, False, programs)
             self._ring_free[slot_i] = self.streams.record(cur)
         self.stats.launches += 1
+
+    def _stage_prep(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], slot_i: int, l0: int,
+                    nl: int) -> Any:
+        """The kernel's table for a group whose chunks lie in ring slot ``slot_i`` as
+        ``[nl, P, n, hidden]`` views at ``offsets``."""
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        base = int(self._ring[slot_i].data_ptr())
+        rows: list[int] = []
+        start = 0
+        for (s, _), off in zip(group, offsets):
+            n = int(s.numel())
+            s_l, s_p, s_t = (g.kv_planes * n * g.hidden if nl > 1 else 0), n * g.hidden, g.hidden
+            rows += [base + off - l0 * s_l * elem, s_l, s_p, s_t, start, n]
+            start += n
+        aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
+        slots = triton_copy.concat_slots([s for s, _ in group], self.device)
+        return triton_copy.prepare(kv, table, group, slots=slots, rows=rows, rows_aligned=aligned)
+
+    def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
+                     run: list[int], gather: bool, cs: Any) -> None:
+        """The copy-stream half of a group: chunks to the ring (load) or back (store), one
+        copy-engine batch when :meth:`_copier_ok` said so, else one DMA per contiguous block."""
+        l0, nl = run[0], len(run)
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        if lay.batch and not self._dma_broken:
+            ck = (slot_i, gi, nl)
+            tab = lay.copies.get(ck)
+            if tab is None:
+                tab = lay.copies[ck] = self._ring_table(kv, group, lay.offsets[gi], slot_i, nl)
+            chunk0, ring, size, st_l = tab
+            chunk = chunk0 + l0 * st_l
+            dsts, srcs = (chunk, ring) if gather else (ring, chunk)
+            try:
+                if isinstance(self._copier, dma.DriverCopier):
+                    with self.streams.backend.device(self.device):
+                        self._copier.copy(dsts.view("uint64"), srcs.view("uint64"), size.view("uint64"),
+                                          cs.cuda_stream, not gather, self.device.index or 0)
+                else:
+                    self._copier.copy(dsts.view("uint64"), srcs.view("uint64"), size.view("uint64"), 0,
+                                      not gather, self.device.index or 0)
+            except Exception as exc:  # noqa: BLE001 - the copy engines' fault: the same copies one by one
+                self._disable_dma(f"{type(exc).__name__}: {exc}")
+            else:
+                self.stats.dmas += int(size.shape[0])
+                self.stats.batches += 1
+                return
+        ring = self._ring[slot_i]
+        dtype = kv.layers[0].k.dtype
+        for (s, chunk), off in zip(group, lay.offsets[gi]):
+            n = int(s.numel())
+            count = nl * g.kv_planes * n * g.hidden
+            view = ring[off: off + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
+            part = chunk[l0: l0 + nl, :, :n]
+            self._copy(part, view) if gather else self._copy(view, part)
+
+    def _ring_table(self, kv: "PagedKV", group: Batch, offsets: list[int], slot_i: int, nl: int) -> Any:
+        """Per copy of a group at layer 0: its chunk-side byte address, its ring address, its
+        bytes and its chunk's layer stride in bytes (one copy per chunk when the chunk's
+        ``[nl, P, n]`` block is contiguous, else one per (layer, plane))."""
+        import numpy as np
+
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        base = int(self._ring[slot_i].data_ptr())
+        cols: list[list[int]] = [[], [], [], []]
+        for (s, c), off in zip(group, offsets):
+            n = int(s.numel())
+            st = c.stride()
+            row = n * g.hidden * elem  # one (layer, plane) block of the chunk, contiguous (token-major)
+            if st[1] * elem == row and (nl == 1 or st[0] * elem == g.kv_planes * row):
+                pieces = [(0, 0, nl * g.kv_planes * row)]
+            else:
+                pieces = [((l * st[0] + p * st[1]) * elem, (l * g.kv_planes + p) * row, row)
+                          for l in range(nl) for p in range(g.kv_planes)]
+            for c_off, r_off, size in pieces:
+                cols[0].append(int(c.data_ptr()) + c_off)
+                cols[1].append(base + off + r_off)
+                cols[2].append(size)
+                cols[3].append(st[0] * elem)
+        return tuple(np.asarray(col, dtype=np.int64) for col in cols)
 
     # -- copy-engine batches ------------------------------------------------------------------
     def _run_table(self, kv: "PagedKV", items: Batch) -> Any:

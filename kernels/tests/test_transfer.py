@@ -345,3 +345,70 @@ def test_copy_engine_mode_refuses_chunks_on_another_device() -> None:
     batch = [(torch.arange(4), torch.empty(chunk_like(kv, 4).shape, dtype=kv.layers[0].k.dtype, device="meta"))]
     with pytest.raises(ValueError, match="cannot be moved"):
         xfer._split(kv, batch, [0], "dma")
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+@pytest.mark.parametrize("kind", ["vllm_flash", "vllm_blocks_heads", "mla"])
+def test_staged_ring_copies_go_as_one_batch_per_group(kind: str) -> None:
+    # per-layer and whole-request staged calls with the ring's copies as copy-engine batches (on a
+    # CPU replayed with memmove): bit for bit as "each", one batch per ring group, and a per-layer
+    # batch builds its kernel table and copy list once for every layer
+    kv, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(41))
+    results = {}
+    for copies in ("batch", "each"):
+        opts = TransferOptions(store_mode="staged", load_mode="staged", staging_bytes=6000, staging_slots=2,
+                               staged_copies=copies)
+        xfer = KVTransfer(DEVICE, opts, BACKEND)
+        batch = _batch(kv, [8, 5, 8], 42, pin=DEVICE.type == "cuda")
+        for layer in range(len(kv.layers)):
+            xfer.gather(kv, batch, (layer,))
+        kv2, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(43))
+        for layer in range(len(kv2.layers)):
+            xfer.scatter(kv2, batch, (layer,))
+        xfer.scatter(kv2, batch)  # whole request: every layer per group
+        back = [(s, chunk_like(kv2, c.shape[2])) for s, c in batch]
+        KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv2, back)
+        want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+        KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
+        if BACKEND is not None:
+            BACKEND.synchronize()
+        for (s, c), (_, w), (_, b) in zip(batch, want, back):
+            n = int(s.numel())
+            assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n])), copies
+            assert torch.equal(bits(b[:, :, :n]), bits(w[:, :, :n])), copies
+        results[copies] = xfer
+    fast, slow = results["batch"], results["each"]
+    assert fast.stats.staged == slow.stats.staged == 3 * (2 * len(kv.layers) + 1)
+    assert slow.stats.batches == 0 and fast.stats.batches == fast.stats.launches == slow.stats.launches
+    assert fast.stats.dmas == slow.stats.dmas  # the same copies, issued in batches
+    lay = [v for _, _, v in fast._layouts._items]
+    per_layer = [x for x in lay if x.preps and all(k[2] == -1 for k in x.preps)]
+    assert per_layer and all(len(x.preps) <= len(fast._ring) * len(x.groups) for x in per_layer)
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk() -> None:
+    kv, _ = make_kv("vllm_flash", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(51))
+    xfer = KVTransfer(DEVICE, TransferOptions(store_mode="staged", load_mode="staged"), BACKEND)
+    batch = _batch(kv, [8, 5], 52, pin=DEVICE.type == "cuda")
+    xfer.gather(kv, batch, (0,))
+    assert xfer.stats.batches == 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuMemcpyBatchAsync of 2 copies failed with CUresult 1")
+
+    xfer._copier.copy = broken
+    for layer in range(len(kv.layers)):
+        xfer.gather(kv, batch, (layer,))
+    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for (s, c), (_, w) in zip(batch, want):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+    assert xfer.stats.batches == 1 and xfer.stats.torch == 0 and xfer.kernel_ok
+    assert "failed earlier" in (xfer._dma_unusable(kv) or "")
+    with pytest.raises(ValueError, match="staged_copies"):
+        TransferOptions(staged_copies="some")
+    assert TransferOptions.from_env({"LMCACHE_KV_STAGED_COPIES": "Each"}).staged_copies == "each"
