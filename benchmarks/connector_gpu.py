@@ -200,33 +200,57 @@ def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: in
     wait_finished(src, "store2", 0)
     engine.flush()
 
-    # 5. pipelining: per-layer wait + stand-in compute, vs all layers first
+    # 5. pipelining: per-layer wait + stand-in compute, vs all layers first. The compute per
+    # layer is sized to the layer's load (as many matmuls as take load_s / layers), so neither
+    # side is negligible; every figure is the best of --repeat runs after an untimed warm-up.
     if a.compute_dim:
         x = torch.randn(a.compute_dim, a.compute_dim, device=a.device, dtype=dtype)
+        for _ in range(3):
+            torch.mm(x, x)
+        sync(a.device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            torch.mm(x, x)
+        sync(a.device)
+        mm_s = (time.perf_counter() - t0) / 10
+        iters = max(1, round(out["load_s"] / a.layers / mm_s)) if a.compute_iters == 0 else a.compute_iters
 
         def compute(_: int) -> None:
-            for _ in range(a.compute_iters):
+            for _ in range(iters):
                 torch.mm(x, x)
 
-        sync(a.device)
-        t0 = time.perf_counter()
-        for i in range(a.layers):
-            compute(i)
-        sync(a.device)
-        compute_s = time.perf_counter() - t0
-        sync(a.device)
-        t0 = time.perf_counter()
-        step(dst, StepPlan(loads=(LoadSpec("pipe", tokens, tuple(dst_blocks), 0, a.tokens),)), compute)
-        sync(a.device)
-        piped_s = time.perf_counter() - t0
+        def best(fn: Callable[[], None]) -> float:
+            fn()  # warm-up
+            times = []
+            for _ in range(a.repeat):
+                sync(a.device)
+                t0 = time.perf_counter()
+                fn()
+                sync(a.device)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        compute_s = best(lambda: [compute(i) for i in range(a.layers)])
+        piped_s = best(lambda: step(dst, StepPlan(loads=(LoadSpec("pipe", tokens, tuple(dst_blocks), 0,
+                                                                  a.tokens),)), compute))
         shorter = min(compute_s, out["load_s"])
         out["pipeline"] = {"compute_s": compute_s, "load_s": out["load_s"], "pipelined_s": piped_s,
-                           "hidden_share": min(1.0, max(0.0, (compute_s + out["load_s"] - piped_s) / shorter)) if shorter else 0.0}
+                           "matmul_n": a.compute_dim, "matmuls_per_layer": iters, "matmul_ms": mm_s * 1e3,
+                           "hidden_share": min(1.0, max(0.0, (compute_s + out["load_s"] - piped_s) / shorter))
+                           if shorter else 0.0}
+        for t in dst_caches.values():  # the pipelined load itself must be exact too
+            t.zero_()
+        step(dst, StepPlan(loads=(LoadSpec("pipe", tokens, tuple(dst_blocks), 0, a.tokens),)), compute)
+        sync(a.device)
+        out["pipeline"]["bit_exact"] = bool(torch.equal(token_kv(dst, dst_blocks, 0, a.tokens),
+                                                        token_kv(src, src_blocks, 0, a.tokens)))
+    out["transfer"] = engine.device.describe().get("transfer") if hasattr(engine.device, "describe") else None
     src.close()
     dst.close()
+    engine.tiers.delete(engine.keys(tokens) + engine.keys(warm))  # room for the next size
     out["ok"] = bool(out["load_bit_exact"] and out["skipped_untouched"] and out["async_bit_exact"]
                      and out["failure_blocks_ok"] and out["failure_prefix_exact"] and not out["load_errors"]
-                     and out["stored_tokens"] == a.tokens)
+                     and out["stored_tokens"] == a.tokens and out.get("pipeline", {}).get("bit_exact", True))
     return out
 
 
@@ -253,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device-plugin", default=None, help="lmcache device plugin (default: auto on GPU, cpu on CPU)")
     p.add_argument("--layouts", default="vllm032_flash,vllm_flash_old,cpu_attn")
-    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--tokens", default=None,
+                   help="comma-separated prompt lengths (default 4096,16384,32768 on a GPU, 1000 on the CPU)")
+    p.add_argument("--compute-dim", type=int, default=None,
+                   help="stand-in compute: matmuls of this size per layer (default 4096 on a GPU, 256 on the CPU)")
+    p.add_argument("--compute-iters", type=int, default=0,
+                   help="matmuls per layer; 0 (default): as many as one layer's load takes")
     p.add_argument("--skip", type=int, default=None, help="tokens already in vLLM's prefix cache")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--daemon", action="store_true",
@@ -262,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu = a.device.startswith("cuda")
     # Llama-3-8B KV on the GPU; a small model on the CPU so the check runs in seconds.
     a.layers, a.heads, a.dim, a.block, a.dtype = (32, 8, 128, 16, "bfloat16") if gpu else (4, 2, 64, 16, "bfloat16")
-    a.tokens = a.tokens or (8192 if gpu else 1000)
+    token_counts = [int(t) for t in (a.tokens or ("4096,16384,32768" if gpu else "1000")).split(",")]
+    a.tokens = max(token_counts)
     a.skip = a.skip if a.skip is not None else 256
-    a.compute_dim, a.compute_iters = (4096, 4) if gpu else (256, 2)
+    a.compute_dim = a.compute_dim or (4096 if gpu else 256)
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     memory = "16GiB" if gpu else "1GiB"
@@ -283,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(), "torch": torch.__version__, "device": a.device,
         "gpu": torch.cuda.get_device_name() if gpu else None,
         "shape": {"layers": a.layers, "kv_heads": a.heads, "head_dim": a.dim, "block": a.block, "dtype": a.dtype,
-                  "tokens": a.tokens, "chunk": 256}, "results": [], "errors": []}
+                  "tokens": token_counts, "chunk": 256}, "results": [], "errors": []}
     if gpu:  # the ceiling of this run: pinned host <-> device copies of the same size
         report["ceiling"] = pinned_ceiling(engine_bytes := geometry.nbytes(a.tokens))
         print(f"ceiling: D2H {report['ceiling']['d2h_GBps']:.1f} GB/s, H2D {report['ceiling']['h2d_GBps']:.1f} GB/s "
@@ -291,17 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     engine = CacheEngine(geometry, cfg, model="connector-gpu-bench")
     report["device_plugin"] = engine.device.name
     report["async_copy"] = engine.device.capabilities.async_copy
-    for seed, layout in enumerate(a.layouts.split(",")):
+    for seed, (layout, count) in enumerate((lay, t) for lay in a.layouts.split(",") for t in token_counts):
         try:
+            a.tokens = count
             res = run_layout(layout, a, engine, seed)
             report["results"].append(res)
-            print(f"{res['layout']:>18}: store {res['store_GBps']:6.2f} GB/s ({res['store_sync_allocations']} allocations "
+            print(f"{res['layout']:>18} {count:>6}: store {res['store_GBps']:6.2f} GB/s ({res['store_sync_allocations']} allocations "
                   f"on the step; warm pool {res['store_warm_GBps']:6.2f})  "
                   f"load {res['load_GBps']:6.2f} GB/s  "
                   f"async {res['async_load_s'] * 1e3:7.1f} ms  ok={res['ok']}"
                   + (f"  hidden={res['pipeline']['hidden_share']:.0%}" if "pipeline" in res else ""), flush=True)
         except Exception as exc:  # noqa: BLE001 - report and go on to the next layout
-            report["errors"].append({"layout": layout, "error": f"{type(exc).__name__}: {exc}",
+            report["errors"].append({"layout": layout, "tokens": count, "error": f"{type(exc).__name__}: {exc}",
                                      "trace": traceback.format_exc()})
             print(f"{layout}: FAILED {type(exc).__name__}: {exc}", flush=True)
     engine.close()

@@ -9,6 +9,7 @@
 # (STEPS=daemon: connector_gpu.py --daemon -> connector_gpu-daemon.json; daemon.py --gpu -> daemon-gpu.json)
 # (STEPS=p2p: nixl conformance -> nixl-gpu.json; nixl_vram.py -> nixl-vram.json; p2p.py --device cuda -> p2p-gpu.json)
 # (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
+# (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
 set -uo pipefail
@@ -102,6 +103,24 @@ if want dma && [ -z "${LMCACHE_BENCH_NO_DMA:-}" ]; then
     LMCACHE_KV_LOAD_MODE=dma LMCACHE_KV_STORE_MODE=dma timeout 240 $PY benchmarks/connector_gpu.py \
         --out "$OUT/dma" >"$OUT/connector-dma.log" 2>&1
     echo "connector (dma) rc=$?"; tail -n 5 "$OUT/connector-dma.log"
+fi
+
+# The same with staged per-layer transfers (copy engines into a device ring, one batch call per
+# ring group, then a kernel scatters from device memory): conformance, connector, daemon connector.
+if want staged; then
+    mkdir -p "$OUT/staged"
+    export_staged() { LMCACHE_KV_LOAD_MODE=staged LMCACHE_KV_STORE_MODE=staged LMCACHE_KV_STAGING_SLOTS=8 "$@"; }
+    export_staged timeout 240 $PY -m lmcache_core.cli conformance \
+        --device cuda --report "$OUT/cuda-gpu-staged.json" >"$OUT/conformance-staged.log" 2>&1
+    echo "conformance (staged) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-staged.log" | tail -n 1)"
+    grep -i -E "overlap" "$OUT/conformance-staged.log" | head -n 3
+    export_staged timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT/staged" >"$OUT/connector-staged.log" 2>&1
+    echo "connector (staged) rc=$?"; tail -n 10 "$OUT/connector-staged.log"
+    if want daemon; then
+        export_staged timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT/staged" --daemon \
+            --layouts vllm032_flash,vllm_flash_old >"$OUT/connector-daemon-staged.log" 2>&1
+        echo "connector (daemon, staged) rc=$?"; tail -n 7 "$OUT/connector-daemon-staged.log"
+    fi
 fi
 
 if want transfer; then

@@ -130,22 +130,40 @@ def ceilings(timer: Timer, cuda: bool) -> dict[str, Any]:
 
 
 # -- the paged cache --------------------------------------------------------------------------
-def make_cache(shape: Shape, num_blocks: int, device: str) -> tuple[PagedKV, list[torch.Tensor]]:
-    """vLLM flash-attn layout: per layer ``[2, blocks, block, heads, dim]`` of random bf16 bits."""
+def make_cache(shape: Shape, num_blocks: int, device: str, kind: str = "vllm_flash",
+               dtype: str = "bfloat16") -> tuple[PagedKV, list[torch.Tensor]]:
+    """A paged cache of random bits made on ``device`` (vLLM flash-attn ``[2, blocks, block,
+    heads, dim]`` per layer by default; also vLLM 0.3x per-layer views, FlashInfer, MLA with a
+    576-wide latent, and ``float8_e4m3fn`` for vLLM's fp8 KV cache)."""
     g = torch.Generator(device=device).manual_seed(1)
-    caches = []
-    for _ in range(shape.layers):
-        t = torch.randint(-(2 ** 15), 2 ** 15, (2, num_blocks, shape.block, shape.heads, shape.head_dim),
-                          dtype=torch.int16, device=device, generator=g)
-        caches.append(t.view(torch.bfloat16))
-    return PagedKV.from_vllm_flash(caches), caches
+    dt = getattr(torch, dtype)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[torch.empty((), dtype=dt).element_size()]
+    lo, hi = (0, 256) if ints == torch.uint8 else (-(2 ** 15), 2 ** 15) if ints == torch.int16 else (-2 ** 31, 2 ** 31 - 1)
+    L, B, S, H, D = shape.layers, num_blocks, shape.block, shape.heads, shape.head_dim
+
+    def rnd(*dims: int) -> torch.Tensor:
+        return torch.randint(lo, hi, dims, dtype=ints, device=device, generator=g).view(dt)
+
+    if kind == "vllm_flash":
+        caches = [rnd(2, B, S, H, D) for _ in range(L)]
+        return PagedKV.from_vllm_flash(caches), caches
+    if kind == "flashinfer":
+        caches = [rnd(B, 2, S, H, D) for _ in range(L)]
+        return PagedKV.from_flashinfer(caches), caches
+    if kind == "vllm_blocks_heads":  # one buffer, layers inside blocks: per-layer views are strided
+        shared = rnd(B, L, H, S, 2 * D)
+        return PagedKV.from_vllm_blocks_heads([shared[:, l] for l in range(L)], D), [shared]
+    if kind == "mla":  # DeepSeek-style latent: one plane of 512 + 64 values per token
+        caches = [rnd(B, S, 576) for _ in range(L)]
+        return PagedKV.from_mla(caches), caches
+    raise ValueError(f"unknown layout {kind!r}")
 
 
 def make_chunks(dev: Any, geom: ChunkGeometry, n_chunks: int, chunk: int) -> list[torch.Tensor]:
     out = []
     for _ in range(n_chunks):
         buf = dev.alloc_host(geom.nbytes(chunk))
-        out.append(buf.view(torch.bfloat16).view(geom.shape(chunk)))
+        out.append(buf.view(getattr(torch, geom.dtype.removeprefix("torch."))).view(geom.shape(chunk)))
     return out
 
 
@@ -157,11 +175,15 @@ VARIANTS = {
                                     stream_priority="normal"), "layerwise"),
     "engine_dma": (dict(store_mode="dma", load_mode="dma"), "layerwise"),
     "batched_dma": (dict(store_mode="dma", load_mode="dma"), "batched"),
-    "engine_staged": (dict(store_mode="staged", load_mode="staged"), "layerwise"),
+    "engine_staged": (dict(store_mode="staged", load_mode="staged", staging_slots=8), "layerwise"),
+    "engine_staged_each": (dict(store_mode="staged", load_mode="staged", staging_slots=8, staged_copies="each"),
+                           "layerwise"),
     "batched_direct": (dict(store_mode="direct", load_mode="direct"), "batched"),
     "batched_staged_1cs": (dict(store_mode="staged", load_mode="staged", copy_streams=1), "batched"),
     "batched_staged_2cs": (dict(store_mode="staged", load_mode="staged", copy_streams=2,
                                 staging_slots=4), "batched"),
+    "batched_staged_2cs_each": (dict(store_mode="staged", load_mode="staged", copy_streams=2,
+                                     staging_slots=4, staged_copies="each"), "batched"),
     "batched_staged_1chunk_4s": (dict(store_mode="staged", load_mode="staged", staging_bytes=32 * MiB,
                                       staging_slots=4, copy_streams=2), "batched"),
     "batched_staged_128m_3s": (dict(store_mode="staged", load_mode="staged", staging_bytes=128 * MiB,
@@ -250,6 +272,60 @@ def check_store(kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], dev
         if not torch.equal(bits(c), bits(want)):
             return False
     return True
+
+
+# -- section 2b: every layout vLLM hands, bf16 and fp8 --------------------------------------------
+LAYOUT_CASES = (("vllm_flash", "bfloat16"), ("vllm_blocks_heads", "bfloat16"), ("flashinfer", "bfloat16"),
+                ("mla", "bfloat16"), ("vllm_flash", "float8_e4m3fn"), ("vllm_blocks_heads", "float8_e4m3fn"))
+LAYOUT_VARIANTS = {  # name: (options, call style); "engine_default" is what a user gets
+    "engine_default": ({}, "layerwise"),
+    "engine_staged": (dict(store_mode="staged", load_mode="staged", staging_slots=8), "layerwise"),
+    "batched_default": ({}, "batched"),
+}
+
+
+def layouts(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: int) -> dict[str, Any]:
+    """Whole-request store and load through the engine's per-layer calls (and one batched call)
+    for each layout and KV dtype of :data:`LAYOUT_CASES`, at 4K and 16K tokens, each checked bit
+    for bit; GB/s of that layout's own KV bytes, against the ceilings section of the same run."""
+    devname = "cuda" if cuda else "cpu"
+    sizes = tuple(t for t in shape.tokens if 4096 <= t <= 16384) or shape.tokens
+    out: dict[str, Any] = {"sizes": list(sizes), "rows": {}}
+    for kind, dtype in LAYOUT_CASES:
+        num_blocks = 2 * max(sizes) // shape.block
+        kv, caches = make_cache(shape, num_blocks, devname, kind, dtype)
+        geom = kv.geometry
+        blocks = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3))[: max(sizes) // shape.block]
+        all_slots = slot_mapping(blocks, shape.block, 0, max(sizes))
+        base_dev = device_cls(0, TransferOptions())
+        chunks = make_chunks(base_dev, geom, max(sizes) // shape.chunk, shape.chunk)
+        row: dict[str, Any] = {"kind": kind, "dtype": dtype, "bytes_per_token": geom.bytes_per_token}
+        for name, (opts, style) in LAYOUT_VARIANTS.items():
+            dev = device_cls(0, TransferOptions(**opts))
+            stream = dev.new_stream()
+            r: dict[str, Any] = {}
+            try:
+                for T in sizes:
+                    n = T // shape.chunk
+                    parts = [(all_slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(n)]
+                    nbytes = T * geom.bytes_per_token
+                    st = timer(lambda: run_store(dev, kv, parts, style, stream), reps=reps)
+                    ok_store = check_store(kv, parts, devname)
+                    ld = timer(lambda: run_load(dev, kv, parts, style, stream), reps=reps)
+                    r[str(T)] = {"store_GBps": gbps(nbytes, st["median_s"]), "load_GBps": gbps(nbytes, ld["median_s"]),
+                                 "store_bit_exact": ok_store, "load_bit_exact": check_store(kv, parts, devname)}
+                    log.info("layouts %-18s %-14s %-16s T=%-6d store %6.1f GB/s  load %6.1f GB/s  %s", kind, dtype,
+                             name, T, r[str(T)]["store_GBps"], r[str(T)]["load_GBps"],
+                             "exact" if ok_store and r[str(T)]["load_bit_exact"] else "MISMATCH")
+                r["transfer_stats"] = asdict(dev.transfer.stats) if dev._transfer is not None else {}
+            except Exception as exc:  # noqa: BLE001 - one layout failing must not lose the others
+                r["error"] = f"{type(exc).__name__}: {exc}"
+                log.exception("layouts %s %s %s failed", kind, dtype, name)
+            row[name] = r
+        out["rows"][f"{kind}/{dtype}"] = row
+        del caches, kv, chunks
+        free_device_memory(cuda)
+    return out
 
 
 def tune(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: int) -> dict[str, Any]:
@@ -398,11 +474,17 @@ LAYERWISE = {
     "direct_hi_p16": dict(load_mode="direct", layer_programs=16, stream_priority="high"),  # the default
     "direct_hi_p24": dict(load_mode="direct", layer_programs=24, stream_priority="high"),
     "direct_hi_p32": dict(load_mode="direct", layer_programs=32, stream_priority="high"),
+    # staged: the copy engines move each chunk's layer into a device ring (one batch call per
+    # ring group), then a kernel scatters it from device memory (few SM-microseconds per layer)
     "staged_hi_p16_8s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=8),
+    "staged_hi_p0_8s": dict(load_mode="staged", layer_programs=0, stream_priority="high", staging_slots=8),
+    "staged_hi_p16_4s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=4),
+    "staged_each_hi_p16_8s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=8,
+                                  staged_copies="each"),  # one torch DMA per chunk (before 2026-12-03)
     "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
 }
 # also measured beside large GEMMs (8192^2, the conformance suite's size): they hold every SM
-LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma")
+LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_hi_p16_8s", "staged_hi_p0_8s")
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
@@ -588,7 +670,8 @@ def concurrent(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[
         t = timer(both_ways, reps=5)["median_s"]
         row["ceiling_GBps"] = gbps(2 * nbytes, t)
         del h_up, h_down, d_up, d_down
-        for name, opts in (("default", {}), ("dma", dict(store_mode="dma", load_mode="dma"))):
+        for name, opts in (("default", {}), ("dma", dict(store_mode="dma", load_mode="dma")),
+                           ("staged", dict(store_mode="staged", load_mode="staged", staging_slots=8))):
             if name == "dma" and os.environ.get("LMCACHE_BENCH_NO_DMA"):
                 continue
             dev = device_cls(0, TransferOptions(**opts))
@@ -825,12 +908,21 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"overlap {mode}: load {ov['load_ms']:.1f} ms compute {ov['compute_ms']:.1f} ms both "
                          f"{ov['overlapped_ms']:.1f} ms hidden {100 * ov['hidden_fraction']:.0f}%")
     for T, row in res.get("concurrent", {}).get("rows", {}).items():
-        for name in ("default", "dma"):
+        for name in ("default", "dma", "staged"):
             if name in row:
                 r = row[name]
                 lines.append(f"concurrent {T:>6} {name:<8} {r['GBps']:6.1f} GB/s both ways = "
                              f"{100 * r['share_of_ceiling']:.0f}% of {row['ceiling_GBps']:.1f}"
                              f"{'' if r['bit_exact'] else '  MISMATCH'}")
+    for case, row in res.get("layouts", {}).get("rows", {}).items():
+        for name, r in row.items():
+            if isinstance(r, dict) and "error" in r:
+                lines.append(f"layouts {case:<32} {name:<16} ERROR {r['error']}")
+            elif isinstance(r, dict):
+                cells = "  ".join(f"{T}: {v['store_GBps']:5.1f}/{v['load_GBps']:5.1f}"
+                                  + ("" if v["store_bit_exact"] and v["load_bit_exact"] else " MISMATCH")
+                                  for T, v in r.items() if T.isdigit())
+                lines.append(f"layouts {case:<32} {name:<16} store/load GB/s {cells}")
     for T, row in res.get("layerwise", {}).get("rows", {}).items():
         for name, r in row.items():
             if isinstance(r, dict) and "hidden_fraction" in r:
@@ -960,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels in the Triton interpreter")
-    ap.add_argument("--sections", default="ceilings,store_load,tune,overlap,concurrent,layerwise,ttft")
+    ap.add_argument("--sections", default="ceilings,store_load,layouts,tune,overlap,concurrent,layerwise,ttft")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--blocks", choices=("random", "contiguous"), default="random",
                     help="layerwise section: the request's block ids random (worst case) or consecutive")
@@ -1010,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn in (("ceilings", lambda: ceilings(timer, cuda)),
                      ("store_load", lambda: store_load(shape, timer, cuda, device_cls, args.reps)),
+                     ("layouts", lambda: layouts(shape, timer, cuda, device_cls, args.reps)),
                      ("tune", lambda: tune(shape, timer, cuda, device_cls, args.reps)),
                      ("overlap", lambda: overlap(shape, timer, cuda, device_cls)),
                      ("concurrent", lambda: concurrent(shape, timer, cuda, device_cls)),

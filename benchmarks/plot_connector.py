@@ -18,9 +18,9 @@ def main(src: str, dst: str) -> None:
 
     report = json.load(open(src))
     rows = report["results"]
-    names = [r["layout"] for r in rows]
+    names = [f"{r['layout']}\n{r['tokens']}" for r in rows]
     series = [("store (cold pool)", "store_GBps"), ("store (warm pool)", "store_warm_GBps"), ("load", "load_GBps")]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(rows)), 4))
     width = 0.25
     for i, (label, key) in enumerate(series):
         ax.bar([x + (i - 1) * width for x in range(len(rows))], [r[key] for r in rows], width, label=label)
@@ -30,9 +30,9 @@ def main(src: str, dst: str) -> None:
                    label=f"pinned D2H ceiling {ceil['d2h_GBps']:.1f} GB/s")
         ax.axhline(ceil["h2d_GBps"], color="grey", linestyle=":", linewidth=1,
                    label=f"pinned H2D ceiling {ceil['h2d_GBps']:.1f} GB/s")
-    ax.set_xticks(range(len(rows)), names)
+    ax.set_xticks(range(len(rows)), names, fontsize=7)
     ax.set_ylabel("GB/s")
-    ax.set_title(f"vLLM connector worker half, {report['shape']['tokens']} tokens, {report.get('gpu')}")
+    ax.set_title(f"vLLM connector worker half, tokens per request below each bar, {report.get('gpu')}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_transfer.py"), "--dry-run", "--out", str(tmp_path),
-         "--sections", "ceilings,store_load,concurrent,layerwise", "--variants", "direct_hi_p16,dma"],
+         "--sections", "ceilings,store_load,layouts,concurrent,layerwise", "--variants",
+         "direct_hi_p16,dma,staged_hi_p16_8s"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_transfer.json").read_text())
@@ -25,8 +26,17 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
     assert all(row["store_bit_exact"] and row["load_bit_exact"] for row in res["store_load"].values()
                if "skipped" not in row)
     for row in res["concurrent"]["rows"].values():
-        assert row["default"]["bit_exact"] and row["dma"]["bit_exact"]
+        assert row["default"]["bit_exact"] and row["dma"]["bit_exact"] and row["staged"]["bit_exact"]
     for row in res["layerwise"]["rows"].values():
         assert row["direct_hi_p16"]["bit_exact"] and row["dma"]["bit_exact"]
         assert row["dma"]["transfer_stats"]["dma"] > 0  # the copy-engine path really ran (memmove on a CPU)
         assert row["direct_hi_p16"]["transfer_stats"]["direct"] > 0
+        staged = row["staged_hi_p16_8s"]
+        assert staged["bit_exact"] and staged["transfer_stats"]["staged"] > 0
+        assert staged["transfer_stats"]["batches"] > 0  # the ring's copies went as batches
+    cases = res["layouts"]["rows"]
+    assert {"vllm_blocks_heads/float8_e4m3fn", "mla/bfloat16", "flashinfer/bfloat16"} <= set(cases)
+    for case in cases.values():
+        for name in ("engine_default", "engine_staged", "batched_default"):
+            cells = [v for t, v in case[name].items() if t.isdigit()]
+            assert cells and all(v["store_bit_exact"] and v["load_bit_exact"] for v in cells), (case["kind"], name)
