@@ -162,7 +162,7 @@ class _StageLayout:
     groups: list[list[int]]  # chunk indices per ring slot fill
     offsets: list[list[int]]  # each chunk's byte offset in its slot
     batch: bool  # the ring's copies go as one copy-engine batch per group
-    preps: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, l0 or -1) -> kernel table
+    preps: dict[tuple[int, int], Any] = field(default_factory=dict)  # (group, l0 or -1) -> a table per ring slot
     copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, layers) -> copy list
 
 
@@ -314,8 +314,8 @@ class KVTransfer:
             return
         self.check_slots(kv, batch)  # before any path: no kernel or index op sees a bad slot
         mode = self.options.mode(gather, len(sel))
-        if mode == "direct" and self._auto_dma(kv, batch, sel, gather):
-            mode = "dma"
+        if mode == "direct":
+            mode = self._auto_layer_load(kv, batch, sel, gather) or mode
         plan = self._plan(kv, batch, mode)
         if plan is None:
             return
@@ -345,30 +345,39 @@ class KVTransfer:
                            self.device, self.kernel_reason)
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
 
-    def _auto_dma(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> bool:
-        """Whether an ``auto`` per-layer load goes to the copy engines instead of the capped kernel:
-        on an accelerator, for pinned host chunks in a layout the copy engines can take, when the
-        batch's runs average ``dma_min_run_bytes`` or more (the H200 moved 32 KiB runs at 22-25
-        GB/s and whole-chunk runs at 46-48, beside large GEMMs that starve a kernel)."""
+    def _auto_layer_load(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> str | None:
+        """Where an ``auto`` per-layer load goes instead of the capped kernel, on an accelerator
+        with pinned host chunks the copy engines can take (None: the kernel). ``dma`` when the
+        batch's runs of tokens average ``dma_min_run_bytes`` or more (the H200 moved 32 KiB runs
+        at 22-25 GB/s and whole-chunk runs at 46-48); else ``staged`` when its ring copies go as
+        copy-engine batches (``staged_copies="batch"``): the copy engines bring each chunk's layer
+        into device memory and a short kernel scatters it, so a load beside the model's kernels
+        takes a few SM-microseconds per layer instead of SMs waiting on PCIe for the whole copy
+        (docs/benchmarks.md, "Layer-wise load under compute"). Decided once per batch."""
         o = self.options
-        if gather or len(sel) != 1 or o.load_mode != "auto" or o.dma_min_run_bytes <= 0:
-            return False
+        if gather or len(sel) != 1 or o.load_mode != "auto":
+            return None
         if self.streams.backend is None or not self.kernel_ok:
-            return False
-        key = _batch_key(batch, o.dma_min_run_bytes, chunks=True)  # decided once per batch
+            return None
+        key = _batch_key(batch, o.dma_min_run_bytes, o.staged_copies, chunks=True)
         got = self._auto.get(key, kv)
         if got is _MISS:
-            got = self._decide_dma(kv, batch)
+            got = self._decide_layer_load(kv, batch)
             self._auto.put(key, kv, batch, got)
         return got
 
-    def _decide_dma(self, kv: "PagedKV", batch: Batch) -> bool:
+    def _decide_layer_load(self, kv: "PagedKV", batch: Batch) -> str | None:
         o = self.options
         items = [(s, c) for s, c in batch if int(s.numel()) > 0]
-        if not items or not all(self._dma_chunk_ok(kv, c) for _, c in items) or self._dma_unusable(kv) is not None:
-            return False
-        size = self._run_table(kv, items)[2]
-        return bool(size.size) and float(size.mean()) >= o.dma_min_run_bytes
+        if not items or not all(self._dma_chunk_ok(kv, c) for _, c in items):
+            return None
+        if o.dma_min_run_bytes > 0 and self._dma_unusable(kv) is None:
+            size = self._run_table(kv, items)[2]
+            if size.size and float(size.mean()) >= o.dma_min_run_bytes:
+                return "dma"
+        if triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items):
+            return "staged"
+        return None
 
     def _programs(self, sel: list[int]) -> int:
         """The kernel's program cap for a call moving layers ``sel`` (per-layer calls only)."""
@@ -577,12 +586,14 @@ class KVTransfer:
         cur = self.streams.current()
         l0, nl = run[0], len(run)
         group = [items[k] for k in lay.groups[gi]]
-        # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer
-        prep = lay.preps.get((slot_i, gi, l0 if nl > 1 else -1))
-        if prep is None:
-            prep = self._stage_prep(kv, table, group, lay.offsets[gi], slot_i, l0, nl)
-            lay.preps[(slot_i, gi, l0 if nl > 1 else -1)] = prep
-        programs = self._programs(run)
+        # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer;
+        # the tables of every ring slot are built (one upload) the first time a group is moved
+        pkey = (gi, l0 if nl > 1 else -1)
+        preps = lay.preps.get(pkey)
+        if preps is None:
+            preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl)
+        prep = preps[slot_i]
+        programs = 0  # the kernel only touches device memory: a few microseconds on every SM
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
             triton_copy.run(kv, table, prep, run, True, programs)
@@ -599,23 +610,27 @@ class KVTransfer:
             self._ring_free[slot_i] = self.streams.record(cur)
         self.stats.launches += 1
 
-    def _stage_prep(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], slot_i: int, l0: int,
-                    nl: int) -> Any:
-        """The kernel's table for a group whose chunks lie in ring slot ``slot_i`` as
-        ``[nl, P, n, hidden]`` views at ``offsets``."""
+    def _stage_preps(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], l0: int, nl: int) -> list[Any]:
+        """The kernel's tables, one per ring slot, for a group whose chunks lie in the slot as
+        ``[nl, P, n, hidden]`` views at ``offsets``: one slot tensor and one table upload for all."""
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
-        base = int(self._ring[slot_i].data_ptr())
         rows: list[int] = []
-        start = 0
-        for (s, _), off in zip(group, offsets):
-            n = int(s.numel())
-            s_l, s_p, s_t = (g.kv_planes * n * g.hidden if nl > 1 else 0), n * g.hidden, g.hidden
-            rows += [base + off - l0 * s_l * elem, s_l, s_p, s_t, start, n]
-            start += n
+        for ring in self._ring:
+            base = int(ring.data_ptr())
+            start = 0
+            for (s, _), off in zip(group, offsets):
+                n = int(s.numel())
+                s_l, s_p, s_t = (g.kv_planes * n * g.hidden if nl > 1 else 0), n * g.hidden, g.hidden
+                rows += [base + off - l0 * s_l * elem, s_l, s_p, s_t, start, n]
+                start += n
         aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
         slots = triton_copy.concat_slots([s for s, _ in group], self.device)
-        return triton_copy.prepare(kv, table, group, slots=slots, rows=rows, rows_aligned=aligned)
+        whole = triton_copy.prepare(kv, table, list(group) * len(self._ring), slots=slots, rows=rows,
+                                    rows_aligned=aligned)
+        m = 6 * len(group)
+        return [triton_copy.Prepared(whole.tab[k * m:(k + 1) * m], slots, len(group), whole.max_n, whole.aligned)
+                for k in range(len(self._ring))]
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
                      run: list[int], gather: bool, cs: Any) -> None:

@@ -287,6 +287,8 @@ def test_copy_engine_mode_falls_back_for_layouts_it_cannot_move() -> None:
 
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
 def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None:
+    # long runs: copy-engine batches straight into the cache; shorter runs: staged through the
+    # device ring (its copies batched); with per-chunk ring copies ("each"): the capped kernel
     from lmcache_kernels.accel import SyncBackend
 
     backend = BACKEND if BACKEND is not None else SyncBackend()  # a stream backend: "an accelerator"
@@ -294,9 +296,11 @@ def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None
     contiguous = [(torch.arange(16, 32), chunk_like(kv, 16, "cpu", pin=DEVICE.type == "cuda"))]
     scattered = _batch(kv, [16], 9, pin=DEVICE.type == "cuda")  # random slots: short runs
     run_bytes = 16 * kv.geometry.hidden * kv.layers[0].k.element_size()
-    for batch, threshold, want in ((contiguous, run_bytes, "dma"), (contiguous, run_bytes + 1, "direct"),
-                                   (scattered, run_bytes, "direct")):
-        xfer = KVTransfer(DEVICE, TransferOptions(dma_min_run_bytes=threshold), backend)
+    for batch, threshold, copies, want in ((contiguous, run_bytes, "batch", "dma"),
+                                           (contiguous, run_bytes + 1, "batch", "staged"),
+                                           (scattered, run_bytes, "batch", "staged"),
+                                           (scattered, run_bytes, "each", "direct")):
+        xfer = KVTransfer(DEVICE, TransferOptions(dma_min_run_bytes=threshold, staged_copies=copies), backend)
         for s, c in batch:
             c.copy_(torch.randn(c.shape).to(c.dtype))
         for layer in range(len(kv.layers)):
@@ -307,15 +311,16 @@ def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None
         if BACKEND is not None:
             BACKEND.synchronize()
         assert torch.equal(bits(back[0][1]), bits(batch[0][1])), (threshold, want)
-        loads = xfer.stats.dma if want == "dma" else xfer.stats.direct - 1
-        assert loads == len(kv.layers), (threshold, want, xfer.stats)
+        loads = xfer.stats.direct - 1 if want == "direct" else getattr(xfer.stats, want)
+        assert loads == len(kv.layers) and xfer.stats.direct == 1 + (loads if want == "direct" else 0), \
+            (threshold, want, xfer.stats)
     with pytest.raises(ValueError, match="dma_min_run_bytes"):
         TransferOptions(dma_min_run_bytes=-1)
     assert TransferOptions.from_env({"LMCACHE_KV_DMA_MIN_RUN_BYTES": "0"}).dma_min_run_bytes == 0
 
 
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
-def test_a_copy_engine_fault_is_a_fallback_and_leaves_the_kernel_on() -> None:
+def test_a_copy_engine_fault_is_a_fallback_and_leaves_the_kernel_on(monkeypatch) -> None:
     xfer = KVTransfer(DEVICE, TransferOptions(store_mode="dma", load_mode="dma"), BACKEND)
     kv, _ = make_kv("vllm_flash", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(31))
     batch = _batch(kv, [8, 5], 32, pin=DEVICE.type == "cuda")
@@ -324,8 +329,8 @@ def test_a_copy_engine_fault_is_a_fallback_and_leaves_the_kernel_on() -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("cuMemcpyBatchAsync of 4 copies failed with CUresult 1")
 
-    xfer._dma_unusable(kv)  # loads the copier
-    xfer._copier.copy = broken
+    xfer._dma_unusable(kv)  # loads the copier (on a GPU the process-wide driver binding: patched for this test only)
+    monkeypatch.setattr(xfer._copier, "copy", broken)
     xfer.gather(kv, batch)  # falls back for this call, bit-exact
     xfer.gather(kv, batch, (0,))  # later calls: the kernel, not the copy engines
     want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
@@ -382,12 +387,13 @@ def test_staged_ring_copies_go_as_one_batch_per_group(kind: str) -> None:
     assert slow.stats.batches == 0 and fast.stats.batches == fast.stats.launches == slow.stats.launches
     assert fast.stats.dmas == slow.stats.dmas  # the same copies, issued in batches
     lay = [v for _, _, v in fast._layouts._items]
-    per_layer = [x for x in lay if x.preps and all(k[2] == -1 for k in x.preps)]
-    assert per_layer and all(len(x.preps) <= len(fast._ring) * len(x.groups) for x in per_layer)
+    per_layer = [x for x in lay if x.preps and all(k[1] == -1 for k in x.preps)]
+    assert per_layer and all(len(x.preps) == len(x.groups) for x in per_layer)  # built once, for every layer
+    assert all(len(p) == len(fast._ring) for x in per_layer for p in x.preps.values())
 
 
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
-def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk() -> None:
+def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk(monkeypatch) -> None:
     kv, _ = make_kv("vllm_flash", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(51))
     xfer = KVTransfer(DEVICE, TransferOptions(store_mode="staged", load_mode="staged"), BACKEND)
     batch = _batch(kv, [8, 5], 52, pin=DEVICE.type == "cuda")
@@ -397,7 +403,7 @@ def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk() -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("cuMemcpyBatchAsync of 2 copies failed with CUresult 1")
 
-    xfer._copier.copy = broken
+    monkeypatch.setattr(xfer._copier, "copy", broken)
     for layer in range(len(kv.layers)):
         xfer.gather(kv, batch, (layer,))
     want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
