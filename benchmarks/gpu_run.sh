@@ -126,7 +126,7 @@ fi
 if want transfer; then
     SECTIONS=${SECTIONS:-ceilings,store_load,tune,overlap,concurrent,layerwise,ttft}
     [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
-    timeout 420 $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" ${VARIANTS:+--variants "$VARIANTS"} ${BLOCKS:+--blocks "$BLOCKS"} 2>&1 | tee "$OUT/bench.log" | tail -n 40
+    timeout ${TRANSFER_TIMEOUT:-420} $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" ${VARIANTS:+--variants "$VARIANTS"} ${BLOCKS:+--blocks "$BLOCKS"} 2>&1 | tee "$OUT/bench.log" | tail -n 40
 fi
 
 # KV codecs (issue 14): fp8 fused into the scatter/gather vs the pinned copy ceiling of the bf16

@@ -170,6 +170,7 @@ def make_chunks(dev: Any, geom: ChunkGeometry, n_chunks: int, chunk: int) -> lis
 # -- section 2: store / load ------------------------------------------------------------------------
 VARIANTS = {
     # name: (options, call style)
+    "engine_default": ({}, "layerwise"),  # the defaults: what a user gets
     "engine_direct": (dict(store_mode="direct", load_mode="direct"), "layerwise"),
     "engine_direct_uncapped": (dict(store_mode="direct", load_mode="direct", layer_programs=0,
                                     stream_priority="normal"), "layerwise"),
@@ -197,11 +198,10 @@ def run_store(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tenso
     if style == "batched":
         with dev.use_stream(stream):
             dev.gather_many(kv, parts)
-    else:  # what CacheEngine.LayerwiseStore does: per layer, per chunk, inside use_stream
+    else:  # what CacheEngine.LayerwiseStore does: per layer one call for every chunk
         for layer in range(kv.geometry.num_layers):
             with dev.use_stream(stream):
-                for s, c in parts:
-                    dev.gather(kv, s, c, layers=(layer,))
+                dev.gather_many(kv, parts, layers=(layer,))
     dev.record_event(stream).synchronize()
 
 
@@ -215,8 +215,7 @@ def run_load(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor
     events = []  # what CacheEngine.LayerwiseRetrieve does with an async device
     for layer in range(kv.geometry.num_layers):
         with dev.use_stream(stream):
-            for s, c in parts:
-                dev.scatter(kv, s, c, layers=(layer,))
+            dev.scatter_many(kv, parts, layers=(layer,))
             events.append(dev.record_event(stream))
     for ev in events:
         ev.synchronize()
@@ -475,16 +474,18 @@ LAYERWISE = {
     "direct_hi_p24": dict(load_mode="direct", layer_programs=24, stream_priority="high"),
     "direct_hi_p32": dict(load_mode="direct", layer_programs=32, stream_priority="high"),
     # staged: the copy engines move each chunk's layer into a device ring (one batch call per
-    # ring group), then a kernel scatters it from device memory (few SM-microseconds per layer)
-    "staged_hi_p16_8s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=8),
-    "staged_hi_p0_8s": dict(load_mode="staged", layer_programs=0, stream_priority="high", staging_slots=8),
-    "staged_hi_p16_4s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=4),
-    "staged_each_hi_p16_8s": dict(load_mode="staged", layer_programs=16, stream_priority="high", staging_slots=8,
-                                  staged_copies="each"),  # one torch DMA per chunk (before 2026-12-03)
+    # ring group), then an uncapped kernel scatters it from device memory (a few SM-microseconds
+    # per layer); on 2026-12-03 a capped scatter (16 programs) hid 57-65% beside large GEMMs at
+    # 16K-32K where the uncapped one hid 82-84%, so the staged kernel is no longer capped
+    "staged_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8),
+    "staged_4s": dict(load_mode="staged", stream_priority="high", staging_slots=4),
+    "staged_each_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8,
+                           staged_copies="each"),  # one torch DMA per chunk (before 2026-12-03)
     "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
+    "auto": {},  # the defaults: what a user gets
 }
 # also measured beside large GEMMs (8192^2, the conformance suite's size): they hold every SM
-LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_hi_p16_8s", "staged_hi_p0_8s")
+LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_8s", "staged_4s", "auto")
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
@@ -1010,14 +1011,15 @@ def plot_layerwise(runs: list[dict[str, Any]], png: str) -> None:
             for name, r in row.items():
                 if isinstance(r, dict) and "hidden_fraction" in r:
                     rows.setdefault(name, {})[int(T)] = r
-    show = [n for n in ("plain_copy", "direct", "direct_hi", "direct_p16", "direct_hi_p16", "staged_hi_p16_8s", "dma")
-            if n in rows]
+    show = [n for n in ("plain_copy", "direct", "direct_hi_p16", "staged_8s", "dma", "auto") if n in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for i, name in enumerate(show):
         color = f"C{i}"
         ts = sorted(t for t in rows[name] if t >= 4096)
         label = {"plain_copy": "plain per-layer DMA (reference)", "direct": "direct, uncapped (before)",
-                 "direct_hi_p16": "direct, 16 programs, high priority (default)"}.get(name, name)
+                 "direct_hi_p16": "direct, 16 programs, high priority (default to 2026-12-02)",
+                 "staged_8s": "staged, batched ring copies, 8 slots",
+                 "auto": "defaults now (auto: staged per-layer loads)"}.get(name, name)
         axes[0].plot(ts, [100 * rows[name][t]["hidden_fraction"] for t in ts], marker="o", label=label, color=color)
         big = [t for t in ts if "big_gemm" in rows[name][t]]
         if big:

@@ -18,7 +18,7 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_transfer.py"), "--dry-run", "--out", str(tmp_path),
          "--sections", "ceilings,store_load,layouts,concurrent,layerwise", "--variants",
-         "direct_hi_p16,dma,staged_hi_p16_8s"],
+         "direct_hi_p16,dma,staged_8s,auto"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_transfer.json").read_text())
@@ -31,7 +31,8 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
         assert row["direct_hi_p16"]["bit_exact"] and row["dma"]["bit_exact"]
         assert row["dma"]["transfer_stats"]["dma"] > 0  # the copy-engine path really ran (memmove on a CPU)
         assert row["direct_hi_p16"]["transfer_stats"]["direct"] > 0
-        staged = row["staged_hi_p16_8s"]
+        assert row["auto"]["bit_exact"]  # the defaults (on a host device without streams: the kernel)
+        staged = row["staged_8s"]
         assert staged["bit_exact"] and staged["transfer_stats"]["staged"] > 0
         assert staged["transfer_stats"]["batches"] > 0  # the ring's copies went as batches
     cases = res["layouts"]["rows"]
