@@ -5,9 +5,11 @@ Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 - ``direct``: one kernel launch reads the paged cache and writes the chunks in
   place, also when they are pinned host buffers (mapped into the device's address
   space, UVA): no staging copy, no DMA queue, one launch per layer group.
-- ``staged``: the kernel gathers into a device staging ring, then the copy engine
-  moves each chunk with one DMA on a copy stream (the reverse for loads); the
-  kernel of group ``i + 1`` runs while group ``i`` is on the bus.
+- ``staged``: a kernel gathers into a device staging ring, then the copy engines move
+  each ring group to the host chunks with one ``cuMemcpyBatchAsync`` on a copy stream
+  (the reverse for loads; one torch DMA per chunk where batches are unavailable or
+  ``staged_copies="each"``); the kernel of group ``i + 1`` runs while group ``i`` is on
+  the bus, and it touches only device memory, so it holds SMs for microseconds.
 - ``dma``: no kernel: the copy engines move every run of tokens that is contiguous in
   its chunk and in the cache (within a block, or across consecutive blocks where the
   layout puts them one after another), one ``cuMemcpyBatchAsync`` per call (:mod:`.dma`), so a
@@ -17,13 +19,14 @@ Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
 - ``torch``: the reference (indexing ops and per-plane copies); also the fallback
   whenever the kernel cannot run, with the reason logged once.
 
-``auto`` picks by the shape of the call, from :data:`AUTO`, which holds the
-winners of the measurements in ``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py``
-records every variant): a call that moves one layer (the engine's layer-by-layer
-path) goes ``direct``, since staging it would cost one small DMA per chunk; a call
-that moves several layers of each chunk goes ``staged``, one whole-chunk DMA each; a
-per-layer load whose runs of tokens average ``dma_min_run_bytes`` or more (consecutive
-blocks) goes ``dma`` on an accelerator. Everything is enqueued on the caller's current stream; work on
+``auto`` picks by the shape of the call, from :data:`AUTO` and the measurements in
+``docs/benchmarks.md`` (``benchmarks/gpu_transfer.py`` records every variant): a call
+that moves several layers of each chunk goes ``staged``, one whole-chunk copy each; a
+call that moves one layer (the engine's layer-by-layer path) goes ``staged`` on an
+accelerator when the layer's bytes reach ``staged_min_layer_bytes`` and the ring copies
+can be batched, else (a load whose runs of tokens average ``dma_min_run_bytes``) ``dma``,
+else ``direct`` with its kernel capped to ``layer_programs``
+(:meth:`KVTransfer._auto_layer_call`). Everything is enqueued on the caller's current stream; work on
 copy streams is joined back to it before a call returns, so an event recorded
 on the current stream afterwards covers the whole transfer.
 """
@@ -79,8 +82,11 @@ class TransferOptions:
     dma_min_run_bytes: int = 256 << 10
     # How the staged path moves a group of chunks between the ring and host memory: "batch", one
     # copy-engine batch call (cuMemcpyBatchAsync) per group, where the binding loads; "each", one
-    # torch copy per chunk, the host thread issuing every DMA (the only way before 2026-12-03).
+    # torch copy per chunk, the host thread issuing every DMA (the only way until 2026-12-02).
     staged_copies: str = "batch"
+    # An auto per-layer call (load or store) moving at least this many bytes of one layer goes
+    # staged where its ring copies can be batched; 0 never (see KVTransfer._auto_layer_call).
+    staged_min_layer_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
@@ -90,6 +96,8 @@ class TransferOptions:
             raise ValueError("copy_streams, staging_slots and staging_bytes must be positive")
         if self.layer_programs < 0:
             raise ValueError(f"layer_programs must be 0 (one program per tile) or positive, got {self.layer_programs}")
+        if self.staged_min_layer_bytes < 0:
+            raise ValueError(f"staged_min_layer_bytes must be 0 (never) or positive, got {self.staged_min_layer_bytes}")
         if self.dma_min_run_bytes < 0:
             raise ValueError(f"dma_min_run_bytes must be 0 (never) or positive, got {self.dma_min_run_bytes}")
         if self.staged_copies not in STAGED_COPIES:
@@ -101,8 +109,8 @@ class TransferOptions:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "TransferOptions":
         """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
         ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``, ``LMCACHE_KV_LAYER_PROGRAMS``,
-        ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``, ``LMCACHE_KV_STAGED_COPIES``;
-        ``overrides`` win."""
+        ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``, ``LMCACHE_KV_STAGED_COPIES``,
+        ``LMCACHE_KV_STAGED_MIN_LAYER_BYTES``; ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
@@ -110,7 +118,8 @@ class TransferOptions:
                                 ("STAGING_SLOTS", "staging_slots", int), ("LAYER_PROGRAMS", "layer_programs", int),
                                 ("STREAM_PRIORITY", "stream_priority", str),
                                 ("DMA_MIN_RUN_BYTES", "dma_min_run_bytes", int),
-                                ("STAGED_COPIES", "staged_copies", str)):
+                                ("STAGED_COPIES", "staged_copies", str),
+                                ("STAGED_MIN_LAYER_BYTES", "staged_min_layer_bytes", int)):
             value = env.get(f"LMCACHE_KV_{key}")
             if value:
                 try:
@@ -164,6 +173,7 @@ class _StageLayout:
     batch: bool  # the ring's copies go as one copy-engine batch per group
     preps: dict[tuple[int, int], Any] = field(default_factory=dict)  # (group, l0 or -1) -> a table per ring slot
     copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, layers) -> copy list
+    cached: bool = True  # kept for later calls (False: inference-mode slots, built for this call only)
 
 
 _MISS = object()
@@ -179,6 +189,10 @@ def _batch_key(batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...
         return head + tuple((id(s), s._version) for s, _ in batch)
     except RuntimeError:
         return None
+
+
+class _RingUnavailable(RuntimeError):
+    """The staging ring could not be allocated (device memory); not a kernel fault."""
 
 
 class _Memo:
@@ -258,6 +272,7 @@ class KVTransfer:
         self._next_slot = 0
         self._ring_gen = 0
         self._layouts = _Memo(8)
+        self._ring_failed: tuple[int, str] | None = None  # (slot bytes, why) of a ring that could not be allocated
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
         self._slot_cache = _Memo(4)
@@ -298,14 +313,26 @@ class KVTransfer:
     def describe(self) -> dict[str, Any]:
         return {
             "kernel": self.kernel_ok, "kernel_reason": self.kernel_reason,
-            "store_mode": f"{self.options.mode(True, 1)} per layer, {self.options.mode(True, 2)} for several",
-            "load_mode": f"{self.options.mode(False, 1)} per layer, {self.options.mode(False, 2)} for several",
+            "store_mode": self._describe_mode(True), "load_mode": self._describe_mode(False),
             "copy_streams": self.options.copy_streams, "staging_bytes": self.options.staging_bytes,
             "staging_slots": self.options.staging_slots, "layer_programs": self.options.layer_programs,
             "stream_priority": self.options.stream_priority, "dma_min_run_bytes": self.options.dma_min_run_bytes,
             "staged_copies": self.options.staged_copies,
+            "staged_min_layer_bytes": self.options.staged_min_layer_bytes,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
+
+    def _describe_mode(self, gather: bool) -> str:
+        o = self.options
+        per_layer = o.mode(gather, 1)
+        if (o.store_mode if gather else o.load_mode) == "auto" and per_layer == "direct":
+            choices = []
+            if o.staged_min_layer_bytes and o.staged_copies == "batch" and self._ring_failed is None:
+                choices.append(f"staged from {o.staged_min_layer_bytes >> 20} MiB a layer")
+            if not gather and o.dma_min_run_bytes:
+                choices.append(f"dma for runs of {o.dma_min_run_bytes >> 10} KiB")
+            per_layer = ", ".join(choices + [f"else direct ({o.layer_programs or 'uncapped'} programs)"])
+        return f"{per_layer} per layer; {o.mode(gather, 2)} for several"
 
     # -- dispatch --------------------------------------------------------------------------
     def _run(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
@@ -315,7 +342,7 @@ class KVTransfer:
         self.check_slots(kv, batch)  # before any path: no kernel or index op sees a bad slot
         mode = self.options.mode(gather, len(sel))
         if mode == "direct":
-            mode = self._auto_layer_load(kv, batch, sel, gather) or mode
+            mode = self._auto_layer_call(kv, batch, sel, gather) or mode
         plan = self._plan(kv, batch, mode)
         if plan is None:
             return
@@ -330,7 +357,11 @@ class KVTransfer:
                 self.stats.direct += len(near)
                 self.stats.launches += 1
             if plan.far:
-                self._staged(kv, plan.table, [batch[i] for i in plan.far], sel, gather)
+                far = [batch[i] for i in plan.far]
+                try:
+                    self._staged(kv, plan.table, far, sel, gather)
+                except _RingUnavailable:  # no device memory for the ring: these chunks via torch
+                    self._reference(kv, far, sel, gather)
             if plan.dma:
                 items = [batch[i] for i in plan.dma]
                 try:
@@ -343,40 +374,50 @@ class KVTransfer:
             self._plans.clear()
             logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
                            self.device, self.kernel_reason)
+            # copies already queued on the copy streams (a staged store's D2H into the chunks)
+            # must land before the torch path writes the same chunks, or they would overwrite it
+            self._join_copy_streams()
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
 
-    def _auto_layer_load(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> str | None:
-        """Where an ``auto`` per-layer load goes instead of the capped kernel, on an accelerator
-        with pinned host chunks the copy engines can take (None: the kernel). ``dma`` when the
-        batch's runs of tokens average ``dma_min_run_bytes`` or more (the H200 moved 32 KiB runs
-        at 22-25 GB/s and whole-chunk runs at 46-48); else ``staged`` when its ring copies go as
-        copy-engine batches (``staged_copies="batch"``): the copy engines bring each chunk's layer
-        into device memory and a short kernel scatters it, so a load beside the model's kernels
-        takes a few SM-microseconds per layer instead of SMs waiting on PCIe for the whole copy
-        (docs/benchmarks.md, "Layer-wise load under compute"). Decided once per batch."""
+    def _auto_layer_call(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> str | None:
+        """Where an ``auto`` per-layer call goes instead of the capped kernel, on an accelerator
+        with pinned host chunks the copy engines can take (None: the kernel).
+
+        ``staged`` when the layer's bytes in the batch reach ``staged_min_layer_bytes`` and the
+        ring copies go as copy-engine batches: the copy engines move each chunk's layer between
+        host memory and a device ring and an uncapped kernel moves it between the ring and the
+        cache in a few microseconds, so a call beside the model's kernels holds no SM while the
+        bytes cross PCIe (H200, 2026-12-02 late runs: per-layer loads 97-99% of the H2D ceiling from 4K
+        tokens of Llama-3-8B, stores 89-95%, a store beside a load 92-96% of the bidirectional
+        ceiling at 16K-32K). Below that size the per-layer issue cost dominates (1K tokens: 25
+        GB/s staged, 43 direct). Else, for a load, ``dma`` when its runs of tokens average
+        ``dma_min_run_bytes`` or more (whole-chunk runs: 46-48 GB/s beside large GEMMs that starve
+        a kernel; 32 KiB runs: 22-25). Decided once per batch."""
         o = self.options
-        if gather or len(sel) != 1 or o.load_mode != "auto":
+        if len(sel) != 1 or (o.store_mode if gather else o.load_mode) != "auto":
             return None
         if self.streams.backend is None or not self.kernel_ok:
             return None
-        key = _batch_key(batch, o.dma_min_run_bytes, o.staged_copies, chunks=True)
+        key = _batch_key(batch, gather, o.dma_min_run_bytes, o.staged_copies, o.staged_min_layer_bytes, chunks=True)
         got = self._auto.get(key, kv)
         if got is _MISS:
-            got = self._decide_layer_load(kv, batch)
+            got = self._decide_layer_call(kv, batch, gather)
             self._auto.put(key, kv, batch, got)
         return got
 
-    def _decide_layer_load(self, kv: "PagedKV", batch: Batch) -> str | None:
+    def _decide_layer_call(self, kv: "PagedKV", batch: Batch, gather: bool) -> str | None:
         o = self.options
         items = [(s, c) for s, c in batch if int(s.numel()) > 0]
         if not items or not all(self._dma_chunk_ok(kv, c) for _, c in items):
             return None
-        if o.dma_min_run_bytes > 0 and self._dma_unusable(kv) is None:
+        layer_bytes = kv.geometry.bytes_per_token // kv.geometry.num_layers * sum(int(s.numel()) for s, _ in items)
+        if 0 < o.staged_min_layer_bytes <= layer_bytes and self._ring_failed is None \
+                and triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items):
+            return "staged"
+        if not gather and o.dma_min_run_bytes > 0 and self._dma_unusable(kv) is None:
             size = self._run_table(kv, items)[2]
             if size.size and float(size.mean()) >= o.dma_min_run_bytes:
                 return "dma"
-        if triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items):
-            return "staged"
         return None
 
     def _programs(self, sel: list[int]) -> int:
@@ -510,20 +551,45 @@ class KVTransfer:
 
     # -- staged ------------------------------------------------------------------------------
     def _ensure_ring(self, nbytes: int) -> None:
+        """A ring whose slots hold ``nbytes``; :class:`_RingUnavailable` when the device has no
+        memory for it (remembered: no later call of that size or more tries again, auto per-layer
+        calls stop choosing ``staged``; the kernel itself stays in use)."""
         import torch
 
         size = max(self.options.staging_bytes, nbytes)
         if self._ring and self._ring[0].numel() >= size:
             return
-        cur = self.streams.current()
-        if cur is not None:
+        if self._ring_failed and size >= self._ring_failed[0]:
+            raise _RingUnavailable(self._ring_failed[1])
+        if self._ring and self.streams.current() is not None:
             self.streams.backend.synchronize(self.device)  # old ring slots may still be in use
-        self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
-                      for _ in range(self.options.staging_slots)]
+        self._ring = []  # the old ring goes first: the new one may need its memory
         self._ring_gen += 1  # cached layouts point into the old ring
+        self._layouts.clear()
+        try:
+            self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
+                          for _ in range(self.options.staging_slots)]
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            why = f"{self.options.staging_slots} staging slots of {size} bytes: {type(exc).__name__}: {exc}"
+            self._ring, self._ring_failed = [], (size, why)
+            self._auto.clear()
+            logger.warning("KV staging ring unavailable on %s (%s); staged chunks use the torch path and "
+                           "per-layer calls the kernel", self.device, why)
+            self.stats.fallbacks.append(f"staging ring: {why}")
+            raise _RingUnavailable(why) from exc
         self._ring_free = [None] * len(self._ring)
         if not self._copy_streams:
             self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
+
+    def _join_copy_streams(self) -> None:
+        """The current stream waits for everything queued on the copy streams (best effort: on a
+        failed device the wait may fail too, and then nothing else would run either)."""
+        cur = self.streams.current()
+        for cs in self._copy_streams:
+            try:
+                self.streams.wait(cur, self.streams.record(cs))
+            except Exception as exc:  # noqa: BLE001 - the fallback goes on regardless
+                logger.warning("KV transfer could not join a copy stream on %s: %s", self.device, exc)
 
     def _staged(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
         runs: list[list[int]] = []
@@ -533,6 +599,10 @@ class KVTransfer:
             else:
                 runs.append([l])
         with self._lock:
+            g = kv.geometry
+            elem = kv.layers[0].k.element_size()
+            longest = max(len(r) for r in runs)  # the ring is sized before any copy is queued
+            self._ensure_ring(max(longest * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items))
             for run in runs:
                 lay = self._stage_layout(kv, items, len(run))
                 for gi in range(len(lay.groups)):
@@ -556,7 +626,7 @@ class KVTransfer:
         if lay is not _MISS:
             return lay
         cap = self._ring[0].numel()
-        lay = _StageLayout([], [], bool(self._copier_ok(kv, items)))
+        lay = _StageLayout([], [], bool(self._copier_ok(kv, items)), cached=key is not None)
         used = cap
         for i, nbytes in enumerate(per_item):
             if used + nbytes > cap:
@@ -587,12 +657,18 @@ class KVTransfer:
         l0, nl = run[0], len(run)
         group = [items[k] for k in lay.groups[gi]]
         # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer;
-        # the tables of every ring slot are built (one upload) the first time a group is moved
+        # the tables of every ring slot are built (one upload) the first time a group is moved,
+        # only this slot's where the layout is not kept (inference-mode slots: no batch key)
         pkey = (gi, l0 if nl > 1 else -1)
         preps = lay.preps.get(pkey)
-        if preps is None:
-            preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl)
-        prep = preps[slot_i]
+        if preps is not None:
+            prep = preps[slot_i]
+        elif lay.cached:
+            preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl,
+                                                        list(range(len(self._ring))))
+            prep = preps[slot_i]
+        else:
+            prep = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl, [slot_i])[0]
         programs = 0  # the kernel only touches device memory: a few microseconds on every SM
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
@@ -610,14 +686,16 @@ class KVTransfer:
             self._ring_free[slot_i] = self.streams.record(cur)
         self.stats.launches += 1
 
-    def _stage_preps(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], l0: int, nl: int) -> list[Any]:
-        """The kernel's tables, one per ring slot, for a group whose chunks lie in the slot as
-        ``[nl, P, n, hidden]`` views at ``offsets``: one slot tensor and one table upload for all."""
+    def _stage_preps(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], l0: int, nl: int,
+                     ring_slots: list[int]) -> list[Any]:
+        """The kernel's tables, one per ring slot of ``ring_slots``, for a group whose chunks lie in
+        the slot as ``[nl, P, n, hidden]`` views at ``offsets``: one slot tensor and one table
+        upload for all."""
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
         rows: list[int] = []
-        for ring in self._ring:
-            base = int(ring.data_ptr())
+        for ri in ring_slots:
+            base = int(self._ring[ri].data_ptr())
             start = 0
             for (s, _), off in zip(group, offsets):
                 n = int(s.numel())
@@ -626,11 +704,11 @@ class KVTransfer:
                 start += n
         aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
         slots = triton_copy.concat_slots([s for s, _ in group], self.device)
-        whole = triton_copy.prepare(kv, table, list(group) * len(self._ring), slots=slots, rows=rows,
+        whole = triton_copy.prepare(kv, table, list(group) * len(ring_slots), slots=slots, rows=rows,
                                     rows_aligned=aligned)
         m = 6 * len(group)
         return [triton_copy.Prepared(whole.tab[k * m:(k + 1) * m], slots, len(group), whole.max_n, whole.aligned)
-                for k in range(len(self._ring))]
+                for k in range(len(ring_slots))]
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
                      run: list[int], gather: bool, cs: Any) -> None:

@@ -286,9 +286,10 @@ def test_copy_engine_mode_falls_back_for_layouts_it_cannot_move() -> None:
 
 
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
-def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None:
-    # long runs: copy-engine batches straight into the cache; shorter runs: staged through the
-    # device ring (its copies batched); with per-chunk ring copies ("each"): the capped kernel
+def test_auto_per_layer_calls_choose_staged_dma_or_the_kernel() -> None:
+    # per-layer calls of at least staged_min_layer_bytes: staged (loads and stores), ring copies
+    # batched; smaller loads with long runs: copy-engine batches straight into the cache; else,
+    # and with per-chunk ring copies ("each"), the capped kernel
     from lmcache_kernels.accel import SyncBackend
 
     backend = BACKEND if BACKEND is not None else SyncBackend()  # a stream backend: "an accelerator"
@@ -296,24 +297,34 @@ def test_auto_per_layer_loads_take_the_copy_engines_for_long_runs_only() -> None
     contiguous = [(torch.arange(16, 32), chunk_like(kv, 16, "cpu", pin=DEVICE.type == "cuda"))]
     scattered = _batch(kv, [16], 9, pin=DEVICE.type == "cuda")  # random slots: short runs
     run_bytes = 16 * kv.geometry.hidden * kv.layers[0].k.element_size()
-    for batch, threshold, copies, want in ((contiguous, run_bytes, "batch", "dma"),
-                                           (contiguous, run_bytes + 1, "batch", "staged"),
-                                           (scattered, run_bytes, "batch", "staged"),
-                                           (scattered, run_bytes, "each", "direct")):
-        xfer = KVTransfer(DEVICE, TransferOptions(dma_min_run_bytes=threshold, staged_copies=copies), backend)
+    layer_bytes = kv.geometry.bytes_per_token // len(kv.layers) * 16
+    for batch, dma_min, staged_min, copies, want in (
+            (contiguous, run_bytes, 0, "batch", ("dma", "direct")),
+            (contiguous, run_bytes, layer_bytes, "batch", ("staged", "staged")),
+            (contiguous, run_bytes + 1, 0, "batch", ("direct", "direct")),
+            (scattered, run_bytes, layer_bytes, "batch", ("staged", "staged")),
+            (scattered, run_bytes, layer_bytes + 1, "batch", ("direct", "direct")),
+            (scattered, run_bytes, layer_bytes, "each", ("direct", "direct"))):
+        opts = TransferOptions(dma_min_run_bytes=dma_min, staged_min_layer_bytes=staged_min, staged_copies=copies)
+        xfer = KVTransfer(DEVICE, opts, backend)
         for s, c in batch:
             c.copy_(torch.randn(c.shape).to(c.dtype))
         for layer in range(len(kv.layers)):
             xfer.scatter(kv, batch, (layer,))  # per-layer loads, auto
-        xfer.gather(kv, batch, (0,))  # a per-layer store stays on the kernel
+        xfer.gather(kv, batch, (0,))  # and one per-layer store
         back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
         KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, back)
         if BACKEND is not None:
             BACKEND.synchronize()
-        assert torch.equal(bits(back[0][1]), bits(batch[0][1])), (threshold, want)
-        loads = xfer.stats.direct - 1 if want == "direct" else getattr(xfer.stats, want)
-        assert loads == len(kv.layers) and xfer.stats.direct == 1 + (loads if want == "direct" else 0), \
-            (threshold, want, xfer.stats)
+        assert torch.equal(bits(back[0][1]), bits(batch[0][1])), (dma_min, staged_min, want)
+        counts = {"direct": 0, "staged": 0, "dma": 0}
+        counts[want[0]] += len(kv.layers)
+        counts[want[1]] += 1
+        got = {k: getattr(xfer.stats, k) for k in counts}
+        assert got == counts, (dma_min, staged_min, copies, want, xfer.stats)
+    with pytest.raises(ValueError, match="staged_min_layer_bytes"):
+        TransferOptions(staged_min_layer_bytes=-1)
+    assert TransferOptions.from_env({"LMCACHE_KV_STAGED_MIN_LAYER_BYTES": "0"}).staged_min_layer_bytes == 0
     with pytest.raises(ValueError, match="dma_min_run_bytes"):
         TransferOptions(dma_min_run_bytes=-1)
     assert TransferOptions.from_env({"LMCACHE_KV_DMA_MIN_RUN_BYTES": "0"}).dma_min_run_bytes == 0
@@ -418,3 +429,168 @@ def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk(monkeypatch) -> N
     with pytest.raises(ValueError, match="staged_copies"):
         TransferOptions(staged_copies="some")
     assert TransferOptions.from_env({"LMCACHE_KV_STAGED_COPIES": "Each"}).staged_copies == "each"
+
+
+class _RecordingBackend:
+    """The torch.cuda stream API on the host, recording which stream waited on which: one current
+    stream (named), copy streams named in creation order, events remembering their stream."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        backend = self
+
+        class Stream:
+            count = 0
+
+            def __init__(self, *args, **kwargs) -> None:
+                self.name = f"copy{Stream.count}"
+                Stream.count += 1
+
+            def wait_event(self, event) -> None:
+                if event is not None:
+                    backend.log.append(("wait", self.name, event.stream.name))
+
+        class Event:
+            stream = None
+
+            def record(self, stream=None) -> None:
+                self.stream = stream
+
+        self.Stream, self.Event = Stream, Event
+        self._current = Stream()
+        self._current.name = "current"
+        Stream.count = 0
+
+    def stream(self, stream):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def current_stream(self, device=None):
+        return self._current
+
+    def synchronize(self, device=None) -> None:
+        self.log.append(("synchronize",))
+
+
+CPU_KERNEL_OK, CPU_KERNEL_WHY = triton_copy.kernel_available(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_a_kernel_fault_mid_staged_store_joins_the_copy_streams_before_the_torch_path(monkeypatch) -> None:
+    # a staged store queues each group's ring-to-chunk copies on a copy stream; when the kernel of
+    # a later group fails, the torch path rewrites the chunks on the current stream, which must
+    # first wait for every copy stream, or a late copy would land over the torch path's bytes
+    from lmcache_kernels import transfer as transfer_mod
+
+    log: list = []
+    backend = _RecordingBackend(log)
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=16, generator=torch.Generator().manual_seed(61))
+    opts = TransferOptions(store_mode="staged", load_mode="staged", staging_bytes=6000, staging_slots=2,
+                           copy_streams=2)
+    xfer = KVTransfer(cpu, opts, backend)
+    batch = _batch(kv, [8, 5, 8], 62)
+    real_run, calls = triton_copy.run, []
+
+    def failing_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            log.append(("kernel fault",))
+            raise RuntimeError("an illegal memory access was encountered")
+        return real_run(*args, **kwargs)
+
+    real_ref = transfer_mod.reference.gather_batch
+
+    def logged_ref(*args, **kwargs):
+        log.append(("torch path",))
+        return real_ref(*args, **kwargs)
+
+    monkeypatch.setattr(triton_copy, "run", failing_run)
+    monkeypatch.setattr(transfer_mod.reference, "gather_batch", logged_ref)
+    xfer.gather(kv, batch)
+    assert not xfer.kernel_ok and "illegal memory access" in xfer.kernel_reason
+    fault, torch_path = log.index(("kernel fault",)), log.index(("torch path",))
+    joined = {entry[2] for entry in log[fault:torch_path] if entry[0] == "wait" and entry[1] == "current"}
+    assert joined == {"copy0", "copy1"}, log
+    assert ("synchronize",) not in log  # the first ring allocation has no old ring to wait for
+    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    real_ref(kv, want)
+    for (s, c), (_, w) in zip(batch, want):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_a_staging_ring_without_memory_is_a_fallback_not_a_kernel_fault(monkeypatch) -> None:
+    # the ring's allocation failing (device memory) sends that call's staged chunks through torch,
+    # is not tried again at that size, turns auto per-layer calls back to the kernel, and leaves
+    # the kernel on
+    from lmcache_kernels.accel import SyncBackend
+
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=16, generator=torch.Generator().manual_seed(71))
+    real_empty, tries = torch.empty, []
+
+    def empty(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8 and args and isinstance(args[0], int) and args[0] >= 1 << 30:
+            tries.append(args[0])
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    for mode, backend in (("staged", None), ("auto", SyncBackend())):
+        del tries[:]
+        layer_bytes = kv.geometry.bytes_per_token // len(kv.layers) * 16
+        opts = TransferOptions(store_mode=mode, load_mode=mode, staging_bytes=1 << 30,
+                               staged_min_layer_bytes=layer_bytes, dma_min_run_bytes=0)
+        xfer = KVTransfer(cpu, opts, backend)
+        batch = _batch(kv, [16], 72)
+        for s, c in batch:
+            c.copy_(torch.randn(c.shape).to(c.dtype))
+        for layer in range(len(kv.layers)):
+            xfer.scatter(kv, batch, (layer,))
+        back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+        KVTransfer(cpu, TransferOptions(store_mode="torch"), None).gather(kv, back)
+        assert torch.equal(bits(back[0][1]), bits(batch[0][1])), mode
+        assert xfer.kernel_ok, xfer.kernel_reason
+        assert len(tries) == 1, tries  # remembered: one try
+        assert any("staging ring" in f for f in xfer.stats.fallbacks)
+        if mode == "staged":
+            assert xfer.stats.torch == len(kv.layers) and xfer.stats.staged == 0
+        else:  # the first call chose staged and went through torch, the rest the kernel
+            assert xfer.stats.torch == 1 and xfer.stats.direct == len(kv.layers) - 1
+            assert "staged from" not in xfer.describe()["load_mode"]
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_inference_mode_slots_build_only_the_ring_slot_in_use(monkeypatch) -> None:
+    # inference tensors keep no version counter, so no batch cache can hold them: each per-layer
+    # staged call then builds the kernel table of the one ring slot it uses, not of all of them
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=16, generator=torch.Generator().manual_seed(81))
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged", staging_slots=4), None)
+    built: list[int] = []
+    real = xfer._stage_preps
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        built.append(len(out))
+        return out
+
+    monkeypatch.setattr(xfer, "_stage_preps", spy)
+    with torch.inference_mode():
+        batch = _batch(kv, [8, 5], 82)
+        for layer in range(len(kv.layers)):
+            xfer.scatter(kv, batch, (layer,))
+    assert built == [1] * len(kv.layers)
+    back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    KVTransfer(cpu, TransferOptions(store_mode="torch"), None).gather(kv, back)
+    for (s, c), (_, b) in zip(batch, back):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(b[:, :, :n]))
+    del built[:]
+    batch = _batch(kv, [8, 5], 83)  # ordinary tensors: every slot's table once, then cached
+    for layer in range(len(kv.layers)):
+        xfer.scatter(kv, batch, (layer,))
+    assert built == [4]
