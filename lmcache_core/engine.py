@@ -268,6 +268,18 @@ class CacheEngine:
     @staticmethod
     def _slots(kv: PagedKV, block_ids: "torch.Tensor | Sequence[int] | None",
                slots: "torch.Tensor | None", start: int, end: int) -> "torch.Tensor":
+        """The slots of tokens ``start..end``: the engine's own int64 tensor, made outside inference
+        mode. The transfer layer caches its per-batch tables by a slot tensor's identity and version
+        counter, which inference tensors (vLLM runs its forward under ``torch.inference_mode``) do
+        not keep; and a caller reusing its slot buffer in place cannot change a task's slots."""
+        import torch
+
+        with torch.inference_mode(False):
+            return CacheEngine._own_slots(kv, block_ids, slots, start, end)
+
+    @staticmethod
+    def _own_slots(kv: PagedKV, block_ids: "torch.Tensor | Sequence[int] | None",
+                   slots: "torch.Tensor | None", start: int, end: int) -> "torch.Tensor":
         import torch
 
         if slots is not None:
@@ -276,7 +288,7 @@ class CacheEngine:
             out = slots[start:end]
             if out.dtype.is_floating_point or out.dtype == torch.bool:
                 raise LayoutError(f"slots must be integers, got a {out.dtype} tensor")
-            out = out.to(torch.int64)
+            out = out.to(torch.int64, copy=True)
             limit = kv.num_blocks * kv.block_size
             if out.numel() and (int(out.min()) < 0 or int(out.max()) >= limit):
                 raise LayoutError(f"a slot is outside the KV cache's {limit} slots")

@@ -227,3 +227,20 @@ def test_chunk_size_not_a_multiple_of_the_block_size_fails_at_engine_start() -> 
     cfg = Config.from_dict({"tiers": ["memory://"], "device": "cpu", "chunk_size": 200})
     with pytest.raises(ConfigError, match="multiple of the engine block size 16, got 200"):
         CacheEngine(GEOM, cfg, model="m", block_size=16)
+
+
+def test_slots_are_the_engines_own_tensor_even_under_inference_mode() -> None:
+    # vLLM runs its forward under torch.inference_mode; the engine's slot tensors are made outside
+    # it (the transfer layer caches per-batch tables by a tensor's version counter, which inference
+    # tensors lack), and a caller's slot buffer changed in place afterwards changes nothing
+    kv = _kv(blocks=4)
+    with torch.inference_mode():
+        mapping = torch.arange(64, dtype=torch.int32)
+        from_slots = CacheEngine._slots(kv, None, mapping, 16, 32)
+        from_blocks = CacheEngine._slots(kv, torch.tensor([3, 1]), None, 0, 32)
+        mapping[16:32] = 0
+    for out in (from_slots, from_blocks):
+        assert not out.is_inference() and out.dtype == torch.int64
+        out._version  # an ordinary tensor keeps a version counter
+    assert from_slots.tolist() == list(range(16, 32))
+    assert from_blocks.tolist() == list(range(48, 64)) + list(range(16, 32))
