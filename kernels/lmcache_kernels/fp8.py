@@ -9,7 +9,8 @@ codec. One launch per layer selection covers every chunk of a batch (a chunk tab
 :mod:`.triton_copy`); chunks may lie in device memory or in pinned host memory the device maps.
 
 :func:`gather_ref` / :func:`scatter_ref` are the torch reference (the CPU path); the kernels
-match them bit for bit (IEEE division, round-to-nearest-even conversions, the same clamp).
+match them bit for bit (IEEE division, round-to-nearest-even conversions, the same clamp, the
+sign of a value that rounds to zero).
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ if triton is not None:
 
     # globals a @triton.jit body reads must be constexpr objects (the compiler refuses others)
     _SUBNORMAL_MAGIC = tl.constexpr(1.5 * 2.0**14)  # fp32 add rounds to a multiple of 2**-9
+    _F16_MAGIC = tl.constexpr(1.5 * 2.0**-1)  # fp32 add rounds to a multiple of 2**-24
     _FP8_MAX = tl.constexpr(FP8_MAX)
+
+    @triton.jit
+    def _round_subnormal(x, magic: tl.constexpr):
+        """``x`` (fp32) rounded to nearest-even on the grid of ``magic``'s ulp, with the sign of
+        ``x`` kept: a negative value that rounds to zero gives -0.0, as torch's conversion does
+        (the magic add alone would give +0.0)."""
+        a = (tl.abs(x) + magic) - magic
+        b = x.to(tl.int32, bitcast=True)
+        return (a.to(tl.int32, bitcast=True) | ((b >> 31) << 31)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _round_bits(x, drop: tl.constexpr):
@@ -90,8 +101,7 @@ if triton is not None:
             y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
             # round to e4m3 here (nearest-even, as torch does), so the conversion below is exact on
             # every backend: the Triton interpreter rounds ties away from zero
-            sub = (y + _SUBNORMAL_MAGIC) - _SUBNORMAL_MAGIC  # multiples of 2**-9 below 2**-6
-            y = tl.where(tl.abs(y) < 0.015625, sub, _round_bits(y, 20))
+            y = tl.where(tl.abs(y) < 0.015625, _round_subnormal(y, _SUBNORMAL_MAGIC), _round_bits(y, 20))
             q = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
             tl.store(qbase + qoff, q, mask=mask)
             tl.store(sbase + soff, scale.to(tl.bfloat16), mask=smask)
@@ -99,7 +109,11 @@ if triton is not None:
             q = tl.load(qbase + qoff, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
             scale = tl.load(sbase + soff, mask=smask, other=1.0).to(tl.float32)
             x = q * scale[:, :, None]  # exact: 4 x 8 significant bits
-            if DROP > 0:  # nearest-even to the KV dtype here too (see above)
+            # nearest-even to the KV dtype here too (see above); float16 subnormals (below
+            # 2**-14) are multiples of 2**-24, where rounding the mantissa alone would round twice
+            if DROP == 13:
+                x = tl.where(tl.abs(x) < 6.103515625e-05, _round_subnormal(x, _F16_MAGIC), _round_bits(x, 13))
+            elif DROP > 0:
                 x = _round_bits(x, DROP)
             tl.store(kbase + paged, x.to(kbase.dtype.element_ty), mask=mask)
 

@@ -50,6 +50,45 @@ def _kv(g, layers):
     return PagedKV("test", tuple(LayerPlanes(k, v) for k, v in layers), BLOCK, g)
 
 
+def _paged_from(x: torch.Tensor) -> tuple[ChunkGeometry, torch.Tensor, list]:
+    """``x`` ``[layers, 2, tokens, hidden]`` in a paged cache of reversed blocks on DEV."""
+    L, _, t, hidden = x.shape
+    g = ChunkGeometry(L, G.num_heads, hidden // G.num_heads, str(x.dtype).removeprefix("torch."))
+    blocks = t // BLOCK
+    slots = (torch.arange(blocks).flip(0)[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1).to(DEV)
+    layers = []
+    for l in range(L):
+        k = torch.zeros(blocks, BLOCK, g.num_heads, g.head_dim, dtype=x.dtype, device=DEV)
+        v = torch.zeros_like(k)
+        k.view(-1, g.hidden)[slots] = x[l, 0].to(DEV)
+        v.view(-1, g.hidden)[slots] = x[l, 1].to(DEV)
+        layers.append((k, v))
+    return g, slots, layers
+
+
+def _gather_both(g, slots, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    n = int(slots.numel())
+    ref = torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV)
+    out = torch.full_like(ref, 0x55)  # not zeros: a byte the kernel skips shows
+    fp8.gather_ref(_kv(g, layers), [(slots, ref)])
+    fp8.gather(_kv(g, layers), [(slots, out)])
+    return out, ref
+
+
+def _first_diff(out: torch.Tensor, ref: torch.Tensor) -> str:
+    d = (out != ref).nonzero().reshape(-1)
+    if not d.numel():
+        return ""
+    i = int(d[0])
+    return f"{d.numel()} of {out.numel()} bytes differ; first at byte {i}: kernel {int(out[i]):#04x}, reference {int(ref[i]):#04x}"
+
+
+def _skip_without_kernel() -> None:
+    ok, why = kernel_available(DEV)
+    if not ok:
+        pytest.skip(why)
+
+
 def test_kernel_matches_the_reference_and_the_host_codec(paged):
     g, _, slots, kv, layers = paged
     ok, why = kernel_available(DEV)
@@ -87,3 +126,58 @@ def test_bad_images_and_slots_are_refused_before_any_copy(paged):
         fp8.gather(pkv, [(slots, torch.zeros(encoded_len(g, n) - 2, dtype=torch.uint8, device=DEV))])
     with pytest.raises(Exception, match="slot"):
         fp8.scatter(pkv, [(slots + 10_000, torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV))])
+
+
+def test_values_that_round_to_zero_keep_their_sign():
+    """A negative value far below its head's amax quantises to e4m3 -0 (0x80), as torch's
+    conversion gives; so does -0.0 itself. The benchmark's real KV (30 layers) holds such
+    values, the first 4 layers of the sample do not."""
+    _skip_without_kernel()
+    x = torch.linspace(-1.0, 1.0, 2 * 2 * 32 * G.hidden).reshape(2, 2, 32, G.hidden)
+    head = x[..., : G.head_dim]  # the first head of every token and plane
+    head[..., 0] = 1.0  # amax 1: the scale is 1/448, e4m3 steps 2**-9 below 2**-6
+    head[..., 1] = -1e-7  # rounds to -0
+    head[..., 2] = -0.0
+    head[..., 3] = -2.0**-10 / 448  # a tie between -0 and -2**-9: nearest-even is -0
+    head[..., 4] = -3 * 2.0**-10 / 448  # a tie between -2**-9 and -2**-8: -2**-8
+    head[..., 5] = 1e-7  # +0
+    g, slots, layers = _paged_from(x.to(torch.bfloat16))
+    out, ref = _gather_both(g, slots, layers)
+    q = ref.view(g.num_layers, -1)[:, : g.kv_planes * 32 * g.hidden]
+    assert int((q == 0x80).sum()) > 0, "the case under test: the reference writes e4m3 -0"
+    assert torch.equal(out, ref), _first_diff(out, ref)
+
+
+def test_kernel_matches_the_reference_on_every_layer_of_the_sample():
+    """All 30 layers and 128 tokens of the captured KV (what the GPU benchmark tiles)."""
+    _skip_without_kernel()
+    raw = np.load(DATA / "smollm2_kv.npy")
+    kv = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(G.shape(META["tokens"]))
+    g, slots, layers = _paged_from(kv)
+    out, ref = _gather_both(g, slots, layers)
+    assert torch.equal(out, ref), _first_diff(out, ref)
+    back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    fp8.scatter(_kv(g, back_k), [(slots, out)])
+    fp8.scatter_ref(_kv(g, back_r), [(slots, ref)])
+    for (a, b), (c, d) in zip(back_k, back_r):
+        assert torch.equal(a.view(torch.int16), c.view(torch.int16)) and torch.equal(b.view(torch.int16), d.view(torch.int16))
+
+
+def test_float16_scatter_rounds_subnormals_once():
+    """float16 KV whose dequantised values fall below 2**-14 (float16 subnormals, multiples of
+    2**-24): the scatter rounds each product once, to nearest-even, as the reference does."""
+    _skip_without_kernel()
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 2, 32, G.hidden, generator=gen) * 3e-5).to(torch.float16)
+    g, slots, layers = _paged_from(x)
+    out, ref = _gather_both(g, slots, layers)
+    assert torch.equal(out, ref), _first_diff(out, ref)
+    back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    fp8.scatter(_kv(g, back_k), [(slots, ref)])
+    fp8.scatter_ref(_kv(g, back_r), [(slots, ref)])
+    for (a, b), (c, d) in zip(back_k, back_r):
+        for got, want in ((a, c), (b, d)):
+            bad = int((got.view(torch.int16) != want.view(torch.int16)).sum())
+            assert bad == 0, f"{bad} float16 values differ from the reference"
