@@ -475,12 +475,12 @@ LAYERWISE = {
     "direct_hi_p32": dict(load_mode="direct", layer_programs=32, stream_priority="high"),
     # staged: the copy engines move each chunk's layer into a device ring (one batch call per
     # ring group), then an uncapped kernel scatters it from device memory (a few SM-microseconds
-    # per layer); on 2026-12-03 a capped scatter (16 programs) hid 57-65% beside large GEMMs at
+    # per layer); on 2026-12-02 (late run) a capped scatter (16 programs) hid 57-65% beside large GEMMs at
     # 16K-32K where the uncapped one hid 82-84%, so the staged kernel is no longer capped
     "staged_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8),
     "staged_4s": dict(load_mode="staged", stream_priority="high", staging_slots=4),
     "staged_each_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8,
-                           staged_copies="each"),  # one torch DMA per chunk (before 2026-12-03)
+                           staged_copies="each"),  # one torch DMA per chunk (the way until 2026-12-02)
     "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
     "auto": {},  # the defaults: what a user gets
 }
