@@ -11,7 +11,9 @@
 # (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
-# (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two).
+# (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
+#  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
+#  CONNECTOR_TIMEOUT, CODECS_TIMEOUT, TRANSFER_TIMEOUT bound those steps in seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -40,15 +42,19 @@ if want tests; then
 fi
 
 if want connector; then
-    timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT" >"$OUT/connector.log" 2>&1
+    timeout ${CONNECTOR_TIMEOUT:-240} $PY benchmarks/connector_gpu.py --out "$OUT" ${CONNECTOR_ARGS:-} >"$OUT/connector.log" 2>&1
     echo "connector rc=$?"; tail -n 8 "$OUT/connector.log"
 fi
 
 # Daemon mode (issue 11): the connector's worker half through `lmcache serve`, and the engine's
 # store/load through the shared arena vs embedded, plus the control plane's round trips.
-if want daemon; then
-    timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT" --daemon >"$OUT/connector-daemon.log" 2>&1
+# (STEPS=connector_daemon: only the connector's worker half through the daemon.)
+if want daemon || want connector_daemon; then
+    timeout ${CONNECTOR_TIMEOUT:-240} $PY benchmarks/connector_gpu.py --out "$OUT" --daemon ${DAEMON_ARGS:-} \
+        >"$OUT/connector-daemon.log" 2>&1
     echo "connector (daemon) rc=$?"; tail -n 6 "$OUT/connector-daemon.log"
+fi
+if want daemon; then
     # the TTFT part runs on this host's (quiet, 16-core) CPU with a random Llama: no model wheel here
     timeout 300 $PY benchmarks/daemon.py --sections control,gpu,ttft --random-model --reps 7 \
         --json "$OUT/daemon-gpu.json" >"$OUT/daemon.log" 2>&1
@@ -117,7 +123,7 @@ if want staged; then
     export_staged timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT/staged" >"$OUT/connector-staged.log" 2>&1
     echo "connector (staged) rc=$?"; tail -n 10 "$OUT/connector-staged.log"
     if want daemon; then
-        export_staged timeout 240 $PY benchmarks/connector_gpu.py --out "$OUT/staged" --daemon \
+        export_staged timeout ${CONNECTOR_TIMEOUT:-240} $PY benchmarks/connector_gpu.py --out "$OUT/staged" --daemon \
             --layouts vllm032_flash,vllm_flash_old >"$OUT/connector-daemon-staged.log" 2>&1
         echo "connector (daemon, staged) rc=$?"; tail -n 7 "$OUT/connector-daemon-staged.log"
     fi
@@ -136,7 +142,7 @@ if want codecs; then
         $PY -m pip install -q --no-index --no-deps .cache/codec-wheels/*.whl >"$OUT/codecs-setup.log" 2>&1
         echo "nvcomp wheels rc=$?"
     fi
-    timeout 420 $PY benchmarks/codecs.py --sections gpu --out "$OUT" >"$OUT/codecs.log" 2>&1
+    timeout ${CODECS_TIMEOUT:-420} $PY benchmarks/codecs.py --sections gpu --out "$OUT" >"$OUT/codecs.log" 2>&1
     echo "codecs rc=$?"; tail -n 8 "$OUT/codecs.log"
 fi
 

@@ -47,7 +47,7 @@ from lmcache_core.config import Config  # noqa: E402
 from lmcache_core.engine import CacheEngine  # noqa: E402
 from lmcache_core.layout import ChunkGeometry, PagedKV, slot_mapping  # noqa: E402
 from lmcache_kernels import reference  # noqa: E402
-from lmcache_kernels.testing import bits, random_bits  # noqa: E402
+from lmcache_kernels.testing import bits, make_kv  # noqa: E402
 from lmcache_kernels.transfer import TransferOptions  # noqa: E402
 
 log = logging.getLogger("gpu_transfer")
@@ -135,28 +135,10 @@ def make_cache(shape: Shape, num_blocks: int, device: str, kind: str = "vllm_fla
     """A paged cache of random bits made on ``device`` (vLLM flash-attn ``[2, blocks, block,
     heads, dim]`` per layer by default; also vLLM 0.3x per-layer views, FlashInfer, MLA with a
     576-wide latent, and ``float8_e4m3fn`` for vLLM's fp8 KV cache)."""
-    g = torch.Generator(device=device).manual_seed(1)
-    dt = getattr(torch, dtype)
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[torch.empty((), dtype=dt).element_size()]
-    lo, hi = (0, 256) if ints == torch.uint8 else (-(2 ** 15), 2 ** 15) if ints == torch.int16 else (-2 ** 31, 2 ** 31 - 1)
-    L, B, S, H, D = shape.layers, num_blocks, shape.block, shape.heads, shape.head_dim
-
-    def rnd(*dims: int) -> torch.Tensor:
-        return torch.randint(lo, hi, dims, dtype=ints, device=device, generator=g).view(dt)
-
-    if kind == "vllm_flash":
-        caches = [rnd(2, B, S, H, D) for _ in range(L)]
-        return PagedKV.from_vllm_flash(caches), caches
-    if kind == "flashinfer":
-        caches = [rnd(B, 2, S, H, D) for _ in range(L)]
-        return PagedKV.from_flashinfer(caches), caches
-    if kind == "vllm_blocks_heads":  # one buffer, layers inside blocks: per-layer views are strided
-        shared = rnd(B, L, H, S, 2 * D)
-        return PagedKV.from_vllm_blocks_heads([shared[:, l] for l in range(L)], D), [shared]
-    if kind == "mla":  # DeepSeek-style latent: one plane of 512 + 64 values per token
-        caches = [rnd(B, S, 576) for _ in range(L)]
-        return PagedKV.from_mla(caches), caches
-    raise ValueError(f"unknown layout {kind!r}")
+    mla = kind == "mla"  # DeepSeek-style latent: one plane of 512 + 64 values per token
+    return make_kv(kind, dtype=dtype, device=device, num_layers=shape.layers, num_blocks=num_blocks,
+                   block_size=shape.block, heads=1 if mla else shape.heads, head_dim=576 if mla else shape.head_dim,
+                   generator=torch.Generator(device=device).manual_seed(1))
 
 
 def make_chunks(dev: Any, geom: ChunkGeometry, n_chunks: int, chunk: int) -> list[torch.Tensor]:

@@ -23,12 +23,16 @@ DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 def random_bits(shape: tuple[int, ...], dtype: "torch.dtype", device: "torch.device | str" = "cpu",
                 generator: "torch.Generator | None" = None) -> "torch.Tensor":
-    """A tensor of ``dtype`` whose bytes are uniformly random (every bit pattern possible)."""
+    """A tensor of ``dtype`` whose bytes are uniformly random (every bit pattern possible). With
+    a generator on an accelerator the bits are drawn there, in place (GiB-sized caches)."""
     import torch
 
     size = torch.empty((), dtype=dtype).element_size()
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[size]
     lo, hi = (0, 256) if size == 1 else (-(2 ** (8 * size - 1)), 2 ** (8 * size - 1))
+    if generator is not None and generator.device.type != "cpu":
+        return torch.randint(lo, hi - 1 if size == 4 else hi, shape, dtype=ints, device=generator.device,
+                             generator=generator).view(dtype)
     t = torch.randint(lo, hi, shape, dtype=torch.int64, generator=generator).to(ints)
     return t.view(dtype).to(device)
 
