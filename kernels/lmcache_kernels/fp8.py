@@ -128,7 +128,7 @@ def _kernel() -> Any:
     return _JITTED
 
 
-def _check(kv: "PagedKV", batch: Batch) -> None:
+def _check(kv: "PagedKV", batch: Batch, checked: bool = False) -> None:
     from lmcache_core.codecs.fp8 import encoded_len
     from lmcache_core.layout import check_slots
 
@@ -142,13 +142,14 @@ def _check(kv: "PagedKV", batch: Batch) -> None:
                              f"got {tuple(img.shape)} of {img.dtype}")
         if int(img.data_ptr()) % 2:
             raise ValueError("an fp8 image must start at an even address (its scales are bf16)")
-    check_slots(kv, batch)  # one vectorised range check: the kernel never sees a bad slot
+    if not checked:  # one vectorised range check (a device sync): the kernel never sees a bad slot
+        check_slots(kv, batch)
 
 
-def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
+def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool, checked: bool) -> None:
     import torch
 
-    _check(kv, batch)
+    _check(kv, batch, checked)
     sel = layer_list(kv, layers)
     if not batch or not sel:
         return
@@ -191,14 +192,18 @@ def torch_dtype(name: str) -> Any:
     return td(name)
 
 
-def gather(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
-    """Kernel: quantise ``kv`` at each chunk's slots into its fp8 image (one launch)."""
-    _run(kv, batch, layers, True)
+def gather(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None, *, checked: bool = False) -> None:
+    """Kernel: quantise ``kv`` at each chunk's slots into its fp8 image (one launch). The slots are
+    range-checked first (:func:`lmcache_core.layout.check_slots`, which waits for the device)
+    unless the caller checked them already (``checked``: a pipeline that issues one batch in
+    several calls checks it once)."""
+    _run(kv, batch, layers, True, checked)
 
 
-def scatter(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
-    """Kernel: dequantise each fp8 image into ``kv`` at its slots (one launch)."""
-    _run(kv, batch, layers, False)
+def scatter(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None, *, checked: bool = False) -> None:
+    """Kernel: dequantise each fp8 image into ``kv`` at its slots (one launch; ``checked`` as for
+    :func:`gather`)."""
+    _run(kv, batch, layers, False, checked)
 
 
 # -- the torch reference ----------------------------------------------------------------------

@@ -128,6 +128,31 @@ def test_bad_images_and_slots_are_refused_before_any_copy(paged):
         fp8.scatter(pkv, [(slots + 10_000, torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV))])
 
 
+def test_checked_batches_skip_only_the_slot_range_check(paged, monkeypatch):
+    # a pipeline that issues one checked batch in several calls passes checked=True: no range
+    # check (it waits for the device) per call, while a malformed image is still refused
+    from lmcache_core import layout
+
+    g, _, slots, kv, layers = paged
+    _skip_without_kernel()
+    pkv = _kv(g, layers)
+    n = int(slots.numel())
+    calls = []
+    real = layout.check_slots
+    monkeypatch.setattr(layout, "check_slots", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    img = torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV)
+    fp8.gather(pkv, [(slots, img)])
+    assert calls == [1]
+    ref = torch.zeros_like(img)
+    fp8.gather(pkv, [(slots, ref)], checked=True)
+    back = _kv(g, [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers])  # the fixture stays as it is
+    fp8.scatter(back, [(slots, ref)], checked=True)
+    assert calls == [1] and torch.equal(img, ref)
+    assert any(bool(p.k.view(-1, g.hidden)[slots].abs().sum() > 0) for p in back.layers)
+    with pytest.raises(ValueError, match="bytes"):
+        fp8.scatter(back, [(slots, img[:-2])], checked=True)
+
+
 def test_values_that_round_to_zero_keep_their_sign():
     """A negative value far below its head's amax quantises to e4m3 -0 (0x80), as torch's
     conversion gives; so does -0.0 itself. The benchmark's real KV (30 layers) holds such
