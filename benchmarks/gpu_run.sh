@@ -13,7 +13,7 @@
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
 #  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
-#  CONNECTOR_TIMEOUT, CODECS_TIMEOUT, TRANSFER_TIMEOUT bound those steps in seconds).
+#  TESTS_TIMEOUT, CONNECTOR_TIMEOUT, CODECS_TIMEOUT, TRANSFER_TIMEOUT bound those steps in seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -36,7 +36,7 @@ echo "setup rc=$? ($(tail -n 3 "$OUT/setup.log" | tr '\n' ' '))"
 
 # GPU tests: the same files CI runs on CPU, now with the compiled kernels on the device.
 if want tests; then
-    timeout 300 $PY -m pytest -q -ra -n 8 -p no:cacheprovider devices/cuda kernels >"$OUT/pytest-gpu.log" 2>&1
+    timeout ${TESTS_TIMEOUT:-300} $PY -m pytest -q -ra -n 8 -p no:cacheprovider devices/cuda kernels >"$OUT/pytest-gpu.log" 2>&1
     echo "pytest rc=$? :: $(tail -n 1 "$OUT/pytest-gpu.log")"
     grep -E "FAILED|ERROR" "$OUT/pytest-gpu.log" | head -n 20
 fi
