@@ -177,6 +177,10 @@ class _StageLayout:
 
 
 _MISS = object()
+# Batches each per-batch cache keeps: one engine step can load and store this many requests
+# layer by layer at once (each request is its own batch) without the caches evicting each
+# other every layer; an entry costs a few small host and device tensors.
+_BATCHES = 32
 
 
 def _batch_key(batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...] | None:
@@ -271,17 +275,17 @@ class KVTransfer:
         self._ring_free: list[Any] = []
         self._next_slot = 0
         self._ring_gen = 0
-        self._layouts = _Memo(8)
+        self._layouts = _Memo(_BATCHES)
         self._ring_failed: tuple[int, str] | None = None  # (slot bytes, why) of a ring that could not be allocated
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
-        self._slot_cache = _Memo(4)
-        self._checked = _Memo(8)
+        self._slot_cache = _Memo(_BATCHES)
+        self._checked = _Memo(_BATCHES)
         self._warned: set[str] = set()
         self._copier: Any = None
         self._copier_why = ""
-        self._runs = _Memo(4)
-        self._auto = _Memo(8)
+        self._runs = _Memo(_BATCHES)
+        self._auto = _Memo(_BATCHES)
         self._dma_broken = ""
         self._dma_stream: Any = None
 
@@ -467,7 +471,7 @@ class KVTransfer:
                 plan.tab, plan.aligned = prep.tab, prep.aligned
                 plan.max_n = max(int(s.numel()) for s, _ in near)
         self._plans.insert(0, (key, kv, plan))
-        del self._plans[16:]
+        del self._plans[_BATCHES:]
         return plan
 
     def _split(self, kv: "PagedKV", batch: Batch, idx: list[int], mode: str

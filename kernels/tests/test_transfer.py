@@ -594,3 +594,20 @@ def test_inference_mode_slots_build_only_the_ring_slot_in_use(monkeypatch) -> No
     for layer in range(len(kv.layers)):
         xfer.scatter(kv, batch, (layer,))
     assert built == [4]
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_many_requests_loaded_layer_by_layer_keep_their_tables(monkeypatch) -> None:
+    # one engine step loading 12 requests layer by layer interleaves 12 batches on one transfer:
+    # each batch's ring tables are built once, not again at every layer (the caches hold them all)
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=64, generator=torch.Generator().manual_seed(91))
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    built: list[int] = []
+    real = xfer._stage_preps
+    monkeypatch.setattr(xfer, "_stage_preps", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    batches = [_batch(kv, [4], 100 + r) for r in range(12)]
+    for layer in range(len(kv.layers)):
+        for batch in batches:
+            xfer.scatter(kv, batch, (layer,))
+    assert len(built) == len(batches)
