@@ -569,6 +569,20 @@ class LayerwiseStore:
         self.stream = engine.device.new_stream() if todo else None
         self.saved: list[bool] = [False] * engine.geometry.num_layers
         self._done = False
+        self._copying = bool(todo)  # the pool's refiller waits while our copies run
+        if self._copying:
+            engine.pool.transfer_begun()
+
+    def _copies_done(self) -> None:
+        if self._copying:
+            self._copying = False
+            self.engine.pool.transfer_done()
+
+    def __del__(self) -> None:  # a store dropped without finish or abort must not hold the refiller
+        try:
+            self._copies_done()
+        except Exception:  # noqa: BLE001
+            pass
 
     def _gather(self, layers: tuple[int, ...] | None) -> None:
         """Gather on the transfer stream, after the work queued so far on the caller's (compute)
@@ -612,9 +626,11 @@ class LayerwiseStore:
                 missing = [i for i, s in enumerate(self.saved) if not s]
                 raise RuntimeError(f"store finished before layers {missing} were saved; nothing was stored")
             self.engine.device.record_event(self.stream).synchronize()
+            self._copies_done()
             with eng._sealing_cv:
                 eng._sealing += 1
         except BaseException:
+            self._copies_done()
             for c in chunks:
                 c.release()
             eng._unreserve(self.reserved)
@@ -643,6 +659,7 @@ class LayerwiseStore:
                     self.engine.device.record_event(self.stream).synchronize()
                 except Exception:  # noqa: BLE001 - a device fault; the buffers go back anyway
                     logger.exception("waiting for an aborted store's copies failed")
+                self._copies_done()
                 for c, _ in self.todo:
                     c.release()
                 self.engine._unreserve(self.reserved)
@@ -675,6 +692,8 @@ class LayerwiseRetrieve:
         self.order: list[int] = []  # layers in the order they completed (pipelining contract)
         self._released = False
         self._batch = [(slots, c.kv()[:, :, first:end]) for c, slots, first, end in self.parts]  # built once
+        if self.parts:  # the pool's refiller waits while our copies run (until _release)
+            engine.pool.transfer_begun()
         dev = engine.device
         self.stream = dev.new_stream() if self.parts else None
         self._async = dev.capabilities.async_copy
@@ -739,6 +758,8 @@ class LayerwiseRetrieve:
     def _release(self) -> None:
         if not self._released:
             self._released = True
+            if self.parts:
+                self.engine.pool.transfer_done()
             for c, _, _, _ in self.parts:
                 c.release()
             self.engine._unreserve(self.reserved)

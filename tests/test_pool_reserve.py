@@ -73,3 +73,56 @@ def test_a_failing_reserve_allocation_only_pauses_the_reserve() -> None:
     a.release()
     b.release()
     pool.close()
+
+
+def test_the_reserve_waits_for_device_copies_to_finish() -> None:
+    # a layer-by-layer load takes no buffer, so the quiet period alone would let the refiller
+    # allocate (and take the driver's lock) beside its copies: it waits for every copy to end
+    made: list[float] = []
+
+    def alloc(n: int) -> torch.Tensor:
+        made.append(time.monotonic())
+        return torch.empty(n, dtype=torch.uint8)
+
+    pool = BufferPool(alloc, max_idle_bytes=64 * CHUNK, reserve_bytes=4 * CHUNK)
+    pool.quiet_s = 0.02
+    pool.transfer_begun()  # a load under way
+    pool.transfer_begun()  # and a store
+    held = pool.acquire(CHUNK)  # wakes the refiller
+    time.sleep(0.2)  # ten quiet periods
+    assert len(made) == 1, "the reserve allocated while copies were under way"
+    pool.transfer_done()
+    time.sleep(0.1)
+    assert len(made) == 1, "the reserve allocated while one copy was still under way"
+    ended = time.monotonic()
+    pool.transfer_done()
+    assert pool.wait_reserve(5)
+    assert len(made) == 1 + 4 and made[1] >= ended + pool.quiet_s * 0.9  # after the quiet period
+    held.release()
+    pool.close()
+
+
+def test_engine_loads_and_stores_hold_the_reserve_while_they_copy(tmp_path) -> None:
+    from lmcache_core import CacheEngine, ChunkGeometry, Config
+    from lmcache_core.layout import PagedKV
+
+    geom = ChunkGeometry(2, 2, 8, "float16")
+    kv = PagedKV.from_vllm_flash([torch.randn(2, 8, 16, 2, 8).half() for _ in range(2)])
+    cfg = Config.from_dict({"tiers": ["memory://?capacity=64MiB"], "device": "cpu", "chunk_size": 16})
+    with CacheEngine(geom, cfg, model="reserve") as eng:
+        tokens = list(range(100, 164))
+        store = eng.start_store(tokens, kv, [0, 1, 2, 3])
+        assert eng.pool._transfers == 1
+        store.save_all()
+        store.finish(wait=True)
+        assert eng.pool._transfers == 0
+        task = eng.start_retrieve(tokens, kv, [4, 5, 6, 7])
+        assert eng.pool._transfers == 1
+        for _ in task:
+            pass
+        task.finish()
+        assert eng.pool._transfers == 0
+        dropped = eng.start_store(list(range(200, 264)), kv, [0, 1, 2, 3])
+        assert eng.pool._transfers == 1
+        dropped.abort()
+        assert eng.pool._transfers == 0
