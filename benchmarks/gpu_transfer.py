@@ -582,6 +582,7 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                     continue
                 try:
                     gemm["mat"] = mats["small"]
+                    made = eng.pool.allocations  # pinned allocations beside the timed runs (the reserve's)
                     r = measure(load_only, both)
                     if name in LAYERWISE_BIG:
                         gemm["mat"] = mats["big"]
@@ -601,6 +602,7 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                     log.exception("layerwise %s T=%d failed", name, T)
                 else:
                     r["load_GBps"] = gbps(nbytes, r["load_ms"] / 1e3)
+                    r["pool_allocations_while_timed"] = eng.pool.allocations - made
                     r["options"] = LAYERWISE[name]
                     r["transfer_stats"] = asdict(dev.transfer.stats)
                     log.info("layerwise T=%d %-18s load %.1f ms (%.1f GB/s) compute %.1f both %.1f hidden %.0f%% %s",
