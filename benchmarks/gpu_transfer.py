@@ -367,6 +367,7 @@ def overlap(shape: Shape, timer: Timer, cuda: bool, device_cls: Any) -> dict[str
                                      "chunk_size": shape.chunk, "host_pool_size": 2 * nbytes}, env={})
         with CacheEngine(kv.geometry, cfg, model="overlap", device=dev) as eng:
             eng.store(tokens, kv, blocks, wait=True)
+            eng.pool.wait_reserve(30)  # the reserve's refill is a warm-up, not the load (see layerwise)
             load = timer(lambda: eng.retrieve(tokens, kv, blocks), reps=3)["median_s"]
             k = max(1, round(load / shape.layers / mm))
 
@@ -563,6 +564,11 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                                      "chunk_size": shape.chunk, "host_pool_size": 2 * nbytes}, env={})
         with CacheEngine(kv.geometry, cfg, model="layerwise", device=dev) as eng:
             eng.store(tokens, kv, blocks, wait=True)
+            # a fresh engine's pinned reserve fills after its first store (1 GiB at about 1 GB/s,
+            # each allocation holding the driver's lock): timed beside it, the first variant paid
+            # for it (2026-12-03: 31 allocations while direct_hi_p16 was timed at 4K); a warm
+            # server is past it
+            eng.pool.wait_reserve(30)
             stored = [c[:, blocks].clone() for c in caches]
             for name in names:
                 opts = TransferOptions(store_mode="direct", **LAYERWISE[name])
