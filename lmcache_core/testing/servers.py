@@ -385,10 +385,14 @@ class SeaweedS3(_Process):
     def __init__(self, binary: str | None = None, *, port: int | None = None) -> None:
         super().__init__("seaweedfs")
         self.binary = binary or find_weed()
+        self._chosen_port = port is not None
         self.port = port or free_port()
+        self._draw_ports()
+        self.data = self.workdir / "data"
+
+    def _draw_ports(self) -> None:
         self._ports = {name: free_port() for name in (
             "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc")}
-        self.data = self.workdir / "data"
 
     def argv(self) -> list[str]:
         p = self._ports
@@ -421,12 +425,27 @@ class SeaweedS3(_Process):
             return False
         return b'"DataNodes":[{' in body.replace(b" ", b"") or b'"Url":"127.0.0.1' in body
 
-    def start(self) -> "SeaweedS3":
+    def start(self, *, redraw: bool = True) -> "SeaweedS3":
+        """Start on the drawn ports. Eight ports are drawn free and bound only later by ``weed``,
+        so another process can take one meanwhile: then (``redraw``, ports not chosen by the
+        caller) the server starts again on fresh ports, up to three times."""
         if self.running:
             return self
-        self.data.mkdir(parents=True, exist_ok=True)
-        self._spawn(self.argv())
-        self._wait_ready(self._ready, f"seaweedfs s3 on port {self.port}", timeout=40)
+        for attempt in range(3):
+            self.data.mkdir(parents=True, exist_ok=True)
+            self._spawn(self.argv())
+            try:
+                self._wait_ready(self._ready, f"seaweedfs s3 on port {self.port}", timeout=40)
+                break
+            except ServerUnavailable as exc:
+                taken = "address already in use" in self.log_tail(10_000)  # weed's stacks follow the line
+                if attempt == 2 or not redraw or self._chosen_port or not taken:
+                    raise
+                logger.info("seaweedfs: a port was taken before it bound (%s); again on fresh ports",
+                            str(exc).splitlines()[0])
+                self.kill()
+                self.port = free_port()
+                self._draw_ports()
         logger.info("seaweedfs s3 started on %s", self.endpoint_url)
         return self
 
@@ -439,7 +458,7 @@ class SeaweedS3(_Process):
         self.kill()
         if not keep_data:
             shutil.rmtree(self.data, ignore_errors=True)
-        return self.start()
+        return self.start(redraw=False)  # the same endpoint: clients keep their URL
 
     def close(self) -> None:
         self.kill()

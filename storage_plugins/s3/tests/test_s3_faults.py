@@ -35,3 +35,31 @@ class TestS3Faults(RemoteTierFaultTests):
                          read_timeout="1")
         return RemoteTier(url=url, name="s3", stop=server.kill, start=lambda: server.restart(keep_data=False),
                           raw_set=raw_set, pid=lambda: server.proc.pid if server.proc else None, call_timeout_s=1.5)
+
+
+def test_a_port_taken_before_weed_binds_it_means_fresh_ports_not_a_failed_start() -> None:
+    # the eight ports are drawn free, then bound by weed a moment later; another process (a
+    # parallel test run) can take one in between: the server starts again on fresh ports
+    import socket
+
+    from lmcache_core.testing.servers import ServerUnavailable, find_weed
+
+    try:
+        find_weed()
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    server = SeaweedS3()
+    taken = server._ports["filer"]
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", taken))
+    blocker.listen(1)
+    try:
+        server.start()
+        assert server.running and taken not in server._ports.values()
+        assert "address already in use" in server.log_tail(10_000)
+        client = server.client()
+        client.create_bucket(Bucket="ports")
+        assert client.head_bucket(Bucket="ports")["ResponseMetadata"]["HTTPStatusCode"] == 200
+    finally:
+        blocker.close()
+        server.close()
