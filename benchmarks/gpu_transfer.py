@@ -988,38 +988,46 @@ def plot(res: dict[str, Any], png: str) -> None:
 
 def plot_layerwise(runs: list[dict[str, Any]], png: str) -> None:
     """Hidden share of a layer-by-layer load per size: beside small matmuls (left) and beside
-    8192^2 GEMMs (right), per variant, from one or more runs' ``layerwise`` sections (a later
-    run's variant replaces an earlier one's), with the load's GB/s alone beside the ceiling."""
+    8192^2 GEMMs (middle), per variant, with the load's GB/s alone beside the ceiling (right),
+    from one or more runs' ``layerwise`` sections: each run's figure is a dot, the line joins
+    the medians over the runs (the per-layer figures vary from run to run)."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    rows: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for res in runs:
         for T, row in res.get("layerwise", {}).get("rows", {}).items():
             for name, r in row.items():
                 if isinstance(r, dict) and "hidden_fraction" in r:
-                    rows.setdefault(name, {})[int(T)] = r
+                    rows.setdefault(name, {}).setdefault(int(T), []).append(r)
     show = [n for n in ("plain_copy", "direct", "direct_hi_p16", "staged_8s", "dma", "auto") if n in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for i, name in enumerate(show):
         color = f"C{i}"
         ts = sorted(t for t in rows[name] if t >= 4096)
         label = {"plain_copy": "plain per-layer DMA (reference)", "direct": "direct, uncapped (before)",
-                 "direct_hi_p16": "direct, 16 programs, high priority (default to 2026-12-02)",
+                 "direct_hi_p16": "direct, 16 programs, high priority",
                  "staged_8s": "staged, batched ring copies, 8 slots",
-                 "auto": "defaults now (auto: staged per-layer loads)"}.get(name, name)
-        axes[0].plot(ts, [100 * rows[name][t]["hidden_fraction"] for t in ts], marker="o", label=label, color=color)
-        big = [t for t in ts if "big_gemm" in rows[name][t]]
-        if big:
-            axes[1].plot(big, [100 * rows[name][t]["big_gemm"]["hidden_fraction"] for t in big], marker="o",
-                         label=label, color=color)
-        axes[2].plot(ts, [rows[name][t]["load_GBps"] for t in ts], marker="o", label=label, color=color)
+                 "auto": "defaults (auto)"}.get(name, name)
+        panels = ((axes[0], lambda r: 100 * r["hidden_fraction"]),
+                  (axes[1], lambda r: 100 * r["big_gemm"]["hidden_fraction"] if "big_gemm" in r else None),
+                  (axes[2], lambda r: r["load_GBps"]))
+        for ax, get in panels:
+            pts = [(t, v) for t in ts for v in (get(r) for r in rows[name][t]) if v is not None]
+            if not pts:
+                continue
+            ax.scatter([t for t, _ in pts], [v for _, v in pts], color=color, s=12, alpha=0.5)
+            mts = sorted({t for t, _ in pts})
+            ax.plot(mts, [statistics.median(v for t2, v in pts if t2 == t) for t in mts], marker="o",
+                    label=label, color=color)
     for ax, title in ((axes[0], "hidden beside 2048^2 matmuls per layer"),
                       (axes[1], "hidden beside 8192^2 GEMMs per layer")):
         ax.axhline(80, color="grey", ls=":", lw=1, label="goal 80%")
-        ax.set_ylim(-20, 110)
+        ax.set_ylim(-80, 115)
         ax.set_ylabel("% of the shorter side hidden")
         ax.set_title(title)
     ceil = max(r.get("ceilings", {}).get("h2d_GBps", 0.0) for r in runs)
@@ -1035,7 +1043,9 @@ def plot_layerwise(runs: list[dict[str, Any]], png: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     env = runs[-1].get("env", {})
-    fig.suptitle(f"CacheEngine.start_retrieve layer by layer, {env.get('gpu', '?')}, {env.get('date', '?')[:10]}")
+    dates = sorted({r.get("env", {}).get("date", "?")[:16].replace("T", " ") for r in runs})
+    fig.suptitle(f"CacheEngine.start_retrieve layer by layer, {env.get('gpu', '?')}, "
+                 f"{len(runs)} run(s): {', '.join(dates)} UTC")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
