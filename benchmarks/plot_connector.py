@@ -33,7 +33,8 @@ def main(src: str, dst: str) -> None:
     ax.set_xticks(range(len(rows)), names, fontsize=7)
     ax.set_ylabel("GB/s")
     ax.set_title(f"vLLM connector worker half, tokens per request below each bar, {report.get('gpu')}")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.4 * max([ceil.get("d2h_GBps", 0.0)] + [r[k] for r in rows for _, k in series]))
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
