@@ -195,6 +195,13 @@ def _batch_key(batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...
         return None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) allocation failed: torch.OutOfMemoryError, MemoryError."""
+    import torch
+
+    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)))
+
+
 class _RingUnavailable(RuntimeError):
     """The staging ring could not be allocated (device memory); not a kernel fault."""
 
@@ -364,16 +371,25 @@ class KVTransfer:
                 far = [batch[i] for i in plan.far]
                 try:
                     self._staged(kv, plan.table, far, sel, gather)
-                except _RingUnavailable:  # no device memory for the ring: these chunks via torch
-                    self._reference(kv, far, sel, gather)
+                except _RingUnavailable:  # no device memory for the ring: the kernel in place, or torch
+                    self._direct_or_reference(kv, plan.table, far, sel, gather)
             if plan.dma:
                 items = [batch[i] for i in plan.dma]
                 try:
                     self._dma(kv, plan.table, items, sel, gather)
                 except Exception as exc:  # noqa: BLE001 - the copy engines' fault is not the kernel's
                     self._disable_dma(f"{type(exc).__name__}: {exc}")
+                    self._join_copy_streams()  # a partly queued batch on the side stream lands first
                     self._reference(kv, items, sel, gather)
         except Exception as exc:  # noqa: BLE001 - a kernel failure falls back, the engine keeps going
+            if _out_of_memory(exc):  # a table or slot upload found no device memory: this call only
+                self._join_copy_streams()
+                if "out of memory" not in self._warned:
+                    self._warned.add("out of memory")
+                    logger.warning("KV transfer on %s ran out of device memory (%s); that call used the "
+                                   "torch path", self.device, exc)
+                self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
+                return
             self.kernel_ok, self.kernel_reason = False, f"{type(exc).__name__}: {exc}"
             self._plans.clear()
             logger.warning("KV kernel failed on %s (%s); using the torch path from now on",
@@ -402,7 +418,8 @@ class KVTransfer:
             return None
         if self.streams.backend is None or not self.kernel_ok:
             return None
-        key = _batch_key(batch, gather, o.dma_min_run_bytes, o.staged_copies, o.staged_min_layer_bytes, chunks=True)
+        key = _batch_key(batch, gather, o.dma_min_run_bytes, o.staged_copies, o.staged_min_layer_bytes,
+                         self._ring_failed is None, chunks=True)
         got = self._auto.get(key, kv)
         if got is _MISS:
             got = self._decide_layer_call(kv, batch, gather)
@@ -556,8 +573,8 @@ class KVTransfer:
     # -- staged ------------------------------------------------------------------------------
     def _ensure_ring(self, nbytes: int) -> None:
         """A ring whose slots hold ``nbytes``; :class:`_RingUnavailable` when the device has no
-        memory for it (remembered: no later call of that size or more tries again, auto per-layer
-        calls stop choosing ``staged``; the kernel itself stays in use)."""
+        memory for it (an out-of-memory error; remembered: no later call of that size or more
+        tries again, auto per-layer calls stop choosing ``staged``; the kernel stays in use)."""
         import torch
 
         size = max(self.options.staging_bytes, nbytes)
@@ -573,23 +590,40 @@ class KVTransfer:
         try:
             self._ring = [torch.empty(size, dtype=torch.uint8, device=self.device)
                           for _ in range(self.options.staging_slots)]
-        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        except Exception as exc:  # noqa: BLE001 - only a memory error means "no ring"; others are faults
+            if not _out_of_memory(exc):
+                raise
             why = f"{self.options.staging_slots} staging slots of {size} bytes: {type(exc).__name__}: {exc}"
             self._ring, self._ring_failed = [], (size, why)
             self._auto.clear()
-            logger.warning("KV staging ring unavailable on %s (%s); staged chunks use the torch path and "
-                           "per-layer calls the kernel", self.device, why)
+            logger.warning("KV staging ring unavailable on %s (%s); staged chunks go through the kernel in "
+                           "place where it reaches them (else torch), per-layer calls through the kernel",
+                           self.device, why)
             self.stats.fallbacks.append(f"staging ring: {why}")
             raise _RingUnavailable(why) from exc
         self._ring_free = [None] * len(self._ring)
         if not self._copy_streams:
             self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
 
+    def _direct_or_reference(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
+        """``items`` through the kernel in place where it can reach them (host KV, or pinned chunks
+        the device maps), else through torch (the staging ring is unavailable)."""
+        reach = all(c.device == kv.device or (c.device.type == "cpu" and (
+            kv.device.type == "cpu" or (c.is_pinned() and self.mapped_host()[0]))) for _, c in items)
+        if not reach:
+            self._reference(kv, items, sel, gather)
+            return
+        rows, aligned = triton_copy.chunk_rows(items, kv.layers[0].k.element_size())
+        prep = triton_copy.prepare(kv, table, items, rows=rows, rows_aligned=aligned, slots=self._slots(items))
+        triton_copy.run(kv, table, prep, sel, gather, self._programs(sel))
+        self.stats.direct += len(items)
+        self.stats.launches += 1
+
     def _join_copy_streams(self) -> None:
         """The current stream waits for everything queued on the copy streams (best effort: on a
         failed device the wait may fail too, and then nothing else would run either)."""
         cur = self.streams.current()
-        for cs in self._copy_streams:
+        for cs in self._copy_streams + ([self._dma_stream] if self._dma_stream is not None else []):
             try:
                 self.streams.wait(cur, self.streams.record(cs))
             except Exception as exc:  # noqa: BLE001 - the fallback goes on regardless

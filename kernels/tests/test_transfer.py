@@ -523,9 +523,9 @@ def test_a_kernel_fault_mid_staged_store_joins_the_copy_streams_before_the_torch
 
 @pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
 def test_a_staging_ring_without_memory_is_a_fallback_not_a_kernel_fault(monkeypatch) -> None:
-    # the ring's allocation failing (device memory) sends that call's staged chunks through torch,
-    # is not tried again at that size, turns auto per-layer calls back to the kernel, and leaves
-    # the kernel on
+    # the ring's allocation failing (device memory) sends that call's staged chunks through the
+    # kernel in place (it reaches them here; torch where it cannot), is not tried again at that
+    # size, turns auto per-layer calls back to the kernel, and leaves the kernel on
     from lmcache_kernels.accel import SyncBackend
 
     cpu = torch.device("cpu")
@@ -556,10 +556,10 @@ def test_a_staging_ring_without_memory_is_a_fallback_not_a_kernel_fault(monkeypa
         assert xfer.kernel_ok, xfer.kernel_reason
         assert len(tries) == 1, tries  # remembered: one try
         assert any("staging ring" in f for f in xfer.stats.fallbacks)
-        if mode == "staged":
-            assert xfer.stats.torch == len(kv.layers) and xfer.stats.staged == 0
-        else:  # the first call chose staged and went through torch, the rest the kernel
-            assert xfer.stats.torch == 1 and xfer.stats.direct == len(kv.layers) - 1
+        if mode == "staged":  # the kernel reaches host KV's chunks in place: it moves them, no ring
+            assert xfer.stats.direct == len(kv.layers) and xfer.stats.staged == 0 and xfer.stats.torch == 0
+        else:  # the first call chose staged and went through the kernel in place, the rest direct
+            assert xfer.stats.direct == len(kv.layers) and xfer.stats.torch == 0
             assert "staged from" not in xfer.describe()["load_mode"]
 
 
@@ -611,3 +611,38 @@ def test_many_requests_loaded_layer_by_layer_keep_their_tables(monkeypatch) -> N
         for batch in batches:
             xfer.scatter(kv, batch, (layer,))
     assert len(built) == len(batches)
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_out_of_memory_in_a_call_is_that_calls_fallback_and_other_faults_stay_faults(monkeypatch) -> None:
+    # a small table upload that finds no device memory sends that call through torch and keeps the
+    # kernel; an error of another kind in the ring's allocation is a kernel fault, not "no ring"
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=16, generator=torch.Generator().manual_seed(95))
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="direct", load_mode="direct"), None)
+    batch = _batch(kv, [8, 5], 96)
+    real_run, calls = triton_copy.run, []
+
+    def oom_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(triton_copy, "run", oom_once)
+    xfer.gather(kv, batch, (0,))
+    xfer.gather(kv, batch, (1,))
+    assert xfer.kernel_ok and xfer.stats.torch == 2 and xfer.stats.direct == 2
+    monkeypatch.setattr(triton_copy, "run", real_run)
+    staged = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    real_empty = torch.empty
+
+    def broken(*args, **kwargs):
+        if kwargs.get("dtype") is torch.uint8 and args and isinstance(args[0], int) and args[0] >= 32 << 20:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", broken)
+    staged.gather(kv, batch)
+    assert not staged.kernel_ok and "illegal memory access" in staged.kernel_reason
+    assert staged._ring_failed is None and staged.stats.torch == 2
