@@ -136,7 +136,10 @@ if want transfer; then
 fi
 
 # KV codecs (issue 14): fp8 fused into the scatter/gather vs the pinned copy ceiling of the bf16
-# bytes, nvCOMP lossless (wheels carried under .cache/codec-wheels, installed offline when present).
+# bytes, nvCOMP lossless (wheels carried under .cache/codec-wheels, installed offline when present:
+# both nvidia-nvcomp-cu13 and its library nvidia-libnvcomp-cu13, e.g. `pip download --no-deps
+# --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 -d .cache/codec-wheels
+# nvidia-nvcomp-cu13 nvidia-libnvcomp-cu13`, about 34 MB together).
 if want codecs; then
     if ls .cache/codec-wheels/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps .cache/codec-wheels/*.whl >"$OUT/codecs-setup.log" 2>&1
