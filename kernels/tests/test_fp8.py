@@ -75,6 +75,17 @@ def _gather_both(g, slots, layers) -> tuple[torch.Tensor, torch.Tensor]:
     return out, ref
 
 
+def _scatter_differences(g, slots, layers, img: torch.Tensor, ref_img: torch.Tensor) -> int:
+    """Values that differ between the kernel's scatter of ``img`` and the reference's of
+    ``ref_img``, each into a zeroed copy of ``layers``."""
+    back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    fp8.scatter(_kv(g, back_k), [(slots, img)])
+    fp8.scatter_ref(_kv(g, back_r), [(slots, ref_img)])
+    return sum(int((got.view(torch.int16) != want.view(torch.int16)).sum())
+               for (a, b), (c, d) in zip(back_k, back_r) for got, want in ((a, c), (b, d)))
+
+
 def _first_diff(out: torch.Tensor, ref: torch.Tensor) -> str:
     d = (out != ref).nonzero().reshape(-1)
     if not d.numel():
@@ -181,12 +192,8 @@ def test_kernel_matches_the_reference_on_every_layer_of_the_sample():
     g, slots, layers = _paged_from(kv)
     out, ref = _gather_both(g, slots, layers)
     assert torch.equal(out, ref), _first_diff(out, ref)
-    back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
-    back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
-    fp8.scatter(_kv(g, back_k), [(slots, out)])
-    fp8.scatter_ref(_kv(g, back_r), [(slots, ref)])
-    for (a, b), (c, d) in zip(back_k, back_r):
-        assert torch.equal(a.view(torch.int16), c.view(torch.int16)) and torch.equal(b.view(torch.int16), d.view(torch.int16))
+    bad = _scatter_differences(g, slots, layers, out, ref)
+    assert bad == 0, f"{bad} values scattered by the kernel differ from the reference"
 
 
 def test_float16_scatter_rounds_subnormals_once():
@@ -198,11 +205,5 @@ def test_float16_scatter_rounds_subnormals_once():
     g, slots, layers = _paged_from(x)
     out, ref = _gather_both(g, slots, layers)
     assert torch.equal(out, ref), _first_diff(out, ref)
-    back_k = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
-    back_r = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
-    fp8.scatter(_kv(g, back_k), [(slots, ref)])
-    fp8.scatter_ref(_kv(g, back_r), [(slots, ref)])
-    for (a, b), (c, d) in zip(back_k, back_r):
-        for got, want in ((a, c), (b, d)):
-            bad = int((got.view(torch.int16) != want.view(torch.int16)).sum())
-            assert bad == 0, f"{bad} float16 values differ from the reference"
+    bad = _scatter_differences(g, slots, layers, ref, ref)
+    assert bad == 0, f"{bad} float16 values differ from the reference"

@@ -27,6 +27,17 @@ def _batch(kv, sizes, seed, pin=False):
     return out
 
 
+def _assert_chunks_hold_kv(kv, batch) -> None:
+    """Each chunk's first tokens are ``kv`` at its slots, bit for bit (gathered again by torch)."""
+    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for (s, c), (_, w) in zip(batch, want):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+
+
 @pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
 @pytest.mark.parametrize("mode", ["direct", "staged", "torch"])
 @pytest.mark.parametrize("layers", [None, (1,), (0, 2)])
@@ -344,13 +355,7 @@ def test_a_copy_engine_fault_is_a_fallback_and_leaves_the_kernel_on(monkeypatch)
     monkeypatch.setattr(xfer._copier, "copy", broken)
     xfer.gather(kv, batch)  # falls back for this call, bit-exact
     xfer.gather(kv, batch, (0,))  # later calls: the kernel, not the copy engines
-    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
-    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
-    if BACKEND is not None:
-        BACKEND.synchronize()
-    for (s, c), (_, w) in zip(batch, want):
-        n = int(s.numel())
-        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+    _assert_chunks_hold_kv(kv, batch)
     assert xfer.kernel_ok and xfer.stats.torch == 2 and xfer.stats.direct + xfer.stats.staged == 2
     assert "failed earlier" in (xfer._dma_unusable(kv) or "")
 
@@ -417,13 +422,7 @@ def test_a_staged_batch_fault_falls_back_to_one_copy_per_chunk(monkeypatch) -> N
     monkeypatch.setattr(xfer._copier, "copy", broken)
     for layer in range(len(kv.layers)):
         xfer.gather(kv, batch, (layer,))
-    want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
-    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
-    if BACKEND is not None:
-        BACKEND.synchronize()
-    for (s, c), (_, w) in zip(batch, want):
-        n = int(s.numel())
-        assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
+    _assert_chunks_hold_kv(kv, batch)
     assert xfer.stats.batches == 1 and xfer.stats.torch == 0 and xfer.kernel_ok
     assert "failed earlier" in (xfer._dma_unusable(kv) or "")
     with pytest.raises(ValueError, match="staged_copies"):
