@@ -407,7 +407,7 @@ class KVTransfer:
         ring copies go as copy-engine batches: the copy engines move each chunk's layer between
         host memory and a device ring and an uncapped kernel moves it between the ring and the
         cache in a few microseconds, so a call beside the model's kernels holds no SM while the
-        bytes cross PCIe (H200, 2026-12-02 late runs: per-layer loads 97-99% of the H2D ceiling from 4K
+        bytes cross PCIe (H200, 2026-12-02 late run: per-layer loads 96-99% of the H2D ceiling from 4K
         tokens of Llama-3-8B, stores 89-95%, a store beside a load 92-96% of the bidirectional
         ceiling at 16K-32K). Below that size the per-layer issue cost dominates (1K tokens: 25
         GB/s staged, 43 direct). Else, for a load, ``dma`` when its runs of tokens average
