@@ -472,7 +472,8 @@ LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_8s", "staged_4s", "au
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
-              sizes: tuple[int, ...] | None = None, blocks_order: str = "random") -> dict[str, Any]:
+              sizes: tuple[int, ...] | None = None, blocks_order: str = "random",
+              timeline_reps: int = 0) -> dict[str, Any]:
     """``CacheEngine.start_retrieve`` layer by layer beside a per-layer matmul, for each variant
     of :data:`LAYERWISE` and each size; the same run's reference is a plain per-layer H2D copy of
     the same bytes (one contiguous pinned range per layer) on a side stream beside the same
@@ -505,9 +506,52 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                 mm_k(k)
 
         comp = timer(compute_all, reps=3)["median_s"]
-        both = timer(lambda: both_fn(k), reps=3)["median_s"]
+        both_t = timer(lambda: both_fn(k), reps=3)
+        both = both_t["median_s"]
         return dict(load_ms=load * 1e3, compute_ms=comp * 1e3, overlapped_ms=both * 1e3, matmuls_per_layer=k,
+                    overlapped_min_ms=both_t["min_s"] * 1e3, overlapped_max_ms=both_t["max_s"] * 1e3,
                     matmul_n=int(gemm["mat"][0].shape[0]), hidden_fraction=(load + comp - both) / min(load, comp))
+
+    def timeline(start: Callable[[], Any], k: int, reps: int) -> dict[str, Any]:
+        """``reps`` pipelined runs, each with the host time at which every layer's compute was
+        issued and, on a GPU, the compute stream's time when that layer's load was ready
+        (an event after its wait) and when its compute ended: a layer's stall is ready(i) -
+        done(i - 1), and a layer whose ready time is about its host issue time waited for the
+        host, not for the copy."""
+        runs = []
+        for _ in range(reps):
+            timer.sync()
+            ev0 = torch.cuda.Event(enable_timing=True) if cuda else None
+            h0 = time.perf_counter()
+            if ev0 is not None:
+                ev0.record()
+            task = start()
+            issued, ready, done = [], [], []
+            for _layer in task:
+                issued.append((time.perf_counter() - h0) * 1e3)
+                if cuda:
+                    ready.append(torch.cuda.Event(enable_timing=True))
+                    ready[-1].record()
+                mm_k(k)
+                if cuda:
+                    done.append(torch.cuda.Event(enable_timing=True))
+                    done[-1].record()
+            task.finish()
+            timer.sync()
+            run: dict[str, Any] = {"total_ms": (time.perf_counter() - h0) * 1e3, "issued_ms": issued}
+            if ev0 is not None:
+                r_ms = [ev0.elapsed_time(e) for e in ready]
+                d_ms = [ev0.elapsed_time(e) for e in done]
+                stalls = [max(0.0, r - (d_ms[i - 1] if i else 0.0)) for i, r in enumerate(r_ms)]
+                run.update(ready_ms=r_ms, done_ms=d_ms, stall_ms=stalls, stall_total_ms=sum(stalls),
+                           host_bound_layers=sum(1 for r, h in zip(r_ms, issued) if r - h < 0.05))
+            runs.append(run)
+        totals = [r["total_ms"] for r in runs]
+        out = {"reps": reps, "matmuls_per_layer": k, "total_ms": totals, "runs": runs,
+               "total_median_ms": statistics.median(totals), "total_max_ms": max(totals)}
+        if cuda:
+            out["stall_total_ms"] = [r["stall_total_ms"] for r in runs]
+        return out
 
     for T in sizes:
         num_blocks = 2 * T // shape.block
@@ -598,6 +642,9 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                                  "both %.1f)", T, name, mats["big"][0].shape[0],
                                  100 * r["big_gemm"]["hidden_fraction"], r["big_gemm"]["load_ms"],
                                  r["big_gemm"]["compute_ms"], r["big_gemm"]["overlapped_ms"])
+                    if timeline_reps:
+                        r["timeline"] = timeline(lambda: eng.start_retrieve(tokens, kv, blocks),
+                                                 r["matmuls_per_layer"], timeline_reps)
                     for c in caches:
                         c[:, blocks] = 0
                     both(r["matmuls_per_layer"])
@@ -1060,6 +1107,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="layerwise section: the request's block ids random (worst case) or consecutive")
     ap.add_argument("--variants", default="", help="layerwise section: comma-separated names of LAYERWISE "
                                                    "(default all)")
+    ap.add_argument("--timeline", type=int, default=0, metavar="N",
+                    help="layerwise section: N more pipelined runs per variant with each layer's host issue "
+                         "time and (GPU) its ready/done events on the compute stream")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
     ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
     ap.add_argument("--plot-layerwise", nargs="+", metavar="JSON",
@@ -1110,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("concurrent", lambda: concurrent(shape, timer, cuda, device_cls)),
                      ("layerwise", lambda: layerwise(shape, timer, cuda, device_cls,
                                                      args.variants.split(",") if args.variants else None,
-                                                     blocks_order=args.blocks)),
+                                                     blocks_order=args.blocks, timeline_reps=args.timeline)),
                      ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
                                            3 if cuda else 1))):
         if name not in sections:
