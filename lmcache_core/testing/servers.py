@@ -444,6 +444,7 @@ class SeaweedS3(_Process):
                 logger.info("seaweedfs: a port was taken before it bound (%s); again on fresh ports",
                             str(exc).splitlines()[0])
                 self.kill()
+                shutil.rmtree(self.data, ignore_errors=True)  # a fresh server: no state tied to the old ports
                 self.port = free_port()
                 self._draw_ports()
         logger.info("seaweedfs s3 started on %s", self.endpoint_url)
