@@ -361,18 +361,13 @@ class KVTransfer:
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
             return
         try:
-            if plan.near:
-                near = [batch[i] for i in plan.near]
-                prep = triton_copy.Prepared(plan.tab, self._slots(near), len(near), plan.max_n, plan.aligned)
-                triton_copy.run(kv, plan.table, prep, sel, gather, self._programs(sel))
-                self.stats.direct += len(near)
-                self.stats.launches += 1
+            self._launch_near(kv, plan, batch, sel, gather)
             if plan.far:
                 far = [batch[i] for i in plan.far]
                 try:
                     self._staged(kv, plan.table, far, sel, gather)
                 except _RingUnavailable:  # no device memory for the ring: the kernel in place, or torch
-                    self._direct_or_reference(kv, plan.table, far, sel, gather)
+                    self._direct_or_reference(kv, far, sel, gather)
             if plan.dma:
                 items = [batch[i] for i in plan.dma]
                 try:
@@ -398,6 +393,15 @@ class KVTransfer:
             # must land before the torch path writes the same chunks, or they would overwrite it
             self._join_copy_streams()
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
+
+    def _launch_near(self, kv: "PagedKV", plan: "_Plan", batch: Batch, sel: list[int], gather: bool) -> None:
+        """One kernel launch for the plan's chunks the kernel reaches in place."""
+        if plan.near:
+            near = [batch[i] for i in plan.near]
+            prep = triton_copy.Prepared(plan.tab, self._slots(near), len(near), plan.max_n, plan.aligned)
+            triton_copy.run(kv, plan.table, prep, sel, gather, self._programs(sel))
+            self.stats.direct += len(near)
+            self.stats.launches += 1
 
     def _auto_layer_call(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> str | None:
         """Where an ``auto`` per-layer call goes instead of the capped kernel, on an accelerator
@@ -605,19 +609,18 @@ class KVTransfer:
         if not self._copy_streams:
             self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
 
-    def _direct_or_reference(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
-        """``items`` through the kernel in place where it can reach them (host KV, or pinned chunks
-        the device maps), else through torch (the staging ring is unavailable)."""
-        reach = all(c.device == kv.device or (c.device.type == "cpu" and (
-            kv.device.type == "cpu" or (c.is_pinned() and self.mapped_host()[0]))) for _, c in items)
-        if not reach:
-            self._reference(kv, items, sel, gather)
+    def _direct_or_reference(self, kv: "PagedKV", items: Batch, sel: list[int], gather: bool) -> None:
+        """``items`` as ``direct`` takes them (the kernel in place where it reaches them: host KV,
+        pinned chunks the device maps), the rest through torch: the staging ring is unavailable."""
+        plan = self._plan(kv, items, "direct")
+        if plan is None:
             return
-        rows, aligned = triton_copy.chunk_rows(items, kv.layers[0].k.element_size())
-        prep = triton_copy.prepare(kv, table, items, rows=rows, rows_aligned=aligned, slots=self._slots(items))
-        triton_copy.run(kv, table, prep, sel, gather, self._programs(sel))
-        self.stats.direct += len(items)
-        self.stats.launches += 1
+        if plan.table is None:
+            self._reference(kv, [items[i] for i in plan.nonempty], sel, gather)
+            return
+        self._launch_near(kv, plan, items, sel, gather)
+        if plan.far:
+            self._reference(kv, [items[i] for i in plan.far], sel, gather)
 
     def _join_copy_streams(self) -> None:
         """The current stream waits for everything queued on the copy streams (best effort: on a
@@ -637,10 +640,8 @@ class KVTransfer:
             else:
                 runs.append([l])
         with self._lock:
-            g = kv.geometry
-            elem = kv.layers[0].k.element_size()
-            longest = max(len(r) for r in runs)  # the ring is sized before any copy is queued
-            self._ensure_ring(max(longest * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items))
+            # the ring is sized for the longest run before any copy is queued
+            self._ensure_ring(max(self._stage_bytes(kv, items, max(len(r) for r in runs))))
             for run in runs:
                 lay = self._stage_layout(kv, items, len(run))
                 for gi in range(len(lay.groups)):
@@ -651,18 +652,22 @@ class KVTransfer:
                 for cs in self._copy_streams:
                     self.streams.wait(cur, self.streams.record(cs))
 
+    @staticmethod
+    def _stage_bytes(kv: "PagedKV", items: Batch, nl: int) -> list[int]:
+        """Ring bytes of each chunk's ``[nl, P, n, hidden]`` block."""
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
+        return [nl * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
+
     def _stage_layout(self, kv: "PagedKV", items: Batch, nl: int) -> "_StageLayout":
         """How ``items`` fill the ring for runs of ``nl`` layers (groups of chunks per slot, each
         chunk's offset in its slot), with the kernel tables and copy lists built on first use;
         cached per batch (the engine repeats one batch for every layer)."""
-        g = kv.geometry
-        elem = kv.layers[0].k.element_size()
-        per_item = [nl * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
-        self._ensure_ring(max(per_item))
         key = _batch_key(items, nl, self._ring_gen, chunks=True)
         lay = self._layouts.get(key, kv)
         if lay is not _MISS:
             return lay
+        per_item = self._stage_bytes(kv, items, nl)  # the ring holds the largest (sized by _staged)
         cap = self._ring[0].numel()
         lay = _StageLayout([], [], bool(self._copier_ok(kv, items)), cached=key is not None)
         used = cap
