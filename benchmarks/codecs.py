@@ -419,6 +419,37 @@ def _gather_check(g: Any, paged: Any, slots: torch.Tensor, imgs: list[torch.Tens
     return out, got
 
 
+def _staged_load(paged: Any, batch: list[tuple[torch.Tensor, torch.Tensor]], stage: torch.Tensor,
+                 groups: list[list[int]], copy_stream: Any, check_each: bool = False,
+                 timed: bool = False) -> tuple[list[Any], list[Any]]:
+    """The staged fp8 load: every image copied to ``stage`` on the copy stream (queued up front),
+    the scatter of each group launched when its copies landed. The batch's slots are range-checked
+    once (as KVTransfer does per batch), not per group: the check waits for the device, which
+    would hold each group's launch until that group's copies landed (``check_each``: that way).
+    Returns the events after each group's copies and after its scatter (timing events if
+    ``timed``)."""
+    from lmcache_core.layout import check_slots
+    from lmcache_kernels import fp8
+
+    if not check_each:
+        check_slots(paged, batch)
+    cur = torch.cuda.current_stream()
+    copy_stream.wait_stream(cur)
+    copied, done = [], []
+    with torch.cuda.stream(copy_stream):
+        for grp in groups:
+            for i in grp:
+                stage[i].copy_(batch[i][1], non_blocking=True)
+            copied.append(torch.cuda.Event(enable_timing=timed))
+            copied[-1].record(copy_stream)
+    for grp, ev in zip(groups, copied):
+        cur.wait_event(ev)
+        fp8.scatter(paged, [(batch[i][0], stage[i]) for i in grp], checked=not check_each)
+        done.append(torch.cuda.Event(enable_timing=timed))
+        done[-1].record(cur)
+    return copied, done
+
+
 def _staged_parts(paged: Any, batch: list[tuple[torch.Tensor, torch.Tensor]], stage: torch.Tensor,
                   groups: list[list[int]], copy_stream: Any, reps: int) -> dict[str, Any]:
     """The staged load's parts timed apart (CUDA events), and one run's timeline per group."""
@@ -452,23 +483,8 @@ def _staged_parts(paged: Any, batch: list[tuple[torch.Tensor, torch.Tensor]], st
     torch.cuda.synchronize()
     t0 = torch.cuda.Event(enable_timing=True)
     t0.record()
-    copy_stream.wait_stream(cur)
     host0 = time.perf_counter()
-    copied = []
-    with torch.cuda.stream(copy_stream):
-        for grp in groups:
-            for i in grp:
-                stage[i].copy_(imgs[i], non_blocking=True)
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record(copy_stream)
-            copied.append(ev)
-    done = []
-    for grp, ev in zip(groups, copied):
-        cur.wait_event(ev)
-        fp8.scatter(paged, [on_device[i] for i in grp], checked=True)  # the batch was checked before
-        dv = torch.cuda.Event(enable_timing=True)
-        dv.record(cur)
-        done.append(dv)
+    copied, done = _staged_load(paged, batch, stage, groups, copy_stream, timed=True)
     out["staged_host_enqueue_s"] = time.perf_counter() - host0
     torch.cuda.synchronize()
     out["staged_timeline_ms"] = [{"group": k, "chunks": len(grp), "copied_ms": t0.elapsed_time(c),
@@ -479,7 +495,7 @@ def _staged_parts(paged: Any, batch: list[tuple[torch.Tensor, torch.Tensor]], st
 
 def section_gpu(token_counts: list[int], reps: int) -> dict[str, Any]:
     from lmcache_core.codecs.fp8 import encoded_len
-    from lmcache_core.layout import LayerPlanes, PagedKV, check_slots
+    from lmcache_core.layout import LayerPlanes, PagedKV
     from lmcache_kernels import fp8
 
     g0, kv = sample()
@@ -540,31 +556,10 @@ def section_gpu(token_counts: list[int], reps: int) -> dict[str, Any]:
         copy_stream = torch.cuda.Stream()
         groups = [list(range(i, min(i + 8, n_chunks))) for i in range(0, n_chunks, 8)]
 
-        def staged_load(check_each: bool = False) -> None:
-            # the batch's slots are range-checked once (as KVTransfer does per batch), not once per
-            # group: the check waits for the device, which would hold each group's launch until
-            # that group's copies landed (check_each: that way, timed apart)
-            if not check_each:
-                check_slots(paged, batch)
-            cur = torch.cuda.current_stream()
-            copy_stream.wait_stream(cur)
-            events = []
-            with torch.cuda.stream(copy_stream):
-                for grp in groups:
-                    for i in grp:
-                        stage[i].copy_(imgs[i], non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(copy_stream)
-                    events.append(ev)
-            for grp, ev in zip(groups, events):
-                cur.wait_event(ev)
-                fp8.scatter(paged, [(slots[i * chunk_t:(i + 1) * chunk_t], stage[i]) for i in grp],
-                            checked=not check_each)
-
         zero()
-        staged_each_s = _cuda_time(lambda: staged_load(True), reps)
+        staged_each_s = _cuda_time(lambda: _staged_load(paged, batch, stage, groups, copy_stream, True), reps)
         zero()
-        staged_s = _cuda_time(staged_load, reps)
+        staged_s = _cuda_time(lambda: _staged_load(paged, batch, stage, groups, copy_stream), reps)
         staged_ok = bool(torch.equal(read_back(), got))  # same values as the UVA path
         parts = _staged_parts(paged, batch, stage, groups, copy_stream, reps)
         del stage
