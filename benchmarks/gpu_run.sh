@@ -14,7 +14,8 @@
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
 #  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
 #  TESTS_TIMEOUT, CONNECTOR_TIMEOUT, CODECS_TIMEOUT, TRANSFER_TIMEOUT bound those steps in seconds;
-#  TIMELINE=N adds N per-layer timeline runs per layerwise variant: host issue and GPU ready/done times).
+#  TIMELINE=N adds N per-layer timeline runs per layerwise variant: host issue and GPU ready/done times;
+#  PROFILE=1 with it cProfiles the first timeline run of each variant).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -133,7 +134,7 @@ fi
 if want transfer; then
     SECTIONS=${SECTIONS:-ceilings,store_load,tune,overlap,concurrent,layerwise,ttft}
     [ -n "$QUICK" ] && SECTIONS=ceilings,store_load
-    timeout ${TRANSFER_TIMEOUT:-420} $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" ${VARIANTS:+--variants "$VARIANTS"} ${BLOCKS:+--blocks "$BLOCKS"} ${TIMELINE:+--timeline "$TIMELINE"} 2>&1 | tee "$OUT/bench.log" | tail -n 40
+    timeout ${TRANSFER_TIMEOUT:-420} $PY benchmarks/gpu_transfer.py --out "$OUT" --sections "$SECTIONS" ${VARIANTS:+--variants "$VARIANTS"} ${BLOCKS:+--blocks "$BLOCKS"} ${TIMELINE:+--timeline "$TIMELINE"} ${PROFILE:+--profile} 2>&1 | tee "$OUT/bench.log" | tail -n 40
 fi
 
 # KV codecs (issue 14): fp8 fused into the scatter/gather vs the pinned copy ceiling of the bf16

@@ -24,12 +24,14 @@ Results: ``gpu_transfer.json`` under ``--out``; a table is printed last.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as dt
 import gc
 import json
 import logging
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -462,6 +464,9 @@ LAYERWISE = {
     # 16K-32K where the uncapped one hid 82-84%, so the staged kernel is no longer capped
     "staged_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8),
     "staged_4s": dict(load_mode="staged", stream_priority="high", staging_slots=4),
+    # one ring slot holds a 32K request's whole layer (128 MiB): one batch call and one kernel per
+    # layer instead of four, for the host-issue question (2026-12-03 timeline: host-bound layers)
+    "staged_4s_128m": dict(load_mode="staged", stream_priority="high", staging_slots=4, staging_bytes=128 << 20),
     "staged_each_8s": dict(load_mode="staged", stream_priority="high", staging_slots=8,
                            staged_copies="each"),  # one torch DMA per chunk (the way until 2026-12-02)
     "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
@@ -473,7 +478,7 @@ LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_8s", "staged_4s", "au
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,
               sizes: tuple[int, ...] | None = None, blocks_order: str = "random",
-              timeline_reps: int = 0) -> dict[str, Any]:
+              timeline_reps: int = 0, profile: bool = False) -> dict[str, Any]:
     """``CacheEngine.start_retrieve`` layer by layer beside a per-layer matmul, for each variant
     of :data:`LAYERWISE` and each size; the same run's reference is a plain per-layer H2D copy of
     the same bytes (one contiguous pinned range per layer) on a side stream beside the same
@@ -525,10 +530,22 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
             h0 = time.perf_counter()
             if ev0 is not None:
                 ev0.record()
+            prof = cProfile.Profile() if profile and not runs else None
+            if prof is not None:
+                prof.enable()
             task = start()
-            issued, ready, done = [], [], []
-            for _layer in task:
-                issued.append((time.perf_counter() - h0) * 1e3)
+            started = (time.perf_counter() - h0) * 1e3
+            issued, ready, done, in_task = [], [], [], []
+            it = iter(task)
+            while True:
+                t_in = time.perf_counter()
+                try:
+                    next(it)
+                except StopIteration:
+                    break
+                t_out = time.perf_counter()
+                in_task.append((t_out - t_in) * 1e3)  # wait_layer: queueing the lookahead layer's copies
+                issued.append((t_out - h0) * 1e3)
                 if cuda:
                     ready.append(torch.cuda.Event(enable_timing=True))
                     ready[-1].record()
@@ -538,7 +555,11 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                     done[-1].record()
             task.finish()
             timer.sync()
-            run: dict[str, Any] = {"total_ms": (time.perf_counter() - h0) * 1e3, "issued_ms": issued}
+            run: dict[str, Any] = {"total_ms": (time.perf_counter() - h0) * 1e3, "issued_ms": issued,
+                                   "start_ms": started, "in_task_ms": in_task}
+            if prof is not None:
+                prof.disable()
+                run["profile"] = top_functions(prof, 25)
             if ev0 is not None:
                 r_ms = [ev0.elapsed_time(e) for e in ready]
                 d_ms = [ev0.elapsed_time(e) for e in done]
@@ -548,7 +569,8 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
             runs.append(run)
         totals = [r["total_ms"] for r in runs]
         out = {"reps": reps, "matmuls_per_layer": k, "total_ms": totals, "runs": runs,
-               "total_median_ms": statistics.median(totals), "total_max_ms": max(totals)}
+               "total_median_ms": statistics.median(totals), "total_max_ms": max(totals),
+               "in_task_median_ms": statistics.median(x for r in runs for x in r["in_task_ms"])}
         if cuda:
             out["stall_total_ms"] = [r["stall_total_ms"] for r in runs]
         return out
@@ -667,6 +689,16 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
         del caches, kv
         free_device_memory(cuda)
     return out
+
+
+def top_functions(prof: cProfile.Profile, n: int) -> list[dict[str, Any]]:
+    """``prof``'s ``n`` functions with the most own time: name, calls, own and cumulative ms."""
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (_cc, calls, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{os.path.basename(file)}:{line}:{func}", "calls": calls,
+                     "own_ms": tt * 1e3, "cum_ms": ct * 1e3})
+    return sorted(rows, key=lambda r: -r["own_ms"])[:n]
 
 
 # -- section 3c: one request storing while another loads ----------------------------------------------
@@ -1110,6 +1142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeline", type=int, default=0, metavar="N",
                     help="layerwise section: N more pipelined runs per variant with each layer's host issue "
                          "time and (GPU) its ready/done events on the compute stream")
+    ap.add_argument("--profile", action="store_true",
+                    help="layerwise section, with --timeline: cProfile the first timeline run of each variant "
+                         "(the host's top functions by own time)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
     ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
     ap.add_argument("--plot-layerwise", nargs="+", metavar="JSON",
@@ -1160,7 +1195,8 @@ def main(argv: list[str] | None = None) -> int:
                      ("concurrent", lambda: concurrent(shape, timer, cuda, device_cls)),
                      ("layerwise", lambda: layerwise(shape, timer, cuda, device_cls,
                                                      args.variants.split(",") if args.variants else None,
-                                                     blocks_order=args.blocks, timeline_reps=args.timeline)),
+                                                     blocks_order=args.blocks, timeline_reps=args.timeline,
+                                                     profile=args.profile)),
                      ("ttft", lambda: ttft(shape, cuda, device_cls, res.get("ceilings", {}).get("h2d_GBps", 0.0),
                                            3 if cuda else 1))):
         if name not in sections:

@@ -18,7 +18,7 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_transfer.py"), "--dry-run", "--out", str(tmp_path),
          "--sections", "ceilings,store_load,layouts,concurrent,layerwise", "--variants",
-         "direct_hi_p16,dma,staged_8s,auto", "--timeline", "2"],
+         "direct_hi_p16,dma,staged_8s,auto", "--timeline", "2", "--profile"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_transfer.json").read_text())
@@ -34,6 +34,10 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
         assert row["auto"]["bit_exact"]  # the defaults (on a host device without streams: the kernel)
         line = row["auto"]["timeline"]  # per-layer issue times of each extra pipelined run
         assert line["reps"] == 2 and all(len(r["issued_ms"]) == res["shape"]["layers"] for r in line["runs"])
+        assert all(len(r["in_task_ms"]) == res["shape"]["layers"] for r in line["runs"])
+        prof = line["runs"][0]["profile"]  # --profile: the first run's host functions by own time
+        assert prof and any("wait_layer" in f["function"] for f in prof) or len(prof) == 25
+        assert "profile" not in line["runs"][1]
         staged = row["staged_8s"]
         assert staged["bit_exact"] and staged["transfer_stats"]["staged"] > 0
         assert staged["transfer_stats"]["batches"] > 0  # the ring's copies went as batches
