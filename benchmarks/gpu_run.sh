@@ -15,7 +15,7 @@
 #  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
 #  TESTS_TIMEOUT, CONNECTOR_TIMEOUT, CODECS_TIMEOUT, TRANSFER_TIMEOUT bound those steps in seconds;
 #  TIMELINE=N adds N per-layer timeline runs per layerwise variant: host issue and GPU ready/done times;
-#  PROFILE=1 with it cProfiles the first timeline run of each variant).
+#  PROFILE=1 with it cProfiles one extra timeline run of each variant).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

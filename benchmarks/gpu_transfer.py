@@ -524,13 +524,13 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
         done(i - 1), and a layer whose ready time is about its host issue time waited for the
         host, not for the copy."""
         runs = []
-        for _ in range(reps):
+        for rep in range(reps + (1 if profile else 0)):
             timer.sync()
             ev0 = torch.cuda.Event(enable_timing=True) if cuda else None
             h0 = time.perf_counter()
             if ev0 is not None:
                 ev0.record()
-            prof = cProfile.Profile() if profile and not runs else None
+            prof = cProfile.Profile() if rep == reps else None  # one extra run, not in the figures
             if prof is not None:
                 prof.enable()
             task = start()
@@ -567,12 +567,15 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                 run.update(ready_ms=r_ms, done_ms=d_ms, stall_ms=stalls, stall_total_ms=sum(stalls),
                            host_bound_layers=sum(1 for r, h in zip(r_ms, issued) if r - h < 0.05))
             runs.append(run)
+        profiled = runs.pop() if profile else None
         totals = [r["total_ms"] for r in runs]
         out = {"reps": reps, "matmuls_per_layer": k, "total_ms": totals, "runs": runs,
                "total_median_ms": statistics.median(totals), "total_max_ms": max(totals),
                "in_task_median_ms": statistics.median(x for r in runs for x in r["in_task_ms"])}
         if cuda:
             out["stall_total_ms"] = [r["stall_total_ms"] for r in runs]
+        if profiled is not None:
+            out["profiled_run"] = profiled
         return out
 
     for T in sizes:
@@ -1143,8 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="layerwise section: N more pipelined runs per variant with each layer's host issue "
                          "time and (GPU) its ready/done events on the compute stream")
     ap.add_argument("--profile", action="store_true",
-                    help="layerwise section, with --timeline: cProfile the first timeline run of each variant "
-                         "(the host's top functions by own time)")
+                    help="layerwise section, with --timeline: one more timeline run of each variant under cProfile "
+                         "(the host's top functions by own time; kept apart from the timed runs)")
     ap.add_argument("--plot", metavar="JSON", help="only draw the figure of an earlier run's gpu_transfer.json")
     ap.add_argument("--png", default="docs/benchmarks-gpu-transfer.png")
     ap.add_argument("--plot-layerwise", nargs="+", metavar="JSON",
