@@ -536,13 +536,8 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
             task = start()
             started = (time.perf_counter() - h0) * 1e3
             issued, ready, done, in_task = [], [], [], []
-            it = iter(task)
-            while True:
-                t_in = time.perf_counter()
-                try:
-                    next(it)
-                except StopIteration:
-                    break
+            t_in = time.perf_counter()
+            for _layer in task:
                 t_out = time.perf_counter()
                 in_task.append((t_out - t_in) * 1e3)  # wait_layer: queueing the lookahead layer's copies
                 issued.append((t_out - h0) * 1e3)
@@ -553,6 +548,7 @@ def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants:
                 if cuda:
                     done.append(torch.cuda.Event(enable_timing=True))
                     done[-1].record()
+                t_in = time.perf_counter()
             task.finish()
             timer.sync()
             run: dict[str, Any] = {"total_ms": (time.perf_counter() - h0) * 1e3, "issued_ms": issued,
@@ -1153,6 +1149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-layerwise", nargs="+", metavar="JSON",
                     help="only draw the layer-wise overlap figure from these runs' gpu_transfer.json")
     args = ap.parse_args(argv)
+    if args.profile and not args.timeline:
+        ap.error("--profile profiles a timeline run: add --timeline N (e.g. --timeline 5)")
     if args.plot_layerwise:
         runs = []
         for path in args.plot_layerwise:
