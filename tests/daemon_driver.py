@@ -9,6 +9,7 @@ soak (random prompts for a while, checking every load).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import random
@@ -95,6 +96,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    faulthandler.enable()  # an abort in native code prints every thread's Python stack
     seeds = [int(s) for s in args.seeds.split(",")]
     eng = engine(args.url, args.token)
     result: dict[str, object] = {"pid": os.getpid()}

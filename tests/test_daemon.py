@@ -85,6 +85,22 @@ def test_engine_killed_mid_store_leaves_nothing_half_visible(shared_daemon):
         eng.close()
 
 
+def test_close_leaves_no_thread_running(shared_daemon):
+    """After ``close()`` no thread of the engine is left: a daemon thread still running at
+    interpreter exit can abort the process (std::terminate inside a native call)."""
+    import threading
+
+    before = set(threading.enumerate())
+    eng = drv.engine(shared_daemon.url)
+    drv.store(eng, drv.prompt(31, 100))
+    assert drv.load(eng, drv.prompt(31, 100))[:2] == (100, True)
+    started = [t for t in threading.enumerate() if t not in before]
+    assert any(t.name == "lmcache-daemon-client" for t in started), started
+    eng.close()
+    alive = [t.name for t in started if t.is_alive()]
+    assert not alive, alive
+
+
 def test_daemon_killed_and_restarted(tmp_path):
     """Misses and dropped stores while it is down, never an error; the disk tier is found again."""
     d = DaemonProcess(tmp_path / "d", tiers=["memory://?capacity=16MiB",

@@ -72,6 +72,8 @@ class DaemonConnection:
         self.link: _Link | None = None
         self._generation = 0
         self._closed = False
+        self._stop = threading.Event()  # close(): the keeper wakes and exits at once
+        self._registering: list[threading.Thread] = []
         self._next_try = 0.0
         self._backoff = 0.1
         self._warned = False
@@ -193,7 +195,9 @@ class DaemonConnection:
         self._backoff = 0.1
         # Page-locking a large arena takes seconds: off the caller's path, while the keeper pings.
         # Until it is done, copies run from pageable memory (correct, slower).
-        threading.Thread(target=self._register, args=(link,), name="lmcache-arena-register", daemon=True).start()
+        reg = threading.Thread(target=self._register, args=(link,), name="lmcache-arena-register", daemon=True)
+        self._registering = [t for t in self._registering if t.is_alive()] + [reg]
+        reg.start()
         if self._warned:
             logger.warning("lmcache daemon %s connected again (tenant %s)", self.address, link.tenant)
         self._warned = False
@@ -277,8 +281,7 @@ class DaemonConnection:
             self._pending_rel.extend(slots)
 
     def _keep_alive(self) -> None:
-        while not self._closed:
-            time.sleep(RELEASE_FLUSH_S)
+        while not self._stop.wait(RELEASE_FLUSH_S):
             if self._retired:
                 self._reap_retired()
             link = self.link
@@ -294,7 +297,14 @@ class DaemonConnection:
                     pass
 
     def close(self) -> None:
+        """Give back pending slot releases, end the session and stop this connection's threads.
+
+        The keeper and any arena registration are joined (bounded), so none of them is still
+        running when the interpreter exits: a daemon thread inside a native call that released
+        the GIL aborts the whole process at finalisation ("terminate called without an active
+        exception", pytorch/pytorch#38228)."""
         self._closed = True
+        self._stop.set()
         link, self.link = self.link, None
         if link is not None:
             try:
@@ -307,6 +317,12 @@ class DaemonConnection:
             except (OSError, protocol.ProtocolError):
                 pass
             link.sock.close()
+        me = threading.current_thread()
+        for t in [self._keeper, *self._registering]:
+            if t is not me:
+                t.join(timeout=self.timeout_s + 5)
+                if t.is_alive():
+                    logger.warning("lmcache daemon client: thread %s still running after close", t.name)
 
 
 class Refusal(RuntimeError):
