@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -183,16 +184,68 @@ _MISS = object()
 _BATCHES = 32
 
 
-def _batch_key(batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...] | None:
-    """``head`` plus, per pair, its slot tensor's identity and version (and with ``chunks`` the
-    chunk's address and strides); None for inference-mode tensors, which keep no version counter
-    (their results are computed afresh every call)."""
-    try:
-        if chunks:
-            return head + tuple((id(s), s._version, int(c.data_ptr()), tuple(c.stride())) for s, c in batch)
-        return head + tuple((id(s), s._version) for s, _ in batch)
-    except RuntimeError:
-        return None
+# Distinct batches whose keys are kept (see _Sig): a request's batch and its near/far subsets.
+_SIGS = 4 * _BATCHES
+
+
+class _Sig:
+    """One batch as the per-batch caches see it: its keys are built once per distinct batch, not
+    once per call (the engine hands the same ``(slots, chunk)`` pairs for every layer, and at 32K
+    tokens walking 128 chunks for each cache's key cost more host time per layer than queueing the
+    copies). :meth:`KVTransfer._sig` finds it again by every tensor's identity and version
+    counter, so slots written in place, or a chunk re-pointed with ``set_``/``resize_``, make a
+    new one; like every cache here, a tensor changed behind torch's back (a numpy alias,
+    ``.data``) must come as a new tensor. The key methods take the batch the sig was found for.
+
+    A sig holds its slot tensors (small) and weak references to its chunks: a chunk that dies
+    drops the sig before its identity can be reused, and no sig keeps a chunk's host buffer
+    alive after the pool has let it go."""
+
+    __slots__ = ("slots", "refs", "_slots_key", "_chunks_key", "_plan_key", "_subs", "_n")
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self.slots: list[Any] = []
+        self.refs: list[Any] = []
+        self._slots_key: tuple[Any, ...] | None = None
+        self._chunks_key: tuple[Any, ...] | None = None
+        self._plan_key: tuple[Any, ...] | None = None
+        self._subs: dict[tuple[int, ...], _Sig] = {}
+
+    def slots_key(self, batch: Batch) -> tuple[Any, ...]:
+        """Per pair: its slot tensor's identity and version."""
+        if self._slots_key is None:
+            self._slots_key = tuple((id(s), s._version) for s, _ in batch)
+        return self._slots_key
+
+    def chunks_key(self, batch: Batch) -> tuple[Any, ...]:
+        """Per pair: its slot tensor's identity and version, its chunk's address and strides."""
+        if self._chunks_key is None:
+            self._chunks_key = tuple((id(s), s._version, int(c.data_ptr()), tuple(c.stride())) for s, c in batch)
+        return self._chunks_key
+
+    def plan_key(self, batch: Batch) -> tuple[Any, ...]:
+        if self._plan_key is None:
+            self._plan_key = _plan_content(batch)
+        return self._plan_key
+
+    def subset(self, idx: Sequence[int]) -> "_Sig":
+        """The sig of ``batch[i] for i in idx`` (valid exactly as long as this one)."""
+        if len(idx) == self._n and idx[0] == 0 and idx[-1] == self._n - 1:  # indices are increasing
+            return self
+        key = tuple(idx)
+        sub = self._subs.get(key)
+        if sub is None:
+            if len(self._subs) >= 8:
+                self._subs.clear()
+            sub = self._subs[key] = _Sig(len(idx))
+        return sub
+
+
+def _plan_content(batch: Batch) -> tuple[Any, ...]:
+    """What a plan depends on: per pair, its slot count and its chunk's address, shape, strides
+    and dtype (not the slot values: fresh slot tensors of the same sizes share a plan)."""
+    return tuple((int(s.numel()), int(c.data_ptr()), tuple(c.shape), tuple(c.stride()), c.dtype) for s, c in batch)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -295,6 +348,8 @@ class KVTransfer:
         self._auto = _Memo(_BATCHES)
         self._dma_broken = ""
         self._dma_stream: Any = None
+        self._sigs: dict[tuple[Any, ...], _Sig] = {}
+        self._sig_lock = threading.RLock()  # RLock: a weak-reference callback may run inside it
 
     # -- public --------------------------------------------------------------------------
     def gather(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
@@ -305,11 +360,12 @@ class KVTransfer:
         """Copy each pair's chunk into ``kv`` at its slots."""
         self._run(kv, batch, layers, False)
 
-    def check_slots(self, kv: "PagedKV", batch: Batch) -> None:
+    def check_slots(self, kv: "PagedKV", batch: Batch, sig: Any = _MISS) -> None:
         """Range check every slot of ``batch`` against ``kv`` (LayoutError), once per batch: the
         result is cached by the slot tensors' identity and version, so the engine's per-layer
-        calls with one batch pay for one vectorised min/max, not one per layer."""
-        key = _batch_key(batch, kv.num_blocks * kv.block_size)
+        calls with one batch pay for one vectorised min/max, not one per layer. ``sig``: the
+        batch's :meth:`_sig`, where the caller has it."""
+        key = self._key(self._sig(batch) if sig is _MISS else sig, batch, kv.num_blocks * kv.block_size)
         if self._checked.get(key) is not _MISS:
             return
         reference.check_slots(kv, batch)
@@ -345,33 +401,84 @@ class KVTransfer:
             per_layer = ", ".join(choices + [f"else direct ({o.layer_programs or 'uncapped'} programs)"])
         return f"{per_layer} per layer; {o.mode(gather, 2)} for several"
 
+    # -- per-batch keys ----------------------------------------------------------------------
+    def _sig(self, batch: Batch) -> "_Sig | None":
+        """The batch's :class:`_Sig`, found by every tensor's identity and version (one pass over
+        the pairs); None for inference-mode tensors, which keep no version counter (their results
+        are computed afresh every call)."""
+        try:
+            key = tuple([(id(s), s._version, id(c), c._version) for s, c in batch])
+        except RuntimeError:
+            return None
+        with self._sig_lock:
+            sig = self._sigs.get(key)
+            if sig is not None:
+                return sig
+            sig = _Sig(len(batch))
+            forget = self._forget_sig(key)
+            try:
+                sig.refs = [weakref.ref(c, forget) for _, c in batch]
+            except TypeError:  # a chunk type without weak references: not cached
+                return None
+            sig.slots = [s for s, _ in batch]
+            self._sigs[key] = sig
+            if len(self._sigs) > _SIGS:
+                del self._sigs[next(iter(self._sigs))]
+        return sig
+
+    def _forget_sig(self, key: tuple[Any, ...]) -> Any:
+        """A weak-reference callback: one of the sig's chunks died, its identity may be reused."""
+        sigs, lock = self._sigs, self._sig_lock
+
+        def forget(_ref: Any) -> None:
+            with lock:
+                sigs.pop(key, None)
+
+        return forget
+
+    @staticmethod
+    def _key(sig: "_Sig | None", batch: Batch, *head: Any, chunks: bool = False) -> tuple[Any, ...] | None:
+        """A per-batch cache key: ``head`` and the slot (``chunks``: and chunk) key of ``batch``,
+        whose sig ``sig`` is; None (not cached) without a sig."""
+        if sig is None:
+            return None
+        return head + (sig.chunks_key(batch) if chunks else sig.slots_key(batch),)
+
+    @staticmethod
+    def _subset(batch: Batch, sig: "_Sig | None", idx: list[int]) -> "tuple[Batch, _Sig | None]":
+        """``batch[i] for i in idx`` and its sig (kept on the batch's: no key walk per call)."""
+        items = batch if len(idx) == len(batch) and idx[0] == 0 and idx[-1] == len(batch) - 1 \
+            else [batch[i] for i in idx]
+        return items, (None if sig is None else sig.subset(idx))
+
     # -- dispatch --------------------------------------------------------------------------
     def _run(self, kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool) -> None:
         sel = layer_list(kv, layers)
         if not batch or not sel:
             return
-        self.check_slots(kv, batch)  # before any path: no kernel or index op sees a bad slot
+        sig = self._sig(batch)  # every cache below keys on it: built once per batch, not per layer
+        self.check_slots(kv, batch, sig)  # before any path: no kernel or index op sees a bad slot
         mode = self.options.mode(gather, len(sel))
         if mode == "direct":
-            mode = self._auto_layer_call(kv, batch, sel, gather) or mode
-        plan = self._plan(kv, batch, mode)
+            mode = self._auto_layer_call(kv, batch, sel, gather, sig) or mode
+        plan = self._plan(kv, batch, mode, sig)
         if plan is None:
             return
         if plan.table is None:
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
             return
         try:
-            self._launch_near(kv, plan, batch, sel, gather)
+            self._launch_near(kv, plan, batch, sel, gather, sig)
             if plan.far:
-                far = [batch[i] for i in plan.far]
+                far, fsig = self._subset(batch, sig, plan.far)
                 try:
-                    self._staged(kv, plan.table, far, sel, gather)
+                    self._staged(kv, plan.table, far, sel, gather, fsig)
                 except _RingUnavailable:  # no device memory for the ring: the kernel in place, or torch
-                    self._direct_or_reference(kv, far, sel, gather)
+                    self._direct_or_reference(kv, far, sel, gather, fsig)
             if plan.dma:
-                items = [batch[i] for i in plan.dma]
+                items, dsig = self._subset(batch, sig, plan.dma)
                 try:
-                    self._dma(kv, plan.table, items, sel, gather)
+                    self._dma(kv, plan.table, items, sel, gather, dsig)
                 except Exception as exc:  # noqa: BLE001 - the copy engines' fault is not the kernel's
                     self._disable_dma(f"{type(exc).__name__}: {exc}")
                     self._join_copy_streams()  # a partly queued batch on the side stream lands first
@@ -394,16 +501,18 @@ class KVTransfer:
             self._join_copy_streams()
             self._reference(kv, [batch[i] for i in plan.nonempty], sel, gather)
 
-    def _launch_near(self, kv: "PagedKV", plan: "_Plan", batch: Batch, sel: list[int], gather: bool) -> None:
+    def _launch_near(self, kv: "PagedKV", plan: "_Plan", batch: Batch, sel: list[int], gather: bool,
+                     sig: "_Sig | None") -> None:
         """One kernel launch for the plan's chunks the kernel reaches in place."""
         if plan.near:
-            near = [batch[i] for i in plan.near]
-            prep = triton_copy.Prepared(plan.tab, self._slots(near), len(near), plan.max_n, plan.aligned)
+            near, nsig = self._subset(batch, sig, plan.near)
+            prep = triton_copy.Prepared(plan.tab, self._slots(near, nsig), len(near), plan.max_n, plan.aligned)
             triton_copy.run(kv, plan.table, prep, sel, gather, self._programs(sel))
             self.stats.direct += len(near)
             self.stats.launches += 1
 
-    def _auto_layer_call(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool) -> str | None:
+    def _auto_layer_call(self, kv: "PagedKV", batch: Batch, sel: list[int], gather: bool,
+                         sig: "_Sig | None") -> str | None:
         """Where an ``auto`` per-layer call goes instead of the capped kernel, on an accelerator
         with pinned host chunks the copy engines can take (None: the kernel).
 
@@ -422,8 +531,8 @@ class KVTransfer:
             return None
         if self.streams.backend is None or not self.kernel_ok:
             return None
-        key = _batch_key(batch, gather, o.dma_min_run_bytes, o.staged_copies, o.staged_min_layer_bytes,
-                         self._ring_failed is None, chunks=True)
+        key = self._key(sig, batch, gather, o.dma_min_run_bytes, o.staged_copies, o.staged_min_layer_bytes,
+                        self._ring_failed is None, chunks=True)
         got = self._auto.get(key, kv)
         if got is _MISS:
             got = self._decide_layer_call(kv, batch, gather)
@@ -440,7 +549,7 @@ class KVTransfer:
                 and triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items):
             return "staged"
         if not gather and o.dma_min_run_bytes > 0 and self._dma_unusable(kv) is None:
-            size = self._run_table(kv, items)[2]
+            size = self._run_table(kv, items, self._sig(items))[2]
             if size.size and float(size.mean()) >= o.dma_min_run_bytes:
                 return "dma"
         return None
@@ -459,12 +568,11 @@ class KVTransfer:
         (reference.gather_batch if gather else reference.scatter_batch)(kv, items, sel, checked=True)
         self.stats.torch += len(items)
 
-    def _plan(self, kv: "PagedKV", batch: Batch, mode: str) -> "_Plan | None":
+    def _plan(self, kv: "PagedKV", batch: Batch, mode: str, sig: "_Sig | None") -> "_Plan | None":
         """Checks, path choice and the kernel's chunk table for a batch, cached by the chunks'
         addresses, shapes and strides and the slot counts (not the slot values): the engine
         repeats one batch for every layer, with fresh views of the same buffers."""
-        key = (id(kv), mode, self.kernel_ok) + tuple(
-            (int(s.numel()), int(c.data_ptr()), tuple(c.shape), tuple(c.stride()), c.dtype) for s, c in batch)
+        key = (id(kv), mode, self.kernel_ok, sig.plan_key(batch) if sig is not None else _plan_content(batch))
         for k, _, plan in self._plans:
             if k == key:
                 return plan
@@ -564,10 +672,10 @@ class KVTransfer:
                     f"{s_tok}, head {s_head}, dim {s_dim}), so a run of tokens is not one copy")
         return None
 
-    def _slots(self, items: Batch) -> "torch.Tensor":
+    def _slots(self, items: Batch, sig: "_Sig | None") -> "torch.Tensor":
         """The batch's slots concatenated on the KV device; cached by identity and version
         (inference-mode tensors keep no version counter and are concatenated afresh)."""
-        key = _batch_key(items)
+        key = self._key(sig, items)
         dev_slots = self._slot_cache.get(key)
         if dev_slots is _MISS:
             dev_slots = triton_copy.concat_slots([s for s, _ in items], self.device)
@@ -609,16 +717,17 @@ class KVTransfer:
         if not self._copy_streams:
             self._copy_streams = [self.streams.new() for _ in range(self.options.copy_streams)]
 
-    def _direct_or_reference(self, kv: "PagedKV", items: Batch, sel: list[int], gather: bool) -> None:
+    def _direct_or_reference(self, kv: "PagedKV", items: Batch, sel: list[int], gather: bool,
+                             sig: "_Sig | None") -> None:
         """``items`` as ``direct`` takes them (the kernel in place where it reaches them: host KV,
         pinned chunks the device maps), the rest through torch: the staging ring is unavailable."""
-        plan = self._plan(kv, items, "direct")
+        plan = self._plan(kv, items, "direct", sig)
         if plan is None:
             return
         if plan.table is None:
             self._reference(kv, [items[i] for i in plan.nonempty], sel, gather)
             return
-        self._launch_near(kv, plan, items, sel, gather)
+        self._launch_near(kv, plan, items, sel, gather, sig)
         if plan.far:
             self._reference(kv, [items[i] for i in plan.far], sel, gather)
 
@@ -632,18 +741,26 @@ class KVTransfer:
             except Exception as exc:  # noqa: BLE001 - the fallback goes on regardless
                 logger.warning("KV transfer could not join a copy stream on %s: %s", self.device, exc)
 
-    def _staged(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
+    def _staged(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool,
+                sig: "_Sig | None") -> None:
         runs: list[list[int]] = []
         for l in sel:  # contiguous layer runs: each run stages [n_layers, P, n, hidden] per chunk
             if runs and l == runs[-1][-1] + 1:
                 runs[-1].append(l)
             else:
                 runs.append([l])
+        nls = sorted({len(r) for r in runs})
         with self._lock:
-            # the ring is sized for the longest run before any copy is queued
-            self._ensure_ring(max(self._stage_bytes(kv, items, max(len(r) for r in runs))))
+            # layouts kept for this ring were laid out in it: the ring is large enough for them
+            lays = [self._layouts.get(self._key(sig, items, nl, self._ring_gen, chunks=True), kv) for nl in nls]
+            if any(lay is _MISS for lay in lays):
+                # the ring is sized for the longest run before any copy is queued (a new ring
+                # drops every kept layout, so all of them are laid out afresh)
+                self._ensure_ring(max(self._stage_bytes(kv, items, nls[-1])))
+                lays = [self._stage_layout(kv, items, nl, sig) for nl in nls]
+            by_nl = dict(zip(nls, lays))
             for run in runs:
-                lay = self._stage_layout(kv, items, len(run))
+                lay = by_nl[len(run)]
                 for gi in range(len(lay.groups)):
                     self._stage_group(kv, table, items, lay, gi, run, gather)
             self.stats.staged += len(items)
@@ -659,11 +776,11 @@ class KVTransfer:
         elem = kv.layers[0].k.element_size()
         return [nl * g.kv_planes * int(s.numel()) * g.hidden * elem for s, _ in items]
 
-    def _stage_layout(self, kv: "PagedKV", items: Batch, nl: int) -> "_StageLayout":
+    def _stage_layout(self, kv: "PagedKV", items: Batch, nl: int, sig: "_Sig | None") -> "_StageLayout":
         """How ``items`` fill the ring for runs of ``nl`` layers (groups of chunks per slot, each
         chunk's offset in its slot), with the kernel tables and copy lists built on first use;
         cached per batch (the engine repeats one batch for every layer)."""
-        key = _batch_key(items, nl, self._ring_gen, chunks=True)
+        key = self._key(sig, items, nl, self._ring_gen, chunks=True)
         lay = self._layouts.get(key, kv)
         if lay is not _MISS:
             return lay
@@ -818,7 +935,7 @@ class KVTransfer:
         return tuple(np.asarray(col, dtype=np.int64) for col in cols)
 
     # -- copy-engine batches ------------------------------------------------------------------
-    def _run_table(self, kv: "PagedKV", items: Batch) -> Any:
+    def _run_table(self, kv: "PagedKV", items: Batch, sig: "_Sig | None") -> Any:
         """Per run of tokens (contiguous in its chunk and in one block): its chunk-side byte
         address at layer 0 plane 0, its byte offset from a plane's base, its bytes, and its
         chunk's layer and plane strides in bytes. Cached by the slot tensors' identity and
@@ -828,7 +945,7 @@ class KVTransfer:
         import numpy as np
         import torch
 
-        key = _batch_key(items, chunks=True)
+        key = self._key(sig, items, chunks=True)
         tab = self._runs.get(key, kv)
         if tab is not _MISS:
             return tab
@@ -852,11 +969,12 @@ class KVTransfer:
         self._runs.put(key, kv, items, tab)
         return tab
 
-    def _dma(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool) -> None:
+    def _dma(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool,
+             sig: "_Sig | None") -> None:
         """Every selected layer and plane of ``items`` in one copy-engine batch on the current stream."""
         import numpy as np
 
-        host0, rel, size, st_l, st_p, planes = self._run_table(kv, items)
+        host0, rel, size, st_l, st_p, planes = self._run_table(kv, items, sig)
         P = kv.geometry.kv_planes
         ls = np.repeat(np.asarray(sel, dtype=np.int64), P)
         ps = np.tile(np.arange(P, dtype=np.int64), len(sel))

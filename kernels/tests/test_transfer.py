@@ -645,3 +645,53 @@ def test_out_of_memory_in_a_call_is_that_calls_fallback_and_other_faults_stay_fa
     staged.gather(kv, batch)
     assert not staged.kernel_ok and "illegal memory access" in staged.kernel_reason
     assert staged._ring_failed is None and staged.stats.torch == 2
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_per_layer_calls_walk_the_batch_once(monkeypatch) -> None:
+    # the engine hands one batch for every layer: the keys of the per-batch caches (plan, ring
+    # size, layout) are built on the first call, not on every layer (the H200 profile of a 32K
+    # staged load spent most of its per-layer host time of ours walking 128 chunks for them)
+    import lmcache_kernels.transfer as tr
+
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(95))
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    walks: list[str] = []
+    real_plan, real_bytes = tr._plan_content, KVTransfer._stage_bytes
+    monkeypatch.setattr(tr, "_plan_content", lambda b: (walks.append("plan"), real_plan(b))[1])
+    monkeypatch.setattr(KVTransfer, "_stage_bytes", staticmethod(lambda *a: (walks.append("ring"), real_bytes(*a))[1]))
+    batch = _batch(kv, [8, 5, 16], 96)
+    for layer in range(len(kv.layers)):
+        xfer.scatter(kv, batch, (layer,))
+    assert walks.count("plan") == 1 and walks.count("ring") <= 2, walks  # ring: sized, then laid out
+    assert len(xfer._sigs) == 1
+    back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
+    KVTransfer(cpu, TransferOptions(store_mode="torch"), None).gather(kv, back)
+    for (s, c), (_, b) in zip(batch, back):
+        n = int(s.numel())
+        assert torch.equal(bits(c[:, :, :n]), bits(b[:, :, :n]))
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_no_batch_cache_keeps_a_chunk_alive_and_a_dead_chunk_drops_its_keys() -> None:
+    # chunks are views of pooled host buffers: a cache holding them would keep buffers the pool
+    # let go; a chunk that dies takes its batch's keys with it, before its identity is reused
+    import gc
+    import weakref
+
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(97))
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    batch = _batch(kv, [8, 5], 98)
+    for layer in range(len(kv.layers)):
+        xfer.gather(kv, batch, (layer,))
+    assert len(xfer._sigs) == 1
+    refs = [weakref.ref(c) for _, c in batch]
+    del batch
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert not xfer._sigs
+    again = _batch(kv, [8, 5], 98)  # new chunks (new identities): served bit for bit
+    xfer.gather(kv, again, None)
+    _assert_chunks_hold_kv(kv, again)
