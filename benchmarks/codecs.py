@@ -579,20 +579,21 @@ def section_gpu(token_counts: list[int], reps: int) -> dict[str, Any]:
                "fp8_store_bf16_gbs": bf16_bytes / store_s / 1e9, "fp8_store_vs_ceiling": bf16_bytes / store_s / 1e9 / d2h,
                **check, "max_rel_err": err, "staged_groups": len(groups),
                "staged_copy_gbs": fp8_bytes / parts["staged_copy_s"] / 1e9, **parts}
-        row.update(_nvcomp(src, dev, h2d, reps))
+        row.update(_nvcomp(src, dev, h2d, d2h, reps))
         out["loads"].append(row)
         del layers, paged, imgs, host
         torch.cuda.empty_cache()
     print(f"\ngpu: {out['device']}, real SmolLM2 KV tiled, chunks of 256 tokens in pinned host memory; "
           f"ceilings are pinned copies of the bf16 bytes in the same run")
     print("| tokens | H2D ceiling GB/s | fp8 load, bf16 GB/s | vs ceiling (uva / staged) | fp8 store vs D2H | "
-          "nvCOMP load vs ceiling | nvCOMP ratio | bit-exact |")
-    print("|---|---|---|---|---|---|---|---|")
+          "nvCOMP load vs ceiling | nvCOMP store vs D2H | nvCOMP ratio | bit-exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out["loads"]:
         print(f"| {r['tokens']} | {r['h2d_ceiling_gbs']:.1f} | {r['fp8_load_bf16_gbs']:.1f} | "
               f"{r['fp8_load_vs_ceiling']:.2f}x ({r['fp8_load_uva_vs_ceiling']:.2f} / "
               f"{r['fp8_load_staged_vs_ceiling']:.2f}) | {r['fp8_store_vs_ceiling']:.2f}x | "
-              f"{r.get('nvcomp_load_vs_ceiling', float('nan')):.2f}x | {r.get('nvcomp_ratio', float('nan')):.3f} | "
+              f"{r.get('nvcomp_load_vs_ceiling', float('nan')):.2f}x | "
+              f"{r.get('nvcomp_store_vs_ceiling', float('nan')):.2f}x | {r.get('nvcomp_ratio', float('nan')):.3f} | "
               f"{r.get('nvcomp_bit_exact', '-')} |")
     print("| tokens | gather = ref | scatter = ref | staged ms: copies / one DMA / dequant (1 launch, groups) / "
           "serial / pipelined (slots checked per group) |")
@@ -631,7 +632,7 @@ def _host_bytes(a: Any) -> np.ndarray:
     return np.asarray(a.cpu()).view(np.uint8).reshape(-1)
 
 
-def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, reps: int) -> dict[str, Any]:
+def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, d2h: float, reps: int) -> dict[str, Any]:
     """Lossless through nvCOMP: byte planes of the bf16 KV (as the host codec), each plane coded
     on the device; a load copies the compressed planes H2D and decodes on the device.
 
@@ -645,12 +646,12 @@ def _nvcomp(src: torch.Tensor, dev: torch.device, h2d: float, reps: int) -> dict
     stream = torch.cuda.Stream()
     try:
         with torch.cuda.stream(stream):
-            return _nvcomp_on(nvcomp, stream, src, dev, h2d, reps)
+            return _nvcomp_on(nvcomp, stream, src, dev, h2d, d2h, reps)
     except Exception as exc:  # noqa: BLE001
         return {"nvcomp_error": f"{type(exc).__name__}: {exc}"}
 
 
-def _nvcomp_on(nvcomp: Any, stream: Any, src: torch.Tensor, dev: torch.device, h2d: float,
+def _nvcomp_on(nvcomp: Any, stream: Any, src: torch.Tensor, dev: torch.device, h2d: float, d2h: float,
                reps: int) -> dict[str, Any]:
     sid = stream.cuda_stream
     plain = src.contiguous().view(torch.uint8).reshape(-1).to(dev)
@@ -721,14 +722,49 @@ def _nvcomp_on(nvcomp: Any, stream: Any, src: torch.Tensor, dev: torch.device, h
                                 "out_shape": list(outp.shape)}
                 if held:
                     info["diff"]["decoded"] = _nv_describe(held[0])
+            info.update(_nvcomp_store(nvcomp, codec, sid, plain, comp, d2h, reps))
             if exact and gbs > best.get("nvcomp_load_bf16_gbs", 0):
                 best.update({"nvcomp_algorithm": algo, "nvcomp_ratio": nbytes / plain.numel(),
                              "nvcomp_load_bf16_gbs": gbs, "nvcomp_load_vs_ceiling": gbs / h2d,
-                             "nvcomp_bit_exact": exact})
+                             "nvcomp_bit_exact": exact,
+                             **{f"nvcomp_{k}": info[k] for k in ("store_bf16_gbs", "store_vs_ceiling",
+                                                                 "store_same_bytes", "store_error") if k in info}})
         except Exception as exc:  # noqa: BLE001 - one algorithm failing is reported, the others run
             info["error"] = f"{type(exc).__name__}: {exc}"
     best.setdefault("nvcomp_bit_exact", False)
     return best
+
+
+def _nvcomp_store(nvcomp: Any, codec: Any, sid: int, plain: torch.Tensor, comp: list[np.ndarray], d2h: float,
+                  reps: int) -> dict[str, Any]:
+    """A store through nvCOMP: split the bf16 bytes (on the device) into byte planes, encode each
+    on the device, copy the encoded bytes to pinned host memory; its bf16 GB/s against the D2H
+    ceiling, and whether the stored bytes are the ones encode gave before (deterministic)."""
+    try:
+        room = [torch.empty(int(c.size) + (1 << 20), dtype=torch.uint8, pin_memory=True) for c in comp]
+        held: list[Any] = []
+        copied: list[int] = []
+
+        def store() -> None:
+            held.clear()
+            copied.clear()
+            pl = plain.view(-1, 2).t().contiguous()
+            for i in range(2):
+                enc = codec.encode(nvcomp.as_array(pl[i], cuda_stream=sid))
+                held.append(enc)
+                t = _as_torch(enc).view(torch.uint8).reshape(-1)  # its size: the compressed bytes
+                room[i][: t.numel()].copy_(t, non_blocking=True)
+                copied.append(int(t.numel()))
+
+        s = _cuda_time(store, reps)
+        torch.cuda.synchronize()
+        same = all(n == int(c.size) and np.array_equal(room[i][:n].numpy(), c)
+                   for i, (n, c) in enumerate(zip(copied, comp)))
+        gbs = plain.numel() / s / 1e9
+        return {"store_s": s, "store_bf16_gbs": gbs, "store_vs_ceiling": gbs / d2h, "store_same_bytes": same,
+                "store_copied_bytes": sum(copied)}
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        return {"store_error": f"{type(exc).__name__}: {exc}"}
 
 
 def main() -> None:
