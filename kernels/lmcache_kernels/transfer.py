@@ -259,25 +259,36 @@ class _RingUnavailable(RuntimeError):
     """The staging ring could not be allocated (device memory); not a kernel fault."""
 
 
+def _weak(obj: Any) -> Any:
+    """A weak reference to ``obj`` (None stays None): caches name the paged cache they were
+    built for without keeping its device memory alive after the engine drops it."""
+    return None if obj is None else weakref.ref(obj)
+
+
+def _alive(ref: Any) -> Any:
+    return None if ref is None else ref()
+
+
 class _Memo:
     """The last few results per batch key (the engine repeats one batch for every layer). Each
-    entry keeps its slot tensors and the PagedKV it was computed for alive, so no id in its key
-    can be reused by another object while it is held."""
+    entry keeps its slot tensors alive, so no id in its key can be reused by another object
+    while it is held, and names the PagedKV it was computed for by a weak reference checked by
+    identity (a cache the engine dropped is freed; its entries never match another)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: list[tuple[tuple[Any, ...], list[Any], Any]] = []
+        self._items: list[tuple[tuple[Any, ...], Any, list[Any], Any]] = []
 
     def get(self, key: tuple[Any, ...] | None, kv: Any = None) -> Any:
         if key is not None:
-            for k, keep, value in self._items:
-                if k == key and keep[0] is kv:
+            for k, ref, _, value in self._items:
+                if k == key and _alive(ref) is kv:
                     return value
         return _MISS
 
     def put(self, key: tuple[Any, ...] | None, kv: Any, batch: Batch, value: Any) -> None:
         if key is not None:
-            self._items.insert(0, (key, [kv] + [s for s, _ in batch], value))
+            self._items.insert(0, (key, _weak(kv), [s for s, _ in batch], value))
             del self._items[self._size:]
 
     def clear(self) -> None:
@@ -573,8 +584,8 @@ class KVTransfer:
         addresses, shapes and strides and the slot counts (not the slot values): the engine
         repeats one batch for every layer, with fresh views of the same buffers."""
         key = (id(kv), mode, self.kernel_ok, sig.plan_key(batch) if sig is not None else _plan_content(batch))
-        for k, _, plan in self._plans:
-            if k == key:
+        for k, ref, plan in self._plans:
+            if k == key and ref() is kv:  # the id in the key is that of a live cache
                 return plan
         nonempty = [i for i, (s, _) in enumerate(batch) if int(s.numel()) > 0]
         if not nonempty:
@@ -599,7 +610,7 @@ class KVTransfer:
                                            slots=near[0][0])  # slots are supplied per call
                 plan.tab, plan.aligned = prep.tab, prep.aligned
                 plan.max_n = max(int(s.numel()) for s, _ in near)
-        self._plans.insert(0, (key, kv, plan))
+        self._plans.insert(0, (key, weakref.ref(kv), plan))
         del self._plans[_BATCHES:]
         return plan
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -181,12 +182,12 @@ class _PlaneCache:
     def get(self, kv: "PagedKV") -> tuple[PlaneTable | None, str]:
         with self._lock:
             hit = self._items.get(id(kv))
-            if hit is not None and hit[0] is kv:
+            if hit is not None and hit[0]() is kv:  # weak: a dropped cache's memory is freed
                 self._items.move_to_end(id(kv))
                 return hit[1], hit[2]
         table, why = _build_plane_table(kv)
         with self._lock:
-            self._items[id(kv)] = (kv, table, why)
+            self._items[id(kv)] = (weakref.ref(kv), table, why)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return table, why

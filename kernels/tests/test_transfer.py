@@ -402,7 +402,7 @@ def test_staged_ring_copies_go_as_one_batch_per_group(kind: str) -> None:
     assert fast.stats.staged == slow.stats.staged == 3 * (2 * len(kv.layers) + 1)
     assert slow.stats.batches == 0 and fast.stats.batches == fast.stats.launches == slow.stats.launches
     assert fast.stats.dmas == slow.stats.dmas  # the same copies, issued in batches
-    lay = [v for _, _, v in fast._layouts._items]
+    lay = [v for *_, v in fast._layouts._items]
     per_layer = [x for x in lay if x.preps and all(k[1] == -1 for k in x.preps)]
     assert per_layer and all(len(x.preps) == len(x.groups) for x in per_layer)  # built once, for every layer
     assert all(len(p) == len(fast._ring) for x in per_layer for p in x.preps.values())
@@ -695,3 +695,27 @@ def test_no_batch_cache_keeps_a_chunk_alive_and_a_dead_chunk_drops_its_keys() ->
     again = _batch(kv, [8, 5], 98)  # new chunks (new identities): served bit for bit
     xfer.gather(kv, again, None)
     _assert_chunks_hold_kv(kv, again)
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+@pytest.mark.parametrize("mode", ["staged", "direct", "dma"])
+def test_no_cache_keeps_a_dropped_paged_cache_alive(mode: str) -> None:
+    # an engine that drops its KV cache (a new one after a reconfiguration, a second engine in
+    # the process) gets its device memory back: the transfer's caches name it weakly, and a
+    # new cache (perhaps at the same id) is never served the old one's tables
+    import gc
+    import weakref
+
+    cpu = torch.device("cpu")
+    xfer = KVTransfer(cpu, TransferOptions(store_mode=mode, load_mode=mode), None)
+    for seed in (101, 103):
+        kv, raw = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(seed))
+        batch = _batch(kv, [8, 5], seed + 1)
+        for layer in range(len(kv.layers)):
+            xfer.gather(kv, batch, (layer,))
+        xfer.scatter(kv, batch, None)
+        _assert_chunks_hold_kv(kv, batch)
+        planes = [weakref.ref(lp.k) for lp in kv.layers]
+        del kv, raw, batch
+        gc.collect()
+        assert all(r() is None for r in planes), mode
