@@ -568,6 +568,7 @@ class LayerwiseStore:
         self.reserved = reserved
         self.stream = engine.device.new_stream() if todo else None
         self.saved: list[bool] = [False] * engine.geometry.num_layers
+        self._batch: list[tuple["torch.Tensor", "torch.Tensor"]] | None = None
         self._done = False
         self._copying = bool(todo)  # the pool's refiller waits while our copies run
         if self._copying:
@@ -591,7 +592,9 @@ class LayerwiseStore:
         written = dev.record_event()  # on the current (compute) stream
         with dev.use_stream(self.stream):
             written.wait_on_compute()  # inside use_stream: the transfer stream waits
-            dev.gather_many(self.kv, [(slots, c.kv()) for c, slots in self.todo], layers=layers)
+            if self._batch is None:  # built once: the transfer keys its per-batch tables on these views
+                self._batch = [(slots, c.kv()) for c, slots in self.todo]
+            dev.gather_many(self.kv, self._batch, layers=layers)
 
     @property
     def num_tokens(self) -> int:

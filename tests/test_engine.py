@@ -79,6 +79,33 @@ def test_layerwise_retrieve_in_order_and_layerwise_store(make_engine):
     assert eng.pool.live_count() == eng.tiers.by_name("memory").usage().items
 
 
+def test_layer_by_layer_calls_hand_the_device_one_batch(make_engine, monkeypatch):
+    # the transfer keys its per-batch tables (kernel tables, ring layout, checks) on the batch's
+    # tensors: a store and a load hand the same pairs for every layer, not fresh views each time
+    _, src = paged(5)
+    _, dst = paged(6)
+    eng = make_engine(src.geometry)
+    seen: dict[str, list[list[tuple[int, int]]]] = {"gather": [], "scatter": []}
+    for name in seen:
+        real = getattr(eng.device, f"{name}_many")
+
+        def spy(kv, batch, layers=None, _real=real, _name=name):
+            seen[_name].append([(id(s), id(c)) for s, c in batch])
+            return _real(kv, batch, layers)
+
+        monkeypatch.setattr(eng.device, f"{name}_many", spy)
+    tokens, blocks = list(range(70)), torch.arange(5)
+    task = eng.start_store(tokens, src, blocks)
+    for layer in range(L):
+        task.save_layer(layer)
+    assert task.finish(wait=True) == 70
+    r = eng.start_retrieve(tokens, dst, blocks)
+    assert list(r) == list(range(L))
+    r.finish()
+    for name, calls in seen.items():
+        assert len(calls) == L and all(c == calls[0] for c in calls), name
+
+
 def test_unfinished_layerwise_store_stores_nothing(make_engine):
     _, src = paged(1)
     eng = make_engine(src.geometry)
