@@ -27,12 +27,20 @@ def _batch(kv, sizes, seed, pin=False):
     return out
 
 
+def _cpu_staged(num_blocks: int, seed: int):
+    """A host paged cache and a transfer that stages every call (the ring path CI can run)."""
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=num_blocks, generator=torch.Generator().manual_seed(seed))
+    return kv, KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+
+
 def _assert_chunks_hold_kv(kv, batch) -> None:
     """Each chunk's first tokens are ``kv`` at its slots, bit for bit (gathered again by torch)."""
+    backend = torch.cuda if kv.device.type == "cuda" else None
     want = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
-    KVTransfer(DEVICE, TransferOptions(store_mode="torch"), BACKEND).gather(kv, want)
-    if BACKEND is not None:
-        BACKEND.synchronize()
+    KVTransfer(kv.device, TransferOptions(store_mode="torch"), backend).gather(kv, want)
+    if backend is not None:
+        backend.synchronize()
     for (s, c), (_, w) in zip(batch, want):
         n = int(s.numel())
         assert torch.equal(bits(c[:, :, :n]), bits(w[:, :, :n]))
@@ -599,9 +607,7 @@ def test_inference_mode_slots_build_only_the_ring_slot_in_use(monkeypatch) -> No
 def test_many_requests_loaded_layer_by_layer_keep_their_tables(monkeypatch) -> None:
     # one engine step loading 12 requests layer by layer interleaves 12 batches on one transfer:
     # each batch's ring tables are built once, not again at every layer (the caches hold them all)
-    cpu = torch.device("cpu")
-    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=64, generator=torch.Generator().manual_seed(91))
-    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    kv, xfer = _cpu_staged(64, 91)
     built: list[int] = []
     real = xfer._stage_preps
     monkeypatch.setattr(xfer, "_stage_preps", lambda *a, **k: (built.append(1), real(*a, **k))[1])
@@ -654,9 +660,7 @@ def test_per_layer_calls_walk_the_batch_once(monkeypatch) -> None:
     # staged load spent most of its per-layer host time of ours walking 128 chunks for them)
     import lmcache_kernels.transfer as tr
 
-    cpu = torch.device("cpu")
-    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(95))
-    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    kv, xfer = _cpu_staged(32, 95)
     walks: list[str] = []
     real_plan, real_bytes = tr._plan_content, KVTransfer._stage_bytes
     monkeypatch.setattr(tr, "_plan_content", lambda b: (walks.append("plan"), real_plan(b))[1])
@@ -666,11 +670,7 @@ def test_per_layer_calls_walk_the_batch_once(monkeypatch) -> None:
         xfer.scatter(kv, batch, (layer,))
     assert walks.count("plan") == 1 and walks.count("ring") <= 2, walks  # ring: sized, then laid out
     assert len(xfer._sigs) == 1
-    back = [(s, chunk_like(kv, c.shape[2])) for s, c in batch]
-    KVTransfer(cpu, TransferOptions(store_mode="torch"), None).gather(kv, back)
-    for (s, c), (_, b) in zip(batch, back):
-        n = int(s.numel())
-        assert torch.equal(bits(c[:, :, :n]), bits(b[:, :, :n]))
+    _assert_chunks_hold_kv(kv, batch)
 
 
 @pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
@@ -680,9 +680,7 @@ def test_no_batch_cache_keeps_a_chunk_alive_and_a_dead_chunk_drops_its_keys() ->
     import gc
     import weakref
 
-    cpu = torch.device("cpu")
-    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(97))
-    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
+    kv, xfer = _cpu_staged(32, 97)
     batch = _batch(kv, [8, 5], 98)
     for layer in range(len(kv.layers)):
         xfer.gather(kv, batch, (layer,))
