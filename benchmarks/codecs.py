@@ -738,8 +738,9 @@ def _nvcomp_on(nvcomp: Any, stream: Any, src: torch.Tensor, dev: torch.device, h
 def _nvcomp_store(nvcomp: Any, codec: Any, sid: int, plain: torch.Tensor, comp: list[np.ndarray], d2h: float,
                   reps: int) -> dict[str, Any]:
     """A store through nvCOMP: split the bf16 bytes (on the device) into byte planes, encode each
-    on the device, copy the encoded bytes to pinned host memory; its bf16 GB/s against the D2H
-    ceiling, and whether the stored bytes are the ones encode gave before (deterministic)."""
+    on the device, wait for the sizes, copy the encoded bytes to pinned host memory; its bf16
+    GB/s against the D2H ceiling, and whether the stored bytes are the ones encode gave before
+    (deterministic)."""
     try:
         room = [torch.empty(int(c.size) + (1 << 20), dtype=torch.uint8, pin_memory=True) for c in comp]
         held: list[Any] = []
@@ -749,12 +750,14 @@ def _nvcomp_store(nvcomp: Any, codec: Any, sid: int, plain: torch.Tensor, comp: 
             held.clear()
             copied.clear()
             pl = plain.view(-1, 2).t().contiguous()
-            for i in range(2):
-                enc = codec.encode(nvcomp.as_array(pl[i], cuda_stream=sid))
-                held.append(enc)
-                t = _as_torch(enc).view(torch.uint8).reshape(-1)  # its size: the compressed bytes
-                room[i][: t.numel()].copy_(t, non_blocking=True)
-                copied.append(int(t.numel()))
+            held.extend(codec.encode(nvcomp.as_array(pl[i], cuda_stream=sid)) for i in range(2))
+            # an encoded array's size is its capacity until the work is done (the 2026-12-03 run
+            # copied capacities): a store waits for the encode, then copies the bytes it made
+            torch.cuda.current_stream().synchronize()
+            for i, enc in enumerate(held):
+                n = int(enc.shape[0])
+                room[i][:n].copy_(_as_torch(enc).view(torch.uint8).reshape(-1)[:n], non_blocking=True)
+                copied.append(n)
 
         s = _cuda_time(store, reps)
         torch.cuda.synchronize()
