@@ -770,13 +770,13 @@ class KVTransfer:
                 self._ensure_ring(max(self._stage_bytes(kv, items, nls[-1])))
                 lays = [self._stage_layout(kv, items, nl, sig) for nl in nls]
             by_nl = dict(zip(nls, lays))
+            cur = self.streams.current()  # asked once: torch's lookup costs host time per group
             for run in runs:
                 lay = by_nl[len(run)]
                 for gi in range(len(lay.groups)):
-                    self._stage_group(kv, table, items, lay, gi, run, gather)
+                    self._stage_group(kv, table, items, lay, gi, run, gather, cur)
             self.stats.staged += len(items)
             if gather:  # later events on the current stream must cover the DMAs
-                cur = self.streams.current()
                 for cs in self._copy_streams:
                     self.streams.wait(cur, self.streams.record(cs))
 
@@ -820,11 +820,10 @@ class KVTransfer:
         return self._copier is not None and all(self._dma_chunk_ok(kv, c) for _, c in items)
 
     def _stage_group(self, kv: "PagedKV", table: Any, items: Batch, lay: "_StageLayout", gi: int,
-                     run: list[int], gather: bool) -> None:
+                     run: list[int], gather: bool, cur: Any) -> None:
         slot_i = self._next_slot % len(self._ring)
         self._next_slot += 1
         cs = self._copy_streams[slot_i % len(self._copy_streams)] if self._copy_streams else None
-        cur = self.streams.current()
         l0, nl = run[0], len(run)
         group = [items[k] for k in lay.groups[gi]]
         # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer;
@@ -845,13 +844,11 @@ class KVTransfer:
             self.streams.wait(cur, self._ring_free[slot_i])
             triton_copy.run(kv, table, prep, run, True, programs)
             self.streams.wait(cs, self.streams.record(cur))
-            with self.streams.use(cs):
-                self._ring_copies(kv, lay, gi, group, slot_i, run, True, cs)
+            self._ring_copies(kv, lay, gi, group, slot_i, run, True, cs)
             self._ring_free[slot_i] = self.streams.record(cs)
         else:
             self.streams.wait(cs, self._ring_free[slot_i])
-            with self.streams.use(cs):
-                self._ring_copies(kv, lay, gi, group, slot_i, run, False, cs)
+            self._ring_copies(kv, lay, gi, group, slot_i, run, False, cs)
             self.streams.wait(cur, self.streams.record(cs))
             triton_copy.run(kv, table, prep, run, False, programs)
             self._ring_free[slot_i] = self.streams.record(cur)
@@ -883,8 +880,9 @@ class KVTransfer:
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
                      run: list[int], gather: bool, cs: Any) -> None:
-        """The copy-stream half of a group: chunks to the ring (load) or back (store), one
-        copy-engine batch when :meth:`_copier_ok` said so, else one DMA per contiguous block."""
+        """The copy-stream half of a group: chunks to the ring (load) or back (store) on ``cs``, one
+        copy-engine batch when :meth:`_copier_ok` said so (issued on ``cs`` by handle), else one
+        torch DMA per contiguous block (with ``cs`` made current for them)."""
         l0, nl = run[0], len(run)
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
@@ -912,12 +910,13 @@ class KVTransfer:
                 return
         ring = self._ring[slot_i]
         dtype = kv.layers[0].k.dtype
-        for (s, chunk), off in zip(group, lay.offsets[gi]):
-            n = int(s.numel())
-            count = nl * g.kv_planes * n * g.hidden
-            view = ring[off: off + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
-            part = chunk[l0: l0 + nl, :, :n]
-            self._copy(part, view) if gather else self._copy(view, part)
+        with self.streams.use(cs):
+            for (s, chunk), off in zip(group, lay.offsets[gi]):
+                n = int(s.numel())
+                count = nl * g.kv_planes * n * g.hidden
+                view = ring[off: off + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
+                part = chunk[l0: l0 + nl, :, :n]
+                self._copy(part, view) if gather else self._copy(view, part)
 
     def _ring_table(self, kv: "PagedKV", group: Batch, offsets: list[int], slot_i: int, nl: int) -> Any:
         """Per copy of a group at layer 0: its chunk-side byte address, its ring address, its
