@@ -419,8 +419,10 @@ class KVTransfer:
         are computed afresh every call)."""
         try:
             key = tuple([(id(s), s._version, id(c), c._version) for s, c in batch])
-        except RuntimeError:
-            return None
+        except RuntimeError:  # an inference-mode tensor: no version counter
+            key = self._inference_key(batch)
+            if key is None:
+                return None
         with self._sig_lock:
             sig = self._sigs.get(key)
             if sig is not None:
@@ -436,6 +438,18 @@ class KVTransfer:
             if len(self._sigs) > _SIGS:
                 del self._sigs[next(iter(self._sigs))]
         return sig
+
+    @staticmethod
+    def _inference_key(batch: Batch) -> tuple[Any, ...] | None:
+        """The sig key of a batch with inference-mode chunks (vLLM's forward runs under
+        ``torch.inference_mode``, so pool buffers allocated there are inference tensors): such a
+        chunk keeps no version counter, so its address, strides and shape stand in for it,
+        read every call. None when a slot tensor keeps none (slots are read as values)."""
+        try:
+            return tuple([(id(s), s._version, id(c), int(c.data_ptr()), tuple(c.stride()), tuple(c.shape))
+                          if c.is_inference() else (id(s), s._version, id(c), c._version) for s, c in batch])
+        except RuntimeError:
+            return None
 
     def _forget_sig(self, key: tuple[Any, ...]) -> Any:
         """A weak-reference callback: one of the sig's chunks died, its identity may be reused."""

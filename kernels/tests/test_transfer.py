@@ -717,3 +717,30 @@ def test_no_cache_keeps_a_dropped_paged_cache_alive(mode: str) -> None:
         del kv, raw, batch
         gc.collect()
         assert all(r() is None for r in planes), mode
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+def test_inference_mode_chunks_with_ordinary_slots_are_still_cached(monkeypatch) -> None:
+    # vLLM's forward runs under inference_mode: pool buffers allocated there are inference
+    # tensors (no version counter) while the engine's slots are ordinary; the batch's keys are
+    # still built once, and a chunk re-pointed in place is seen (its address is part of the key)
+    import lmcache_kernels.transfer as tr
+
+    kv, xfer = _cpu_staged(32, 105)
+    walks: list[int] = []
+    real_plan = tr._plan_content
+    monkeypatch.setattr(tr, "_plan_content", lambda b: (walks.append(1), real_plan(b))[1])
+    batch = _batch(kv, [8, 5], 106)
+    with torch.inference_mode():
+        batch = [(s, c.clone()) for s, c in batch]
+    assert all(c.is_inference() and not s.is_inference() for s, c in batch)
+    for layer in range(len(kv.layers)):
+        xfer.gather(kv, batch, (layer,))
+    assert len(walks) == 1 and len(xfer._sigs) == 1
+    _assert_chunks_hold_kv(kv, batch)
+    with torch.inference_mode():
+        batch[1][1].set_(torch.zeros_like(batch[1][1]))  # same tensor object, new (zeroed) memory
+    before = len(walks)  # (the check above planned its own batch)
+    xfer.gather(kv, batch, None)
+    assert len(walks) == before + 1 and len(xfer._sigs) == 2  # a new key: planned again
+    _assert_chunks_hold_kv(kv, batch)
