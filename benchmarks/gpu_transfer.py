@@ -45,7 +45,9 @@ if DRY:
 
 import torch  # noqa: E402
 
+from lmcache_core.codecs import fp8 as fp8_codec  # noqa: E402
 from lmcache_core.config import Config  # noqa: E402
+from lmcache_core.device import CodedPart  # noqa: E402
 from lmcache_core.engine import CacheEngine  # noqa: E402
 from lmcache_core.layout import ChunkGeometry, PagedKV, slot_mapping  # noqa: E402
 from lmcache_kernels import reference  # noqa: E402
@@ -174,11 +176,20 @@ VARIANTS = {
     "batched_staged_128m_3s": (dict(store_mode="staged", load_mode="staged", staging_bytes=128 * MiB,
                                     staging_slots=3), "batched"),
     "torch_reference": (dict(store_mode="torch", load_mode="torch"), "batched"),
+    # kv_codec=fp8: the engine's calls with the chunks in fp8 form (GB/s are of the bf16 KV the
+    # copies stand for, so a figure over the H2D ceiling is the codec's gain)
+    "engine_fp8": ({}, "layerwise_fp8"),
+    "batched_fp8": ({}, "batched_fp8"),
 }
 
 
-def run_store(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], style: str,
-              stream: Any) -> None:
+def run_store(dev: Any, kv: PagedKV, parts: list[Any], style: str, stream: Any) -> None:
+    if style.endswith("_fp8"):
+        for layers in ([None] if style == "batched_fp8" else [(i,) for i in range(kv.geometry.num_layers)]):
+            with dev.use_stream(stream):
+                dev.gather_coded(kv, parts, "fp8", layers=layers)
+        dev.record_event(stream).synchronize()
+        return
     if style == "batched":
         with dev.use_stream(stream):
             dev.gather_many(kv, parts)
@@ -189,8 +200,16 @@ def run_store(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tenso
     dev.record_event(stream).synchronize()
 
 
-def run_load(dev: Any, kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], style: str,
-             stream: Any) -> None:
+def run_load(dev: Any, kv: PagedKV, parts: list[Any], style: str, stream: Any) -> None:
+    if style.endswith("_fp8"):
+        events = []
+        for layers in ([None] if style == "batched_fp8" else [(i,) for i in range(kv.geometry.num_layers)]):
+            with dev.use_stream(stream):
+                dev.scatter_coded(kv, parts, "fp8", layers=layers)
+                events.append(dev.record_event(stream))
+        for ev in events:
+            ev.synchronize()
+        return
     if style == "batched":
         with dev.use_stream(stream):
             dev.scatter_many(kv, parts)
@@ -216,35 +235,75 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
     all_slots = slot_mapping(blocks, shape.block, 0, max_t)
     base_dev = device_cls(0, TransferOptions(store_mode="direct"))
     chunks = make_chunks(base_dev, geom, max_t // shape.chunk, shape.chunk)
+    images: list[torch.Tensor] = []
+    if geom.dtype in ("bfloat16", "float16", "float32"):
+        for c in caches:  # random bits hold NaNs and infinities, which no KV (and no fp8 scale) has
+            torch.nan_to_num_(c, nan=0.0, posinf=1.0, neginf=-1.0)
+        images = [base_dev.alloc_host(fp8_codec.encoded_len(geom, shape.chunk)) for _ in range(max_t // shape.chunk)]
     results: dict[str, Any] = {}
     check_t = sorted(shape.tokens)[min(1, len(shape.tokens) - 1)]
     for name, (opts, style) in VARIANTS.items():
         if "dma" in name and os.environ.get("LMCACHE_BENCH_NO_DMA"):
             results[name] = {"skipped": os.environ["LMCACHE_BENCH_NO_DMA"]}
             continue
+        if style.endswith("_fp8") and not images:
+            results[name] = {"skipped": f"fp8 codes bf16/fp16/fp32 KV, not {geom.dtype}"}
+            continue
         dev = device_cls(0, TransferOptions(**opts))
         stream = dev.new_stream()
         row: dict[str, Any] = {"style": style, **opts}
         for T in shape.tokens:
             n = T // shape.chunk
-            parts = [(all_slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(n)]
+            if style.endswith("_fp8"):
+                parts = [CodedPart(all_slots[i * shape.chunk:(i + 1) * shape.chunk].to(devname), images[i], shape.chunk)
+                         for i in range(n)]
+            else:
+                parts = [(all_slots[i * shape.chunk:(i + 1) * shape.chunk], chunks[i]) for i in range(n)]
             nbytes = T * geom.bytes_per_token
             r = max(1, reps if name != "torch_reference" else min(reps, 2))
             st = timer(lambda: run_store(dev, kv, parts, style, stream), reps=r)
+            check = check_fp8_store if style.endswith("_fp8") else check_store
             if T == check_t:
-                row["store_bit_exact"] = check_store(kv, parts, devname)
+                row["store_bit_exact"] = check(kv, parts, devname)
             ld = timer(lambda: run_load(dev, kv, parts, style, stream), reps=r)
             if T == check_t:  # the load wrote back what store read: the cache must be unchanged
-                row["load_bit_exact"] = check_store(kv, parts, devname)
+                row["load_bit_exact"] = (check_fp8_load if style.endswith("_fp8") else check_store)(kv, parts, devname)
             row[str(T)] = {"store_GBps": gbps(nbytes, st["median_s"]), "load_GBps": gbps(nbytes, ld["median_s"]),
                            "store_ms": st["median_s"] * 1e3, "load_ms": ld["median_s"] * 1e3}
             log.info("%-20s T=%-6d store %6.1f GB/s  load %6.1f GB/s", name, T, row[str(T)]["store_GBps"],
                      row[str(T)]["load_GBps"])
         row["transfer_stats"] = asdict(dev.transfer.stats) if dev._transfer is not None else {}
+        if style.endswith("_fp8"):
+            row["fp8_kernel_off"] = dev._fp8_off  # non-empty: it fell back to the torch reference
         results[name] = row
     del caches, kv, chunks
     free_device_memory(cuda)
     return results
+
+
+def check_fp8_store(kv: PagedKV, parts: list[Any], devname: str) -> bool:
+    """Every fp8 image is the torch reference's quantisation of its slots, byte for byte."""
+    from lmcache_kernels import fp8 as fp8_kernels
+
+    for p in parts:
+        want = torch.empty(p.image.numel(), dtype=torch.uint8, device=devname)
+        fp8_kernels.gather_ref(kv, [(p.slots, want)])
+        if not torch.equal(p.image.to(devname), want):
+            return False
+    return True
+
+
+def check_fp8_load(kv: PagedKV, parts: list[Any], devname: str) -> bool:
+    """The cache at each chunk's slots holds its image's values (the host codec's decode), bits."""
+    g = kv.geometry
+    for p in parts:
+        q, s = fp8_codec.image_views(g, p.image.to(devname), p.num_tokens)
+        want = fp8_codec.decode_from(q, s, g.head_dim, getattr(torch, g.dtype))
+        got = torch.empty(g.shape(p.num_tokens), dtype=want.dtype, device=devname)
+        reference.gather_batch(kv, [(p.slots, got)])
+        if not torch.equal(bits(got), bits(want)):
+            return False
+    return True
 
 
 def check_store(kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], devname: str) -> bool:

@@ -286,6 +286,11 @@ class ChunkBuffer:
             g.shape(self.header.num_tokens)
         )
 
+    def coded(self) -> "torch.Tensor":
+        """The stored payload as a 1-D uint8 tensor (no copy): what a device codec gathers into
+        and scatters from (``kv_codec``), where ``kv()`` is for plain chunks."""
+        return self.buf.view(HEADER_SIZE, self.header.stored_len)
+
     def image(self) -> memoryview:
         """Header and stored payload, exactly the bytes a store writes."""
         return self.buf.memoryview(0, self.header.image_len)
@@ -302,11 +307,24 @@ class ChunkBuffer:
         self.buf.release()
 
 
-def new_chunk(pool: BufferPool, key: ChunkKey, geometry: ChunkGeometry, num_tokens: int) -> ChunkBuffer:
-    """An empty chunk whose ``kv()`` the device gathers into; seal it before storing."""
+def coded_len(geometry: ChunkGeometry, num_tokens: int, codec: str = "none") -> int:
+    """Stored bytes of a chunk a device codec (wire id ``codec``) fills, or its plain size."""
     n = geometry.nbytes(num_tokens)
-    buf = pool.acquire(HEADER_SIZE + n)
-    header = ChunkHeader(key, geometry, num_tokens, "none", n, n, b"")
+    if codec == "none":
+        return n
+    ctx = _codecs.CodecContext(ChunkKey(bytes(16), bytes(16), num_tokens), geometry, num_tokens)
+    return _codecs.REGISTRY.chain_for_wire(codec).max_encoded_len(n, ctx)
+
+
+def new_chunk(pool: BufferPool, key: ChunkKey, geometry: ChunkGeometry, num_tokens: int,
+              codec: str = "none") -> ChunkBuffer:
+    """An empty chunk whose ``kv()`` the device gathers into; seal it before storing. With a
+    device codec's wire id (``codec``) the buffer holds that codec's stored form instead
+    (``coded()``, exactly its size), which the device writes and :func:`seal` tags as is."""
+    n = geometry.nbytes(num_tokens)
+    stored = coded_len(geometry, num_tokens, codec)
+    buf = pool.acquire(HEADER_SIZE + stored)
+    header = ChunkHeader(key, geometry, num_tokens, codec, n, stored, b"")
     return ChunkBuffer(buf, header)
 
 
@@ -318,6 +336,10 @@ def seal(chunk: ChunkBuffer, codec: str = "none", pool: BufferPool | None = None
     The tag is keyed when an integrity key is set for ``pool`` (or the process).
     """
     h = chunk.header
+    if h.codec != "none":  # filled in its coded form by the device (new_chunk's codec)
+        if codec not in ("none", h.codec):
+            raise ValueError(f"chunk {h.key} holds {h.codec} bytes already; it cannot be coded with {codec}")
+        return _write_header(chunk, h.codec, chunk.buf.memoryview(HEADER_SIZE, h.stored_len), pool)
     payload = chunk.buf.memoryview(HEADER_SIZE, h.payload_len)
     if codec == "none":
         stored = payload
@@ -434,6 +456,9 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
             raise ChunkError(f"chunk {header.key} fails its {'keyed ' if key else ''}integrity check")
         if header.codec == "none":
             return ChunkBuffer(buf, header)
+        if header.codec == _KEPT.get(pool):  # the engine's device decodes it (kv_codec)
+            _check_kept(header, buf.view(HEADER_SIZE, header.stored_len))
+            return ChunkBuffer(buf, header)
         plain = pool.acquire(HEADER_SIZE + header.payload_len)
         owned = plain
         if header.codec == "zlib":
@@ -452,6 +477,35 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
         if owned is not buf:
             buf.release()
         raise
+
+
+# -- chunks kept coded for the device ----------------------------------------------------------
+_KEPT: "weakref.WeakKeyDictionary[BufferPool, str]" = weakref.WeakKeyDictionary()
+
+
+def keep_coded(pool: BufferPool, codec: str) -> None:
+    """Reads into ``pool`` return chunks of ``codec`` (a device codec's wire id) still coded,
+    their stream checked but not decoded: the engine's device decodes them as it scatters
+    (``kv_codec``). Chunks of any other codec are decoded on the host as before."""
+    if codec not in _KEPT_CHECKS:
+        raise ValueError(f"codec {codec!r} is not a device codec; device codecs: {sorted(_KEPT_CHECKS)}")
+    _KEPT[pool] = codec
+
+
+def _check_fp8(header: ChunkHeader, stored: "torch.Tensor") -> None:
+    from .codecs import fp8
+
+    if header.stored_len != fp8.encoded_len(header.geometry, header.num_tokens):
+        raise ChunkError(f"chunk {header.key}: fp8 stream of {header.stored_len} bytes, expected "
+                         f"{fp8.encoded_len(header.geometry, header.num_tokens)}")
+    fp8.check_image(header.geometry, stored, header.num_tokens, header.key)
+
+
+_KEPT_CHECKS = {"fp8-e4m3-th/1": _check_fp8}
+
+
+def _check_kept(header: ChunkHeader, stored: "torch.Tensor") -> None:
+    _KEPT_CHECKS[header.codec](header, stored)
 
 
 def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
@@ -479,5 +533,6 @@ def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
                          f"expected {want}")
 
 
-__all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "bind_integrity_key", "decode_header", "decode_image",
-           "encode_chunk", "encode_header", "integrity_keyed", "new_chunk", "seal", "set_integrity_key", "itemsize"]
+__all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "bind_integrity_key", "coded_len", "decode_header",
+           "decode_image", "encode_chunk", "encode_header", "integrity_keyed", "keep_coded", "new_chunk", "seal",
+           "set_integrity_key", "itemsize"]

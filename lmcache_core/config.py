@@ -116,6 +116,10 @@ class Config:
     salt: str = field(default="", metadata=_meta("Extra salt in the key namespace (e.g. a LoRA id)."))
     codec: str = field(default="none", metadata=_meta(
         "Payload codec of stored chunks.", choices=("none", "zlib")))
+    kv_codec: str = field(default="none", metadata=_meta(
+        "Codec fused into the device's own copies: fp8 (e4m3, a scale per token and head) gathers and "
+        "scatters half the bytes of bf16 KV, and every tier holds that form (lossy: its chunks live in "
+        "their own key namespace). none: exact KV.", choices=("none", "fp8")))
     store_queue_size: int = field(default=64, metadata=_meta(
         "Most queued writes per slow tier; beyond it stores are dropped and counted.", minimum=1))
     writer_threads: int = field(default=2, metadata=_meta(
@@ -272,6 +276,8 @@ class Config:
             parse_address(self.daemon)
         if not self.tiers:
             raise ConfigError("tiers: at least one storage tier is needed, e.g. ['memory://?capacity=2GiB']")
+        if self.kv_codec != "none":
+            self._check_kv_codec()
         from .storage import parse_url  # here: storage imports this module
 
         for url in self.tiers:
@@ -283,6 +289,21 @@ class Config:
                 parse_url(url)  # what every store checks (ports, brackets, '#', repeated options, ...)
             except ConfigError as exc:
                 raise ConfigError(f"tiers: {exc}") from None
+
+    def _check_kv_codec(self) -> None:
+        """What does not combine with a device codec yet, refused at load with the fix named."""
+        if self.daemon:
+            raise ConfigError(f"kv_codec {self.kv_codec}: the daemon's tiers take exact chunks only; unset "
+                              "kv_codec, or run embedded (unset daemon)")
+        if self.codec != "none":
+            raise ConfigError(f"kv_codec {self.kv_codec} and codec {self.codec}: chunks are already coded on the "
+                              "device; set codec: none")
+        from .storage import parse_url
+
+        for url in self.tiers:
+            if "codec" in parse_url(url).query:
+                raise ConfigError(f"tiers: {url!r} sets a tier codec, and kv_codec {self.kv_codec} already codes "
+                                  "every chunk on the device; drop the tier's codec option or unset kv_codec")
 
     def daemon_token_value(self) -> str:
         """The daemon token (from ``daemon_token`` or ``daemon_token_file``), or ""."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +39,27 @@ class DeviceCapabilities:
     ipc: bool = False  # ipc_export / ipc_import (daemon mode)
     direct_storage: bool = False  # storage <-> device without a host bounce (GDS)
     accelerator: bool = False  # False for host CPU devices (cpu, arm)
+
+
+#: Codecs a device can fuse into its copies (the engine's ``kv_codec``): chunk buffers then hold
+#: the codec's stored form, gathered and scattered without a plain copy on the host.
+DEVICE_CODECS = ("fp8",)
+
+
+class CodedPart(NamedTuple):
+    """One chunk of a coded gather or scatter: ``image`` (uint8, 1-D) is the stored form of all
+    ``num_tokens`` tokens of the chunk; ``slots`` are those of tokens ``first .. first+len(slots)``
+    (a gather always covers the whole chunk; a scatter may write part of it)."""
+
+    slots: "torch.Tensor"
+    image: "torch.Tensor"
+    num_tokens: int
+    first: int = 0
+
+
+def check_device_codec(codec: str) -> None:
+    if codec not in DEVICE_CODECS:
+        raise ValueError(f"no device codec {codec!r}; device codecs are {', '.join(DEVICE_CODECS)}")
 
 
 class Event(abc.ABC):
@@ -135,6 +156,60 @@ class Device(abc.ABC):
         """Scatter a batch of ``(slots, src)`` pairs in one go; the inverse of :meth:`gather_many`."""
         for slots, src in batch:
             self.scatter(kv, slots, src, layers)
+
+    def gather_coded(self, kv: "PagedKV", parts: Sequence[CodedPart], codec: str,
+                     layers: Sequence[int] | None = None) -> None:
+        """Gather whole chunks straight into ``codec``'s stored form (a name of
+        :data:`DEVICE_CODECS`): ``fp8`` writes e4m3 values and a scale per token and head, the
+        image :mod:`lmcache_core.codecs.fp8` decodes, so any tier and any reader takes it.
+
+        The default is the torch reference and synchronous: each chunk is gathered plain into a
+        temporary on the KV cache's device and quantised there. Devices with a fused kernel
+        (``lmcache_kernels.fp8``) override it, keeping the order of :meth:`gather_many`."""
+        import torch
+
+        from .codecs import fp8
+        from .layout import torch_dtype
+
+        check_device_codec(codec)
+        g = kv.geometry
+        sel = list(range(g.num_layers)) if layers is None else list(layers)
+        for slots, image, n, first in parts:
+            if first or int(slots.numel()) != n:
+                raise ValueError(f"a coded gather writes whole chunks: {int(slots.numel())} slots from token "
+                                 f"{first} of a {n}-token image")
+            q, s = fp8.image_views(g, image, n)
+            plain = torch.empty(g.shape(n), dtype=torch_dtype(g.dtype), device=kv.device)
+            self.gather(kv, slots, plain, sel)
+            self.record_event().synchronize()
+            for layer in sel:
+                fp8.encode_into(plain[layer].to(image.device), q[layer], s[layer], g.head_dim)
+
+    def scatter_coded(self, kv: "PagedKV", parts: Sequence[CodedPart], codec: str,
+                      layers: Sequence[int] | None = None) -> None:
+        """Decode ``parts`` (images of :meth:`gather_coded`'s form, or a part of each) into ``kv``;
+        the inverse of :meth:`gather_coded`. The default dequantises with the torch reference on
+        the KV cache's device and is synchronous."""
+        import torch
+
+        from .codecs import fp8
+        from .layout import torch_dtype
+
+        check_device_codec(codec)
+        g = kv.geometry
+        dtype = torch_dtype(g.dtype)
+        sel = list(range(g.num_layers)) if layers is None else list(layers)
+        for slots, image, n, first in parts:
+            m = int(slots.numel())
+            if first < 0 or first + m > n:
+                raise ValueError(f"{m} slots from token {first} do not fit a {n}-token image")
+            q, s = fp8.image_views(g, image, n)
+            plain = torch.empty(g.shape(m), dtype=dtype, device=kv.device)
+            for layer in sel:
+                plain[layer] = fp8.decode_from(q[layer, :, first:first + m], s[layer, :, first:first + m],
+                                               g.head_dim, dtype).to(kv.device)
+            self.scatter(kv, slots, plain, sel)
+            self.record_event().synchronize()
 
     # -- streams and events ------------------------------------------------------------
     def new_stream(self) -> Any:

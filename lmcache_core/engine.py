@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from . import chunk as chunkmod
 from .chunk import ChunkBuffer
 from .config import Config
-from .device import Device, Event
-from .errors import LayoutError
+from .device import CodedPart, Device, Event
+from .errors import ConfigError, LayoutError
 from .keys import ChunkKey, KeyExtras, Namespace, chunk_keys, sglang_chunk_keys
 from .layout import ChunkGeometry, PagedKV, slot_mapping
 from .memory import BufferPool
@@ -139,8 +139,16 @@ class CacheEngine:
                        if self.device.capabilities.pinned_memory else 0)
             self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size, reserve_bytes=reserve)
         chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
+        #: kv_codec: the device's copies code the KV (fp8: half the bytes); chunk buffers, every
+        #: tier and the key namespace hold that form, and reads hand it to the device still coded
+        self.kv_codec = self.config.kv_codec
+        self.kv_wire = "none"
+        if self.kv_codec != "none":
+            self.kv_wire = self._device_codec(geometry)
+            chunkmod.keep_coded(self.pool, self.kv_wire)
         # Namespace refuses an empty model: two models must never share chunks by default.
-        self.namespace = Namespace(model or self.config.model, geometry.signature, tenant, self.config.salt, shard)
+        self.namespace = Namespace(model or self.config.model, geometry.signature, tenant, self.config.salt, shard,
+                                   "" if self.kv_wire == "none" else self.kv_wire)
         #: Namespaces a lookup must also find every chunk in (the other TP ranks / PP stages,
         #: set by a scheduler that plans loads for all of them).
         self.peer_namespaces: tuple[Namespace, ...] = ()
@@ -180,6 +188,16 @@ class CacheEngine:
         self._sealing_cv = threading.Condition()
         self._closed = False
         _OPEN_ENGINES.add(self)
+
+    def _device_codec(self, geometry: ChunkGeometry) -> str:
+        from . import codecs
+
+        chain = codecs.resolve(self.kv_codec)
+        assert chain is not None
+        if geometry.dtype not in chain.codecs[0].dtypes:
+            raise ConfigError(f"kv_codec {self.kv_codec} codes {', '.join(chain.codecs[0].dtypes)} KV; this "
+                              f"model's KV cache is {geometry.dtype}: unset kv_codec")
+        return chain.wire_id
 
     def serve_metrics(self, port: int) -> None:
         """Serve this engine's Prometheus metrics on ``port`` (once)."""
@@ -262,7 +280,30 @@ class CacheEngine:
             return self._inflight
 
     def _chunk_bytes(self, num_tokens: int) -> int:
-        return self.geometry.nbytes(num_tokens)
+        """Bytes of a chunk's payload as buffers and tiers hold it (coded with ``kv_codec``)."""
+        return chunkmod.coded_len(self.geometry, num_tokens, self.kv_wire)
+
+    # -- device copies ------------------------------------------------------------------------
+    def _gather(self, kv: PagedKV, batch: list[Any], layers: tuple[int, ...] | None) -> None:
+        """Copy a batch of :meth:`_copy_batch` parts out of ``kv`` (coded with ``kv_codec``)."""
+        if self.kv_wire == "none":
+            self.device.gather_many(kv, batch, layers=layers)
+        else:
+            self.device.gather_coded(kv, batch, self.kv_codec, layers=layers)
+
+    def _scatter(self, kv: PagedKV, batch: list[Any], layers: tuple[int, ...] | None) -> None:
+        if self.kv_wire == "none":
+            self.device.scatter_many(kv, batch, layers=layers)
+        else:
+            self.device.scatter_coded(kv, batch, self.kv_codec, layers=layers)
+
+    def _copy_batch(self, parts: Sequence[tuple[ChunkBuffer, "torch.Tensor", int, int]]) -> list[Any]:
+        """What the device copies for ``(chunk, slots, first, end)`` parts: the tokens
+        ``first..end`` of each chunk's plain KV, or of its coded image."""
+        if self.kv_wire == "none":
+            return [(slots, c.kv()[:, :, first:end] if first or end != c.num_tokens else c.kv())
+                    for c, slots, first, end in parts]
+        return [CodedPart(slots, c.coded(), c.num_tokens, first) for c, slots, first, end in parts]
 
     # -- slots ----------------------------------------------------------------------------
     @staticmethod
@@ -371,7 +412,7 @@ class CacheEngine:
         try:
             self.pool.prepare([chunkmod.HEADER_SIZE + self._chunk_bytes(k.num_tokens) for k, _ in ranges])
             for key, slot in ranges:
-                todo.append((chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens), slot))
+                todo.append((chunkmod.new_chunk(self.pool, key, self.geometry, key.num_tokens, self.kv_wire), slot))
         except BaseException as exc:
             for c, _ in todo:
                 c.release()
@@ -487,6 +528,12 @@ class CacheEngine:
                         got[0].release()
                     continue
                 c, tier = got
+                if c.header.codec != self.kv_wire:  # a plain chunk under kv_codec's namespace, or the reverse
+                    logger.warning("chunk %s is coded %s, this engine reads %s; treating as a miss", key,
+                                   c.header.codec, self.kv_wire)
+                    c.release()
+                    ok = False
+                    continue
                 if c.num_tokens != key.num_tokens or c.header.geometry != self.geometry:
                     logger.warning("chunk %s has %d tokens of %s, expected %d of %s; treating as a miss",
                                    key, c.num_tokens, c.header.geometry.signature, key.num_tokens,
@@ -568,7 +615,7 @@ class LayerwiseStore:
         self.reserved = reserved
         self.stream = engine.device.new_stream() if todo else None
         self.saved: list[bool] = [False] * engine.geometry.num_layers
-        self._batch: list[tuple["torch.Tensor", "torch.Tensor"]] | None = None
+        self._batch: list[Any] | None = None
         self._done = False
         self._copying = bool(todo)  # the pool's refiller waits while our copies run
         if self._copying:
@@ -593,8 +640,8 @@ class LayerwiseStore:
         with dev.use_stream(self.stream):
             written.wait_on_compute()  # inside use_stream: the transfer stream waits
             if self._batch is None:  # built once: the transfer keys its per-batch tables on these views
-                self._batch = [(slots, c.kv()) for c, slots in self.todo]
-            dev.gather_many(self.kv, self._batch, layers=layers)
+                self._batch = self.engine._copy_batch([(c, slots, 0, c.num_tokens) for c, slots in self.todo])
+            self.engine._gather(self.kv, self._batch, layers)
 
     @property
     def num_tokens(self) -> int:
@@ -694,7 +741,7 @@ class LayerwiseRetrieve:
         self.events: list[Event | None] = [None] * self.num_layers
         self.order: list[int] = []  # layers in the order they completed (pipelining contract)
         self._released = False
-        self._batch = [(slots, c.kv()[:, :, first:end]) for c, slots, first, end in self.parts]  # built once
+        self._batch = engine._copy_batch(self.parts)  # built once
         if self.parts:  # the pool's refiller waits while our copies run (until _release)
             engine.pool.transfer_begun()
         dev = engine.device
@@ -708,7 +755,7 @@ class LayerwiseRetrieve:
             if self.parts and not layerwise:
                 with dev.use_stream(self.stream):
                     self._after.wait_on_compute()  # type: ignore[union-attr]
-                    dev.scatter_many(kv, self._batch, layers=None)
+                    engine._scatter(kv, self._batch, None)
                     done = dev.record_event(self.stream)
                 self.events = [done] * self.num_layers
             elif self.parts and self._async:
@@ -723,7 +770,7 @@ class LayerwiseRetrieve:
             if self._after is not None:
                 self._after.wait_on_compute()
                 self._after = None
-            dev.scatter_many(self.kv, self._batch, layers=(layer,))
+            self.engine._scatter(self.kv, self._batch, (layer,))
             self.events[layer] = dev.record_event(self.stream)
 
     def _queue_through(self, last: int) -> None:

@@ -46,6 +46,10 @@ class Namespace:
     tenant: str = "default"
     salt: str = ""
     shard: str = ""
+    #: wire id of a lossy codec the engine fuses into its copies (``kv_codec``): its chunks are
+    #: not the KV the model computed and live apart, where a tier codec's chunks of the same
+    #: codec live (:func:`lossy_namespace_id`)
+    codec: str = ""
 
     def __post_init__(self) -> None:
         if not self.model or self.model == "unknown":
@@ -53,7 +57,7 @@ class Namespace:
                 "the key namespace needs a model identity (model path and revision, or a fingerprint "
                 "of the weights); pass model=... to CacheEngine or set the config key model"
             )
-        for name in ("model", "layout", "tenant", "salt", "shard"):
+        for name in ("model", "layout", "tenant", "salt", "shard", "codec"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise ConfigError(f"namespace field {name} must be a string, got {value!r}")
@@ -64,7 +68,15 @@ class Namespace:
 
     @cached_property
     def id(self) -> bytes:
-        """16 stable bytes identifying the namespace (blake2b of its fields; computed once)."""
+        """16 stable bytes identifying the namespace (blake2b of its fields; computed once): the
+        namespace of its chunk keys."""
+        return lossy_namespace_id(self.hash_id, self.codec) if self.codec else self.hash_id
+
+    @cached_property
+    def hash_id(self) -> bytes:
+        """The exact namespace's id, which seeds the prefix hashes: a lossy codec's chunks differ from
+        the exact ones by their key's namespace alone, whether the engine (``kv_codec``) or a tier
+        codec named them."""
         h = hashlib.blake2b(digest_size=HASH_BYTES, person=b"lmcache-ns-v1")
         parts = [self.model, self.layout, self.tenant, self.salt]
         if self.shard:  # one-GPU namespaces keep their ids (and stay shareable with SGLang)
@@ -76,7 +88,14 @@ class Namespace:
         return h.digest()
 
     def with_shard(self, shard: str, layout: str | None = None) -> "Namespace":
-        return Namespace(self.model, self.layout if layout is None else layout, self.tenant, self.salt, shard)
+        return Namespace(self.model, self.layout if layout is None else layout, self.tenant, self.salt, shard,
+                         self.codec)
+
+
+def lossy_namespace_id(namespace: bytes, wire_id: str) -> bytes:
+    """The namespace id under which chunks of a lossy codec (its wire id) live: never found
+    under the exact namespace's keys. The same for a tier codec and the engine's ``kv_codec``."""
+    return hashlib.blake2b(namespace + b"\0" + wire_id.encode(), digest_size=16, person=b"lmcache-lossy").digest()
 
 
 def _field_bytes(*parts: object) -> bytes:
@@ -331,7 +350,8 @@ def chunk_keys(
     and on the request's :class:`KeyExtras` (the seed starts the chain; multimodal and
     embedding digests enter the chunks they cover, and every later chunk through the chain)."""
     arr = token_bytes(tokens)
-    return _chain(arr, 0, arr.size, _start(extras), namespace.id, chunk_size, save_partial, algorithm, extras)
+    return _chain(arr, 0, arr.size, _start(extras), namespace.id, chunk_size, save_partial, algorithm, extras,
+                  namespace.hash_id)
 
 
 def _start(extras: KeyExtras | None) -> bytes:
@@ -340,10 +360,12 @@ def _start(extras: KeyExtras | None) -> bytes:
 
 
 def _chain(arr: np.ndarray, start: int, stop: int, prev: bytes, ns: bytes, chunk_size: int,
-           save_partial: bool, algorithm: str, extras: KeyExtras | None) -> list[ChunkKey]:
+           save_partial: bool, algorithm: str, extras: KeyExtras | None, seed: bytes | None = None) -> list[ChunkKey]:
     """Keys of the chunks of ``arr[start:stop]`` (``start`` a chunk boundary), continuing the
     chain from ``prev``, the digest of the chunk before ``start``. One streaming hasher per
-    chunk over the array's own bytes: no copy of the tokens, no per-key validation."""
+    chunk over the array's own bytes: no copy of the tokens, no per-key validation. The keys are
+    in namespace ``ns``; the hashes take ``seed`` (default ``ns``: see :attr:`Namespace.hash_id`)."""
+    hns = ns if seed is None else seed
     if chunk_size <= 0:
         raise ConfigError(f"chunk_size must be positive, got {chunk_size}")
     new_hasher = _hasher(algorithm)
@@ -355,7 +377,7 @@ def _chain(arr: np.ndarray, start: int, stop: int, prev: bytes, ns: bytes, chunk
     if extras and (extras.mm or extras.embeds):
         for s in range(start, end_full, chunk_size):
             h = new_hasher(prev)
-            h.update(ns)
+            h.update(hns)
             h.update(view[s * 8 : s * 8 + step])
             h.update(extras.chunk_bytes(s, s + chunk_size, chunk_size))
             prev = h.digest()
@@ -363,7 +385,7 @@ def _chain(arr: np.ndarray, start: int, stop: int, prev: bytes, ns: bytes, chunk
     else:  # the hot loop: _trusted_key inlined (a call per chunk is 8% of it)
         for off in range(start * 8, end_full * 8, step):
             h = new_hasher(prev)
-            h.update(ns)
+            h.update(hns)
             h.update(view[off : off + step])
             prev = h.digest()
             key = _new_object(ChunkKey)
@@ -375,7 +397,7 @@ def _chain(arr: np.ndarray, start: int, stop: int, prev: bytes, ns: bytes, chunk
             append(key)
     if save_partial and end_full < stop:
         h = new_hasher(prev)
-        h.update(ns)
+        h.update(hns)
         h.update(view[end_full * 8 : stop * 8])
         if extras and (extras.mm or extras.embeds):
             h.update(extras.chunk_bytes(end_full, stop, chunk_size))
@@ -406,6 +428,7 @@ class PrefixKeys:
         self.algorithm = algorithm
         self.extras = extras
         self._ns = namespace.id
+        self._seed_ns = namespace.hash_id
         self._seed = _start(extras)
         self._tokens = np.zeros(0, dtype="<i8")  # our own copy of every token given
         self._list: list[int] | None = None  # the last list given (our copy), None after an array
@@ -464,7 +487,8 @@ class PrefixKeys:
         done = len(self._whole) * size
         self.reused_chunks += len(self._whole)
         prev = self._whole[-1].digest if self._whole else self._seed
-        new = _chain(arr, done, arr.size, prev, self._ns, size, self.save_partial, self.algorithm, self.extras)
+        new = _chain(arr, done, arr.size, prev, self._ns, size, self.save_partial, self.algorithm, self.extras,
+                     self._seed_ns)
         whole = (arr.size - done) // size
         self._whole += new[:whole]
         return self._whole + new[whole:]

@@ -25,6 +25,8 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
     assert res["errors"] == {}
     assert all(row["store_bit_exact"] and row["load_bit_exact"] for row in res["store_load"].values()
                if "skipped" not in row)
+    for name in ("engine_fp8", "batched_fp8"):  # kv_codec=fp8's copies: the fused kernel, bit for bit
+        assert res["store_load"][name]["fp8_kernel_off"] == ""
     for row in res["concurrent"]["rows"].values():
         assert row["default"]["bit_exact"] and row["dma"]["bit_exact"] and row["staged"]["bit_exact"]
     for row in res["layerwise"]["rows"].values():

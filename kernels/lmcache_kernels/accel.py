@@ -20,9 +20,9 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
-from lmcache_core.device import Device, Event
+from lmcache_core.device import CodedPart, Device, Event, check_device_codec
 
-from .transfer import KVTransfer, TransferOptions
+from .transfer import KVTransfer, TransferOptions, _out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +73,7 @@ class StreamDevice(Device):
         self._transfer: KVTransfer | None = None
         self._pending = _Pending()
         self._init_lock = threading.Lock()
+        self._fp8_off = ""  # why the fused fp8 kernel is not used (it failed once), or ""
 
     # -- basics ------------------------------------------------------------------------------
     @property
@@ -143,6 +144,46 @@ class StreamDevice(Device):
         """Scatter a whole batch of ``(slots, chunk)`` pairs in one go."""
         self._flush()
         self.transfer.scatter(kv, batch, layers)
+
+    def gather_coded(self, kv: "PagedKV", parts: Sequence[CodedPart], codec: str,
+                     layers: Sequence[int] | None = None) -> None:
+        """fp8 quantised inside the gather kernel (:func:`lmcache_kernels.fp8.gather_coded`); the
+        slots of a batch are range-checked once (cached like :meth:`gather_many`'s)."""
+        self._coded(True, kv, parts, codec, layers)
+
+    def scatter_coded(self, kv: "PagedKV", parts: Sequence[CodedPart], codec: str,
+                      layers: Sequence[int] | None = None) -> None:
+        """fp8 dequantised inside the scatter kernel; the inverse of :meth:`gather_coded`."""
+        self._coded(False, kv, parts, codec, layers)
+
+    def _coded(self, gather: bool, kv: "PagedKV", parts: Sequence[CodedPart], codec: str,
+               layers: Sequence[int] | None) -> None:
+        from . import fp8
+        from .triton_copy import plane_table
+
+        check_device_codec(codec)
+        self._flush()
+        why = self._fp8_off or ("" if self.transfer.kernel_ok else self.transfer.kernel_reason)
+        if not why:
+            why = plane_table(kv)[1] if plane_table(kv)[0] is None else ""
+        if not why:
+            self.transfer.check_slots(kv, [(p.slots, p.image) for p in parts])
+            run = fp8.gather_coded if gather else fp8.scatter_coded
+            try:
+                try:
+                    run(kv, parts, layers, checked=True)
+                except Exception as exc:  # noqa: BLE001
+                    if not _out_of_memory(exc) or not self.transfer.mapped_host()[0]:
+                        raise
+                    run(kv, parts, layers, checked=True, stage="never")  # no room to stage: map the images
+                return
+            except (ValueError, IndexError):
+                raise  # the caller's mistake, not the kernel's
+            except Exception as exc:  # noqa: BLE001 - a kernel fault falls back, the engine keeps going
+                self._fp8_off = f"{type(exc).__name__}: {exc}"
+                logger.warning("fp8 kernel failed on %s (%s); using the torch reference from now on",
+                               self.torch_device, self._fp8_off)
+        (super().gather_coded if gather else super().scatter_coded)(kv, parts, codec, layers)
 
     def _submit(self, gather: bool, kv: "PagedKV", slots: "torch.Tensor", chunk: "torch.Tensor",
                 layers: Sequence[int] | None) -> None:

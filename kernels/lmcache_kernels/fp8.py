@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lmcache_core.codecs.fp8 import FP8_MAX, dequantize, layer_len, quantize
+from lmcache_core.codecs.fp8 import FP8_MAX, decode_from, encode_into, image_views
 
 from .reference import layer_list
 from .triton_copy import interpreting, layer_ids, plane_table, to_device, triton
@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 
 #: one chunk of a batch: its slots and its fp8 image (uint8, ``encoded_len`` bytes, layer-major)
 Batch = Sequence[tuple["torch.Tensor", "torch.Tensor"]]
-_COLS = 3  # byte offset of the image from the uint8 base, tokens, where its slots start
+#: a chunk table row: byte offset of the image from the uint8 base, tokens copied, where their
+#: slots start in the concatenated slots, tokens the image holds, the image's first token copied
+_COLS = 5
+#: where :func:`gather_coded` / :func:`scatter_coded` run the kernel for images in host memory:
+#: ``auto`` stages them in device memory on accelerators (the copy engines move the fp8 bytes;
+#: a kernel reading pinned memory through SMs is slower than the link), ``always`` stages on
+#: every device (the tests run the staging on a CPU), ``never`` maps them
+STAGE = "auto"
 
 if triton is not None:
     import triton.language as tl
@@ -70,13 +77,15 @@ if triton is not None:
         lp = tl.program_id(2)
         p = lp % P
         layer = tl.load(layer_ids_ + lp // P).to(tl.int64)
-        img = tl.load(tab + c * 3)
-        n = tl.load(tab + c * 3 + 1)
-        start = tl.load(tab + c * 3 + 2)
+        img = tl.load(tab + c * 5)
+        n = tl.load(tab + c * 5 + 1)
+        start = tl.load(tab + c * 5 + 2)
+        big_n = tl.load(tab + c * 5 + 3)  # tokens of the image (n of them from t0 are copied)
+        t0 = tl.load(tab + c * 5 + 4)
         hidden = HEADS * DIM
-        llen = P * n * (hidden + 2 * HEADS)  # bytes of one layer of the image
-        q0 = img + layer * llen + p * n * hidden
-        s0 = (img + layer * llen + P * n * hidden) // 2 + p * n * HEADS
+        llen = P * big_n * (hidden + 2 * HEADS)  # bytes of one layer of the image
+        q0 = img + layer * llen + (p * big_n + t0) * hidden
+        s0 = (img + layer * llen + P * big_n * hidden) // 2 + (p * big_n + t0) * HEADS
         tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = tok < n
         slot = tl.load(slots + start + tok, mask=tmask, other=0)
@@ -128,30 +137,49 @@ def _kernel() -> Any:
     return _JITTED
 
 
-def _check(kv: "PagedKV", batch: Batch, checked: bool = False) -> None:
-    from lmcache_core.codecs.fp8 import encoded_len
-    from lmcache_core.layout import check_slots
-
+def _check_dtype(kv: "PagedKV") -> None:
     g = kv.geometry
     if g.dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"fp8 gather/scatter takes float32, float16 or bfloat16 KV, not {g.dtype}")
+
+
+def _check_image(kv: "PagedKV", img: "torch.Tensor", big_n: int, first: int, n: int) -> None:
+    from lmcache_core.codecs.fp8 import encoded_len
+
+    g = kv.geometry
+    if img.dtype.itemsize != 1 or img.dim() != 1 or int(img.numel()) != encoded_len(g, big_n):
+        raise ValueError(f"an fp8 image of {big_n} tokens is {encoded_len(g, big_n)} bytes (uint8, 1-D), "
+                         f"got {tuple(img.shape)} of {img.dtype}")
+    if int(img.data_ptr()) % 2:
+        raise ValueError("an fp8 image must start at an even address (its scales are bf16)")
+    if first < 0 or first + n > big_n:
+        raise ValueError(f"{n} slots from token {first} do not fit an fp8 image of {big_n} tokens")
+
+
+def _check(kv: "PagedKV", batch: Batch, checked: bool = False) -> None:
+    from lmcache_core.layout import check_slots
+
+    _check_dtype(kv)
     for slots, img in batch:
         n = int(slots.numel())
-        if img.dtype.itemsize != 1 or img.dim() != 1 or int(img.numel()) != encoded_len(g, n):
-            raise ValueError(f"an fp8 image of {n} tokens is {encoded_len(g, n)} bytes (uint8, 1-D), "
-                             f"got {tuple(img.shape)} of {img.dtype}")
-        if int(img.data_ptr()) % 2:
-            raise ValueError("an fp8 image must start at an even address (its scales are bf16)")
+        _check_image(kv, img, n, 0, n)
     if not checked:  # one vectorised range check (a device sync): the kernel never sees a bad slot
         check_slots(kv, batch)
 
 
 def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool, checked: bool) -> None:
+    _check(kv, batch, checked)
+    rows = [(slots, int(img.data_ptr()), int(slots.numel()), 0) for slots, img in batch]
+    _launch(kv, rows, layer_list(kv, layers), gather)
+
+
+def _launch(kv: "PagedKV", rows: Sequence[tuple["torch.Tensor", int, int, int]], sel: Sequence[int],
+            gather: bool) -> None:
+    """One kernel launch over ``rows`` (slots, image address, image tokens, first token) and the
+    layers ``sel``; every image is addressable from ``kv``'s device at its address."""
     import torch
 
-    _check(kv, batch, checked)
-    sel = layer_list(kv, layers)
-    if not batch or not sel:
+    if not rows or not sel:
         return
     table, why = plane_table(kv)
     if table is None:
@@ -161,21 +189,24 @@ def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool
     qbase = torch.empty(256, dtype=torch.uint8, device=dev)
     sbase = qbase.view(torch.bfloat16)
     kbase = table.base.view(torch_dtype(g.dtype))
-    rows: list[int] = []
+    tab_rows: list[int] = []
     start = 0
-    for slots, img in batch:
-        rows += [int(img.data_ptr()) - int(qbase.data_ptr()), int(slots.numel()), start]
-        start += int(slots.numel())
-    tab = to_device(rows, torch.int64, dev)
+    for slots, addr, big_n, first in rows:
+        n = int(slots.numel())
+        tab_rows += [addr - int(qbase.data_ptr()), n, start, big_n, first]
+        start += n
+    tab = to_device(tab_rows, torch.int64, dev)
     from .triton_copy import concat_slots
 
-    sl = concat_slots([s for s, _ in batch], dev)
-    max_n = max(int(s.numel()) for s, _ in batch)
+    sl = concat_slots([r[0] for r in rows], dev)
+    max_n = max(int(r[0].numel()) for r in rows)
+    if max_n == 0:
+        return
     hp2 = triton.next_power_of_2(g.num_heads)
     block_t = triton.next_power_of_2(max_n) if interpreting() else max(1, min(triton.next_power_of_2(max_n),
                                                                                    4096 // (hp2 * g.head_dim)))
     sb, stok, sh, sd = table.strides
-    grid = (triton.cdiv(max_n, block_t), len(batch), len(sel) * g.kv_planes)
+    grid = (triton.cdiv(max_n, block_t), len(rows), len(sel) * g.kv_planes)
     lid = layer_ids(sel, dev)
     if dev.type == "cuda":
         stream = torch.cuda.current_stream(dev)
@@ -184,6 +215,58 @@ def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool
     _kernel()[grid](kbase, qbase, sbase, table.addrs, lid, tab, sl, sb, stok, sh, sd, kv.block_size,
                     P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
                     DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
+
+
+def _runs(sel: Sequence[int]) -> list[tuple[int, int]]:
+    """``sel`` as runs ``[first, last + 1)`` of consecutive layers, in order."""
+    out: list[tuple[int, int]] = []
+    for layer in sel:
+        if out and out[-1][1] == layer:
+            out[-1] = (out[-1][0], layer + 1)
+        else:
+            out.append((layer, layer + 1))
+    return out
+
+
+def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, gather: bool,
+           checked: bool, stage: str | None = None) -> None:
+    import torch
+
+    from lmcache_core.codecs.fp8 import layer_len
+    from lmcache_core.layout import check_slots
+
+    _check_dtype(kv)
+    for slots, img, big_n, first in parts:
+        n = int(slots.numel())
+        if gather and (first or n != big_n):
+            raise ValueError(f"an fp8 gather writes whole chunks: {n} slots from token {first} of a "
+                             f"{big_n}-token image")
+        _check_image(kv, img, big_n, first, n)
+    if not checked:
+        check_slots(kv, [(p[0], p[1]) for p in parts])
+    sel = layer_list(kv, layers)
+    dev = kv.device
+    how = STAGE if stage is None else stage
+    if not (how == "always" or (how == "auto" and dev.type != "cpu")) or not parts:
+        _launch(kv, [(slots, int(img.data_ptr()), big_n, first) for slots, img, big_n, first in parts], sel, gather)
+        return
+    g = kv.geometry
+    for l0, l1 in _runs(sel):
+        # each chunk's layers l0..l1 are one contiguous range of its image: one DMA per chunk
+        spans = [(l0 * layer_len(g, big_n), (l1 - l0) * layer_len(g, big_n)) for _, _, big_n, _ in parts]
+        buf = torch.empty(sum(n for _, n in spans), dtype=torch.uint8, device=dev)  # lengths are even
+        rows, off = [], 0
+        for (slots, img, big_n, first), (lo, n) in zip(parts, spans):
+            if not gather:
+                buf[off:off + n].copy_(img[lo:lo + n], non_blocking=True)
+            rows.append((slots, int(buf.data_ptr()) + off - lo, big_n, first))  # image base, as if whole
+            off += n
+        _launch(kv, rows, list(range(l0, l1)), gather)
+        if gather:
+            off = 0
+            for (_, img, _, _), (lo, n) in zip(parts, spans):
+                img[lo:lo + n].copy_(buf[off:off + n], non_blocking=True)
+                off += n
 
 
 def torch_dtype(name: str) -> Any:
@@ -206,16 +289,21 @@ def scatter(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None, *,
     _run(kv, batch, layers, False, checked)
 
 
+def gather_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None = None, *,
+                 checked: bool = False, stage: str | None = None) -> None:
+    """The device's ``gather_coded`` (:class:`lmcache_core.device.CodedPart` parts, whole chunks):
+    one launch per run of consecutive layers. Images in host memory are written from device
+    memory by one DMA per chunk and run of layers on accelerators (``stage``: see :data:`STAGE`)."""
+    _coded(kv, parts, layers, True, checked, stage)
+
+
+def scatter_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None = None, *,
+                  checked: bool = False, stage: str | None = None) -> None:
+    """The device's ``scatter_coded``: parts may cover a token range of their image (``first``)."""
+    _coded(kv, parts, layers, False, checked, stage)
+
+
 # -- the torch reference ----------------------------------------------------------------------
-def _views(kv: "PagedKV", img: "torch.Tensor", n: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    import torch
-
-    g = kv.geometry
-    per = img.view(g.num_layers, layer_len(g, n))
-    nq = g.kv_planes * n * g.hidden
-    return per[:, :nq], per[:, nq:]
-
-
 def gather_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
     import torch
 
@@ -224,13 +312,11 @@ def gather_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None)
     g = kv.geometry
     for slots, img in batch:
         n = int(slots.numel())
+        q, s = image_views(g, img, n)
         for layer in layer_list(kv, layers):
-            plain = torch.empty((g.num_layers, g.kv_planes, n, g.hidden), dtype=torch_dtype(g.dtype), device=img.device)
+            plain = torch.empty(g.shape(n), dtype=torch_dtype(g.dtype), device=img.device)
             torch_gather(kv, slots, plain, [layer])
-            q, s = quantize(plain[layer].reshape(g.kv_planes * n, g.hidden), g.head_dim)
-            qv, sv = _views(kv, img, n)
-            qv[layer].copy_(q.view(torch.uint8).reshape(-1))
-            sv[layer].copy_(s.contiguous().view(torch.uint8).reshape(-1))
+            encode_into(plain[layer], q[layer], s[layer], g.head_dim)
 
 
 def scatter_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None) -> None:
@@ -241,14 +327,12 @@ def scatter_ref(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None
     g = kv.geometry
     for slots, img in batch:
         n = int(slots.numel())
-        plain = torch.empty((g.num_layers, g.kv_planes, n, g.hidden), dtype=torch_dtype(g.dtype), device=img.device)
-        qv, sv = _views(kv, img, n)
+        plain = torch.empty(g.shape(n), dtype=torch_dtype(g.dtype), device=img.device)
+        q, s = image_views(g, img, n)
         sel = layer_list(kv, layers)
         for layer in sel:
-            q = qv[layer].contiguous().view(torch.float8_e4m3fn).view(g.kv_planes * n, g.hidden)
-            s = sv[layer].contiguous().view(torch.bfloat16).view(g.kv_planes * n, g.num_heads)
-            plain[layer] = dequantize(q, s, g.head_dim, plain.dtype).view(g.kv_planes, n, g.hidden)
+            plain[layer] = decode_from(q[layer], s[layer], g.head_dim, plain.dtype)
         torch_scatter(kv, slots, plain, sel)
 
 
-__all__ = ["FP8_MAX", "gather", "gather_ref", "scatter", "scatter_ref"]
+__all__ = ["FP8_MAX", "STAGE", "gather", "gather_coded", "gather_ref", "scatter", "scatter_coded", "scatter_ref"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmcache_core.codecs import CodecContext, resolve
+from lmcache_core.codecs import fp8 as fp8_codec
 from lmcache_core.codecs.fp8 import encoded_len
 from lmcache_core.keys import Namespace, chunk_keys
 from lmcache_core.layout import ChunkGeometry, PagedKV
@@ -207,3 +208,138 @@ def test_float16_scatter_rounds_subnormals_once():
     assert torch.equal(out, ref), _first_diff(out, ref)
     bad = _scatter_differences(g, slots, layers, ref, ref)
     assert bad == 0, f"{bad} float16 values differ from the reference"
+
+
+# -- the device API the engine calls (kv_codec): gather_coded / scatter_coded ---------------------
+def _stream_device():
+    """A StreamDevice over DEV: the CPU stand-in with the interpreter, or CUDA itself."""
+    from lmcache_core.device import Detection
+    from lmcache_kernels.accel import HostStreamDevice, StreamDevice
+
+    if DEV.type == "cpu":
+        return HostStreamDevice(0)
+
+    class _CUDA(StreamDevice):
+        name = "test-cuda"
+        auto_select = False
+
+        @classmethod
+        def detect(cls):
+            return Detection(True, "test", 1)
+
+    return _CUDA(0)
+
+
+@pytest.mark.parametrize("kind", ["vllm_flash", "flashinfer", "vllm_blocks_heads"])
+@pytest.mark.parametrize("stage", ["auto", "always", "never"])
+def test_device_coded_copies_are_the_reference_per_layer_and_for_a_token_range(kind, stage, monkeypatch) -> None:
+    _skip_without_kernel()
+    from lmcache_core.device import CodedPart
+    from lmcache_kernels.testing import make_kv, random_slots
+
+    monkeypatch.setattr(fp8, "STAGE", stage)
+    launches = []
+    launch = fp8._launch
+    monkeypatch.setattr(fp8, "_launch", lambda *a: (launches.append(a[2]), launch(*a)))
+    gen = torch.Generator().manual_seed(7)
+    kv, caches = make_kv(kind, num_layers=3, num_blocks=12, block_size=4, device=DEV, generator=gen)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=gen).to(c.dtype))
+    g = kv.geometry
+    slots = random_slots(40, kv, gen).to(DEV)
+    chunks = [(slots[i:i + 16], min(16, 40 - i)) for i in range(0, 40, 16)]  # the last one partial
+    pin = DEV.type == "cuda"
+    imgs = [torch.full((encoded_len(g, n),), 0x55, dtype=torch.uint8, pin_memory=pin) for _, n in chunks]
+    refs = [torch.zeros(encoded_len(g, n), dtype=torch.uint8, device=DEV) for _, n in chunks]
+    fp8.gather_ref(kv, [(s, r) for (s, _), r in zip(chunks, refs)])
+    dev = _stream_device()
+    parts = [CodedPart(s, img, n) for (s, n), img in zip(chunks, imgs)]
+    stream = dev.new_stream()
+    for layer in range(g.num_layers):  # the engine's layer-wise store
+        with dev.use_stream(stream):
+            dev.gather_coded(kv, parts, "fp8", layers=(layer,))
+    dev.record_event(stream).synchronize()
+    assert not dev._fp8_off and launches == [[0], [1], [2]]  # the kernel, once per layer for all chunks
+    for img, ref in zip(imgs, refs):
+        assert _first_diff(img.to(DEV), ref) == ""
+    # scatter a token range of each image (first > 0, ending early) into a cleared cache
+    want_kv, want_caches = make_kv(kind, num_layers=3, num_blocks=12, block_size=4, device=DEV, generator=gen)
+    got_kv, got_caches = make_kv(kind, num_layers=3, num_blocks=12, block_size=4, device=DEV, generator=gen)
+    for w, c in zip(want_caches, got_caches):
+        w.zero_()
+        c.zero_()
+    ranges = [(3, 13), (0, 16), (1, 7)]
+    fp8.scatter_ref(want_kv, [(s[a:b], _range_image(g, r, n, a, b))
+                              for (s, n), r, (a, b) in zip(chunks, refs, ranges)])
+    sub = [CodedPart(s[a:b], img, n, a) for (s, n), img, (a, b) in zip(chunks, imgs, ranges)]
+    with dev.use_stream(stream):
+        dev.scatter_coded(got_kv, sub, "fp8", layers=None)
+        dev.scatter_coded(got_kv, sub, "fp8", layers=(1,))  # again, one layer: the same values
+    dev.record_event(stream).synchronize()
+    assert launches[3:] == [[0, 1, 2], [1]]
+    for w, c in zip(want_caches, got_caches):
+        assert torch.equal(w.view(torch.int16), c.view(torch.int16))
+    with pytest.raises(ValueError, match="whole chunks"):
+        dev.gather_coded(kv, sub[:1], "fp8")
+    with pytest.raises(ValueError, match="do not fit"):
+        dev.scatter_coded(kv, [CodedPart(chunks[2][0], imgs[2], chunks[2][1], 1)], "fp8")
+
+
+def _range_image(g, img: torch.Tensor, n: int, a: int, b: int) -> torch.Tensor:
+    """The fp8 image of tokens ``a..b`` cut out of the image of ``n`` tokens (the reference's input)."""
+    from lmcache_core.codecs.fp8 import image_views
+
+    q, s = image_views(g, img, n)
+    out = torch.empty(encoded_len(g, b - a), dtype=torch.uint8, device=img.device)
+    oq, os_ = image_views(g, out, b - a)
+    oq.copy_(q[:, :, a:b])
+    os_.copy_(s[:, :, a:b])
+    return out
+
+
+def test_engine_with_kv_codec_fp8_through_the_kernels(tmp_path) -> None:
+    """CacheEngine(kv_codec=fp8) on a StreamDevice: layer-wise store, a layer-wise load of part of
+    the hit and a fresh engine's batched load from disk, each the host codec's values bit for bit."""
+    _skip_without_kernel()
+    from lmcache_core.config import Config
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import slot_mapping
+    from lmcache_kernels.testing import make_kv
+
+    gen = torch.Generator().manual_seed(3)
+    src, src_c = make_kv("vllm_flash", num_layers=3, num_blocks=24, block_size=16, device=DEV, generator=gen)
+    dst, dst_c = make_kv("vllm_flash", num_layers=3, num_blocks=24, block_size=16, device=DEV, generator=gen)
+    for c in src_c:
+        c.copy_(torch.randn(c.shape, generator=gen).to(c.dtype))
+    g = src.geometry
+    tokens = list(range(500, 600))  # 3 chunks of 32 and a partial of 4
+    blocks = torch.arange(7)
+    cfg = {"tiers": ["memory://?capacity=64MiB", f"disk://{tmp_path}/d?capacity=64MiB"], "chunk_size": 32,
+           "kv_codec": "fp8"}
+    s = slot_mapping(blocks, 16, 0, 100).to(DEV)
+
+    def want(caches, a, b):
+        x = torch.stack([c[:, s // 16, s % 16] for c in caches])[:, :, a:b]  # [L, 2, n, H, D]
+        q, sc = fp8_codec.quantize(x.reshape(*x.shape[:3], g.hidden), g.head_dim)
+        return fp8_codec.dequantize(q, sc, g.head_dim, x.dtype).reshape(x.shape)
+
+    def got(caches, a, b):
+        return torch.stack([c[:, s // 16, s % 16] for c in caches])[:, :, a:b]
+
+    with CacheEngine(g, Config.from_dict(cfg), model="m", device=_stream_device()) as eng:
+        task = eng.start_store(tokens, src, blocks)
+        for layer in range(g.num_layers):
+            task.save_layer(layer)
+        assert task.finish(wait=True) == 100
+        r = eng.start_retrieve(tokens, dst, blocks, skip_tokens=8)
+        assert r.hit_tokens == 100 and list(r) == [0, 1, 2]
+        r.finish()
+        assert eng.device._fp8_off == ""
+        exp = want(src_c, 8, 100)
+        assert torch.equal(got(dst_c, 8, 100).view(torch.int16), exp.view(torch.int16))
+    for c in dst_c:
+        c.zero_()
+    with CacheEngine(g, Config.from_dict({**cfg, "tiers": [f"disk://{tmp_path}/d?capacity=64MiB"]}), model="m",
+                     device=_stream_device()) as fresh:
+        assert fresh.retrieve(tokens, dst, blocks).by_tier == {"disk": 100}
+        assert torch.equal(got(dst_c, 0, 100).view(torch.int16), want(src_c, 0, 100).view(torch.int16))

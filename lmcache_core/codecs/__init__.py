@@ -7,7 +7,6 @@ on its writer threads and every read decodes and verifies. See ``docs/codecs.md`
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 
 from .base import DEVICE, HOST, Codec, CodecContext
@@ -20,10 +19,9 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 def lossy_namespace(namespace: bytes, chain: Chain) -> bytes:
     """The namespace id under which a lossy chain's chunks live (16 bytes): the exact
     namespace and the chain's wire id, so a lossy chunk is never found under an exact key."""
-    if chain.lossless:
-        return namespace
-    return hashlib.blake2b(namespace + b"\0" + chain.wire_id.encode(), digest_size=16,
-                           person=b"lmcache-lossy").digest()
+    from ..keys import lossy_namespace_id
+
+    return namespace if chain.lossless else lossy_namespace_id(namespace, chain.wire_id)
 
 
 __all__ = ["BUILTIN", "Chain", "Codec", "CodecContext", "CodecRegistry", "CodecSpec", "DEVICE", "HOST", "NATIVE",

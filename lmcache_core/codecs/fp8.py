@@ -39,6 +39,46 @@ def layer_len(geometry: "ChunkGeometry", num_tokens: int) -> int:
     return encoded_len(geometry, num_tokens) // geometry.num_layers
 
 
+def image_views(geometry: "ChunkGeometry", image: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of an fp8 image (uint8, 1-D, :func:`encoded_len` bytes): the e4m3 bytes
+    ``[layers, planes, tokens, hidden]`` (uint8) and the scales ``[layers, planes, tokens, heads]``
+    (bf16)."""
+    g, n = geometry, num_tokens
+    if image.dtype != torch.uint8 or image.dim() != 1 or image.numel() != encoded_len(g, n):
+        raise ValueError(f"an fp8 image of {n} tokens is {encoded_len(g, n)} bytes (uint8, 1-D), "
+                         f"got {tuple(image.shape)} of {image.dtype}")
+    per = image.view(g.num_layers, layer_len(g, n))
+    nq = g.kv_planes * n * g.hidden
+    q = per[:, :nq].view(g.num_layers, g.kv_planes, n, g.hidden)
+    s = per[:, nq:].view(torch.bfloat16).view(g.num_layers, g.kv_planes, n, g.num_heads)
+    return q, s
+
+
+def encode_into(plain: torch.Tensor, q: torch.Tensor, s: torch.Tensor, head_dim: int) -> None:
+    """Quantise ``plain`` ``[..., tokens, hidden]`` into the views ``q`` / ``s`` of an image
+    (:func:`image_views`, the same leading shape)."""
+    qq, ss = quantize(plain, head_dim)
+    q.copy_(qq.view(torch.uint8))
+    s.copy_(ss)
+
+
+def decode_from(q: torch.Tensor, s: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The KV values of the views ``q`` / ``s`` (any leading shape), in ``dtype``."""
+    return dequantize(q.contiguous().view(torch.float8_e4m3fn), s, head_dim, dtype)
+
+
+def check_image(geometry: "ChunkGeometry", image: torch.Tensor, num_tokens: int, what: object = "") -> None:
+    """Raise ChunkError unless ``image`` is a well-formed fp8 stream: every scale finite and
+    positive, no e4m3 NaN byte (``0x7f`` / ``0xff``). What a reader checks before it hands a
+    still-coded chunk to the device's scatter (the host decode checks the decoded values)."""
+    q, s = image_views(geometry, image, num_tokens)
+    sf = s.float()
+    if not bool((torch.isfinite(sf) & (sf > 0)).all()):
+        raise ChunkError(f"chunk {what}: fp8 stream has a scale that is not a positive finite number")
+    if bool(((q & 0x7F) == 0x7F).any()):
+        raise ChunkError(f"chunk {what}: fp8 stream holds a NaN value")
+
+
 def quantize(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[..., heads * head_dim]`` -> (e4m3 ``[..., heads * head_dim]``, bf16 scales
     ``[..., heads]``). The reference every kernel must match."""
@@ -93,4 +133,5 @@ class FP8Codec(Codec):
         return encoded_len(ctx.geometry, ctx.num_tokens)
 
 
-__all__ = ["FP8Codec", "FP8_MAX", "dequantize", "encoded_len", "layer_len", "quantize"]
+__all__ = ["FP8Codec", "FP8_MAX", "check_image", "decode_from", "dequantize", "encode_into", "encoded_len",
+           "image_views", "layer_len", "quantize"]

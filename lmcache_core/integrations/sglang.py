@@ -200,6 +200,9 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
                 f"lmcache-core: SGLang host pool layout {layout!r} is not supported; use "
                 f"--hicache-mem-layout {' or '.join(LAYOUTS)}"
             )
+        if self.config.kv_codec != "none":
+            raise ConfigError(f"lmcache-core: kv_codec {self.config.kv_codec} is not supported by the SGLang "
+                              "HiCache backend yet (it copies pages plain); unset kv_codec")
         buffer = getattr(mem_pool_host, "kv_buffer", None)
         if not isinstance(buffer, torch.Tensor):
             raise LayoutError(f"lmcache-core: host pool {type(mem_pool_host).__name__} has no kv_buffer tensor")
