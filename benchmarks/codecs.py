@@ -728,7 +728,8 @@ def _nvcomp_on(nvcomp: Any, stream: Any, src: torch.Tensor, dev: torch.device, h
                              "nvcomp_load_bf16_gbs": gbs, "nvcomp_load_vs_ceiling": gbs / h2d,
                              "nvcomp_bit_exact": exact,
                              **{f"nvcomp_{k}": info[k] for k in ("store_bf16_gbs", "store_vs_ceiling",
-                                                                 "store_same_bytes", "store_error") if k in info}})
+                                                                 "store_same_bytes", "store_decodes_exact",
+                                                                 "store_error") if k in info}})
         except Exception as exc:  # noqa: BLE001 - one algorithm failing is reported, the others run
             info["error"] = f"{type(exc).__name__}: {exc}"
     best.setdefault("nvcomp_bit_exact", False)
@@ -763,9 +764,16 @@ def _nvcomp_store(nvcomp: Any, codec: Any, sid: int, plain: torch.Tensor, comp: 
         torch.cuda.synchronize()
         same = all(n == int(c.size) and np.array_equal(room[i][:n].numpy(), c)
                    for i, (n, c) in enumerate(zip(copied, comp)))
+        # what matters for a tier: the stored bytes decode to the KV (encode need not be deterministic)
+        want = plain.view(-1, 2).t().contiguous().cpu().numpy()
+        back = [_host_bytes(codec.decode(nvcomp.as_array(room[i][:n].to(plain.device), cuda_stream=sid)))
+                for i, n in enumerate(copied)]
         gbs = plain.numel() / s / 1e9
         return {"store_s": s, "store_bf16_gbs": gbs, "store_vs_ceiling": gbs / d2h, "store_same_bytes": same,
-                "store_copied_bytes": sum(copied)}
+                "store_copied_bytes": sum(copied), "store_decodes_exact": all(
+                    np.array_equal(b, w) for b, w in zip(back, want)),
+                "store_differing_bytes": [int((room[i][:n].numpy() != c[:n]).sum()) if n == int(c.size) else -1
+                                          for i, (n, c) in enumerate(zip(copied, comp))]}
     except Exception as exc:  # noqa: BLE001 - reported in the JSON
         return {"store_error": f"{type(exc).__name__}: {exc}"}
 

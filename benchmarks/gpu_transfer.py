@@ -268,10 +268,23 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
             ld = timer(lambda: run_load(dev, kv, parts, style, stream), reps=r)
             if T == check_t:  # the load wrote back what store read: the cache must be unchanged
                 row["load_bit_exact"] = (check_fp8_load if style.endswith("_fp8") else check_store)(kv, parts, devname)
+                if style.endswith("_fp8"):
+                    row["fp8_check"] = dict(FP8_DIFFS)  # on the random-bit cache (subnormals, values to 3e38)
             row[str(T)] = {"store_GBps": gbps(nbytes, st["median_s"]), "load_GBps": gbps(nbytes, ld["median_s"]),
                            "store_ms": st["median_s"] * 1e3, "load_ms": ld["median_s"] * 1e3}
             log.info("%-20s T=%-6d store %6.1f GB/s  load %6.1f GB/s", name, T, row[str(T)]["store_GBps"],
                      row[str(T)]["load_GBps"])
+        if style.endswith("_fp8"):  # again on normal draws (the fp8 variants run last: the cache is theirs)
+            for c in caches:
+                c.normal_()
+            n = check_t // shape.chunk
+            parts = [CodedPart(all_slots[i * shape.chunk:(i + 1) * shape.chunk].to(devname), images[i], shape.chunk)
+                     for i in range(n)]
+            run_store(dev, kv, parts, style, stream)
+            row["normal_store_bit_exact"] = check_fp8_store(kv, parts, devname)
+            run_load(dev, kv, parts, style, stream)
+            row["normal_load_bit_exact"] = check_fp8_load(kv, parts, devname)
+            row["fp8_check_normal"] = dict(FP8_DIFFS)
         row["transfer_stats"] = asdict(dev.transfer.stats) if dev._transfer is not None else {}
         if style.endswith("_fp8"):
             row["fp8_kernel_off"] = dev._fp8_off  # non-empty: it fell back to the torch reference
@@ -281,29 +294,37 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
     return results
 
 
+FP8_DIFFS: dict[str, int] = {}  # what the last fp8 checks found (bytes / values differing, subnormal inputs)
+
+
 def check_fp8_store(kv: PagedKV, parts: list[Any], devname: str) -> bool:
     """Every fp8 image is the torch reference's quantisation of its slots, byte for byte."""
     from lmcache_kernels import fp8 as fp8_kernels
 
+    diff = sub = 0
     for p in parts:
         want = torch.empty(p.image.numel(), dtype=torch.uint8, device=devname)
         fp8_kernels.gather_ref(kv, [(p.slots, want)])
-        if not torch.equal(p.image.to(devname), want):
-            return False
-    return True
+        diff += int((p.image.to(devname) != want).sum())
+        plain = torch.empty(kv.geometry.shape(p.num_tokens), dtype=getattr(torch, kv.geometry.dtype), device=devname)
+        reference.gather_batch(kv, [(p.slots, plain)])
+        sub += int(((plain != 0) & (plain.abs() < torch.finfo(plain.dtype).tiny)).sum())
+    FP8_DIFFS.update(store_bytes_differing=diff, subnormal_inputs=sub)
+    return diff == 0
 
 
 def check_fp8_load(kv: PagedKV, parts: list[Any], devname: str) -> bool:
     """The cache at each chunk's slots holds its image's values (the host codec's decode), bits."""
     g = kv.geometry
+    diff = 0
     for p in parts:
         q, s = fp8_codec.image_views(g, p.image.to(devname), p.num_tokens)
         want = fp8_codec.decode_from(q, s, g.head_dim, getattr(torch, g.dtype))
         got = torch.empty(g.shape(p.num_tokens), dtype=want.dtype, device=devname)
         reference.gather_batch(kv, [(p.slots, got)])
-        if not torch.equal(bits(got), bits(want)):
-            return False
-    return True
+        diff += int((bits(got) != bits(want)).sum())
+    FP8_DIFFS.update(load_values_differing=diff)
+    return diff == 0
 
 
 def check_store(kv: PagedKV, parts: list[tuple[torch.Tensor, torch.Tensor]], devname: str) -> bool:

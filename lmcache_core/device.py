@@ -181,7 +181,7 @@ class Device(abc.ABC):
             q, s = fp8.image_views(g, image, n)
             plain = torch.empty(g.shape(n), dtype=torch_dtype(g.dtype), device=kv.device)
             self.gather(kv, slots, plain, sel)
-            self.record_event().synchronize()
+            self.synchronize()  # every stream: the reference waits for its own copies
             for layer in sel:
                 fp8.encode_into(plain[layer].to(image.device), q[layer], s[layer], g.head_dim)
 
@@ -209,7 +209,7 @@ class Device(abc.ABC):
                 plain[layer] = fp8.decode_from(q[layer, :, first:first + m], s[layer, :, first:first + m],
                                                g.head_dim, dtype).to(kv.device)
             self.scatter(kv, slots, plain, sel)
-            self.record_event().synchronize()
+            self.synchronize()  # every stream: the reference waits for its own copies
 
     # -- streams and events ------------------------------------------------------------
     def new_stream(self) -> Any:

@@ -27,6 +27,7 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
                if "skipped" not in row)
     for name in ("engine_fp8", "batched_fp8"):  # kv_codec=fp8's copies: the fused kernel, bit for bit
         assert res["store_load"][name]["fp8_kernel_off"] == ""
+        assert res["store_load"][name]["normal_store_bit_exact"] and res["store_load"][name]["normal_load_bit_exact"]
     for row in res["concurrent"]["rows"].values():
         assert row["default"]["bit_exact"] and row["dma"]["bit_exact"] and row["staged"]["bit_exact"]
     for row in res["layerwise"]["rows"].values():

@@ -191,6 +191,74 @@ class DeviceChunkTests(DeviceContract):
         problem = h.check_loaded(dst, before, truth, sp, dp, h.NUM_TOKENS)
         assert problem is None, f"{device.name}: scatter_many ({layout}, {dtype}): {problem}"
 
+    def test_coded_gather_and_scatter(self, device: "Device", layout: str, dtype: str) -> None:
+        """``gather_coded``/``scatter_coded`` with ``fp8`` (what the engine calls under
+        ``kv_codec: fp8``): each image is byte for byte the host codec's encoding of the ground
+        truth, per layer as in one call, and a scatter of a token range of each image writes
+        those tokens' decoded values and nothing else."""
+        import torch
+
+        from lmcache_core.codecs import fp8
+        from lmcache_core.device import CodedPart
+        from lmcache_core.layout import torch_dtype
+
+        if not hasattr(device, "gather_coded"):
+            pytest.skip("this lmcache-core has no device codecs (gather_coded/scatter_coded)")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            pytest.skip(f"fp8 codes float32, float16 and bfloat16 KV, not {dtype}")
+        src = self.kv_for(device, layout, dtype, seed=41)
+        g = src.kv.geometry
+        truth = src.logical()
+        sp = h.place(src, h.NUM_TOKENS, seed=42)
+        bounds = [(0, h.CHUNK_SIZE), (h.CHUNK_SIZE, 2 * h.CHUNK_SIZE), (2 * h.CHUNK_SIZE, h.NUM_TOKENS)]
+        want = []
+        for a, b in bounds:
+            plain = expected_chunk(truth, sp.slots[a:b]).view(torch_dtype(dtype))
+            img = torch.empty(fp8.encoded_len(g, b - a), dtype=torch.uint8)
+            q, sc = fp8.image_views(g, img, b - a)
+            fp8.encode_into(plain, q, sc, g.head_dim)
+            want.append(img)
+        imgs = []
+        for (a, b), w in zip(bounds, want):
+            t = device.alloc_host(w.numel())
+            t.fill_(h.SENTINEL)
+            imgs.append(t)
+        parts = [CodedPart(torch.as_tensor(sp.slots[a:b], dtype=torch.int64), img, b - a)
+                 for (a, b), img in zip(bounds, imgs)]
+        stream = device.new_stream()
+        for layer in range(g.num_layers):
+            with device.use_stream(stream):
+                device.gather_coded(src.kv, parts, "fp8", layers=(layer,))
+        device.record_event(stream).synchronize()
+        device.synchronize()
+        for (a, b), img, w in zip(bounds, imgs, want):
+            diff = int((img.cpu() != w).sum())
+            assert diff == 0, (f"{device.name}: gather_coded fp8 of tokens {a}..{b} ({layout}, {dtype}): {diff} of "
+                               f"{w.numel()} bytes differ from the host codec's encoding of the ground truth")
+        dst = self.kv_for(device, layout, dtype, seed=43)
+        dst.fill_raw(h.SENTINEL)
+        before = dst.logical()
+        dp = h.place(dst, h.NUM_TOKENS, seed=44)
+        cuts = [(a + 3, b) if b - a > 3 else (a, b) for a, b in bounds]  # a token range of each image
+        cuts[-1] = (cuts[-1][0], cuts[-1][1] - 1) if cuts[-1][1] - cuts[-1][0] > 1 else cuts[-1]
+        device.scatter_coded(dst.kv, [CodedPart(torch.as_tensor(dp.slots[x:y], dtype=torch.int64), img, b - a, x - a)
+                                      for (a, b), (x, y), img in zip(bounds, cuts, imgs)], "fp8")
+        device.record_event(None).synchronize()
+        device.synchronize()
+        now = dst.logical()
+        written: list[int] = []
+        for (a, b), (x, y), w in zip(bounds, cuts, want):
+            q, sc = fp8.image_views(g, w, b - a)
+            dec = fp8.decode_from(q[:, :, x - a:y - a], sc[:, :, x - a:y - a], g.head_dim, torch_dtype(dtype))
+            got = expected_chunk(now, dp.slots[x:y])
+            assert torch.equal(got, raw(dec)), (
+                f"{device.name}: scatter_coded fp8 of tokens {x}..{y} ({layout}, {dtype}) did not write the "
+                "image's decoded values")
+            written += dp.slots[x:y]
+        rest = sorted(set(range(now.shape[2])) - set(written))
+        assert torch.equal(expected_chunk(now, rest), expected_chunk(before, rest)), (
+            f"{device.name}: scatter_coded fp8 ({layout}, {dtype}) wrote outside its tokens' slots")
+
     def test_roundtrip_through_store(self, device: "Device", layout: str, dtype: str, chunk_store: str) -> None:
         """gather -> seal -> store -> (new engine) -> verify -> scatter is bit-exact for full and
         partial chunks, into a different, non-contiguous block table."""

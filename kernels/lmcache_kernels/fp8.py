@@ -128,6 +128,10 @@ if triton is not None:
 
 
 _JITTED: Any = None
+#: Triton's CUDA backend makes libdevice flush subnormals (``enable_reflect_ftz``), so its
+#: ``div_rn`` differs from torch's division (and the host codec) on subnormal KV; run H on the
+#: H200 (2026-12-04) found images differing from the reference on random-bit KV, which has them
+_IEEE: dict[str, Any] = {"enable_reflect_ftz": False}
 
 
 def _kernel() -> Any:
@@ -212,9 +216,18 @@ def _launch(kv: "PagedKV", rows: Sequence[tuple["torch.Tensor", int, int, int]],
         stream = torch.cuda.current_stream(dev)
         for t in (table.addrs, table.base, tab, sl, lid, qbase):
             t.record_stream(stream)
-    _kernel()[grid](kbase, qbase, sbase, table.addrs, lid, tab, sl, sb, stok, sh, sd, kv.block_size,
-                    P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
-                    DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
+    args = (kbase, qbase, sbase, table.addrs, lid, tab, sl, sb, stok, sh, sd, kv.block_size)
+    meta = dict(P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
+                DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
+    global _IEEE
+    ieee = _IEEE if dev.type == "cuda" and not interpreting() and getattr(torch.version, "hip", None) is None else {}
+    try:
+        _kernel()[grid](*args, **meta, **ieee)
+    except KeyError:  # a Triton without the option: its libdevice flushes subnormals
+        if not ieee:
+            raise
+        _IEEE = {}
+        _kernel()[grid](*args, **meta)
 
 
 def _runs(sel: Sequence[int]) -> list[tuple[int, int]]:

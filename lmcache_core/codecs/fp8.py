@@ -85,7 +85,9 @@ def quantize(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor
     shape = x.shape
     xf = x.reshape(*shape[:-1], shape[-1] // head_dim, head_dim).float()
     amax = xf.abs().amax(dim=-1)
-    scale = (amax / FP8_MAX).to(torch.bfloat16)
+    # a tensor divisor: torch on CUDA divides by a scalar as a multiply by its reciprocal, which
+    # is not IEEE division (the kernels' and the CPU's) and can round a scale the other way
+    scale = (amax / torch.full_like(amax, FP8_MAX)).to(torch.bfloat16)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (xf / scale.float().unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.reshape(shape), scale
