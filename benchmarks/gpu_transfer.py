@@ -1103,25 +1103,32 @@ def plot(res: dict[str, Any], png: str) -> None:
     sl = res["store_load"]
     toks = sorted(int(k) for k in next(iter(sl.values())) if k.isdigit())
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    show = ["engine_direct", "engine_staged", "batched_direct", "batched_staged_1chunk_4s", "batched_staged_128m_3s",
-            "torch_reference"]
+    show = ["engine_default", "engine_direct", "engine_staged", "batched_direct", "batched_staged_1chunk_4s",
+            "batched_staged_128m_3s", "torch_reference", "engine_fp8", "batched_fp8"]
     for ax, key, ceil_key, title in ((axes[0], "store_GBps", "d2h_GBps", "store: paged GPU -> pinned chunks"),
                                      (axes[1], "load_GBps", "h2d_GBps", "load: pinned chunks -> paged GPU")):
+        top = 0.0
         for name in show:
-            if name in sl:
-                ax.plot(toks, [sl[name][str(t)][key] for t in toks], marker="o", label=name)
+            if name in sl and "skipped" not in sl[name]:
+                ys = [sl[name][str(t)][key] for t in toks]
+                top = max(top, *ys)
+                ax.plot(toks, ys, marker="o", label=name + (" (bf16 bytes coded as fp8)" if "fp8" in name else ""),
+                        ls="--" if "fp8" in name else "-")
         ceil = max(res["ceilings"][ceil_key], res["ceilings"].get("32MiB", {}).get(ceil_key, 0.0))
         ax.axhline(ceil, color="k", ls="--", lw=1, label=f"pinned copy ceiling {ceil:.1f} (best of 1 GiB, 32 MiB)")
         ax.axhline(0.95 * ceil, color="grey", ls=":", lw=1, label="95% of it")
         ax.set_xscale("log", base=2)
         ax.set_xticks(toks, [f"{t // 1024}K" for t in toks])
-        ax.set_ylim(0, ceil * 1.1)
+        ax.set_ylim(0, max(ceil, top) * 1.1)
         ax.set_xlabel("tokens (Llama-3-8B KV, 128 KiB/token)")
         ax.set_ylabel("GB/s")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
     rows = res.get("ttft", {}).get("rows", {})
+    if not rows:
+        axes[2].axis("off")
+        axes[2].text(0.5, 0.5, "no TTFT section in this run", ha="center", va="center")
     if rows:
         ts = sorted(int(t) for t in rows)
         ax = axes[2]
