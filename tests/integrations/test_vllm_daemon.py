@@ -98,9 +98,11 @@ def runs(vh: ModuleType, vllm_python: str, tiny_model: Path, tmp_path_factory: p
         before = _stats(d1)
         out["before_kill"] = before
         a.go("big")
-        _wait(lambda: (s := _stats(d1))["tiers"]["memory"]["items"] > before["tiers"]["memory"]["items"] + 2
-              and s["session_slots"] > 0, 300, "A in the middle of storing S2", 0.01)
-        out["at_kill"] = _stats(d1)
+        # the sample that saw A mid-store is the one kept: a second sample taken after it raced A's
+        # commits (CI of 2026-12-04 read 0 slots there)
+        out["at_kill"] = _wait(lambda: (s := _stats(d1))["tiers"]["memory"]["items"]
+                               > before["tiers"]["memory"]["items"] + 2 and s["session_slots"] > 0 and s,
+                               300, "A in the middle of storing S2", 0.01)
         a.kill()
         out["after_kill"] = _wait(lambda: (s := _stats(d1))["sessions"] == 0 and s, 30, "A's sessions closed")
         b = Engine(vh, vllm_python, {"model": model, "connector": conn(d1), "prefix_caching": False, "phases": [
