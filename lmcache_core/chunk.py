@@ -410,6 +410,34 @@ def encode_chunk(chunk: ChunkBuffer, chain: "_codecs.Chain", pool: BufferPool, k
         raise
 
 
+def encode_coded(chunk: ChunkBuffer, chain: "_codecs.Chain", pool: BufferPool) -> ChunkBuffer:
+    """A new sealed image of a device-coded ``chunk`` (``new_chunk(codec)``, e.g. fp8) whose stored
+    bytes ``chain`` codes further (``aesgcm``: encryption at rest over the fp8 bytes); the header
+    names both, ``fp8-e4m3-th/1+aesgcm/1``, as a tier chain ``fp8+aesgcm`` writes it. ``chunk`` is
+    not consumed. Only byte codecs that keep the namespace apply (ValueError otherwise)."""
+    h = chunk.header
+    if h.codec == "none":
+        raise ValueError(f"chunk {h.key} is plain; use encode_chunk")
+    if not chain.lossless or not all(getattr(c, "encrypts", False) for c in chain.codecs):
+        raise ValueError(f"codec {chain.name} cannot code {h.codec} images (only encryption, aesgcm, applies "
+                         "to a device codec's bytes)")
+    wire = f"{h.codec}+{chain.wire_id}"
+    full = _codecs.REGISTRY.chain_for_wire(wire)  # a valid chain, or ValueError-like ChunkError
+    ctx = _codecs.CodecContext(h.key, h.geometry, h.num_tokens, pool)
+    data = memoryview(chain.encode(chunk.buf.memoryview(HEADER_SIZE, h.stored_len), ctx)).cast("B")
+    if len(data) > full.max_encoded_len(h.payload_len, ctx):
+        raise ValueError(f"codec {chain.name} made {len(data)} bytes of a {h.stored_len}-byte {h.codec} image")
+    buf = pool.acquire(HEADER_SIZE + len(data))
+    try:
+        stored = buf.memoryview(HEADER_SIZE, len(data))
+        stored[:] = data
+        out = ChunkBuffer(buf, ChunkHeader(h.key, h.geometry, h.num_tokens, wire, h.payload_len, len(data), b""))
+        return _write_header(out, wire, stored, pool)
+    except BaseException:
+        buf.release()
+        raise
+
+
 def decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, pool: BufferPool,
                  geometry: ChunkGeometry | None = None) -> ChunkBuffer:
     """Verify an image read into ``buf`` (``nbytes`` valid bytes) and return it as a chunk.
@@ -456,9 +484,12 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
             raise ChunkError(f"chunk {header.key} fails its {'keyed ' if key else ''}integrity check")
         if header.codec == "none":
             return ChunkBuffer(buf, header)
-        if header.codec == _KEPT.get(pool):  # the engine's device decodes it (kv_codec)
+        kept = _KEPT.get(pool)
+        if kept is not None and header.codec == kept:  # the engine's device decodes it (kv_codec)
             _check_kept(header, buf.view(HEADER_SIZE, header.stored_len))
             return ChunkBuffer(buf, header)
+        if kept is not None and header.codec.startswith(kept + "+"):  # e.g. fp8 then aesgcm: undo the rest
+            return _decode_to_kept(buf, header, kept, pool)
         plain = pool.acquire(HEADER_SIZE + header.payload_len)
         owned = plain
         if header.codec == "zlib":
@@ -490,6 +521,26 @@ def keep_coded(pool: BufferPool, codec: str) -> None:
     if codec not in _KEPT_CHECKS:
         raise ValueError(f"codec {codec!r} is not a device codec; device codecs: {sorted(_KEPT_CHECKS)}")
     _KEPT[pool] = codec
+
+
+def _decode_to_kept(buf: PooledBuffer, header: ChunkHeader, kept: str, pool: BufferPool) -> ChunkBuffer:
+    """Undo the codecs after the kept device codec (decryption): a sealed chunk of the kept
+    codec's stored form, checked. Takes ``buf`` (released on success and on failure)."""
+    ctx = _codecs.CodecContext(header.key, header.geometry, header.num_tokens, pool)
+    rest = _codecs.REGISTRY.chain_for_wire(header.codec[len(kept) + 1:])
+    want = _codecs.REGISTRY.chain_for_wire(kept).max_encoded_len(header.payload_len, ctx)
+    stored = buf.memoryview(HEADER_SIZE, header.stored_len)
+    decoded = memoryview(rest.decode(stored, want, ctx)).cast("B")
+    out = pool.acquire(HEADER_SIZE + want)
+    try:
+        out.memoryview(HEADER_SIZE, want)[:] = decoded
+        plain = ChunkHeader(header.key, header.geometry, header.num_tokens, kept, header.payload_len, want, b"")
+        _check_kept(plain, out.view(HEADER_SIZE, want))
+        buf.release()
+        return _write_header(ChunkBuffer(out, plain), kept, out.memoryview(HEADER_SIZE, want), pool)
+    except BaseException:
+        out.release()
+        raise
 
 
 def _check_fp8(header: ChunkHeader, stored: "torch.Tensor") -> None:
@@ -534,5 +585,5 @@ def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
 
 
 __all__ = ["ChunkBuffer", "ChunkHeader", "HEADER_SIZE", "bind_integrity_key", "coded_len", "decode_header",
-           "decode_image", "encode_chunk", "encode_header", "integrity_keyed", "keep_coded", "new_chunk", "seal",
+           "decode_image", "encode_chunk", "encode_coded", "encode_header", "integrity_keyed", "keep_coded", "new_chunk", "seal",
            "set_integrity_key", "itemsize"]

@@ -301,9 +301,11 @@ class Config:
         from .storage import parse_url
 
         for url in self.tiers:
-            if "codec" in parse_url(url).query:
-                raise ConfigError(f"tiers: {url!r} sets a tier codec, and kv_codec {self.kv_codec} already codes "
-                                  "every chunk on the device; drop the tier's codec option or unset kv_codec")
+            codec = parse_url(url).query.get("codec")
+            if codec is not None and codec != "aesgcm":
+                raise ConfigError(f"tiers: {url!r} sets codec={codec}, and kv_codec {self.kv_codec} already codes "
+                                  "every chunk on the device; only codec=aesgcm (encryption) applies over it: drop "
+                                  "the tier's codec option or unset kv_codec")
 
     def daemon_token_value(self) -> str:
         """The daemon token (from ``daemon_token`` or ``daemon_token_file``), or ""."""

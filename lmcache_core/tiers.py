@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
 from . import codecs
-from .chunk import ChunkBuffer, encode_chunk
+from .chunk import ChunkBuffer, encode_chunk, encode_coded
 from .errors import ChunkError, ConfigError
 from .keys import ChunkKey
 from .metrics import Metrics
@@ -519,10 +519,12 @@ class TierStack:
         """``(key, chunk)`` as ``tier`` keeps them: coded by its chain (a new buffer the caller
         releases), or as given. None when coding failed: a dropped store, counted and logged;
         the tier itself is fine."""
-        if tier.chain is None or chunk.header.codec != "none":
+        if tier.chain is None:
             return key, chunk
         tkey = tier.key(key)
         try:
+            if chunk.header.codec != "none":  # coded on the device (kv_codec): only encryption applies
+                return key, encode_coded(chunk, tier.chain, tier.store.context.pool)
             return tkey, encode_chunk(chunk, tier.chain, tier.store.context.pool, tkey)
         except Exception as exc:  # noqa: BLE001 - a chunk the codec cannot take is one dropped store
             self.metrics.errors.labels(tier.name, "encode").inc()

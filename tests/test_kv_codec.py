@@ -168,8 +168,9 @@ def test_kv_codec_refuses_what_it_cannot_combine_with(tmp_path):
         Config.from_dict({**base, "daemon": f"daemon://{tmp_path}/s.sock"})
     with pytest.raises(ConfigError, match="codec: none"):
         Config.from_dict({**base, "codec": "zlib"})
-    with pytest.raises(ConfigError, match="drop the tier's codec"):
+    with pytest.raises(ConfigError, match="only codec=aesgcm"):
         Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec=lossless"]})
+    Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec=aesgcm&codec_key_file={tmp_path}/k"]})
     with pytest.raises(ConfigError, match="not allowed"):
         Config.from_dict({**base, "kv_codec": "fp4"})
     fp8_kv = PagedKV.from_vllm_flash([torch.zeros((2, 4, BS, H, D), dtype=torch.float8_e4m3fn)])
@@ -179,3 +180,45 @@ def test_kv_codec_refuses_what_it_cannot_combine_with(tmp_path):
 
 def test_kv_codec_wire_id_is_the_fp8_codecs():
     assert fp8.FP8Codec.wire_id in chunkmod._KEPT_CHECKS
+
+
+def test_encryption_at_rest_over_fp8_images(fp8_engine, make_engine, tmp_path):
+    """kv_codec fp8 with a disk tier codec=aesgcm: the files hold fp8 images encrypted (none of an
+    image's bytes in the clear), a fresh engine with the secret loads them bit for bit, one with
+    another secret misses, and an exact engine's codec=fp8+aesgcm tier writes the same form."""
+    secret, other = tmp_path / "k1", tmp_path / "k2"
+    secret.write_text("a" * 32)
+    other.write_text("b" * 32)
+    disk = tmp_path / "enc"
+    url = f"disk://{disk}?capacity=256MiB&codec=aesgcm&codec_key_file={secret}"
+    src_c, src = paged(1)
+    blocks = torch.arange(7)
+    eng = fp8_engine(tiers=["memory://?capacity=64MiB", url])
+    eng.store(TOKENS, src, blocks, wait=True)
+    image = eng.tiers.by_name("memory").get(eng.keys(TOKENS)[0])  # the memory tier keeps it plain fp8
+    assert image is not None and image.header.codec == "fp8-e4m3-th/1"
+    sample = bytes(image.coded()[1000:1064].numpy())
+    image.release()
+    files = [p for p in disk.rglob("*") if p.is_file() and p.stat().st_size > chunkmod.HEADER_SIZE]
+    assert len(files) == 4
+    for f in files:
+        data = f.read_bytes()
+        assert chunkmod.decode_header(data[:chunkmod.HEADER_SIZE]).codec == "fp8-e4m3-th/1+aesgcm/1"
+        assert sample not in data
+    fresh = fp8_engine(tiers=[url])
+    dst_c, dst = paged(2)
+    assert fresh.retrieve(TOKENS, dst, blocks).by_tier == {"disk": 100}
+    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
+        assert same(b, fp8_of(a))
+    stranger = fp8_engine(tiers=[f"disk://{disk}?capacity=256MiB&codec=aesgcm&codec_key_file={other}"])
+    assert stranger.retrieve(TOKENS, paged(3)[1], blocks).hit_tokens == 0  # fails authentication: a miss
+    # an exact engine's host chain fp8+aesgcm: the same chunks, read by kv_codec fp8 with the tier aesgcm
+    shared = tmp_path / "shared"
+    writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec=fp8%2Baesgcm"
+                                              f"&codec_key_file={secret}"])
+    writer.store(TOKENS, src, blocks, wait=True)
+    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec=aesgcm&codec_key_file={secret}"])
+    dst_c, dst = paged(4)
+    assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
+    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
+        assert same(b, fp8_of(a))

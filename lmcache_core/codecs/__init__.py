@@ -17,11 +17,16 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 
 def lossy_namespace(namespace: bytes, chain: Chain) -> bytes:
-    """The namespace id under which a lossy chain's chunks live (16 bytes): the exact
-    namespace and the chain's wire id, so a lossy chunk is never found under an exact key."""
+    """The namespace id under which a lossy chain's chunks live (16 bytes): the exact namespace
+    and the wire id of the chain's lossy codec, so a lossy chunk is never found under an exact
+    key, and the lossless stages around it (``cachegen+aesgcm``) do not move it: what a chunk
+    decodes to, not how it is wrapped, names it (``kv_codec: fp8`` and ``codec=fp8+aesgcm`` meet)."""
     from ..keys import lossy_namespace_id
 
-    return namespace if chain.lossless else lossy_namespace_id(namespace, chain.wire_id)
+    if chain.lossless:
+        return namespace
+    lossy = next(c for c in chain.codecs if not c.lossless)
+    return lossy_namespace_id(namespace, lossy.wire_id)
 
 
 __all__ = ["BUILTIN", "Chain", "Codec", "CodecContext", "CodecRegistry", "CodecSpec", "DEVICE", "HOST", "NATIVE",
