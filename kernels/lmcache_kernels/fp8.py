@@ -15,6 +15,7 @@ sign of a value that rounds to zero).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lmcache_core.codecs.fp8 import FP8_MAX, decode_from, encode_into, image_views
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from lmcache_core.layout import PagedKV
+
+logger = logging.getLogger(__name__)
 
 #: one chunk of a batch: its slots and its fp8 image (uint8, ``encoded_len`` bytes, layer-major)
 Batch = Sequence[tuple["torch.Tensor", "torch.Tensor"]]
@@ -264,22 +267,77 @@ def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, ga
         _launch(kv, [(slots, int(img.data_ptr()), big_n, first) for slots, img, big_n, first in parts], sel, gather)
         return
     g = kv.geometry
+    copier = _copier(dev, parts)
     for l0, l1 in _runs(sel):
-        # each chunk's layers l0..l1 are one contiguous range of its image: one DMA per chunk
+        # each chunk's layers l0..l1 are one contiguous range of its image: one copy per chunk, all
+        # of a run in one copy-engine batch where the binding takes them (else one torch DMA each)
         spans = [(l0 * layer_len(g, big_n), (l1 - l0) * layer_len(g, big_n)) for _, _, big_n, _ in parts]
         buf = torch.empty(sum(n for _, n in spans), dtype=torch.uint8, device=dev)  # lengths are even
-        rows, off = [], 0
+        base = int(buf.data_ptr())
+        rows, dev_at, host_at, sizes, off = [], [], [], [], 0
         for (slots, img, big_n, first), (lo, n) in zip(parts, spans):
-            if not gather:
-                buf[off:off + n].copy_(img[lo:lo + n], non_blocking=True)
-            rows.append((slots, int(buf.data_ptr()) + off - lo, big_n, first))  # image base, as if whole
+            rows.append((slots, base + off - lo, big_n, first))  # image base, as if whole
+            dev_at.append(base + off)
+            host_at.append(int(img.data_ptr()) + lo)
+            sizes.append(n)
             off += n
+        if not gather:
+            copier = _stage_copies(copier, dev, dev_at, host_at, sizes, True, buf, parts, spans)
         _launch(kv, rows, list(range(l0, l1)), gather)
         if gather:
-            off = 0
-            for (_, img, _, _), (lo, n) in zip(parts, spans):
-                img[lo:lo + n].copy_(buf[off:off + n], non_blocking=True)
-                off += n
+            copier = _stage_copies(copier, dev, host_at, dev_at, sizes, False, buf, parts, spans)
+
+
+#: devices whose copy-engine batches failed once (the staging copies then go one by one)
+_COPIER_OFF: dict[str, str] = {}
+
+
+def _copier(dev: "torch.device", parts: Sequence[Any]) -> Any:
+    """The copy-engine binding (:mod:`.dma`) for staging ``parts``' images, or None: it takes host
+    memory that is pinned (or a CPU run's memmove); anything else goes by torch's DMA."""
+    from . import dma
+
+    if str(dev) in _COPIER_OFF:
+        return None
+    copier, _ = dma.copier(dev)
+    if copier is None:
+        return None
+    if dev.type != "cpu" and not all(p[1].device.type == "cpu" and p[1].is_pinned() for p in parts):
+        return None
+    return copier
+
+
+def _stage_copies(copier: Any, dev: "torch.device", dsts: list[int], srcs: list[int], sizes: list[int],
+                  to_device: bool, buf: "torch.Tensor", parts: Sequence[Any], spans: list[tuple[int, int]]) -> Any:
+    """The staging buffer's copies in stream order: one batch through ``copier`` on the current
+    stream, or (no binding, or it failed: then never again on ``dev``) one torch copy per chunk.
+    Returns the binding to use next."""
+    import numpy as np
+    import torch
+
+    if copier is not None:
+        from . import dma
+
+        try:
+            arrays = [np.asarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]
+            if isinstance(copier, dma.DriverCopier):
+                with torch.cuda.device(dev):
+                    copier.copy(*arrays, torch.cuda.current_stream(dev).cuda_stream, to_device, dev.index or 0)
+            else:
+                copier.copy(*arrays, 0, to_device, dev.index or 0)
+            return copier
+        except Exception as exc:  # noqa: BLE001 - the copy engines' fault: the same copies one by one
+            _COPIER_OFF[str(dev)] = f"{type(exc).__name__}: {exc}"
+            logger.warning("fp8 staging: copy-engine batch failed on %s (%s); copying chunk by chunk from now "
+                           "on", dev, _COPIER_OFF[str(dev)])
+    off = 0
+    for (_, img, _, _), (lo, n) in zip(parts, spans):
+        if to_device:
+            buf[off:off + n].copy_(img[lo:lo + n], non_blocking=True)
+        else:
+            img[lo:lo + n].copy_(buf[off:off + n], non_blocking=True)
+        off += n
+    return None
 
 
 def torch_dtype(name: str) -> Any:

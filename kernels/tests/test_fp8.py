@@ -238,6 +238,11 @@ def test_device_coded_copies_are_the_reference_per_layer_and_for_a_token_range(k
     from lmcache_kernels.testing import make_kv, random_slots
 
     monkeypatch.setattr(fp8, "STAGE", stage)
+    from lmcache_kernels import dma
+
+    batches = []
+    host_copy = dma.HostCopier.copy
+    monkeypatch.setattr(dma.HostCopier, "copy", lambda self, *a: (batches.append(len(a[2])), host_copy(self, *a)))
     launches = []
     launch = fp8._launch
     monkeypatch.setattr(fp8, "_launch", lambda *a: (launches.append(a[2]), launch(*a)))
@@ -277,6 +282,8 @@ def test_device_coded_copies_are_the_reference_per_layer_and_for_a_token_range(k
         dev.scatter_coded(got_kv, sub, "fp8", layers=(1,))  # again, one layer: the same values
     dev.record_event(stream).synchronize()
     assert launches[3:] == [[0, 1, 2], [1]]
+    if stage == "always" and DEV.type == "cpu":  # staged: each run's copies went as one batch
+        assert batches == [3] * 5
     for w, c in zip(want_caches, got_caches):
         assert torch.equal(w.view(torch.int16), c.view(torch.int16))
     with pytest.raises(ValueError, match="whole chunks"):
@@ -343,3 +350,34 @@ def test_engine_with_kv_codec_fp8_through_the_kernels(tmp_path) -> None:
                      device=_stream_device()) as fresh:
         assert fresh.retrieve(tokens, dst, blocks).by_tier == {"disk": 100}
         assert torch.equal(got(dst_c, 0, 100).view(torch.int16), want(src_c, 0, 100).view(torch.int16))
+
+
+def test_staging_copies_fall_back_to_one_by_one_when_the_batch_fails(monkeypatch) -> None:
+    """A copy-engine batch that fails: the same copies go one torch copy each (bit for bit) and
+    later calls on that device skip the binding."""
+    _skip_without_kernel()
+    from lmcache_core.device import CodedPart
+    from lmcache_kernels import dma
+    from lmcache_kernels.testing import make_kv, random_slots
+
+    if DEV.type != "cpu":
+        pytest.skip("the failing binding is the CPU's memmove stand-in")
+    monkeypatch.setattr(fp8, "STAGE", "always")
+    monkeypatch.setattr(fp8, "_COPIER_OFF", {})
+
+    def broken(self, *a):
+        raise RuntimeError("copy engines gone")
+
+    monkeypatch.setattr(dma.HostCopier, "copy", broken)
+    gen = torch.Generator().manual_seed(9)
+    kv, caches = make_kv("vllm_flash", num_layers=2, num_blocks=8, block_size=4, generator=gen)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=gen).to(c.dtype))
+    g = kv.geometry
+    slots = random_slots(16, kv, gen)
+    img = torch.zeros(encoded_len(g, 16), dtype=torch.uint8)
+    ref = torch.zeros_like(img)
+    fp8.gather_ref(kv, [(slots, ref)])
+    fp8.gather_coded(kv, [CodedPart(slots, img, 16)])
+    assert torch.equal(img, ref) and "copy engines gone" in fp8._COPIER_OFF["cpu"]
+    assert fp8._copier(torch.device("cpu"), [CodedPart(slots, img, 16)]) is None
