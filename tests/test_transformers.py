@@ -78,3 +78,34 @@ def test_random_models_of_one_shape_never_share_chunks(tmp_path):
         assert ca2.generate(prompt, 4).hit_tokens == len(prompt) - 1  # the same weights find their own chunks
     finally:
         ca2.close()
+
+
+def test_kv_codec_fp8_through_cached_model(tmp_path):
+    """kv_codec fp8 in the transformers integration: hits of the same lengths as exact KV, from
+    memory and from disk, and the greedy tokens of a hit equal a second fp8 hit's (the stored
+    fp8 KV decodes the same every time); an exact engine on the same disk never sees them."""
+    model = random_llama(num_layers=3, hidden=128, heads=4, kv_heads=2, vocab=500, seed=1)
+    cfg = Config.from_dict({"tiers": ["memory://", f"disk://{tmp_path}"], "chunk_size": 64, "device": "cpu",
+                            "kv_codec": "fp8"})
+    g = torch.Generator().manual_seed(0)
+    doc = torch.randint(0, 500, (200,), generator=g).tolist()
+    q = torch.randint(0, 500, (17,), generator=g).tolist()
+    cm = CachedModel(model, config=cfg, model_name="tiny")
+    try:
+        assert cm.generate(doc + q, 8).stored_tokens == 217
+        cm.engine.flush()
+        hit = cm.generate(doc + q, 8)
+        assert hit.hit_tokens == 216 and hit.by_tier == {"memory": 216} and len(hit.tokens) == 8
+    finally:
+        cm.close()
+    cm2 = CachedModel(model, config=cfg, model_name="tiny")
+    try:
+        again = cm2.generate(doc + q, 8)
+        assert again.by_tier == {"disk": 216} and again.tokens == hit.tokens
+    finally:
+        cm2.close()
+    exact = CachedModel(model, config=cfg.replace(kv_codec="none"), model_name="tiny")
+    try:
+        assert exact.generate(doc + q, 8).hit_tokens == 0
+    finally:
+        exact.close()
