@@ -536,11 +536,12 @@ def _decode_to_kept(buf: PooledBuffer, header: ChunkHeader, kept: str, pool: Buf
         out.memoryview(HEADER_SIZE, want)[:] = decoded
         plain = ChunkHeader(header.key, header.geometry, header.num_tokens, kept, header.payload_len, want, b"")
         _check_kept(plain, out.view(HEADER_SIZE, want))
-        buf.release()
-        return _write_header(ChunkBuffer(out, plain), kept, out.memoryview(HEADER_SIZE, want), pool)
+        sealed = _write_header(ChunkBuffer(out, plain), kept, out.memoryview(HEADER_SIZE, want), pool)
     except BaseException:
         out.release()
         raise
+    buf.release()  # last: on any failure above the caller releases it
+    return sealed
 
 
 def _check_fp8(header: ChunkHeader, stored: "torch.Tensor") -> None:
