@@ -170,17 +170,24 @@ class StreamDevice(Device):
             self.transfer.check_slots(kv, [(p.slots, p.image) for p in parts])
             run = fp8.gather_coded if gather else fp8.scatter_coded
             try:
-                try:
-                    run(kv, parts, layers, checked=True)
-                except Exception as exc:  # noqa: BLE001
-                    if not _out_of_memory(exc) or not self.transfer.mapped_host()[0]:
-                        raise
-                    run(kv, parts, layers, checked=True, stage="never")  # no room to stage: map the images
+                run(kv, parts, layers, checked=True)
                 return
             except (ValueError, IndexError):
                 raise  # the caller's mistake, not the kernel's
             except Exception as exc:  # noqa: BLE001 - a kernel fault falls back, the engine keeps going
-                self._fp8_off = f"{type(exc).__name__}: {exc}"
+                fault: BaseException = exc
+            # no device memory to stage in: the kernel maps the images where they are pinned (a
+            # pageable address read through UVA would fault the device context), else this call
+            # takes the reference; an out-of-memory is this call's, never a reason to stop the kernel
+            if _out_of_memory(fault) and self.transfer.mapped_host()[0] and all(
+                    p.image.device.type != "cpu" or p.image.is_pinned() for p in parts):
+                try:
+                    run(kv, parts, layers, checked=True, stage="never")
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    fault = exc
+            if not _out_of_memory(fault):
+                self._fp8_off = f"{type(fault).__name__}: {fault}"
                 logger.warning("fp8 kernel failed on %s (%s); using the torch reference from now on",
                                self.torch_device, self._fp8_off)
         (super().gather_coded if gather else super().scatter_coded)(kv, parts, codec, layers)

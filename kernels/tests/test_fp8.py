@@ -381,3 +381,44 @@ def test_staging_copies_fall_back_to_one_by_one_when_the_batch_fails(monkeypatch
     fp8.gather_coded(kv, [CodedPart(slots, img, 16)])
     assert torch.equal(img, ref) and "copy engines gone" in fp8._COPIER_OFF["cpu"]
     assert fp8._copier(torch.device("cpu"), [CodedPart(slots, img, 16)]) is None
+
+
+def test_a_kernel_fault_falls_back_for_good_and_out_of_memory_for_that_call(monkeypatch) -> None:
+    """StreamDevice.gather_coded: a kernel fault logs once and the torch reference serves from then
+    on; running out of device memory serves that call by the reference and keeps the kernel."""
+    _skip_without_kernel()
+    from lmcache_core.device import CodedPart
+    from lmcache_kernels.testing import make_kv, random_slots
+
+    gen = torch.Generator().manual_seed(11)
+    kv, caches = make_kv("vllm_flash", num_layers=2, num_blocks=8, block_size=4, device=DEV, generator=gen)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=gen).to(c.dtype))
+    slots = random_slots(16, kv, gen).to(DEV)
+    ref = torch.zeros(encoded_len(kv.geometry, 16), dtype=torch.uint8, device=DEV)
+    fp8.gather_ref(kv, [(slots, ref)])
+    dev = _stream_device()
+    real = fp8.gather_coded
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(fp8, "gather_coded", out_of_memory)
+    img = torch.zeros(encoded_len(kv.geometry, 16), dtype=torch.uint8, pin_memory=DEV.type == "cuda")
+    dev.gather_coded(kv, [CodedPart(slots, img, 16)], "fp8")
+    dev.synchronize()
+    assert torch.equal(img.to(DEV), ref) and dev._fp8_off == ""  # the reference served it; kernel kept
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel fault")
+
+    monkeypatch.setattr(fp8, "gather_coded", broken)
+    img.zero_()
+    dev.gather_coded(kv, [CodedPart(slots, img, 16)], "fp8")
+    dev.synchronize()
+    assert torch.equal(img.to(DEV), ref) and "kernel fault" in dev._fp8_off
+    monkeypatch.setattr(fp8, "gather_coded", real)
+    calls = []
+    monkeypatch.setattr(fp8, "_launch", lambda *a: calls.append(a))
+    dev.gather_coded(kv, [CodedPart(slots, img, 16)], "fp8")
+    assert calls == []  # off for good: the kernel is not tried again
