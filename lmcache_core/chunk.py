@@ -21,6 +21,7 @@ the tag covers the coded bytes, the codec checks its own stream as it decodes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -307,8 +308,10 @@ class ChunkBuffer:
         self.buf.release()
 
 
+@functools.lru_cache(maxsize=256)
 def coded_len(geometry: ChunkGeometry, num_tokens: int, codec: str = "none") -> int:
-    """Stored bytes of a chunk a device codec (wire id ``codec``) fills, or its plain size."""
+    """Stored bytes of a chunk a device codec (wire id ``codec``) fills, or its plain size (cached:
+    the engine asks for every chunk of every request, and resolving a chain builds it anew)."""
     n = geometry.nbytes(num_tokens)
     if codec == "none":
         return n

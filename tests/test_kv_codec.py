@@ -42,6 +42,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+def assert_fp8_loaded(src_c, dst_c, blocks) -> None:
+    """Every one of the 100 tokens at ``blocks`` of ``dst_c`` holds the fp8 codec's values of ``src_c``'s."""
+    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
+        assert same(b, fp8_of(a))
+
+
 @pytest.fixture
 def fp8_engine(tmp_path):
     engines: list[CacheEngine] = []
@@ -125,8 +131,7 @@ def test_fp8_and_exact_chunks_never_meet_but_a_tier_codec_fp8_is_the_same_form(m
     reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB"])
     dst_c, dst = paged(2)
     assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
-    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
-        assert same(b, fp8_of(a))
+    assert_fp8_loaded(src_c, dst_c, blocks)
 
 
 def test_a_bad_fp8_stream_is_a_miss_even_with_a_valid_tag():
@@ -208,8 +213,7 @@ def test_encryption_at_rest_over_fp8_images(fp8_engine, make_engine, tmp_path):
     fresh = fp8_engine(tiers=[url])
     dst_c, dst = paged(2)
     assert fresh.retrieve(TOKENS, dst, blocks).by_tier == {"disk": 100}
-    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
-        assert same(b, fp8_of(a))
+    assert_fp8_loaded(src_c, dst_c, blocks)
     stranger = fp8_engine(tiers=[f"disk://{disk}?capacity=256MiB&codec=aesgcm&codec_key_file={other}"])
     assert stranger.retrieve(TOKENS, paged(3)[1], blocks).hit_tokens == 0  # fails authentication: a miss
     # an exact engine's host chain fp8+aesgcm: the same chunks, read by kv_codec fp8 with the tier aesgcm
@@ -220,5 +224,4 @@ def test_encryption_at_rest_over_fp8_images(fp8_engine, make_engine, tmp_path):
     reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec=aesgcm&codec_key_file={secret}"])
     dst_c, dst = paged(4)
     assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
-    for a, b in zip(tokens_of(src_c, blocks, 100), tokens_of(dst_c, blocks, 100)):
-        assert same(b, fp8_of(a))
+    assert_fp8_loaded(src_c, dst_c, blocks)

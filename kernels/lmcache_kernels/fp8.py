@@ -163,21 +163,9 @@ def _check_image(kv: "PagedKV", img: "torch.Tensor", big_n: int, first: int, n: 
         raise ValueError(f"{n} slots from token {first} do not fit an fp8 image of {big_n} tokens")
 
 
-def _check(kv: "PagedKV", batch: Batch, checked: bool = False) -> None:
-    from lmcache_core.layout import check_slots
-
-    _check_dtype(kv)
-    for slots, img in batch:
-        n = int(slots.numel())
-        _check_image(kv, img, n, 0, n)
-    if not checked:  # one vectorised range check (a device sync): the kernel never sees a bad slot
-        check_slots(kv, batch)
-
-
 def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool, checked: bool) -> None:
-    _check(kv, batch, checked)
-    rows = [(slots, int(img.data_ptr()), int(slots.numel()), 0) for slots, img in batch]
-    _launch(kv, rows, layer_list(kv, layers), gather)
+    """The ``(slots, image)`` API: whole images of ``len(slots)`` tokens, addressed where they are."""
+    _coded(kv, [(slots, img, int(slots.numel()), 0) for slots, img in batch], layers, gather, checked, "never")
 
 
 def _launch(kv: "PagedKV", rows: Sequence[tuple["torch.Tensor", int, int, int]], sel: Sequence[int],

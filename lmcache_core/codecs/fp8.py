@@ -110,23 +110,17 @@ class FP8Codec(Codec):
     def encode(self, data: memoryview, ctx: CodecContext) -> memoryview:
         g, t = ctx.geometry, ctx.num_tokens
         check_len(len(data), ctx.payload_len, "fp8 input", ctx)
-        x = torch.frombuffer(data, dtype=torch_dtype(g.dtype)).view(g.num_layers, g.kv_planes * t, g.hidden)
-        q, s = quantize(x, g.head_dim)
-        out = torch.empty(g.num_layers, layer_len(g, t), dtype=torch.uint8)
-        nq = g.kv_planes * t * g.hidden
-        out[:, :nq] = q.view(torch.uint8).reshape(g.num_layers, nq)
-        out[:, nq:] = s.view(torch.uint8).reshape(g.num_layers, -1)
+        x = torch.frombuffer(data, dtype=torch_dtype(g.dtype)).view(g.shape(t))
+        out = torch.empty(encoded_len(g, t), dtype=torch.uint8)
+        encode_into(x, *image_views(g, out, t), g.head_dim)
         return memoryview(out.numpy()).cast("B")
 
     def decode(self, data: memoryview, limit: int, ctx: CodecContext) -> memoryview:
         g, t = ctx.geometry, ctx.num_tokens
         if len(data) != encoded_len(g, t) or limit != ctx.payload_len:
             raise ChunkError(f"chunk {ctx.key}: fp8 stream of {len(data)} bytes, expected {encoded_len(g, t)}")
-        raw = torch.frombuffer(data, dtype=torch.uint8).view(g.num_layers, layer_len(g, t))
-        nq = g.kv_planes * t * g.hidden
-        q = raw[:, :nq].contiguous().view(torch.float8_e4m3fn).view(g.num_layers, g.kv_planes * t, g.hidden)
-        s = raw[:, nq:].contiguous().view(torch.bfloat16).view(g.num_layers, g.kv_planes * t, g.num_heads)
-        x = dequantize(q, s, g.head_dim, torch_dtype(g.dtype))
+        q, s = image_views(g, torch.frombuffer(data, dtype=torch.uint8), t)
+        x = decode_from(q, s, g.head_dim, torch_dtype(g.dtype))
         if not torch.isfinite(x).all():
             raise ChunkError(f"chunk {ctx.key}: fp8 stream decodes to non-finite values")
         return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
