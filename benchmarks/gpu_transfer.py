@@ -51,7 +51,7 @@ from lmcache_core.device import CodedPart  # noqa: E402
 from lmcache_core.engine import CacheEngine  # noqa: E402
 from lmcache_core.layout import ChunkGeometry, PagedKV, slot_mapping  # noqa: E402
 from lmcache_kernels import reference  # noqa: E402
-from lmcache_kernels.testing import bits, make_kv  # noqa: E402
+from lmcache_kernels.testing import bits, make_kv, random_bits  # noqa: E402
 from lmcache_kernels.transfer import TransferOptions  # noqa: E402
 
 log = logging.getLogger("gpu_transfer")
@@ -285,6 +285,10 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
             run_load(dev, kv, parts, style, stream)
             row["normal_load_bit_exact"] = check_fp8_load(kv, parts, devname)
             row["fp8_check_normal"] = dict(FP8_DIFFS)
+            gen = torch.Generator(device=devname).manual_seed(3)
+            for c in caches:  # random bits again: the next variant checks on them too
+                c.copy_(random_bits(tuple(c.shape), c.dtype, devname, gen))
+                torch.nan_to_num_(c, nan=0.0, posinf=1.0, neginf=-1.0)
         row["transfer_stats"] = asdict(dev.transfer.stats) if dev._transfer is not None else {}
         if style.endswith("_fp8"):
             row["fp8_kernel_off"] = dev._fp8_off  # non-empty: it fell back to the torch reference
@@ -294,23 +298,64 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
     return results
 
 
-FP8_DIFFS: dict[str, int] = {}  # what the last fp8 checks found (bytes / values differing, subnormal inputs)
+FP8_DIFFS: dict[str, Any] = {}  # what the last fp8 checks found (bytes / values differing, subnormal inputs)
 
 
 def check_fp8_store(kv: PagedKV, parts: list[Any], devname: str) -> bool:
     """Every fp8 image is the torch reference's quantisation of its slots, byte for byte."""
     from lmcache_kernels import fp8 as fp8_kernels
 
+    FP8_DIFFS.clear()
     diff = sub = 0
+    examples: list[dict[str, Any]] = []
     for p in parts:
         want = torch.empty(p.image.numel(), dtype=torch.uint8, device=devname)
         fp8_kernels.gather_ref(kv, [(p.slots, want)])
-        diff += int((p.image.to(devname) != want).sum())
+        got = p.image.to(devname)
+        bad = got != want
+        diff += int(bad.sum())
         plain = torch.empty(kv.geometry.shape(p.num_tokens), dtype=getattr(torch, kv.geometry.dtype), device=devname)
         reference.gather_batch(kv, [(p.slots, plain)])
         sub += int(((plain != 0) & (plain.abs() < torch.finfo(plain.dtype).tiny)).sum())
+        if bool(bad.any()) and len(examples) < 4:
+            examples += fp8_store_examples(kv.geometry, plain, got, want, p.num_tokens, 4 - len(examples))
     FP8_DIFFS.update(store_bytes_differing=diff, subnormal_inputs=sub)
+    if examples:
+        FP8_DIFFS["store_examples"] = examples
     return diff == 0
+
+
+def fp8_store_examples(g: ChunkGeometry, plain: torch.Tensor, got: torch.Tensor, want: torch.Tensor, n: int,
+                       limit: int) -> list[dict[str, Any]]:
+    """Where the kernel's fp8 image differs from the reference: the first ``limit`` bytes, each
+    with its place, the head's input values around it, and the CPU host codec's byte (the
+    definition): which of kernel and torch-on-the-device is off, and on what input."""
+    cpu = torch.empty(want.numel(), dtype=torch.uint8)
+    fp8_codec.encode_into(plain.cpu(), *fp8_codec.image_views(g, cpu, n), g.head_dim)
+    per = fp8_codec.layer_len(g, n)
+    nq = g.kv_planes * n * g.hidden
+    out = []
+    for i in (got != want).nonzero().reshape(-1)[:limit].tolist():
+        layer, off = divmod(i, per)
+        row: dict[str, Any] = {"byte": i, "layer": layer, "kernel": int(got[i]), "device_ref": int(want[i]),
+                               "cpu_ref": int(cpu[i]), "cpu_vs_kernel_bytes": int((cpu != got.cpu()).sum()),
+                               "cpu_vs_device_ref_bytes": int((cpu != want.cpu()).sum())}
+        if off < nq:
+            plane, rest = divmod(off, n * g.hidden)
+            tok, e = divmod(rest, g.hidden)
+            head, d = divmod(e, g.head_dim)
+            row.update(part="e4m3", plane=plane, token=tok, head=head, dim=d)
+        else:
+            plane, rest = divmod((off - nq) // 2, n * g.num_heads)
+            tok, head = divmod(rest, g.num_heads)
+            row.update(part="scale", plane=plane, token=tok, head=head)
+        x = plain[layer, plane, tok, head * g.head_dim:(head + 1) * g.head_dim].float().cpu()
+        row["head_amax"] = float(x.abs().max())
+        if row["part"] == "e4m3":
+            row["input"] = float(x[row["dim"]])
+            row["input_bits"] = hex(int(plain[layer, plane, tok, head * g.head_dim + row["dim"]].view(torch.int16)) & 0xFFFF)
+        out.append(row)
+    return out
 
 
 def check_fp8_load(kv: PagedKV, parts: list[Any], devname: str) -> bool:
@@ -322,7 +367,17 @@ def check_fp8_load(kv: PagedKV, parts: list[Any], devname: str) -> bool:
         want = fp8_codec.decode_from(q, s, g.head_dim, getattr(torch, g.dtype))
         got = torch.empty(g.shape(p.num_tokens), dtype=want.dtype, device=devname)
         reference.gather_batch(kv, [(p.slots, got)])
-        diff += int((bits(got) != bits(want)).sum())
+        bad = bits(got) != bits(want)
+        diff += int(bad.sum())
+        if bool(bad.any()) and "load_examples" not in FP8_DIFFS:
+            ex = []
+            for idx in bad.nonzero()[:4].tolist():
+                layer, plane, tok, e = idx
+                ex.append({"layer": layer, "plane": plane, "token": tok, "elem": e,
+                           "scattered_bits": hex(int(bits(got)[tuple(idx)]) & 0xFFFF),
+                           "decoded_bits": hex(int(bits(want)[tuple(idx)]) & 0xFFFF),
+                           "e4m3": int(q[layer, plane, tok, e]), "scale": float(s[layer, plane, tok, e // g.head_dim])})
+            FP8_DIFFS["load_examples"] = ex
     FP8_DIFFS.update(load_values_differing=diff)
     return diff == 0
 

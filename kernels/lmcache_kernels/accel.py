@@ -165,12 +165,16 @@ class StreamDevice(Device):
         self._flush()
         why = self._fp8_off or ("" if self.transfer.kernel_ok else self.transfer.kernel_reason)
         if not why:
-            why = plane_table(kv)[1] if plane_table(kv)[0] is None else ""
+            table, why = plane_table(kv)
+            why = why if table is None else ""
         if not why:
-            self.transfer.check_slots(kv, [(p.slots, p.image) for p in parts])
+            pairs = [(p.slots, p.image) for p in parts]
+            sig = self.transfer._sig(pairs)
+            self.transfer.check_slots(kv, pairs, sig)
+            cache = sig.extra if sig is not None else None  # the kernel's tables, per batch
             run = fp8.gather_coded if gather else fp8.scatter_coded
             try:
-                run(kv, parts, layers, checked=True)
+                run(kv, parts, layers, checked=True, cache=cache)
                 return
             except (ValueError, IndexError):
                 raise  # the caller's mistake, not the kernel's
@@ -182,7 +186,7 @@ class StreamDevice(Device):
             if _out_of_memory(fault) and self.transfer.mapped_host()[0] and all(
                     p.image.device.type != "cpu" or p.image.is_pinned() for p in parts):
                 try:
-                    run(kv, parts, layers, checked=True, stage="never")
+                    run(kv, parts, layers, checked=True, stage="never", cache=cache)
                     return
                 except Exception as exc:  # noqa: BLE001
                     fault = exc

@@ -16,7 +16,10 @@ sign of a value that rounds to zero).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 from lmcache_core.codecs.fp8 import FP8_MAX, decode_from, encode_into, image_views
 
@@ -72,23 +75,25 @@ if triton is not None:
         sbase,  # bfloat16 tensor at the same address as qbase (scales: 2-byte offsets)
         plane_offs, layer_ids_, tab, slots,
         s_blk, s_tok, s_head, s_dim, block_size,
+        shift, mult, l_first, c_first,  # see _launch
         P: tl.constexpr, HEADS: tl.constexpr, HP2: tl.constexpr, DIM: tl.constexpr,
         BLOCK_T: tl.constexpr, GATHER: tl.constexpr, DROP: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
-        c = tl.program_id(1)
+        c = tl.program_id(1) + c_first
         lp = tl.program_id(2)
         p = lp % P
         layer = tl.load(layer_ids_ + lp // P).to(tl.int64)
-        img = tl.load(tab + c * 5)
+        img = shift + mult * tl.load(tab + c * 5)
         n = tl.load(tab + c * 5 + 1)
         start = tl.load(tab + c * 5 + 2)
         big_n = tl.load(tab + c * 5 + 3)  # tokens of the image (n of them from t0 are copied)
         t0 = tl.load(tab + c * 5 + 4)
         hidden = HEADS * DIM
         llen = P * big_n * (hidden + 2 * HEADS)  # bytes of one layer of the image
-        q0 = img + layer * llen + (p * big_n + t0) * hidden
-        s0 = (img + layer * llen + P * big_n * hidden) // 2 + (p * big_n + t0) * HEADS
+        at = img + (layer - l_first) * llen  # the layer's bytes
+        q0 = at + (p * big_n + t0) * hidden
+        s0 = (at + P * big_n * hidden) // 2 + (p * big_n + t0) * HEADS
         tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = tok < n
         slot = tl.load(slots + start + tok, mask=tmask, other=0)
@@ -168,46 +173,121 @@ def _run(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None, gather: bool
     _coded(kv, [(slots, img, int(slots.numel()), 0) for slots, img in batch], layers, gather, checked, "never")
 
 
-def _launch(kv: "PagedKV", rows: Sequence[tuple["torch.Tensor", int, int, int]], sel: Sequence[int],
-            gather: bool) -> None:
-    """One kernel launch over ``rows`` (slots, image address, image tokens, first token) and the
-    layers ``sel``; every image is addressable from ``kv``'s device at its address."""
+@dataclass(frozen=True)
+class _Plan:
+    """A batch of parts as the kernel takes it, built (and checked) once per batch and direction:
+    the engine hands the same parts for every layer, and rebuilding the table, the slots and the
+    staging addresses per layer cost more host time than queueing the copies."""
+
+    tab: "torch.Tensor"  # int64 [chunks * 5] on the KV device (_COLS; column 0 as _plan says)
+    slots: "torch.Tensor"  # int64, every part's slots concatenated, on the KV device
+    max_n: int
+    lens: "np.ndarray"  # uint64 per chunk: bytes of one layer of its image
+    offs: "np.ndarray"  # uint64 per chunk: where its layer starts in one staged layer (sum of lens before)
+    addrs: "np.ndarray"  # uint64 per chunk: the image's address
+    layer_bytes: int  # one staged layer of every chunk
+    pinned: bool  # every image is pinned host memory (the copy-engine batch takes it)
+    ready: Any  # an event after the tables' host-to-device copies (None off CUDA)
+    stream: int  # the stream those copies were queued on
+
+
+#: the uint8 tensor image offsets are counted from, per device (any fixed address will do)
+_QBASE: dict[str, "torch.Tensor"] = {}
+
+
+def _qbase(dev: "torch.device") -> "torch.Tensor":
     import torch
 
-    if not rows or not sel:
+    t = _QBASE.get(str(dev))
+    if t is None:
+        t = _QBASE[str(dev)] = torch.empty(256, dtype=torch.uint8, device=dev)
+    return t
+
+
+def _plan(kv: "PagedKV", parts: Sequence[Any], gather: bool, staged: bool, cache: dict | None) -> _Plan:
+    """The checked plan of ``parts``, from ``cache`` (the batch's, kept by the caller for exactly as
+    long as the parts' tensors are the same) where it has one. Column 0 of the table is, staged,
+    the chunk's offset in a staged layer; else its image's offset from :func:`_qbase`."""
+    import numpy as np
+    import torch
+
+    from lmcache_core.codecs.fp8 import layer_len
+
+    dev = kv.device
+    key = (gather, staged, str(dev), tuple((p[2], p[3]) for p in parts))
+    plan = cache.get(key) if cache is not None else None
+    if plan is not None:
+        return plan
+    g = kv.geometry
+    for slots, img, big_n, first in parts:
+        n = int(slots.numel())
+        if gather and (first or n != big_n):
+            raise ValueError(f"an fp8 gather writes whole chunks: {n} slots from token {first} of a "
+                             f"{big_n}-token image")
+        _check_image(kv, img, big_n, first, n)
+    lens = np.array([layer_len(g, p[2]) for p in parts], dtype=np.uint64)
+    offs = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.uint64)
+    addrs = np.array([int(p[1].data_ptr()) for p in parts], dtype=np.uint64)
+    q0 = int(_qbase(dev).data_ptr())
+    rows: list[int] = []
+    start = 0
+    for (slots, img, big_n, first), off in zip(parts, offs.tolist()):
+        n = int(slots.numel())
+        rows += [off if staged else int(img.data_ptr()) - q0, n, start, big_n, first]
+        start += n
+    from .triton_copy import concat_slots
+
+    tab = to_device(rows, torch.int64, dev)
+    sl = concat_slots([p[0] for p in parts], dev)
+    ready, stream = None, 0
+    if dev.type == "cuda":
+        cur = torch.cuda.current_stream(dev)
+        ready, stream = torch.cuda.Event(), int(cur.cuda_stream)
+        ready.record(cur)
+    pinned = all(p[1].device.type == "cpu" and p[1].is_pinned() for p in parts)
+    plan = _Plan(tab, sl, max((int(p[0].numel()) for p in parts), default=0), lens, offs, addrs,
+                 int(lens.sum()), pinned, ready, stream)
+    if cache is not None:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = plan
+    return plan
+
+
+def _launch(kv: "PagedKV", plan: _Plan, sel: Sequence[int], gather: bool, shift: int = 0, mult: int = 1,
+            l_first: int = 0, chunks: tuple[int, int] | None = None) -> None:
+    """One kernel launch over the plan's chunks ``chunks`` (all by default) and the layers ``sel``.
+    The kernel finds layer ``l`` of chunk ``c`` at ``shift + mult * tab[c, 0] + (l - l_first) *
+    (its layer's bytes)`` from :func:`_qbase`: the image itself (shift 0, mult 1, l_first 0), or a
+    staged group of ``mult`` layers from ``l_first`` (see :func:`_coded`)."""
+    import torch
+
+    c0, c1 = chunks if chunks is not None else (0, len(plan.lens))
+    if c1 <= c0 or not sel or plan.max_n == 0:
         return
     table, why = plane_table(kv)
     if table is None:
         raise ValueError(why)
     dev = kv.device
     g = kv.geometry
-    qbase = torch.empty(256, dtype=torch.uint8, device=dev)
+    qbase = _qbase(dev)
     sbase = qbase.view(torch.bfloat16)
     kbase = table.base.view(torch_dtype(g.dtype))
-    tab_rows: list[int] = []
-    start = 0
-    for slots, addr, big_n, first in rows:
-        n = int(slots.numel())
-        tab_rows += [addr - int(qbase.data_ptr()), n, start, big_n, first]
-        start += n
-    tab = to_device(tab_rows, torch.int64, dev)
-    from .triton_copy import concat_slots
-
-    sl = concat_slots([r[0] for r in rows], dev)
-    max_n = max(int(r[0].numel()) for r in rows)
-    if max_n == 0:
-        return
     hp2 = triton.next_power_of_2(g.num_heads)
+    max_n = plan.max_n
     block_t = triton.next_power_of_2(max_n) if interpreting() else max(1, min(triton.next_power_of_2(max_n),
                                                                                    4096 // (hp2 * g.head_dim)))
     sb, stok, sh, sd = table.strides
-    grid = (triton.cdiv(max_n, block_t), len(rows), len(sel) * g.kv_planes)
+    grid = (triton.cdiv(max_n, block_t), c1 - c0, len(sel) * g.kv_planes)
     lid = layer_ids(sel, dev)
     if dev.type == "cuda":
         stream = torch.cuda.current_stream(dev)
-        for t in (table.addrs, table.base, tab, sl, lid, qbase):
+        if plan.ready is not None and int(stream.cuda_stream) != plan.stream:
+            stream.wait_event(plan.ready)  # the tables were copied up on another stream
+        for t in (table.addrs, table.base, plan.tab, plan.slots, lid):
             t.record_stream(stream)
-    args = (kbase, qbase, sbase, table.addrs, lid, tab, sl, sb, stok, sh, sd, kv.block_size)
+    args = (kbase, qbase, sbase, table.addrs, lid, plan.tab, plan.slots, sb, stok, sh, sd, kv.block_size,
+            shift, mult, l_first, c0)
     meta = dict(P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
                 DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
     global _IEEE
@@ -232,56 +312,148 @@ def _runs(sel: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+#: a staged call is pipelined in at most this many groups of at least GROUP_BYTES of image each:
+#: runs of layers, or (a call of one layer) runs of chunks; the copy engines move one group while
+#: the kernel codes the next, so only one group's kernel time is not hidden behind the link
+GROUPS = 8
+GROUP_BYTES = 8 << 20
+
+
+def _groups(plan: _Plan, l0: int, l1: int) -> list[tuple[int, int, int, int]]:
+    """A run of layers ``l0..l1`` split into ``(layer_a, layer_b, chunk_a, chunk_b)`` groups."""
+    n_chunks = len(plan.lens)
+    total = (l1 - l0) * plan.layer_bytes
+    want = max(1, min(GROUPS, total // max(1, GROUP_BYTES)))
+    if l1 - l0 >= want:
+        step = -(-(l1 - l0) // want)
+        return [(a, min(a + step, l1), 0, n_chunks) for a in range(l0, l1, step)]
+    if l1 - l0 > 1:  # fewer layers than groups: a group per layer
+        return [(a, a + 1, 0, n_chunks) for a in range(l0, l1)]
+    # one layer: runs of chunks of about total / want bytes each
+    cut = np.searchsorted(plan.offs + plan.lens, np.arange(1, want, dtype=np.uint64) * np.uint64(total // want),
+                          side="left") + 1
+    bounds = sorted({0, n_chunks, *(int(c) for c in cut if 0 < c < n_chunks)})
+    return [(l0, l1, a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class _Side:
+    """The staging copies' own stream on CUDA (one per direction and device), so the copy engines
+    move one group while the kernel runs on the caller's stream; off CUDA the copies run in
+    order on the caller's stream. Images a load reads must be complete when the call is made, or
+    written by an earlier gather of this module on the same device: loads wait for those copies."""
+
+    streams: dict[tuple[str, bool], Any] = {}
+    last_store: dict[str, Any] = {}
+
+    def __init__(self, dev: "torch.device", to_device: bool) -> None:
+        import torch
+
+        self.dev, self.to_device = dev, to_device
+        self.cuda = dev.type == "cuda"
+        self.caller = torch.cuda.current_stream(dev) if self.cuda else None
+        self.stream: Any = None
+        if self.cuda:
+            key = (str(dev), to_device)
+            self.stream = self.streams.get(key)
+            if self.stream is None:
+                self.stream = self.streams[key] = torch.cuda.Stream(dev)
+
+    def handle(self) -> int:
+        return int(self.stream.cuda_stream) if self.cuda else 0
+
+    def context(self) -> Any:
+        import contextlib
+
+        import torch
+
+        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+
+    def side_waits_caller(self) -> None:
+        """The side stream waits for work queued on the caller's stream so far."""
+        if self.cuda:
+            self.stream.wait_stream(self.caller)
+
+    def caller_waits_side(self) -> None:
+        if self.cuda:
+            self.caller.wait_stream(self.stream)
+
+    def after_stores(self) -> None:
+        """A load's copies wait for the last store copies queued on this device."""
+        ev = self.last_store.get(str(self.dev)) if self.cuda else None
+        if ev is not None:
+            self.stream.wait_event(ev)
+
+    def stores_queued(self) -> None:
+        if self.cuda:
+            import torch
+
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self.last_store[str(self.dev)] = ev
+
+
 def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, gather: bool,
-           checked: bool, stage: str | None = None) -> None:
+           checked: bool, stage: str | None = None, cache: dict | None = None) -> None:
     import torch
 
-    from lmcache_core.codecs.fp8 import layer_len
     from lmcache_core.layout import check_slots
 
     _check_dtype(kv)
-    for slots, img, big_n, first in parts:
-        n = int(slots.numel())
-        if gather and (first or n != big_n):
-            raise ValueError(f"an fp8 gather writes whole chunks: {n} slots from token {first} of a "
-                             f"{big_n}-token image")
-        _check_image(kv, img, big_n, first, n)
+    if not parts:
+        return
+    dev = kv.device
+    how = STAGE if stage is None else stage
+    staged = how == "always" or (how == "auto" and dev.type != "cpu")
+    plan = _plan(kv, parts, gather, staged, cache)
     if not checked:
         check_slots(kv, [(p[0], p[1]) for p in parts])
     sel = layer_list(kv, layers)
-    dev = kv.device
-    how = STAGE if stage is None else stage
-    if not (how == "always" or (how == "auto" and dev.type != "cpu")) or not parts:
-        _launch(kv, [(slots, int(img.data_ptr()), big_n, first) for slots, img, big_n, first in parts], sel, gather)
+    if not staged:
+        _launch(kv, plan, sel, gather)
         return
-    g = kv.geometry
-    copier = _copier(dev, parts)
+    side = _Side(dev, not gather)
+    copier = _copier(dev, plan)
+    if not gather:
+        side.after_stores()
     for l0, l1 in _runs(sel):
-        # each chunk's layers l0..l1 are one contiguous range of its image: one copy per chunk, all
-        # of a run in one copy-engine batch where the binding takes them (else one torch DMA each)
-        spans = [(l0 * layer_len(g, big_n), (l1 - l0) * layer_len(g, big_n)) for _, _, big_n, _ in parts]
-        buf = torch.empty(sum(n for _, n in spans), dtype=torch.uint8, device=dev)  # lengths are even
+        # the staged run holds layers l0..l1 of every chunk, in groups (_groups); group (a, b) of
+        # layers starts at (a - l0) * layer_bytes, its chunk c at (b - a) * offs[c]: chunk c's layers
+        # a..b are one range of its image, so a group is one copy per chunk, in one copy-engine batch
+        # where the binding takes them (else one torch DMA each)
+        nbytes = (l1 - l0) * plan.layer_bytes
+        if gather:  # written by the kernel on the caller's stream, read by the side stream's copies
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        else:  # from the side stream's pool: its copies need not wait for the caller's earlier work
+            with side.context():
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         base = int(buf.data_ptr())
-        rows, dev_at, host_at, sizes, off = [], [], [], [], 0
-        for (slots, img, big_n, first), (lo, n) in zip(parts, spans):
-            rows.append((slots, base + off - lo, big_n, first))  # image base, as if whole
-            dev_at.append(base + off)
-            host_at.append(int(img.data_ptr()) + lo)
-            sizes.append(n)
-            off += n
-        if not gather:
-            copier = _stage_copies(copier, dev, dev_at, host_at, sizes, True, buf, parts, spans)
-        _launch(kv, rows, list(range(l0, l1)), gather)
-        if gather:
-            copier = _stage_copies(copier, dev, host_at, dev_at, sizes, False, buf, parts, spans)
+        q0 = int(_qbase(dev).data_ptr())
+        for a, b, c0, c1 in _groups(plan, l0, l1):
+            at = base + (a - l0) * plan.layer_bytes
+            dev_at = np.uint64(at) + np.uint64(b - a) * plan.offs[c0:c1]
+            host_at = plan.addrs[c0:c1] + np.uint64(a) * plan.lens[c0:c1]
+            sizes = np.uint64(b - a) * plan.lens[c0:c1]
+            if gather:
+                _launch(kv, plan, list(range(a, b)), True, at - q0, b - a, a, (c0, c1))
+                side.side_waits_caller()
+                copier = _stage_copies(copier, side, host_at, dev_at, sizes, buf, parts[c0:c1])
+            else:
+                copier = _stage_copies(copier, side, dev_at, host_at, sizes, buf, parts[c0:c1])
+                side.caller_waits_side()
+                _launch(kv, plan, list(range(a, b)), False, at - q0, b - a, a, (c0, c1))
+        if side.cuda:  # the other stream used the buffer too: no reuse before its work is done
+            buf.record_stream(side.caller if not gather else side.stream)
+    if gather:
+        side.stores_queued()
+        side.caller_waits_side()  # the caller's later events cover the copies into the images
 
 
 #: devices whose copy-engine batches failed once (the staging copies then go one by one)
 _COPIER_OFF: dict[str, str] = {}
 
 
-def _copier(dev: "torch.device", parts: Sequence[Any]) -> Any:
-    """The copy-engine binding (:mod:`.dma`) for staging ``parts``' images, or None: it takes host
+def _copier(dev: "torch.device", plan: _Plan) -> Any:
+    """The copy-engine binding (:mod:`.dma`) for staging the plan's images, or None: it takes host
     memory that is pinned (or a CPU run's memmove); anything else goes by torch's DMA."""
     from . import dma
 
@@ -290,41 +462,43 @@ def _copier(dev: "torch.device", parts: Sequence[Any]) -> Any:
     copier, _ = dma.copier(dev)
     if copier is None:
         return None
-    if dev.type != "cpu" and not all(p[1].device.type == "cpu" and p[1].is_pinned() for p in parts):
+    if dev.type != "cpu" and not plan.pinned:
         return None
     return copier
 
 
-def _stage_copies(copier: Any, dev: "torch.device", dsts: list[int], srcs: list[int], sizes: list[int],
-                  to_device: bool, buf: "torch.Tensor", parts: Sequence[Any], spans: list[tuple[int, int]]) -> Any:
-    """The staging buffer's copies in stream order: one batch through ``copier`` on the current
-    stream, or (no binding, or it failed: then never again on ``dev``) one torch copy per chunk.
-    Returns the binding to use next."""
-    import numpy as np
+def _stage_copies(copier: Any, side: _Side, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray",
+                  buf: "torch.Tensor", parts: Sequence[Any]) -> Any:
+    """One group's staging copies (one range of each of ``parts``' images) on the side stream: one batch through ``copier``, or (no binding, or it failed: then never again on
+    that device) one torch copy per chunk. Returns the binding to use next."""
     import torch
 
+    dev = side.dev
     if copier is not None:
         from . import dma
 
         try:
-            arrays = [np.asarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]
             if isinstance(copier, dma.DriverCopier):
                 with torch.cuda.device(dev):
-                    copier.copy(*arrays, torch.cuda.current_stream(dev).cuda_stream, to_device, dev.index or 0)
+                    copier.copy(dsts, srcs, sizes, side.handle(), side.to_device, dev.index or 0)
             else:
-                copier.copy(*arrays, 0, to_device, dev.index or 0)
+                copier.copy(dsts, srcs, sizes, 0, side.to_device, dev.index or 0)
             return copier
         except Exception as exc:  # noqa: BLE001 - the copy engines' fault: the same copies one by one
             _COPIER_OFF[str(dev)] = f"{type(exc).__name__}: {exc}"
             logger.warning("fp8 staging: copy-engine batch failed on %s (%s); copying chunk by chunk from now "
                            "on", dev, _COPIER_OFF[str(dev)])
-    off = 0
-    for (_, img, _, _), (lo, n) in zip(parts, spans):
-        if to_device:
-            buf[off:off + n].copy_(img[lo:lo + n], non_blocking=True)
-        else:
-            img[lo:lo + n].copy_(buf[off:off + n], non_blocking=True)
-        off += n
+    on_dev, on_host = (dsts, srcs) if side.to_device else (srcs, dsts)
+    base = int(buf.data_ptr())
+    with side.context():
+        for p, at, host_at, n in zip(parts, on_dev.tolist(), on_host.tolist(), sizes.tolist()):
+            img = p[1]
+            lo = host_at - int(img.data_ptr())
+            staged = buf[at - base:at - base + n]
+            if side.to_device:
+                staged.copy_(img[lo:lo + n], non_blocking=True)
+            else:
+                img[lo:lo + n].copy_(staged, non_blocking=True)
     return None
 
 
@@ -349,17 +523,21 @@ def scatter(kv: "PagedKV", batch: Batch, layers: Sequence[int] | None = None, *,
 
 
 def gather_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None = None, *,
-                 checked: bool = False, stage: str | None = None) -> None:
-    """The device's ``gather_coded`` (:class:`lmcache_core.device.CodedPart` parts, whole chunks):
-    one launch per run of consecutive layers. Images in host memory are written from device
-    memory by one DMA per chunk and run of layers on accelerators (``stage``: see :data:`STAGE`)."""
-    _coded(kv, parts, layers, True, checked, stage)
+                 checked: bool = False, stage: str | None = None, cache: dict | None = None) -> None:
+    """The device's ``gather_coded`` (:class:`lmcache_core.device.CodedPart` parts, whole chunks).
+    Images in host memory are written from device memory on accelerators (``stage``: see
+    :data:`STAGE`): in groups (:data:`GROUPS`), each one copy-engine batch on a side stream while
+    the kernel codes the next group. ``cache``: a dict the caller keeps for exactly this batch
+    (its slot and image tensors unchanged), where the checked tables are kept between calls."""
+    _coded(kv, parts, layers, True, checked, stage, cache)
 
 
 def scatter_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None = None, *,
-                  checked: bool = False, stage: str | None = None) -> None:
-    """The device's ``scatter_coded``: parts may cover a token range of their image (``first``)."""
-    _coded(kv, parts, layers, False, checked, stage)
+                  checked: bool = False, stage: str | None = None, cache: dict | None = None) -> None:
+    """The device's ``scatter_coded``: parts may cover a token range of their image (``first``).
+    Staged images must be complete when the call is made (written by the host, or by an earlier
+    :func:`gather_coded` on the device: the side stream waits for those copies)."""
+    _coded(kv, parts, layers, False, checked, stage, cache)
 
 
 # -- the torch reference ----------------------------------------------------------------------

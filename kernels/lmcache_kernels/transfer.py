@@ -201,10 +201,11 @@ class _Sig:
     drops the sig before its identity can be reused, and no sig keeps a chunk's host buffer
     alive after the pool has let it go."""
 
-    __slots__ = ("slots", "refs", "_slots_key", "_chunks_key", "_plan_key", "_subs", "_n")
+    __slots__ = ("slots", "refs", "extra", "_slots_key", "_chunks_key", "_plan_key", "_subs", "_n")
 
     def __init__(self, n: int) -> None:
         self._n = n
+        self.extra: dict[Any, Any] = {}  # other per-batch state (the fp8 kernel's tables)
         self.slots: list[Any] = []
         self.refs: list[Any] = []
         self._slots_key: tuple[Any, ...] | None = None

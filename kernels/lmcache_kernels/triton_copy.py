@@ -271,20 +271,33 @@ def to_device(values: "list[int] | torch.Tensor", dtype: "torch.dtype", device: 
     return t.to(device, non_blocking=True)
 
 
-_LAYER_IDS: OrderedDict[tuple[Any, ...], "torch.Tensor"] = OrderedDict()
+_LAYER_IDS: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Any, int]] = OrderedDict()
 
 
 def layer_ids(sel: Sequence[int], device: "torch.device") -> "torch.Tensor":
-    """The selected layers as an int32 tensor on ``device``, cached (the same few repeat)."""
+    """The selected layers as an int32 tensor on ``device``, cached (the same few repeat). Its
+    host-to-device copy was queued on the stream of the first call; a caller on another stream
+    waits for it (an event), so a kernel never reads the ids before they land."""
     import torch
 
     key = (str(device), tuple(sel))
-    t = _LAYER_IDS.get(key)
-    if t is None:
+    hit = _LAYER_IDS.get(key)
+    if hit is None:
         t = to_device(list(sel), torch.int32, device)
-        _LAYER_IDS[key] = t
+        ev, stream = None, 0
+        if device.type == "cuda":
+            cur = torch.cuda.current_stream(device)
+            ev, stream = torch.cuda.Event(), int(cur.cuda_stream)
+            ev.record(cur)
+        _LAYER_IDS[key] = hit = (t, ev, stream)
         while len(_LAYER_IDS) > 512:
             _LAYER_IDS.popitem(last=False)
+        return t
+    t, ev, stream = hit
+    if ev is not None:
+        cur = torch.cuda.current_stream(device)
+        if int(cur.cuda_stream) != stream:
+            cur.wait_event(ev)
     return t
 
 

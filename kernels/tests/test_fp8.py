@@ -380,7 +380,10 @@ def test_staging_copies_fall_back_to_one_by_one_when_the_batch_fails(monkeypatch
     fp8.gather_ref(kv, [(slots, ref)])
     fp8.gather_coded(kv, [CodedPart(slots, img, 16)])
     assert torch.equal(img, ref) and "copy engines gone" in fp8._COPIER_OFF["cpu"]
-    assert fp8._copier(torch.device("cpu"), [CodedPart(slots, img, 16)]) is None
+    monkeypatch.setattr(dma.HostCopier, "copy", lambda self, *a: pytest.fail("the binding was tried again"))
+    img.zero_()
+    fp8.gather_coded(kv, [CodedPart(slots, img, 16)])
+    assert torch.equal(img, ref)
 
 
 def test_a_kernel_fault_falls_back_for_good_and_out_of_memory_for_that_call(monkeypatch) -> None:
@@ -422,3 +425,129 @@ def test_a_kernel_fault_falls_back_for_good_and_out_of_memory_for_that_call(monk
     monkeypatch.setattr(fp8, "_launch", lambda *a: calls.append(a))
     dev.gather_coded(kv, [CodedPart(slots, img, 16)], "fp8")
     assert calls == []  # off for good: the kernel is not tried again
+
+
+def test_kernel_matches_the_host_codec_on_random_bit_kv():
+    """KV of uniformly random bits (every finite bf16: subnormals, magnitudes to 3e38), which the
+    GPU benchmark copies: the kernel's image and scatter are the CPU host codec's, bit for bit
+    (a flush of subnormals to zero, or a division that is not IEEE, shows here)."""
+    _skip_without_kernel()
+    from lmcache_kernels.testing import random_bits
+
+    x = random_bits((2, 2, 32, G.hidden), torch.bfloat16, generator=torch.Generator().manual_seed(5))
+    torch.nan_to_num_(x, nan=0.0, posinf=1.0, neginf=-1.0)
+    g, slots, layers = _paged_from(x)
+    out = torch.full((encoded_len(g, 32),), 0x55, dtype=torch.uint8, device=DEV)
+    fp8.gather(_kv(g, layers), [(slots, out)])
+    ref = torch.zeros(encoded_len(g, 32), dtype=torch.uint8)
+    fp8_codec.encode_into(x, *fp8_codec.image_views(g, ref, 32), g.head_dim)  # on the CPU
+    assert _first_diff(out.cpu(), ref) == ""
+    back = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    fp8.scatter(_kv(g, back), [(slots, out)])
+    want = fp8_codec.decode_from(*fp8_codec.image_views(g, ref, 32), g.head_dim, torch.bfloat16)
+    for layer, (k, v) in enumerate(back):
+        for plane, t in enumerate((k, v)):
+            got = t.view(-1, g.hidden)[slots].cpu()
+            bad = int((got.view(torch.int16) != want[layer, plane].view(torch.int16)).sum())
+            assert bad == 0, f"layer {layer} plane {plane}: {bad} scattered values differ from the host decode"
+
+
+def _coded_setup(seed: int, kind: str = "vllm_flash"):
+    from lmcache_core.device import CodedPart
+    from lmcache_kernels.testing import make_kv, random_slots
+
+    gen = torch.Generator().manual_seed(seed)
+    kv, caches = make_kv(kind, num_layers=3, num_blocks=16, block_size=4, device=DEV, generator=gen)
+    for c in caches:
+        c.copy_(torch.randn(c.shape, generator=gen).to(c.dtype))
+    slots = random_slots(56, kv, gen).to(DEV)
+    chunks = [(slots[i:i + 16], min(16, 56 - i)) for i in range(0, 56, 16)]  # 4 chunks, the last partial
+    pin = DEV.type == "cuda"
+    parts = [CodedPart(s, torch.full((encoded_len(kv.geometry, n),), 0x55, dtype=torch.uint8, pin_memory=pin), n)
+             for s, n in chunks]
+    refs = [torch.zeros(encoded_len(kv.geometry, n), dtype=torch.uint8, device=DEV) for _, n in chunks]
+    fp8.gather_ref(kv, [(s, r) for (s, _), r in zip(chunks, refs)])
+    return kv, caches, parts, refs
+
+
+def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
+    """With groups of a few bytes: a call over 3 layers is 3 groups of every chunk, a call of one
+    layer is groups of chunks; each group one kernel launch and one copy batch, bit for bit the
+    reference (gather, and a scatter of token ranges)."""
+    _skip_without_kernel()
+    from lmcache_core.device import CodedPart
+    from lmcache_kernels import dma
+    from lmcache_kernels.testing import make_kv
+
+    monkeypatch.setattr(fp8, "STAGE", "always")
+    monkeypatch.setattr(fp8, "GROUP_BYTES", 1)
+    monkeypatch.setattr(fp8, "GROUPS", 3)
+    monkeypatch.setattr(fp8, "_COPIER_OFF", {})
+    launches, batches = [], []
+    launch = fp8._launch
+    monkeypatch.setattr(fp8, "_launch", lambda *a: (launches.append((tuple(a[2]), a[7])), launch(*a)))
+    host_copy = dma.HostCopier.copy
+    monkeypatch.setattr(dma.HostCopier, "copy", lambda self, *a: (batches.append(len(a[2])), host_copy(self, *a)))
+    kv, _, parts, refs = _coded_setup(21)
+    fp8.gather_coded(kv, parts)
+    assert launches == [((0,), (0, 4)), ((1,), (0, 4)), ((2,), (0, 4))] and batches == [4, 4, 4]
+    for p, r in zip(parts, refs):
+        assert _first_diff(p.image.to(DEV), r) == ""
+        p.image.fill_(0x55)
+    del launches[:], batches[:]
+    fp8.gather_coded(kv, parts, layers=(1,))  # one layer: 3 runs of chunks
+    fp8.gather_coded(kv, parts, layers=(0,))
+    fp8.gather_coded(kv, parts, layers=(2,))
+    assert [c for _, c in launches[:3]] == [(0, 2), (2, 3), (3, 4)] and batches[:3] == [2, 1, 1]
+    for p, r in zip(parts, refs):
+        assert _first_diff(p.image.to(DEV), r) == ""
+    g = kv.geometry
+    ranges = [(3, 13), (0, 16), (1, 7), (0, 8)]
+    want_kv, want_c = make_kv("vllm_flash", num_layers=3, num_blocks=16, block_size=4, device=DEV)
+    got_kv, got_c = make_kv("vllm_flash", num_layers=3, num_blocks=16, block_size=4, device=DEV)
+    for w, c in zip(want_c, got_c):
+        w.zero_()
+        c.zero_()
+    fp8.scatter_ref(want_kv, [(p.slots[a:b], _range_image(g, r, p.num_tokens, a, b))
+                              for p, r, (a, b) in zip(parts, refs, ranges)])
+    sub = [CodedPart(p.slots[a:b], p.image, p.num_tokens, a) for p, (a, b) in zip(parts, ranges)]
+    del launches[:]
+    fp8.scatter_coded(got_kv, sub, layers=(0, 1))
+    fp8.scatter_coded(got_kv, sub, layers=(2,))
+    assert launches[:2] == [((0,), (0, 4)), ((1,), (0, 4))] and len(launches) == 5
+    for w, c in zip(want_c, got_c):
+        assert torch.equal(w.view(torch.int16), c.view(torch.int16))
+
+
+def test_the_device_keeps_a_batchs_tables_until_its_slots_change(monkeypatch):
+    """StreamDevice.gather_coded checks and builds a batch's tables once for all its per-layer
+    calls; slots rewritten in place make new ones, and the images follow the new slots."""
+    _skip_without_kernel()
+    from lmcache_core.device import CodedPart
+
+    built = []
+    plan = fp8._plan
+    monkeypatch.setattr(fp8, "_plan", lambda *a: (built.append(a[4] is None), plan(*a))[1])
+    kv, _, parts, refs = _coded_setup(23)
+    dev = _stream_device()
+    stream = dev.new_stream()
+    with dev.use_stream(stream):
+        for layer in range(3):
+            dev.gather_coded(kv, parts, "fp8", layers=(layer,))
+    dev.record_event(stream).synchronize()
+    hits = len(built)
+    for p, r in zip(parts, refs):
+        assert _first_diff(p.image.to(DEV), r) == ""
+    assert built == [False] * 3  # every call handed the batch's cache
+    cache = dev.transfer._sig([(p.slots, p.image) for p in parts]).extra
+    assert len(cache) == 1 and hits == 3
+    parts[1].slots.copy_(parts[1].slots.flip(0))  # in place: a new version of the slot tensor
+    with dev.use_stream(stream):
+        dev.gather_coded(kv, parts, "fp8")
+    dev.record_event(stream).synchronize()
+    flipped = torch.zeros_like(refs[1])
+    fp8.gather_ref(kv, [(parts[1].slots, flipped)])
+    assert _first_diff(parts[1].image.to(DEV), flipped) == "" and not torch.equal(flipped, refs[1])
+    for i in (0, 2, 3):
+        assert _first_diff(parts[i].image.to(DEV), refs[i]) == ""
+    assert isinstance(parts[0], CodedPart)
