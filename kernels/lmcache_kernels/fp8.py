@@ -77,7 +77,7 @@ if triton is not None:
         s_blk, s_tok, s_head, s_dim, block_size,
         shift, mult, l_first, c_first,  # see _launch
         P: tl.constexpr, HEADS: tl.constexpr, HP2: tl.constexpr, DIM: tl.constexpr,
-        BLOCK_T: tl.constexpr, GATHER: tl.constexpr, DROP: tl.constexpr,
+        BLOCK_T: tl.constexpr, GATHER: tl.constexpr, DROP: tl.constexpr, KV_MAX: tl.constexpr,
     ):
         pid_t = tl.program_id(0)
         c = tl.program_id(1) + c_first
@@ -125,7 +125,10 @@ if triton is not None:
         else:
             q = tl.load(qbase + qoff, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
             scale = tl.load(sbase + soff, mask=smask, other=1.0).to(tl.float32)
-            x = q * scale[:, :, None]  # exact: 4 x 8 significant bits
+            x = q * scale[:, :, None]  # exact: 4 x 8 significant bits (or past the float32 range)
+            # saturate to the KV dtype's finite range, as the reference does: a scale rounded up
+            # from amax / 448 near the dtype's largest value would otherwise decode to infinity
+            x = tl.minimum(tl.maximum(x, -KV_MAX), KV_MAX)
             # nearest-even to the KV dtype here too (see above); float16 subnormals (below
             # 2**-14) are multiples of 2**-24, where rounding the mantissa alone would round twice
             if DROP == 13:
@@ -289,7 +292,7 @@ def _launch(kv: "PagedKV", plan: _Plan, sel: Sequence[int], gather: bool, shift:
     args = (kbase, qbase, sbase, table.addrs, lid, plan.tab, plan.slots, sb, stok, sh, sd, kv.block_size,
             shift, mult, l_first, c0)
     meta = dict(P=g.kv_planes, HEADS=g.num_heads, HP2=hp2, DIM=g.head_dim, BLOCK_T=block_t, GATHER=gather,
-                DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), num_warps=4)
+                DROP={"bfloat16": 16, "float16": 13}.get(g.dtype, 0), KV_MAX=kv_max(g.dtype), num_warps=4)
     global _IEEE
     ieee = _IEEE if dev.type == "cuda" and not interpreting() and getattr(torch.version, "hip", None) is None else {}
     try:
@@ -469,8 +472,9 @@ def _copier(dev: "torch.device", plan: _Plan) -> Any:
 
 def _stage_copies(copier: Any, side: _Side, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray",
                   buf: "torch.Tensor", parts: Sequence[Any]) -> Any:
-    """One group's staging copies (one range of each of ``parts``' images) on the side stream: one batch through ``copier``, or (no binding, or it failed: then never again on
-    that device) one torch copy per chunk. Returns the binding to use next."""
+    """One group's staging copies (one range of each of ``parts``' images) on the side stream:
+    one batch through ``copier``, or (no binding, or it failed: then never again on that device)
+    one torch copy per chunk. Returns the binding to use next."""
     import torch
 
     dev = side.dev
@@ -500,6 +504,13 @@ def _stage_copies(copier: Any, side: _Side, dsts: "np.ndarray", srcs: "np.ndarra
             else:
                 img[lo:lo + n].copy_(staged, non_blocking=True)
     return None
+
+
+def kv_max(dtype: str) -> float:
+    """The largest finite value of the KV dtype ``dtype``: decoded values saturate there."""
+    import torch
+
+    return float(torch.finfo(torch_dtype(dtype)).max)
 
 
 def torch_dtype(name: str) -> Any:

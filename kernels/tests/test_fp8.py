@@ -476,7 +476,6 @@ def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
     reference (gather, and a scatter of token ranges)."""
     _skip_without_kernel()
     from lmcache_core.device import CodedPart
-    from lmcache_kernels import dma
     from lmcache_kernels.testing import make_kv
 
     monkeypatch.setattr(fp8, "STAGE", "always")
@@ -486,8 +485,8 @@ def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
     launches, batches = [], []
     launch = fp8._launch
     monkeypatch.setattr(fp8, "_launch", lambda *a: (launches.append((tuple(a[2]), a[7])), launch(*a)))
-    host_copy = dma.HostCopier.copy
-    monkeypatch.setattr(dma.HostCopier, "copy", lambda self, *a: (batches.append(len(a[2])), host_copy(self, *a)))
+    stage_copies = fp8._stage_copies  # the memmove stand-in on a CPU, cuMemcpyBatchAsync on a GPU
+    monkeypatch.setattr(fp8, "_stage_copies", lambda *a: (batches.append(len(a[4])), stage_copies(*a))[1])
     kv, _, parts, refs = _coded_setup(21)
     fp8.gather_coded(kv, parts)
     assert launches == [((0,), (0, 4)), ((1,), (0, 4)), ((2,), (0, 4))] and batches == [4, 4, 4]
@@ -551,3 +550,27 @@ def test_the_device_keeps_a_batchs_tables_until_its_slots_change(monkeypatch):
     for i in (0, 2, 3):
         assert _first_diff(parts[i].image.to(DEV), refs[i]) == ""
     assert isinstance(parts[0], CodedPart)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_values_near_the_dtypes_largest_decode_finite(dtype):
+    """A head whose largest value is the dtype's largest finite value: in bfloat16 its scale
+    rounds up from amax / 448, and 448 * scale is past that value. Kernel and host codec both
+    saturate (before, the decode was infinity, which the next store coded as a NaN)."""
+    _skip_without_kernel()
+    top = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.rand(2, 2, 32, G.hidden, generator=gen) * 2 - 1) * top
+    x[..., ::G.head_dim] = top  # every head reaches the top: its scale rounds up
+    x = x.to(dtype)
+    g, slots, layers = _paged_from(x)
+    out, ref = _gather_both(g, slots, layers)
+    assert _first_diff(out, ref) == ""
+    want = fp8_codec.decode_from(*fp8_codec.image_views(g, ref.cpu(), 32), g.head_dim, dtype)
+    assert bool(torch.isfinite(want).all())
+    if dtype == torch.bfloat16:  # bf16's top / 448 rounds up (float16's rounds down: no overflow)
+        assert float(want.float().abs().max()) == float(top)
+    assert _scatter_differences(g, slots, layers, out, ref) == 0
+    back = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in layers]
+    fp8.scatter(_kv(g, back), [(slots, out)])
+    assert all(bool(torch.isfinite(t).all()) for kv_ in back for t in kv_)

@@ -94,9 +94,12 @@ def quantize(x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` in ``dtype``, saturated to its finite range: a scale rounded up from
+    ``amax / 448`` near the dtype's largest value would otherwise decode to infinity."""
     shape = q.shape
     qf = q.reshape(*shape[:-1], shape[-1] // head_dim, head_dim).float()
-    return (qf * scale.float().unsqueeze(-1)).to(dtype).reshape(shape)
+    top = torch.finfo(dtype).max
+    return (qf * scale.float().unsqueeze(-1)).clamp_(-top, top).to(dtype).reshape(shape)
 
 
 class FP8Codec(Codec):
