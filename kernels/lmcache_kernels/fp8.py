@@ -319,7 +319,7 @@ def _runs(sel: Sequence[int]) -> list[tuple[int, int]]:
 #: runs of layers, or (a call of one layer) runs of chunks; the copy engines move one group while
 #: the kernel codes the next, so only one group's kernel time is not hidden behind the link
 GROUPS = 8
-GROUP_BYTES = 8 << 20
+GROUP_BYTES = 16 << 20
 
 
 def _groups(plan: _Plan, l0: int, l1: int) -> list[tuple[int, int, int, int]]:
@@ -340,22 +340,25 @@ def _groups(plan: _Plan, l0: int, l1: int) -> list[tuple[int, int, int, int]]:
 
 
 class _Side:
-    """The staging copies' own stream on CUDA (one per direction and device), so the copy engines
-    move one group while the kernel runs on the caller's stream; off CUDA the copies run in
-    order on the caller's stream. Images a load reads must be complete when the call is made, or
-    written by an earlier gather of this module on the same device: loads wait for those copies."""
+    """Where a staged call's copies run. On CUDA, a call of several groups copies on a stream of
+    its own (one per direction and device), so the copy engines move one group while the kernel
+    codes the next on the caller's stream; a call of one group (and any call off CUDA) copies in
+    order on the caller's stream, where the cross-stream events would cost more than they hide.
+    Images a load reads must be complete when the call is made, or written by an earlier gather
+    of this module on the same device: loads wait for the last such copies."""
 
     streams: dict[tuple[str, bool], Any] = {}
     last_store: dict[str, Any] = {}
 
-    def __init__(self, dev: "torch.device", to_device: bool) -> None:
+    def __init__(self, dev: "torch.device", to_device: bool, own: bool) -> None:
         import torch
 
         self.dev, self.to_device = dev, to_device
         self.cuda = dev.type == "cuda"
         self.caller = torch.cuda.current_stream(dev) if self.cuda else None
-        self.stream: Any = None
-        if self.cuda:
+        self.own = self.cuda and own
+        self.stream: Any = self.caller
+        if self.own:
             key = (str(dev), to_device)
             self.stream = self.streams.get(key)
             if self.stream is None:
@@ -369,15 +372,15 @@ class _Side:
 
         import torch
 
-        return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        return torch.cuda.stream(self.stream) if self.own else contextlib.nullcontext()
 
     def side_waits_caller(self) -> None:
-        """The side stream waits for work queued on the caller's stream so far."""
-        if self.cuda:
+        """The copy stream waits for work queued on the caller's stream so far."""
+        if self.own:
             self.stream.wait_stream(self.caller)
 
     def caller_waits_side(self) -> None:
-        if self.cuda:
+        if self.own:
             self.caller.wait_stream(self.stream)
 
     def after_stores(self) -> None:
@@ -414,24 +417,25 @@ def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, ga
     if not staged:
         _launch(kv, plan, sel, gather)
         return
-    side = _Side(dev, not gather)
+    runs = [(l0, l1, _groups(plan, l0, l1)) for l0, l1 in _runs(sel)]
+    side = _Side(dev, not gather, sum(len(g) for _, _, g in runs) > 1)
     copier = _copier(dev, plan)
     if not gather:
         side.after_stores()
-    for l0, l1 in _runs(sel):
+    q0 = int(_qbase(dev).data_ptr())
+    for l0, l1, groups in runs:
         # the staged run holds layers l0..l1 of every chunk, in groups (_groups); group (a, b) of
         # layers starts at (a - l0) * layer_bytes, its chunk c at (b - a) * offs[c]: chunk c's layers
         # a..b are one range of its image, so a group is one copy per chunk, in one copy-engine batch
         # where the binding takes them (else one torch DMA each)
         nbytes = (l1 - l0) * plan.layer_bytes
-        if gather:  # written by the kernel on the caller's stream, read by the side stream's copies
+        if gather:  # written by the kernel on the caller's stream, read by the copies
             buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        else:  # from the side stream's pool: its copies need not wait for the caller's earlier work
+        else:  # from the copy stream's pool: its copies need not wait for the caller's earlier work
             with side.context():
                 buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         base = int(buf.data_ptr())
-        q0 = int(_qbase(dev).data_ptr())
-        for a, b, c0, c1 in _groups(plan, l0, l1):
+        for a, b, c0, c1 in groups:
             at = base + (a - l0) * plan.layer_bytes
             dev_at = np.uint64(at) + np.uint64(b - a) * plan.offs[c0:c1]
             host_at = plan.addrs[c0:c1] + np.uint64(a) * plan.lens[c0:c1]
@@ -444,7 +448,7 @@ def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, ga
                 copier = _stage_copies(copier, side, dev_at, host_at, sizes, buf, parts[c0:c1])
                 side.caller_waits_side()
                 _launch(kv, plan, list(range(a, b)), False, at - q0, b - a, a, (c0, c1))
-        if side.cuda:  # the other stream used the buffer too: no reuse before its work is done
+        if side.own:  # the other stream used the buffer too: no reuse before its work is done
             buf.record_stream(side.caller if not gather else side.stream)
     if gather:
         side.stores_queued()
@@ -537,8 +541,8 @@ def gather_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | No
                  checked: bool = False, stage: str | None = None, cache: dict | None = None) -> None:
     """The device's ``gather_coded`` (:class:`lmcache_core.device.CodedPart` parts, whole chunks).
     Images in host memory are written from device memory on accelerators (``stage``: see
-    :data:`STAGE`): in groups (:data:`GROUPS`), each one copy-engine batch on a side stream while
-    the kernel codes the next group. ``cache``: a dict the caller keeps for exactly this batch
+    :data:`STAGE`): in groups (:data:`GROUPS`), each one copy-engine batch, on a copy stream of
+    their own while the kernel codes the next group (see :class:`_Side`). ``cache``: a dict the caller keeps for exactly this batch
     (its slot and image tensors unchanged), where the checked tables are kept between calls."""
     _coded(kv, parts, layers, True, checked, stage, cache)
 
