@@ -1208,12 +1208,19 @@ def plot(res: dict[str, Any], png: str) -> None:
         ax.plot(ts, [rows[str(t)]["hit_ms"] for t in ts], marker="o", label="full hit, CachedModel")
         ax.plot(ts, [rows[str(t)]["hit_batched_ms"] for t in ts], marker="o", label="full hit, scatter_many")
         ax.plot(ts, [rows[str(t)]["bound_ms"] for t in ts], ls="--", color="k", label="KV bytes / H2D ceiling")
+        fp8_rows = res.get("ttft", {}).get("fp8_rows", {})
+        fts = sorted(int(t) for t in fp8_rows if "hit_batched_ms" in fp8_rows[t])
+        if fts:
+            ax.plot(fts, [fp8_rows[str(t)]["hit_batched_ms"] for t in fts], marker="s",
+                    label="full hit, kv_codec fp8 (scatter_coded)")
+            ax.plot(fts, [fp8_rows[str(t)]["kv_ms"] for t in fts], marker="s", ls=":",
+                    label="its KV part (lookup, fetch, load)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ts, [f"{t // 1024}K" for t in ts])
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("time to first token (ms)")
-        ax.set_title("TTFT, random-weight Llama-3-8B shape, bf16")
+        ax.set_title("TTFT, random-weight Llama-3-8B shape, bf16 KV")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     env = res.get("env", {})
