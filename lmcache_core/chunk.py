@@ -487,12 +487,13 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
             raise ChunkError(f"chunk {header.key} fails its {'keyed ' if key else ''}integrity check")
         if header.codec == "none":
             return ChunkBuffer(buf, header)
-        kept = _KEPT.get(pool)
-        if kept is not None and header.codec == kept:  # the engine's device decodes it (kv_codec)
-            _check_kept(header, buf.view(HEADER_SIZE, header.stored_len))
+        kept = _KEPT.get(pool, ())
+        if header.codec in kept:  # the engine's device decodes it (kv_codec)
+            check_kept(header, buf.view(HEADER_SIZE, header.stored_len))
             return ChunkBuffer(buf, header)
-        if kept is not None and header.codec.startswith(kept + "+"):  # e.g. fp8 then aesgcm: undo the rest
-            return _decode_to_kept(buf, header, kept, pool)
+        for k in kept:
+            if header.codec.startswith(k + "+"):  # e.g. fp8 then aesgcm: undo the rest
+                return _decode_to_kept(buf, header, k, pool)
         plain = pool.acquire(HEADER_SIZE + header.payload_len)
         owned = plain
         if header.codec == "zlib":
@@ -514,16 +515,23 @@ def _decode_image(buf: PooledBuffer, nbytes: int, expected: ChunkKey | None, poo
 
 
 # -- chunks kept coded for the device ----------------------------------------------------------
-_KEPT: "weakref.WeakKeyDictionary[BufferPool, str]" = weakref.WeakKeyDictionary()
+_KEPT: "weakref.WeakKeyDictionary[BufferPool, tuple[str, ...]]" = weakref.WeakKeyDictionary()
 
 
-def keep_coded(pool: BufferPool, codec: str) -> None:
-    """Reads into ``pool`` return chunks of ``codec`` (a device codec's wire id) still coded,
+def keep_coded(pool: BufferPool, *codecs: str) -> None:
+    """Reads into ``pool`` return chunks of ``codecs`` (device codecs' wire ids) still coded,
     their stream checked but not decoded: the engine's device decodes them as it scatters
-    (``kv_codec``). Chunks of any other codec are decoded on the host as before."""
-    if codec not in _KEPT_CHECKS:
-        raise ValueError(f"codec {codec!r} is not a device codec; device codecs: {sorted(_KEPT_CHECKS)}")
-    _KEPT[pool] = codec
+    (``kv_codec``), the daemon stores and serves them as they are. Chunks of any other codec
+    are decoded on the host as before."""
+    for codec in codecs:
+        if codec not in _KEPT_CHECKS:
+            raise ValueError(f"codec {codec!r} is not a device codec; device codecs: {sorted(_KEPT_CHECKS)}")
+    _KEPT[pool] = tuple(codecs)
+
+
+def device_codecs() -> tuple[str, ...]:
+    """Wire ids of the codecs a device can fuse into its copies (what :func:`keep_coded` takes)."""
+    return tuple(_KEPT_CHECKS)
 
 
 def _decode_to_kept(buf: PooledBuffer, header: ChunkHeader, kept: str, pool: BufferPool) -> ChunkBuffer:
@@ -538,7 +546,7 @@ def _decode_to_kept(buf: PooledBuffer, header: ChunkHeader, kept: str, pool: Buf
     try:
         out.memoryview(HEADER_SIZE, want)[:] = decoded
         plain = ChunkHeader(header.key, header.geometry, header.num_tokens, kept, header.payload_len, want, b"")
-        _check_kept(plain, out.view(HEADER_SIZE, want))
+        check_kept(plain, out.view(HEADER_SIZE, want))
         sealed = _write_header(ChunkBuffer(out, plain), kept, out.memoryview(HEADER_SIZE, want), pool)
     except BaseException:
         out.release()
@@ -559,8 +567,11 @@ def _check_fp8(header: ChunkHeader, stored: "torch.Tensor") -> None:
 _KEPT_CHECKS = {"fp8-e4m3-th/1": _check_fp8}
 
 
-def _check_kept(header: ChunkHeader, stored: "torch.Tensor") -> None:
+def check_kept(header: ChunkHeader, stored: "torch.Tensor") -> None:
+    """ChunkError unless ``stored`` is a sound stream of the device codec ``header.codec`` (what
+    a reader checks before it hands a still-coded chunk to the device)."""
     _KEPT_CHECKS[header.codec](header, stored)
+
 
 
 def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:

@@ -292,9 +292,6 @@ class Config:
 
     def _check_kv_codec(self) -> None:
         """What does not combine with a device codec yet, refused at load with the fix named."""
-        if self.daemon:
-            raise ConfigError(f"kv_codec {self.kv_codec}: the daemon's tiers take exact chunks only; unset "
-                              "kv_codec, or run embedded (unset daemon)")
         if self.codec != "none":
             raise ConfigError(f"kv_codec {self.kv_codec} and codec {self.codec}: chunks are already coded on the "
                               "device; set codec: none")

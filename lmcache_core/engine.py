@@ -145,7 +145,10 @@ class CacheEngine:
         self.kv_wire = "none"
         if self.kv_codec != "none":
             self.kv_wire = self._device_codec(geometry)
-            chunkmod.keep_coded(self.pool, self.kv_wire)
+            if self.daemon is not None:
+                self.daemon.keep_coded(self.kv_wire)
+            else:
+                chunkmod.keep_coded(self.pool, self.kv_wire)
         # Namespace refuses an empty model: two models must never share chunks by default.
         self.namespace = Namespace(model or self.config.model, geometry.signature, tenant, self.config.salt, shard,
                                    "" if self.kv_wire == "none" else self.kv_wire)

@@ -325,3 +325,57 @@ def test_autostart_starts_a_daemon_when_none_answers(tmp_path, monkeypatch):
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+
+
+def test_kv_codec_fp8_through_the_daemon(shared_daemon):
+    """Engines with kv_codec fp8 on the daemon: the arena holds the fp8 images (half the bytes), a
+    second engine loads them bit for bit what the host codec makes of the KV, and an exact engine
+    on the same daemon never sees them (nor they its chunks)."""
+    import torch
+
+    from lmcache_core import Config
+    from lmcache_core.codecs import fp8
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import PagedKV, slot_mapping
+
+    L, H, D, BS, NB = 3, 2, 16, 16, 24
+    gen = torch.Generator().manual_seed(4)
+    src_c = [torch.randn((2, NB, BS, H, D), generator=gen).to(torch.bfloat16) for _ in range(L)]
+    src = PagedKV.from_vllm_flash(src_c)
+    tokens = list(range(5000, 5090))  # 2 chunks of 32 and a partial of 26
+    blocks = torch.arange(6)
+    base = {"daemon": shared_daemon.url, "chunk_size": 32, "device": "cpu"}
+
+    def engine(**extra):
+        return CacheEngine(src.geometry, Config.from_dict({**base, **extra}), model="daemon-kv-codec")
+
+    a = engine(kv_codec="fp8")
+    try:
+        assert a.store(tokens, src, blocks, wait=True) == 90
+        a.flush()
+    finally:
+        a.close()
+    info = stats(shared_daemon)["tenants"]["default"]["tiers"]["memory"]
+    assert info["used_bytes"] >= sum(fp8.encoded_len(src.geometry, n) for n in (32, 32, 26))
+    dst_c = [torch.zeros_like(c) for c in src_c]
+    b = engine(kv_codec="fp8")
+    exact = engine()
+    try:
+        res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
+        assert res.hit_tokens == 90 and res.by_tier == {"memory": 90}
+        s = slot_mapping(blocks, BS, 0, 90)
+        for c, d in zip(src_c, dst_c):
+            x = c[:, s // BS, s % BS].reshape(2, 90, H * D)
+            q, sc = fp8.quantize(x, D)
+            want = fp8.dequantize(q, sc, D, torch.bfloat16)
+            got = d[:, s // BS, s % BS].reshape(2, 90, H * D)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        assert exact.lookup(tokens).hit_tokens == 0  # fp8 chunks live in their own namespace
+        exact.store(tokens[:64], src, blocks, wait=True)
+        exact.flush()
+        assert b.lookup(tokens[:64]).hit_tokens == 64  # its fp8 chunks, not the exact ones
+        b.clear()
+        assert b.lookup(tokens).hit_tokens == 0 and exact.lookup(tokens[:64]).hit_tokens == 64
+    finally:
+        b.close()
+        exact.close()

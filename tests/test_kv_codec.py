@@ -169,8 +169,7 @@ def test_a_bad_fp8_stream_is_a_miss_even_with_a_valid_tag():
 
 def test_kv_codec_refuses_what_it_cannot_combine_with(tmp_path):
     base = {"tiers": ["memory://?capacity=64MiB"], "device": "cpu", "kv_codec": "fp8"}
-    with pytest.raises(ConfigError, match="daemon"):
-        Config.from_dict({**base, "daemon": f"daemon://{tmp_path}/s.sock"})
+    Config.from_dict({**base, "daemon": f"daemon://{tmp_path}/s.sock"})  # the daemon keeps fp8 chunks coded
     with pytest.raises(ConfigError, match="codec: none"):
         Config.from_dict({**base, "codec": "zlib"})
     with pytest.raises(ConfigError, match="only codec=aesgcm"):

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .. import chunk as chunkmod
 from ..chunk import HEADER_SIZE, MAGIC, ChunkBuffer, ChunkHeader, decode_header, decode_image
 from ..errors import ChunkError, ConfigError
 from ..keys import ChunkKey, Namespace
@@ -469,6 +470,13 @@ class DaemonTiers:
         self.local_pool = BufferPool()  # decoded copies of encoded chunks
         self.tiers = [_DaemonTier(self)]
         self.dropped = 0
+        self.kept = "none"  # the engine's kv_codec wire id: its chunks are read still coded
+
+    def keep_coded(self, wire: str) -> None:
+        """Reads hand chunks of the device codec ``wire`` over still coded (``kv_codec``)."""
+        chunkmod.keep_coded(self.pool, wire)
+        chunkmod.keep_coded(self.local_pool, wire)
+        self.kept = wire
 
     # -- sessions and namespaces -----------------------------------------------------------
     def _on_link(self, link: _Link) -> bool:
@@ -496,8 +504,10 @@ class DaemonTiers:
         for ns in self.namespaces():
             if ns.id not in missing:
                 continue
-            reply = self.conn.request({"op": "ns", "model": ns.model, "layout": ns.layout, "salt": ns.salt,
-                                       "shard": ns.shard}, link=link)
+            msg = {"op": "ns", "model": ns.model, "layout": ns.layout, "salt": ns.salt, "shard": ns.shard}
+            if ns.codec:  # kv_codec: a daemon without codec namespaces answers another id (misses)
+                msg["codec"] = ns.codec
+            reply = self.conn.request(msg, link=link)
             if reply["id"] != ns.id:
                 logger.error("the daemon registered namespace %s as %s (tenant %s vs ours %s); treating as misses",
                              ns.id.hex(), bytes(reply["id"]).hex(), reply.get("tenant"), ns.tenant)
@@ -577,16 +587,17 @@ class DaemonTiers:
         if g is None or len(info) != 5:
             return None
         num_tokens, codec, payload_len, stored_len, signature = info
-        if codec != "none" or signature != g.signature or type(num_tokens) is not int:
+        if codec not in ("none", self.kept) or signature != g.signature or type(num_tokens) is not int:
             return None
         if key.num_tokens and num_tokens != key.num_tokens:
             return None
-        if payload_len != g.nbytes(num_tokens) or stored_len != payload_len or HEADER_SIZE + stored_len != nbytes:
+        want = payload_len if codec == "none" else chunkmod.coded_len(g, num_tokens, codec)
+        if payload_len != g.nbytes(num_tokens) or stored_len != want or HEADER_SIZE + stored_len != nbytes:
             return None
         head = bytes(buf.memoryview(0, 512))
         if head[:4] != MAGIC or key.to_bytes() not in head:
             return None
-        return ChunkHeader(ChunkKey(key.namespace, key.digest, num_tokens), g, num_tokens, "none", payload_len,
+        return ChunkHeader(ChunkKey(key.namespace, key.digest, num_tokens), g, num_tokens, codec, payload_len,
                            stored_len, b"")
 
     def _accept(self, buf: PooledBuffer, key: ChunkKey, nbytes: int, tier: str,
@@ -596,6 +607,8 @@ class DaemonTiers:
         try:
             fast = self._fast_header(buf, key, nbytes, info)
             if fast is not None:
+                if fast.codec != "none":  # the daemon checked the tag; the device needs a sound stream
+                    chunkmod.check_kept(fast, buf.view(HEADER_SIZE, fast.stored_len))
                 self.metrics.bytes.labels(f"daemon:{tier}", "read").inc(nbytes)
                 return ChunkBuffer(buf, fast)
             header = decode_header(buf.memoryview(0, HEADER_SIZE))

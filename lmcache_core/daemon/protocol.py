@@ -101,6 +101,8 @@ _SCHEMAS: dict[str, dict[str, str]] = {
     "ping": {},
 }
 _OPTIONAL = {"rel": "ints", "id": "int"}  # slots to release first (piggybacked); request id
+#: optional fields of one op: ``ns``'s device codec (a kv_codec client's namespace)
+_OP_OPTIONAL: dict[str, dict[str, str]] = {"ns": {"codec": "str"}}
 
 
 def _is_uint(v: Any) -> bool:
@@ -142,7 +144,7 @@ def check_request(msg: dict[str, Any]) -> str:
     for name, value in msg.items():
         if name == "op":
             continue
-        tag = schema.get(name) or _OPTIONAL.get(name)
+        tag = schema.get(name) or _OPTIONAL.get(name) or _OP_OPTIONAL.get(op, {}).get(name)
         if tag is None:
             raise ProtocolError(f"op {op!r} has no field {name!r}")
         _check(name, tag, value)

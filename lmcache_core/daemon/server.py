@@ -158,6 +158,9 @@ class Daemon:
         alloc = ExtentAllocator(arena.size)
         pool = ArenaPool(arena, alloc.alloc, lambda off, _n: alloc.free(off))
         chunkmod.bind_integrity_key(pool, self.config.integrity_secret())
+        # chunks an engine's device coded (kv_codec) are stored and served as they are: verified
+        # (tag and stream), never decoded here; the client's device decodes them
+        chunkmod.keep_coded(pool, *chunkmod.device_codecs())
         metrics = Metrics()
         ctx = StoreContext(pool, {**self.config.to_dict(), "tenant": ts.name},  # a p2p tier lends this tenant's only
                            on_evict=lambda tier, n: metrics.evictions.labels(tier).inc(n),
@@ -435,8 +438,12 @@ class Daemon:
         return {"ok": True}
 
     def _op_ns(self, s: Session, msg: dict[str, Any]) -> dict[str, Any]:
+        codec = msg.get("codec", "")  # a client's kv_codec: its chunks live in that codec's namespace
+        if codec and codec not in chunkmod.device_codecs():
+            raise Refused(f"namespace codec {codec!r} is not a device codec; device codecs: "
+                          f"{', '.join(chunkmod.device_codecs())}")
         try:
-            ns = Namespace(msg["model"], msg["layout"], s.tenant.name, msg["salt"], msg["shard"])
+            ns = Namespace(msg["model"], msg["layout"], s.tenant.name, msg["salt"], msg["shard"], codec)
         except ConfigError as exc:
             raise Refused(str(exc)) from None
         s.namespaces.add(ns.id)
