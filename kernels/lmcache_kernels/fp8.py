@@ -16,6 +16,7 @@ sign of a value that rounds to zero).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -343,12 +344,15 @@ class _Side:
     """Where a staged call's copies run. On CUDA, a call of several groups copies on a stream of
     its own (one per direction and device), so the copy engines move one group while the kernel
     codes the next on the caller's stream; a call of one group (and any call off CUDA) copies in
-    order on the caller's stream, where the cross-stream events would cost more than they hide.
+    order on the caller's stream, where the cross-stream events would cost more than they hide
+    (unless that is the legacy default stream, which takes no copy-engine batch).
     Images a load reads must be complete when the call is made, or written by an earlier gather
-    of this module on the same device: loads wait for the last such copies."""
+    of this module on the same device: loads wait for every such copy not yet done."""
 
     streams: dict[tuple[str, bool], Any] = {}
-    last_store: dict[str, Any] = {}
+    #: per device, per stream that queued store copies: an event after the last of them
+    last_store: dict[str, dict[int, Any]] = {}
+    lock = threading.Lock()
 
     def __init__(self, dev: "torch.device", to_device: bool, own: bool) -> None:
         import torch
@@ -356,7 +360,8 @@ class _Side:
         self.dev, self.to_device = dev, to_device
         self.cuda = dev.type == "cuda"
         self.caller = torch.cuda.current_stream(dev) if self.cuda else None
-        self.own = self.cuda and own
+        # the legacy default stream takes no copy-engine batch (cuMemcpyBatchAsync refuses it)
+        self.own = self.cuda and (own or int(self.caller.cuda_stream) == 0)
         self.stream: Any = self.caller
         if self.own:
             key = (str(dev), to_device)
@@ -384,10 +389,16 @@ class _Side:
             self.caller.wait_stream(self.stream)
 
     def after_stores(self) -> None:
-        """A load's copies wait for the last store copies queued on this device."""
-        ev = self.last_store.get(str(self.dev)) if self.cuda else None
-        if ev is not None:
-            self.stream.wait_event(ev)
+        """A load's copies wait for the store copies queued on this device and not yet done."""
+        if not self.cuda:
+            return
+        with self.lock:
+            pending = self.last_store.get(str(self.dev), {})
+            for handle, ev in list(pending.items()):
+                if ev.query():
+                    del pending[handle]
+                else:
+                    self.stream.wait_event(ev)
 
     def stores_queued(self) -> None:
         if self.cuda:
@@ -395,7 +406,8 @@ class _Side:
 
             ev = torch.cuda.Event()
             ev.record(self.stream)
-            self.last_store[str(self.dev)] = ev
+            with self.lock:
+                self.last_store.setdefault(str(self.dev), {})[self.handle()] = ev
 
 
 def _coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | None, gather: bool,
