@@ -200,9 +200,6 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
                 f"lmcache-core: SGLang host pool layout {layout!r} is not supported; use "
                 f"--hicache-mem-layout {' or '.join(LAYOUTS)}"
             )
-        if self.config.kv_codec != "none":
-            raise ConfigError(f"lmcache-core: kv_codec {self.config.kv_codec} is not supported by the SGLang "
-                              "HiCache backend yet (it copies pages plain); unset kv_codec")
         buffer = getattr(mem_pool_host, "kv_buffer", None)
         if not isinstance(buffer, torch.Tensor):
             raise LayoutError(f"lmcache-core: host pool {type(mem_pool_host).__name__} has no kv_buffer tensor")
@@ -260,27 +257,33 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
             return [True] * len(keys)
         ckeys = self._keys(keys)
         present = engine.tiers.lookup(ckeys)
-        stored = set(range(present.hits))
-        out: list[bool] = []
-        for i, key in enumerate(ckeys):
-            if i in stored:
-                out.append(True)
-                continue
-            c = chunkmod.new_chunk(engine.pool, key, engine.geometry, self.page_size)
-            try:
-                engine.device.gather(self.kv, self._page_slots(host_indices, i), c.kv())
+        out: list[bool] = [True] * present.hits + [False] * (len(ckeys) - present.hits)
+        todo: list[tuple[int, chunkmod.ChunkBuffer, torch.Tensor]] = []
+        try:
+            for i in range(present.hits, len(ckeys)):  # one batched copy of every page not yet stored
+                c = chunkmod.new_chunk(engine.pool, ckeys[i], engine.geometry, self.page_size, engine.kv_wire)
+                todo.append((i, c, self._page_slots(host_indices, i)))
+            if todo:
+                engine._gather(self.kv, engine._copy_batch([(c, s, 0, c.num_tokens) for _, c, s in todo]), None)
                 engine.device.synchronize()
+        except Exception:  # noqa: BLE001 - a failed store is a future miss, never a crash
+            logger.exception("lmcache-core: storing %d pages from %s failed", len(todo) or 1, keys[present.hits])
+            for _, c, _ in todo:
+                c.release()
+            self.stats["set_pages"] += present.hits
+            return out
+        for i, c, _ in todo:  # kv_codec: the payload is coded already and no host codec applies
+            try:
                 sealed = chunkmod.seal(c, engine.config.codec, engine.pool)
-            except Exception:  # noqa: BLE001 - a failed store is a future miss, never a crash
+            except Exception:  # noqa: BLE001
                 logger.exception("lmcache-core: storing page %s failed", keys[i])
                 c.release()
-                out.append(False)
                 continue
             try:
-                engine.tiers.put(key, sealed)
+                engine.tiers.put(ckeys[i], sealed)
+                out[i] = True
             finally:
                 sealed.release()
-            out.append(True)
         self.stats["set_pages"] += sum(out)
         return out
 
@@ -305,7 +308,13 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
                                    engine.geometry.signature)
                     out.append(False)
                     continue
-                engine.device.scatter(self.kv, self._page_slots(host_indices, i), c.kv())
+                if c.header.codec != engine.kv_wire:  # a plain page under kv_codec's namespace, or the reverse
+                    logger.warning("lmcache-core: page %s is coded %s, this backend reads %s; a miss", keys[i],
+                                   c.header.codec, engine.kv_wire)
+                    out.append(False)
+                    continue
+                engine._scatter(self.kv, engine._copy_batch([(c, self._page_slots(host_indices, i), 0,
+                                                              c.num_tokens)]), None)
                 out.append(True)
             except Exception:  # noqa: BLE001
                 logger.exception("lmcache-core: loading page %s failed", keys[i])

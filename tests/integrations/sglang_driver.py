@@ -195,6 +195,49 @@ def daemon_scenario(url: str) -> dict[str, Any]:
     return out
 
 
+def kv_codec_scenario(tiers_dir: Path) -> dict[str, Any]:
+    """kv_codec fp8 on the backend (MHA page_first, MLA layer_first): the disk tier holds fp8 pages,
+    a second backend (fresh memory tier) reads them back bit for bit what the host fp8 codec makes
+    of the writer's rows, and an exact backend on the same disk finds none of them."""
+    from sglang.srt.mem_cache.utils import get_hash_str
+
+    from lmcache_core import chunk as chunkmod
+    from lmcache_core.codecs import fp8
+
+    out: dict[str, Any] = {}
+    for layout, mla in (("page_first", False), ("layer_first", True)):
+        disk = tiers_dir / f"kv-codec-{layout}-{int(mla)}"
+        extra = extra_config(["memory://?capacity=64MiB", f"disk://{disk}?capacity=256MiB"], kv_codec="fp8")
+        make = mla_pool if mla else mha_pool
+        src_pool, dst_pool = make(layout, True, 31), make(layout, False, 32)
+        keys = get_hash_str(list(range(7000, 7000 + 3 * PAGE)), None, page_size=PAGE)
+        keys = keys if isinstance(keys, list) else [keys]
+        src_idx = torch.arange(2 * PAGE, (2 + len(keys)) * PAGE)
+        dst_idx = torch.arange(9 * PAGE, (9 + len(keys)) * PAGE)
+        writer = make_backend(src_pool, layout, mla, extra)
+        r: dict[str, Any] = {"set": writer.batch_set_v1(keys, src_idx)}
+        writer.flush()
+        writer.close()
+        heads = [chunkmod.decode_header(f.read_bytes()[:chunkmod.HEADER_SIZE]) for f in disk.rglob("*.kv")]
+        r["disk_codecs"] = sorted({h.codec for h in heads})
+        r["disk_pages"] = len(heads)
+        reader = make_backend(dst_pool, layout, mla, extra)
+        r["get"] = reader.batch_get_v1(keys, dst_idx)
+        reader.close()
+        x = token_rows(src_pool, src_idx, mla)  # [n, planes, heads, dim]
+        flat = x.reshape(*x.shape[:2], -1).transpose(0, 1)  # [planes, n, hidden]
+        q, sc = fp8.quantize(flat, x.shape[-1])
+        want = fp8.dequantize(q, sc, x.shape[-1], x.dtype).transpose(0, 1).reshape(x.shape)
+        got = token_rows(dst_pool, dst_idx, mla)
+        r["fp8_bit_exact"] = bool(torch.equal(got.view(torch.int32), want.view(torch.int32)))
+        r["not_exact"] = not bool(torch.equal(got, x))
+        exact = make_backend(make(layout, False, 33), layout, mla, {**extra, "kv_codec": "none"})
+        r["exact_exists"] = exact.batch_exists(keys)
+        exact.close()
+        out[f"{layout}-{'mla' if mla else 'mha'}"] = r
+    return out
+
+
 def _digests(b: Any, keys: list[str]) -> set[bytes]:
     return {k.namespace + k.digest for k in b._keys(keys)}
 
@@ -426,6 +469,11 @@ def main(out_path: str, tiers_dir: str) -> None:
         except Exception as exc:  # noqa: BLE001
             results["errors"].append({"what": name, "error": f"{type(exc).__name__}: {exc}",
                                       "trace": traceback.format_exc()})
+    try:
+        results["kv_codec"] = kv_codec_scenario(Path(tiers_dir))
+    except Exception as exc:  # noqa: BLE001
+        results["errors"].append({"what": "kv_codec", "error": f"{type(exc).__name__}: {exc}",
+                                  "trace": traceback.format_exc()})
     if os.environ.get("LMCACHE_TEST_DAEMON_URL"):
         try:
             results["daemon"] = daemon_scenario(os.environ["LMCACHE_TEST_DAEMON_URL"])

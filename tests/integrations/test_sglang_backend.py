@@ -50,6 +50,15 @@ def test_backend_through_the_daemon(results: dict[str, Any]) -> None:
     assert d["bit_exact"]
 
 
+@pytest.mark.parametrize("case", ["page_first-mha", "layer_first-mla"])
+def test_kv_codec_fp8_pages(results: dict[str, Any], case: str) -> None:
+    r = results["kv_codec"][case]
+    assert r["set"] == [True] * 3 and r["get"] == [True] * 3
+    assert r["disk_codecs"] == ["fp8-e4m3-th/1"] and r["disk_pages"] == 3  # the disk holds fp8 pages
+    assert r["fp8_bit_exact"] and r["not_exact"]  # the host codec's values, not the exact KV
+    assert r["exact_exists"] == 0  # an exact backend never finds fp8 pages
+
+
 def test_real_sglang_version(results: dict[str, Any]) -> None:
     assert results["sglang"] == "0.5.23"
     assert not results["errors"], results["errors"]
