@@ -379,3 +379,54 @@ def test_kv_codec_fp8_through_the_daemon(shared_daemon):
     finally:
         b.close()
         exact.close()
+
+
+def test_a_daemon_tier_with_a_lossy_codec_serves_exact_engines(tmp_path):
+    """The daemon's disk tier codes fp8 (``?codec=fp8``): what its small memory tier evicted comes
+    back from the disk in the codec's namespace; the client takes it as the lossy form of the key
+    it asked for (before, it refused the key as another chunk's: a miss counted as corrupt)."""
+    import torch
+
+    from lmcache_core import Config
+    from lmcache_core.codecs import fp8
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import PagedKV, slot_mapping
+
+    d = DaemonProcess(tmp_path / "d", tiers=["memory://?capacity=1MiB", f"disk://{tmp_path}/disk?codec=fp8"],
+                      serve={"headroom": 4.0}).start()
+    try:
+        L, H, D, BS, NB = 4, 8, 64, 16, 24
+        gen = torch.Generator().manual_seed(6)
+        src_c = [torch.randn((2, NB, BS, H, D), generator=gen).to(torch.bfloat16) for _ in range(L)]
+        tokens, blocks = list(range(100, 420)), torch.arange(20)  # 10 chunks of 256 KiB
+        cfg = Config.from_dict({"daemon": d.url, "chunk_size": 32, "device": "cpu"})
+        a = CacheEngine(PagedKV.from_vllm_flash(src_c).geometry, cfg, model="lossy-tier")
+        try:
+            assert a.store(tokens, PagedKV.from_vllm_flash(src_c), blocks, wait=True) == 320
+            a.flush()
+        finally:
+            a.close()
+        dst_c = [torch.zeros_like(c) for c in src_c]
+        b = CacheEngine(PagedKV.from_vllm_flash(src_c).geometry, cfg, model="lossy-tier")
+        try:
+            res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
+            corrupt = sum(v for k, v in b.metrics.snapshot().items() if k.startswith("lmcache_corrupt_chunks"))
+        finally:
+            b.close()
+        assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32, res.by_tier
+        assert corrupt == 0
+        s = slot_mapping(blocks, BS, 0, 320)
+        from_disk = 0
+        for i in range(10):  # each chunk is exact (memory) or the fp8 codec's values (disk)
+            cs = s[i * 32:(i + 1) * 32]
+            exact = lossy = True
+            for c, dd in zip(src_c, dst_c):
+                x, got = c[:, cs // BS, cs % BS].reshape(2, 32, H * D), dd[:, cs // BS, cs % BS].reshape(2, 32, H * D)
+                want = fp8.dequantize(*fp8.quantize(x, D), D, torch.bfloat16)
+                exact &= torch.equal(got.view(torch.int16), x.view(torch.int16))
+                lossy &= torch.equal(got.view(torch.int16), want.view(torch.int16))
+            assert exact or lossy, f"chunk {i} is neither the stored KV nor its fp8 form"
+            from_disk += lossy and not exact
+        assert from_disk * 32 == res.by_tier.get("disk", 0)
+    finally:
+        d.stop()

@@ -612,12 +612,14 @@ class DaemonTiers:
                 self.metrics.bytes.labels(f"daemon:{tier}", "read").inc(nbytes)
                 return ChunkBuffer(buf, fast)
             header = decode_header(buf.memoryview(0, HEADER_SIZE))
-            if header.key != key or (key.num_tokens and header.num_tokens != key.num_tokens):
+            if key.num_tokens and header.num_tokens != key.num_tokens:
+                raise ChunkError(f"slot holds {header.key} of {header.num_tokens} tokens, asked for {key}")
+            if header.key != key and not _lossy_form_of(header, key):
                 raise ChunkError(f"slot holds {header.key}, asked for {key}")
             if header.image_len != nbytes:
                 raise ChunkError(f"slot image is {nbytes} bytes, its header says {header.image_len}")
             if header.codec != "none":
-                chunk = decode_image(buf, nbytes, key, self.local_pool)
+                chunk = decode_image(buf, nbytes, header.key, self.local_pool)
                 return chunk
         except ChunkError as exc:
             self.metrics.corrupt.labels(f"daemon:{tier}").inc()
@@ -686,6 +688,21 @@ class DaemonTiers:
     def close(self) -> None:
         self.pool.unprepare()
         self.conn.close()
+
+
+def _lossy_form_of(header: ChunkHeader, key: ChunkKey) -> bool:
+    """Whether ``header`` is the chunk of ``key`` as a daemon tier with a lossy codec keeps it:
+    the same digest under that codec's namespace of ``key``'s (what the daemon's tier stack
+    serves for ``key``, marking the request's KV inexact on its side)."""
+    from .. import codecs
+
+    if header.key.digest != key.digest:
+        return False
+    try:
+        chain = codecs.REGISTRY.chain_for_wire(header.codec)
+    except Exception:  # noqa: BLE001 - an unknown wire id is no lossy form of anything
+        return False
+    return not chain.lossless and codecs.lossy_namespace(key.namespace, chain) == header.key.namespace
 
 
 def check_tenant(config: "Config", tenant: str | None) -> str:
