@@ -41,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-CODECS = ("lossless", "fp8", "cachegen")
+CODECS = ("lossless", "fp8", "fp8+lossless", "cachegen")  # fp8+lossless: kv_codec fp8 under a tier codec=lossless
 #: facts of lmcache_core/data/demo_document.md that answer the demo's document questions
 ANSWERS = (("1961",), ("122",), ("desai",), ("45",), ("14",))
 

@@ -415,15 +415,16 @@ def encode_chunk(chunk: ChunkBuffer, chain: "_codecs.Chain", pool: BufferPool, k
 
 def encode_coded(chunk: ChunkBuffer, chain: "_codecs.Chain", pool: BufferPool) -> ChunkBuffer:
     """A new sealed image of a device-coded ``chunk`` (``new_chunk(codec)``, e.g. fp8) whose stored
-    bytes ``chain`` codes further (``aesgcm``: encryption at rest over the fp8 bytes); the header
-    names both, ``fp8-e4m3-th/1+aesgcm/1``, as a tier chain ``fp8+aesgcm`` writes it. ``chunk`` is
-    not consumed. Only byte codecs that keep the namespace apply (ValueError otherwise)."""
+    bytes ``chain`` codes further: ``lossless`` (zstd over the fp8 bytes, exact), ``aesgcm``
+    (encryption at rest) or both; the header names every stage, ``fp8-e4m3-th/1+aesgcm/1``, as a
+    tier chain ``fp8+aesgcm`` writes it. ``chunk`` is not consumed. Only lossless chains apply:
+    they keep the namespace (ValueError otherwise)."""
     h = chunk.header
     if h.codec == "none":
         raise ValueError(f"chunk {h.key} is plain; use encode_chunk")
-    if not chain.lossless or not all(getattr(c, "encrypts", False) for c in chain.codecs):
-        raise ValueError(f"codec {chain.name} cannot code {h.codec} images (only encryption, aesgcm, applies "
-                         "to a device codec's bytes)")
+    if not chain.lossless:
+        raise ValueError(f"codec {chain.name} cannot code {h.codec} images (only lossless codecs, lossless and "
+                         "aesgcm, apply to a device codec's bytes)")
     wire = f"{h.codec}+{chain.wire_id}"
     full = _codecs.REGISTRY.chain_for_wire(wire)  # a valid chain, or ValueError-like ChunkError
     ctx = _codecs.CodecContext(h.key, h.geometry, h.num_tokens, pool)

@@ -297,12 +297,15 @@ class Config:
                               "device; set codec: none")
         from .storage import parse_url
 
+        from .codecs import REGISTRY
+
         for url in self.tiers:
             codec = parse_url(url).query.get("codec")
-            if codec is not None and codec != "aesgcm":
+            if codec is not None and codec.strip() != "none" and \
+                    not all(REGISTRY.spec(part.strip()).load().lossless for part in codec.split("+")):
                 raise ConfigError(f"tiers: {url!r} sets codec={codec}, and kv_codec {self.kv_codec} already codes "
-                                  "every chunk on the device; only codec=aesgcm (encryption) applies over it: drop "
-                                  "the tier's codec option or unset kv_codec")
+                                  "every chunk on the device; only lossless codecs (lossless, aesgcm, "
+                                  "lossless+aesgcm) apply over it: drop the tier's codec option or unset kv_codec")
 
     def daemon_token_value(self) -> str:
         """The daemon token (from ``daemon_token`` or ``daemon_token_file``), or ""."""

@@ -172,9 +172,11 @@ def test_kv_codec_refuses_what_it_cannot_combine_with(tmp_path):
     Config.from_dict({**base, "daemon": f"daemon://{tmp_path}/s.sock"})  # the daemon keeps fp8 chunks coded
     with pytest.raises(ConfigError, match="codec: none"):
         Config.from_dict({**base, "codec": "zlib"})
-    with pytest.raises(ConfigError, match="only codec=aesgcm"):
-        Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec=lossless"]})
+    for lossy in ("cachegen", "fp8", "lossless%2Bfp8"):
+        with pytest.raises(ConfigError, match="only lossless codecs"):
+            Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec={lossy}"]})
     Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec=aesgcm&codec_key_file={tmp_path}/k"]})
+    Config.from_dict({**base, "tiers": [f"disk://{tmp_path}/d?codec=lossless"]})
     with pytest.raises(ConfigError, match="not allowed"):
         Config.from_dict({**base, "kv_codec": "fp4"})
     fp8_kv = PagedKV.from_vllm_flash([torch.zeros((2, 4, BS, H, D), dtype=torch.float8_e4m3fn)])
@@ -224,3 +226,45 @@ def test_encryption_at_rest_over_fp8_images(fp8_engine, make_engine, tmp_path):
     dst_c, dst = paged(4)
     assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
     assert_fp8_loaded(src_c, dst_c, blocks)
+
+
+def test_lossless_over_fp8_images(fp8_engine, make_engine, tmp_path):
+    """kv_codec fp8 with a disk tier codec=lossless: the files hold the fp8 images zstd-coded
+    (smaller, header fp8-e4m3-th/1+lossless-zstd/2), a fresh engine loads them bit for bit the
+    host codec's values, a corrupted compressed payload is a miss, and an exact engine's host
+    chain fp8+lossless writes the same form; lossless+aesgcm composes."""
+    disk = tmp_path / "z"
+    url = f"disk://{disk}?capacity=256MiB&codec=lossless"
+    src_c, src = paged(1)
+    blocks = torch.arange(7)
+    eng = fp8_engine(tiers=["memory://?capacity=64MiB", url])
+    eng.store(TOKENS, src, blocks, wait=True)
+    files = sorted(p for p in disk.rglob("*") if p.is_file() and p.stat().st_size > chunkmod.HEADER_SIZE)
+    assert len(files) == 4
+    for f in files:
+        h = chunkmod.decode_header(f.read_bytes()[:chunkmod.HEADER_SIZE])
+        assert h.codec == "fp8-e4m3-th/1+lossless-zstd/2"
+        assert h.stored_len < fp8.encoded_len(src.geometry, h.num_tokens)  # random KV: the scales' and signs' slack
+    fresh = fp8_engine(tiers=[url])
+    dst_c, dst = paged(2)
+    assert fresh.retrieve(TOKENS, dst, blocks).by_tier == {"disk": 100}
+    assert_fp8_loaded(src_c, dst_c, blocks)
+    data = bytearray(files[0].read_bytes())
+    data[chunkmod.HEADER_SIZE + 40] ^= 0x5A
+    files[0].write_bytes(bytes(data))
+    third = fp8_engine(tiers=[url])
+    assert third.lookup(TOKENS).hit_tokens == 100
+    assert third.retrieve(TOKENS, paged(3)[1], blocks).hit_tokens < 100  # the corrupted chunk is a miss
+    # an exact engine's host chain fp8+lossless: the same chunks; and lossless+aesgcm over fp8
+    secret = tmp_path / "k"
+    secret.write_text("c" * 32)
+    for writer_codec, reader_codec in (("fp8%2Blossless", "lossless"),
+                                       ("fp8%2Blossless%2Baesgcm", "lossless%2Baesgcm")):
+        shared = tmp_path / f"shared-{reader_codec}"
+        key = f"&codec_key_file={secret}"
+        writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec={writer_codec}{key}"])
+        writer.store(TOKENS, src, blocks, wait=True)
+        reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec={reader_codec}{key}"])
+        dst_c, dst = paged(4)
+        assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
+        assert_fp8_loaded(src_c, dst_c, blocks)
