@@ -574,7 +574,6 @@ def check_kept(header: ChunkHeader, stored: "torch.Tensor") -> None:
     _KEPT_CHECKS[header.codec](header, stored)
 
 
-
 def _inflate(stored: memoryview, out: memoryview, header: ChunkHeader) -> None:
     """zlib-decompress ``stored`` into ``out``, never producing more than ``len(out)`` + 1
     bytes: a stream that inflates beyond the declared size is cut off, not allocated."""

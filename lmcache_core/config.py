@@ -295,9 +295,8 @@ class Config:
         if self.codec != "none":
             raise ConfigError(f"kv_codec {self.kv_codec} and codec {self.codec}: chunks are already coded on the "
                               "device; set codec: none")
-        from .storage import parse_url
-
         from .codecs import REGISTRY
+        from .storage import parse_url
 
         for url in self.tiers:
             codec = parse_url(url).query.get("codec")

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # Keys of the extra config that belong to SGLang's dynamic loader, not to lmcache-core.
 SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "interface_v2"})
 LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+SET_GROUP = 64  # pages a batch_set_v1 copies out of the host pool in one call (host memory bounded)
 # --kv-cache-dtype values whose bytes are all in the host pool's kv_buffer. mxfp8, nvfp4 and
 # fp4_mx_block16 keep block scales in other buffers, which this backend does not store.
 # The fields of SGLang's runtime "model" namespace that change the KV a checkpoint computes.
@@ -258,20 +259,27 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
         ckeys = self._keys(keys)
         present = engine.tiers.lookup(ckeys)
         out: list[bool] = [True] * present.hits + [False] * (len(ckeys) - present.hits)
+        for start in range(present.hits, len(ckeys), SET_GROUP):  # host memory bounded per group
+            self._set_group(engine, ckeys, keys, host_indices, range(start, min(start + SET_GROUP, len(ckeys))), out)
+        self.stats["set_pages"] += sum(out)
+        return out
+
+    def _set_group(self, engine: CacheEngine, ckeys: list[ChunkKey], keys: List[str], host_indices: torch.Tensor,
+                   idx: range, out: list[bool]) -> None:
+        """Store pages ``idx``: one batched copy out of the host pool (coded with ``kv_codec``),
+        then seal and write each; a failure is a miss of those pages, never an error."""
         todo: list[tuple[int, chunkmod.ChunkBuffer, torch.Tensor]] = []
         try:
-            for i in range(present.hits, len(ckeys)):  # one batched copy of every page not yet stored
+            for i in idx:
                 c = chunkmod.new_chunk(engine.pool, ckeys[i], engine.geometry, self.page_size, engine.kv_wire)
                 todo.append((i, c, self._page_slots(host_indices, i)))
-            if todo:
-                engine._gather(self.kv, engine._copy_batch([(c, s, 0, c.num_tokens) for _, c, s in todo]), None)
-                engine.device.synchronize()
+            engine._gather(self.kv, engine._copy_batch([(c, s, 0, c.num_tokens) for _, c, s in todo]), None)
+            engine.device.synchronize()
         except Exception:  # noqa: BLE001 - a failed store is a future miss, never a crash
-            logger.exception("lmcache-core: storing %d pages from %s failed", len(todo) or 1, keys[present.hits])
+            logger.exception("lmcache-core: storing %d pages from %s failed", len(idx), keys[idx[0]])
             for _, c, _ in todo:
                 c.release()
-            self.stats["set_pages"] += present.hits
-            return out
+            return
         for i, c, _ in todo:  # kv_codec: the payload is coded already and no host codec applies
             try:
                 sealed = chunkmod.seal(c, engine.config.codec, engine.pool)
@@ -284,8 +292,6 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
                 out[i] = True
             finally:
                 sealed.release()
-        self.stats["set_pages"] += sum(out)
-        return out
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
