@@ -430,3 +430,49 @@ def test_a_daemon_tier_with_a_lossy_codec_serves_exact_engines(tmp_path):
         assert from_disk * 32 == res.by_tier.get("disk", 0)
     finally:
         d.stop()
+
+
+def test_kv_codec_fp8_from_a_daemon_disk_tier_with_lossless(tmp_path):
+    """A kv_codec fp8 engine on a daemon whose disk tier codes lossless: the disk holds the fp8
+    images zstd-coded, and what the small memory tier evicted comes back from the disk still fp8
+    (decoded by the client's device), bit for bit the host codec's values."""
+    import torch
+
+    from lmcache_core import Config
+    from lmcache_core import chunk as chunkmod
+    from lmcache_core.codecs import fp8
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import PagedKV, slot_mapping
+
+    d = DaemonProcess(tmp_path / "d", tiers=["memory://?capacity=1MiB", f"disk://{tmp_path}/disk?codec=lossless"],
+                      serve={"headroom": 4.0}).start()
+    try:
+        L, H, D, BS, NB = 4, 8, 64, 16, 24
+        gen = torch.Generator().manual_seed(8)
+        src_c = [torch.randn((2, NB, BS, H, D), generator=gen).to(torch.bfloat16) for _ in range(L)]
+        tokens, blocks = list(range(900, 1220)), torch.arange(20)  # 10 chunks, 132 KiB each in fp8
+        cfg = Config.from_dict({"daemon": d.url, "chunk_size": 32, "device": "cpu", "kv_codec": "fp8"})
+        geometry = PagedKV.from_vllm_flash(src_c).geometry
+        a = CacheEngine(geometry, cfg, model="lossless-tier")
+        try:
+            assert a.store(tokens, PagedKV.from_vllm_flash(src_c), blocks, wait=True) == 320
+            a.flush()
+        finally:
+            a.close()
+        files = [p for p in (tmp_path / "disk").rglob("*.kv")]
+        heads = [chunkmod.decode_header(f.read_bytes()[:chunkmod.HEADER_SIZE]) for f in files]
+        assert len(heads) == 10 and {h.codec for h in heads} == {"fp8-e4m3-th/1+lossless-zstd/2"}
+        dst_c = [torch.zeros_like(c) for c in src_c]
+        b = CacheEngine(geometry, cfg, model="lossless-tier")
+        try:
+            res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
+        finally:
+            b.close()
+        assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32, res.by_tier
+        s = slot_mapping(blocks, BS, 0, 320)
+        for c, dd in zip(src_c, dst_c):
+            x, got = c[:, s // BS, s % BS].reshape(2, 320, H * D), dd[:, s // BS, s % BS].reshape(2, 320, H * D)
+            want = fp8.dequantize(*fp8.quantize(x, D), D, torch.bfloat16)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    finally:
+        d.stop()
