@@ -169,30 +169,43 @@ def test_redis_between_two_processes(vh: ModuleType, vllm_python: str, tiny_mode
     assert "sync load" in b.log
 
 
+@pytest.mark.parametrize("mode", ["embedded", "daemon"])
 def test_kv_codec_fp8_stores_and_loads_through_the_connector(vh: ModuleType, vllm_python: str, tiny_model: Path,
-                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    """kv_codec fp8 in a real vLLM engine: its stores land on disk as fp8 chunks under the lossy
-    namespace (none under the exact one), and its own later requests (prefix cache off) load them
-    back through the connector, whole and partial chunks."""
+                                                             tmp_path_factory: pytest.TempPathFactory,
+                                                             mode: str) -> None:
+    """kv_codec fp8 in a real vLLM engine, embedded or through ``lmcache serve``: its stores land
+    on disk as fp8 chunks under the lossy namespace (none under the exact one), and its own later
+    requests (prefix cache off) load them back through the connector, whole and partial chunks."""
     from lmcache_core import chunk as chunkmod
     from lmcache_core.codecs.fp8 import FP8Codec
+    from lmcache_core.testing.daemon import DaemonProcess
 
-    work = tmp_path_factory.mktemp("vllm-fp8")
+    work = tmp_path_factory.mktemp(f"vllm-fp8-{mode}")
     disk = work / "disk"
-    conn = {"tiers": ["memory://?capacity=128MiB", f"disk://{disk}?capacity=1GiB"], "chunk_size": CHUNK,
-            "device": "cpu", "kv_codec": "fp8", "log_level": "INFO"}
+    tiers = ["memory://?capacity=128MiB", f"disk://{disk}?capacity=1GiB"]
+    daemon = DaemonProcess(work / "d", tiers=tiers, config={"chunk_size": CHUNK}).start() if mode == "daemon" else None
+    where: dict[str, Any] = {"daemon": daemon.url} if daemon is not None else {"tiers": tiers}
+    conn = {**where, "chunk_size": CHUNK, "device": "cpu", "kv_codec": "fp8", "log_level": "INFO"}
     prompts = _prompts(vh)
     long_ = prompts["seed"]["long"]
-    a = vh.run_driver(vllm_python, {"model": str(tiny_model), "connector": conn, "prefix_caching": False, "phases": [
-        {"name": "seed", "max_tokens": 8, "prompts": {"long": long_}},
-        {"name": "load", "max_tokens": 8, "prompts": {"long_same": long_, "long_other": prompts["load"]["long_other"]}},
-    ]}, work, "fp8")
+    try:
+        a = vh.run_driver(vllm_python, {"model": str(tiny_model), "connector": conn, "prefix_caching": False,
+                                        "phases": [
+            {"name": "seed", "max_tokens": 8, "prompts": {"long": long_}},
+            {"name": "load", "max_tokens": 8, "prompts": {"long_same": long_,
+                                                          "long_other": prompts["load"]["long_other"]}},
+        ]}, work, f"fp8-{mode}")
+    finally:
+        if daemon is not None:
+            daemon.stop()  # SIGTERM: it finishes its queued disk writes on the way down
     load = a.phase("load")
     assert load["long_same"]["num_cached_tokens"] == 599 and load["long_other"]["num_cached_tokens"] == 512
     assert all(len(load[p]["tokens"]) == 8 for p in ("long_same", "long_other"))
     assert a.metric("vllm:lmcache_core_loaded_tokens") >= 599 + 512
     fingerprint = a.result["fingerprint"]
     lossy = Namespace(fingerprint, SIGNATURE, codec=FP8Codec.wire_id)
+    if daemon is not None:
+        disk = disk / "default"  # the daemon keeps each tenant's disk tier in a directory of its own
     assert not (disk / Namespace(fingerprint, SIGNATURE).id.hex()).exists()  # nothing exact was stored
     for i, key in enumerate(chunk_keys(long_, lossy, CHUNK)):
         d = key.digest.hex()
