@@ -35,10 +35,10 @@ def token(monkeypatch: pytest.MonkeyPatch) -> str:
 def engines(token):  # type: ignore[no-untyped-def]
     made: list[CacheEngine] = []
 
-    def make(p2p_url: str, capacity: str = "64MiB") -> CacheEngine:
+    def make(p2p_url: str, capacity: str = "64MiB", **extra: str) -> CacheEngine:
         _, kv = peer.paged(1)
         cfg = Config.from_dict({"tiers": [f"memory://?capacity={capacity}", p2p_url], "chunk_size": peer.CHUNK,
-                                "device": "cpu", "tenant": "t"})
+                                "device": "cpu", "tenant": "t", **extra})
         eng = CacheEngine(kv.geometry, cfg, model="p2p-unit-model")
         made.append(eng)
         return eng
@@ -87,6 +87,34 @@ def test_rendezvous_tier_fetches_from_a_candidate(engines) -> None:  # type: ign
     res = b.retrieve(tokens, dst, blocks)
     assert res.by_tier == {"p2p": len(tokens)}
     assert all(torch.equal(x[:, blocks], y[:, blocks]) for x, y in zip(caches, dst_c))
+
+
+def test_kv_codec_fp8_chunks_cross_between_peers_coded(engines) -> None:  # type: ignore[no-untyped-def]
+    """Two kv_codec fp8 engines: B fetches A's chunks from A's memory tier over p2p as fp8 images
+    (what crosses is the coded form) and loads the host codec's values bit for bit; an exact
+    engine asking the same peer finds nothing (another namespace)."""
+    from lmcache_core.codecs import fp8
+
+    caches, kv = peer.paged(1)
+    a = engines("p2p://127.0.0.1?peers=127.0.0.1:1&replicas=1", kv_codec="fp8")
+    addr = a.tiers.by_name("p2p").address
+    b = engines(f"p2p://?peers={addr}", kv_codec="fp8")
+    exact = engines(f"p2p://?peers={addr}")
+    tokens = list(range(3 * peer.CHUNK))
+    blocks = torch.arange(3 * peer.CHUNK // peer.BS)
+    a.store(tokens, kv, blocks, wait=True)
+    a.flush()
+    held = a.tiers.by_name("memory").get(a.keys(tokens)[0])
+    assert held is not None and held.header.codec == "fp8-e4m3-th/1"
+    assert held.header.stored_len == fp8.encoded_len(kv.geometry, peer.CHUNK)
+    held.release()
+    dst_c, dst = peer.paged(2)
+    assert b.retrieve(tokens, dst, blocks).by_tier == {"p2p": len(tokens)}
+    for x, y in zip(caches, dst_c):
+        src = x[:, blocks].reshape(2, -1, peer.H * peer.D)
+        want = fp8.dequantize(*fp8.quantize(src, peer.D), peer.D, torch.bfloat16)
+        assert torch.equal(y[:, blocks].reshape(2, -1, peer.H * peer.D).view(torch.int16), want.view(torch.int16))
+    assert exact.lookup(tokens).hit_tokens == 0
 
 
 def test_evicted_chunks_leave_the_directory(engines, redis_server) -> None:  # type: ignore[no-untyped-def]
