@@ -353,7 +353,8 @@ def fp8_store_examples(g: ChunkGeometry, plain: torch.Tensor, got: torch.Tensor,
         row["head_amax"] = float(x.abs().max())
         if row["part"] == "e4m3":
             row["input"] = float(x[row["dim"]])
-            row["input_bits"] = hex(int(plain[layer, plane, tok, head * g.head_dim + row["dim"]].view(torch.int16)) & 0xFFFF)
+            value = plain[layer, plane, tok, head * g.head_dim + row["dim"]]
+            row["input_bits"] = hex(int(value.view(torch.int16)) & 0xFFFF)
         out.append(row)
     return out
 

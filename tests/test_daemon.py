@@ -381,55 +381,96 @@ def test_kv_codec_fp8_through_the_daemon(shared_daemon):
         exact.close()
 
 
+# two daemon tests below: a 1 MiB memory tier in front of a coded disk tier, 10 chunks of KV
+# (256 KiB each in bf16) that overflow it, so the first chunks come back from the disk
+BIG = dict(L=4, H=8, D=64, BS=16, NB=24)
+
+
+def _evicting_daemon(tmp_path, disk_codec: str) -> DaemonProcess:
+    tiers = ["memory://?capacity=1MiB", f"disk://{tmp_path}/disk?codec={disk_codec}"]
+    return DaemonProcess(tmp_path / "d", tiers=tiers, serve={"headroom": 4.0}).start()
+
+
+def _big_kv(seed: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, BIG["NB"], BIG["BS"], BIG["H"], BIG["D"])
+    return [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(BIG["L"])]
+
+
+def _store_then_load(url: str, src_c, tokens, blocks, **extra):
+    """One engine stores ``tokens``, a fresh one retrieves them into zeroed caches: its result and
+    those caches (engines closed)."""
+    import torch
+
+    from lmcache_core import Config
+    from lmcache_core.engine import CacheEngine
+    from lmcache_core.layout import PagedKV
+
+    cfg = Config.from_dict({"daemon": url, "chunk_size": 32, "device": "cpu", **extra})
+    geometry = PagedKV.from_vllm_flash(src_c).geometry
+    a = CacheEngine(geometry, cfg, model="coded-disk-tier")
+    try:
+        assert a.store(tokens, PagedKV.from_vllm_flash(src_c), blocks, wait=True) == len(tokens)
+        a.flush()
+    finally:
+        a.close()
+    dst_c = [torch.zeros_like(c) for c in src_c]
+    b = CacheEngine(geometry, cfg, model="coded-disk-tier")
+    try:
+        res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
+        corrupt = sum(v for k, v in b.metrics.snapshot().items() if k.startswith("lmcache_corrupt_chunks"))
+    finally:
+        b.close()
+    return res, dst_c, corrupt
+
+
+def _tokens_of(c, slots):
+    """``[planes, tokens, hidden]`` of cache ``c`` at ``slots``."""
+    return c[:, slots // BIG["BS"], slots % BIG["BS"]].reshape(2, len(slots), BIG["H"] * BIG["D"])
+
+
+def _fp8_values(x):
+    import torch
+
+    from lmcache_core.codecs import fp8
+
+    return fp8.dequantize(*fp8.quantize(x, BIG["D"]), BIG["D"], torch.bfloat16)
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 def test_a_daemon_tier_with_a_lossy_codec_serves_exact_engines(tmp_path):
     """The daemon's disk tier codes fp8 (``?codec=fp8``): what its small memory tier evicted comes
     back from the disk in the codec's namespace; the client takes it as the lossy form of the key
     it asked for (before, it refused the key as another chunk's: a miss counted as corrupt)."""
     import torch
 
-    from lmcache_core import Config
-    from lmcache_core.codecs import fp8
-    from lmcache_core.engine import CacheEngine
-    from lmcache_core.layout import PagedKV, slot_mapping
+    from lmcache_core.layout import slot_mapping
 
-    d = DaemonProcess(tmp_path / "d", tiers=["memory://?capacity=1MiB", f"disk://{tmp_path}/disk?codec=fp8"],
-                      serve={"headroom": 4.0}).start()
+    d = _evicting_daemon(tmp_path, "fp8")
     try:
-        L, H, D, BS, NB = 4, 8, 64, 16, 24
-        gen = torch.Generator().manual_seed(6)
-        src_c = [torch.randn((2, NB, BS, H, D), generator=gen).to(torch.bfloat16) for _ in range(L)]
-        tokens, blocks = list(range(100, 420)), torch.arange(20)  # 10 chunks of 256 KiB
-        cfg = Config.from_dict({"daemon": d.url, "chunk_size": 32, "device": "cpu"})
-        a = CacheEngine(PagedKV.from_vllm_flash(src_c).geometry, cfg, model="lossy-tier")
-        try:
-            assert a.store(tokens, PagedKV.from_vllm_flash(src_c), blocks, wait=True) == 320
-            a.flush()
-        finally:
-            a.close()
-        dst_c = [torch.zeros_like(c) for c in src_c]
-        b = CacheEngine(PagedKV.from_vllm_flash(src_c).geometry, cfg, model="lossy-tier")
-        try:
-            res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
-            corrupt = sum(v for k, v in b.metrics.snapshot().items() if k.startswith("lmcache_corrupt_chunks"))
-        finally:
-            b.close()
-        assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32, res.by_tier
-        assert corrupt == 0
-        s = slot_mapping(blocks, BS, 0, 320)
-        from_disk = 0
-        for i in range(10):  # each chunk is exact (memory) or the fp8 codec's values (disk)
-            cs = s[i * 32:(i + 1) * 32]
-            exact = lossy = True
-            for c, dd in zip(src_c, dst_c):
-                x, got = c[:, cs // BS, cs % BS].reshape(2, 32, H * D), dd[:, cs // BS, cs % BS].reshape(2, 32, H * D)
-                want = fp8.dequantize(*fp8.quantize(x, D), D, torch.bfloat16)
-                exact &= torch.equal(got.view(torch.int16), x.view(torch.int16))
-                lossy &= torch.equal(got.view(torch.int16), want.view(torch.int16))
-            assert exact or lossy, f"chunk {i} is neither the stored KV nor its fp8 form"
-            from_disk += lossy and not exact
-        assert from_disk * 32 == res.by_tier.get("disk", 0)
+        src_c, tokens, blocks = _big_kv(6), list(range(100, 420)), torch.arange(20)
+        res, dst_c, corrupt = _store_then_load(d.url, src_c, tokens, blocks)
     finally:
         d.stop()
+    assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32, res.by_tier
+    assert corrupt == 0
+    s = slot_mapping(blocks, BIG["BS"], 0, 320)
+    from_disk = 0
+    for i in range(10):  # each chunk is exact (memory) or the fp8 codec's values (disk)
+        cs = s[i * 32:(i + 1) * 32]
+        pairs = [(_tokens_of(c, cs), _tokens_of(dd, cs)) for c, dd in zip(src_c, dst_c)]
+        exact = all(_same(got, x) for x, got in pairs)
+        lossy = all(_same(got, _fp8_values(x)) for x, got in pairs)
+        assert exact or lossy, f"chunk {i} is neither the stored KV nor its fp8 form"
+        from_disk += lossy and not exact
+    assert from_disk * 32 == res.by_tier.get("disk", 0)
 
 
 def test_kv_codec_fp8_from_a_daemon_disk_tier_with_lossless(tmp_path):
@@ -438,41 +479,18 @@ def test_kv_codec_fp8_from_a_daemon_disk_tier_with_lossless(tmp_path):
     (decoded by the client's device), bit for bit the host codec's values."""
     import torch
 
-    from lmcache_core import Config
     from lmcache_core import chunk as chunkmod
-    from lmcache_core.codecs import fp8
-    from lmcache_core.engine import CacheEngine
-    from lmcache_core.layout import PagedKV, slot_mapping
+    from lmcache_core.layout import slot_mapping
 
-    d = DaemonProcess(tmp_path / "d", tiers=["memory://?capacity=1MiB", f"disk://{tmp_path}/disk?codec=lossless"],
-                      serve={"headroom": 4.0}).start()
+    d = _evicting_daemon(tmp_path, "lossless")
     try:
-        L, H, D, BS, NB = 4, 8, 64, 16, 24
-        gen = torch.Generator().manual_seed(8)
-        src_c = [torch.randn((2, NB, BS, H, D), generator=gen).to(torch.bfloat16) for _ in range(L)]
-        tokens, blocks = list(range(900, 1220)), torch.arange(20)  # 10 chunks, 132 KiB each in fp8
-        cfg = Config.from_dict({"daemon": d.url, "chunk_size": 32, "device": "cpu", "kv_codec": "fp8"})
-        geometry = PagedKV.from_vllm_flash(src_c).geometry
-        a = CacheEngine(geometry, cfg, model="lossless-tier")
-        try:
-            assert a.store(tokens, PagedKV.from_vllm_flash(src_c), blocks, wait=True) == 320
-            a.flush()
-        finally:
-            a.close()
-        files = [p for p in (tmp_path / "disk").rglob("*.kv")]
-        heads = [chunkmod.decode_header(f.read_bytes()[:chunkmod.HEADER_SIZE]) for f in files]
-        assert len(heads) == 10 and {h.codec for h in heads} == {"fp8-e4m3-th/1+lossless-zstd/2"}
-        dst_c = [torch.zeros_like(c) for c in src_c]
-        b = CacheEngine(geometry, cfg, model="lossless-tier")
-        try:
-            res = b.retrieve(tokens, PagedKV.from_vllm_flash(dst_c), blocks)
-        finally:
-            b.close()
-        assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32, res.by_tier
-        s = slot_mapping(blocks, BS, 0, 320)
-        for c, dd in zip(src_c, dst_c):
-            x, got = c[:, s // BS, s % BS].reshape(2, 320, H * D), dd[:, s // BS, s % BS].reshape(2, 320, H * D)
-            want = fp8.dequantize(*fp8.quantize(x, D), D, torch.bfloat16)
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        src_c, tokens, blocks = _big_kv(8), list(range(900, 1220)), torch.arange(20)
+        res, dst_c, corrupt = _store_then_load(d.url, src_c, tokens, blocks, kv_codec="fp8")
     finally:
         d.stop()
+    heads = [chunkmod.decode_header(f.read_bytes()[:chunkmod.HEADER_SIZE]) for f in (tmp_path / "disk").rglob("*.kv")]
+    assert len(heads) == 10 and {h.codec for h in heads} == {"fp8-e4m3-th/1+lossless-zstd/2"}
+    assert res.hit_tokens == 320 and res.by_tier.get("disk", 0) >= 32 and corrupt == 0, res.by_tier
+    s = slot_mapping(blocks, BIG["BS"], 0, 320)
+    for c, dd in zip(src_c, dst_c):
+        assert _same(_tokens_of(dd, s), _fp8_values(_tokens_of(c, s)))
