@@ -295,39 +295,42 @@ class LMCacheCoreHiCacheStorage(HiCacheStorage):
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        """Fetch pages (verified) and scatter each into its host-pool slots; False for a miss,
-        a corrupt page or a page of another layout (SGLang then stops its prefetch there)."""
+        """Fetch pages (verified) and scatter them into their host-pool slots in one batched
+        device call; False for a miss, a corrupt page or a page of another layout or codec
+        (SGLang then stops its prefetch there)."""
         engine = self._engine()
         assert self.kv is not None
         ckeys = self._keys(keys)
         fetched = engine.tiers.get_many(ckeys)
-        out: list[bool] = []
+        out: list[bool] = [False] * len(fetched)
+        good: list[tuple[int, chunkmod.ChunkBuffer]] = []
         for i, got in enumerate(fetched):
             if got is None:
-                out.append(False)
                 continue
             c, _tier = got
-            try:
-                if c.header.geometry != engine.geometry or c.num_tokens != self.page_size:
-                    logger.warning("lmcache-core: page %s holds %d tokens of %s, expected %d of %s",
-                                   keys[i], c.num_tokens, c.header.geometry.signature, self.page_size,
-                                   engine.geometry.signature)
-                    out.append(False)
-                    continue
-                if c.header.codec != engine.kv_wire:  # a plain page under kv_codec's namespace, or the reverse
-                    logger.warning("lmcache-core: page %s is coded %s, this backend reads %s; a miss", keys[i],
-                                   c.header.codec, engine.kv_wire)
-                    out.append(False)
-                    continue
-                engine._scatter(self.kv, engine._copy_batch([(c, self._page_slots(host_indices, i), 0,
-                                                              c.num_tokens)]), None)
-                out.append(True)
-            except Exception:  # noqa: BLE001
-                logger.exception("lmcache-core: loading page %s failed", keys[i])
-                out.append(False)
-            finally:
+            if c.header.geometry != engine.geometry or c.num_tokens != self.page_size:
+                logger.warning("lmcache-core: page %s holds %d tokens of %s, expected %d of %s",
+                               keys[i], c.num_tokens, c.header.geometry.signature, self.page_size,
+                               engine.geometry.signature)
                 c.release()
-        engine.device.synchronize()
+            elif c.header.codec != engine.kv_wire:  # a plain page under kv_codec's namespace, or the reverse
+                logger.warning("lmcache-core: page %s is coded %s, this backend reads %s; a miss", keys[i],
+                               c.header.codec, engine.kv_wire)
+                c.release()
+            else:
+                good.append((i, c))
+        try:
+            if good:
+                parts = [(c, self._page_slots(host_indices, i), 0, c.num_tokens) for i, c in good]
+                engine._scatter(self.kv, engine._copy_batch(parts), None)
+                engine.device.synchronize()
+                for i, _ in good:
+                    out[i] = True
+        except Exception:  # noqa: BLE001 - a failed load is a miss of those pages, never a crash
+            logger.exception("lmcache-core: loading %d pages from %s failed", len(good), keys[good[0][0]])
+        finally:
+            for _, c in good:
+                c.release()
         self.stats["get_pages"] += sum(out)
         self.stats["get_misses"] += len(out) - sum(out)
         return out
