@@ -48,6 +48,21 @@ def assert_fp8_loaded(src_c, dst_c, blocks) -> None:
         assert same(b, fp8_of(a))
 
 
+def assert_host_chain_meets_kv_codec(make_engine, fp8_engine, shared, writer_codec: str, reader_codec: str,
+                                     options: str = "") -> None:
+    """An exact engine whose disk tier codes ``writer_codec`` (a host chain starting with fp8) stores
+    the 100 tokens; a kv_codec fp8 engine with the tier codec ``reader_codec`` (the chain's rest)
+    loads them all, the fp8 codec's values bit for bit: the two write the same chunks."""
+    src_c, src = paged(1)
+    blocks = torch.arange(7)
+    writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec={writer_codec}{options}"])
+    writer.store(TOKENS, src, blocks, wait=True)
+    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec={reader_codec}{options}"])
+    dst_c, dst = paged(4)
+    assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
+    assert_fp8_loaded(src_c, dst_c, blocks)
+
+
 @pytest.fixture
 def fp8_engine(tmp_path):
     engines: list[CacheEngine] = []
@@ -218,14 +233,8 @@ def test_encryption_at_rest_over_fp8_images(fp8_engine, make_engine, tmp_path):
     stranger = fp8_engine(tiers=[f"disk://{disk}?capacity=256MiB&codec=aesgcm&codec_key_file={other}"])
     assert stranger.retrieve(TOKENS, paged(3)[1], blocks).hit_tokens == 0  # fails authentication: a miss
     # an exact engine's host chain fp8+aesgcm: the same chunks, read by kv_codec fp8 with the tier aesgcm
-    shared = tmp_path / "shared"
-    writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec=fp8%2Baesgcm"
-                                              f"&codec_key_file={secret}"])
-    writer.store(TOKENS, src, blocks, wait=True)
-    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec=aesgcm&codec_key_file={secret}"])
-    dst_c, dst = paged(4)
-    assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
-    assert_fp8_loaded(src_c, dst_c, blocks)
+    assert_host_chain_meets_kv_codec(make_engine, fp8_engine, tmp_path / "shared", "fp8%2Baesgcm", "aesgcm",
+                                     f"&codec_key_file={secret}")
 
 
 def test_lossless_over_fp8_images(fp8_engine, make_engine, tmp_path):
@@ -260,11 +269,5 @@ def test_lossless_over_fp8_images(fp8_engine, make_engine, tmp_path):
     secret.write_text("c" * 32)
     for writer_codec, reader_codec in (("fp8%2Blossless", "lossless"),
                                        ("fp8%2Blossless%2Baesgcm", "lossless%2Baesgcm")):
-        shared = tmp_path / f"shared-{reader_codec}"
-        key = f"&codec_key_file={secret}"
-        writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec={writer_codec}{key}"])
-        writer.store(TOKENS, src, blocks, wait=True)
-        reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec={reader_codec}{key}"])
-        dst_c, dst = paged(4)
-        assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
-        assert_fp8_loaded(src_c, dst_c, blocks)
+        assert_host_chain_meets_kv_codec(make_engine, fp8_engine, tmp_path / f"shared-{reader_codec}", writer_codec,
+                                         reader_codec, f"&codec_key_file={secret}")

@@ -25,7 +25,7 @@ import numpy as np
 from lmcache_core.codecs.fp8 import FP8_MAX, decode_from, encode_into, image_views
 
 from .reference import layer_list
-from .triton_copy import interpreting, layer_ids, plane_table, to_device, triton
+from .triton_copy import Upload, interpreting, layer_ids, plane_table, to_device, triton
 
 if TYPE_CHECKING:
     import torch
@@ -191,8 +191,7 @@ class _Plan:
     addrs: "np.ndarray"  # uint64 per chunk: the image's address
     layer_bytes: int  # one staged layer of every chunk
     pinned: bool  # every image is pinned host memory (the copy-engine batch takes it)
-    ready: Any  # an event after the tables' host-to-device copies (None off CUDA)
-    stream: int  # the stream those copies were queued on
+    ready: Any  # the tables' upload (triton_copy.Upload; None off CUDA)
 
 
 #: the uint8 tensor image offsets are counted from, per device (any fixed address will do)
@@ -212,7 +211,6 @@ def _plan(kv: "PagedKV", parts: Sequence[Any], gather: bool, staged: bool, cache
     """The checked plan of ``parts``, from ``cache`` (the batch's, kept by the caller for exactly as
     long as the parts' tensors are the same) where it has one. Column 0 of the table is, staged,
     the chunk's offset in a staged layer; else its image's offset from :func:`_qbase`."""
-    import numpy as np
     import torch
 
     from lmcache_core.codecs.fp8 import layer_len
@@ -243,14 +241,9 @@ def _plan(kv: "PagedKV", parts: Sequence[Any], gather: bool, staged: bool, cache
 
     tab = to_device(rows, torch.int64, dev)
     sl = concat_slots([p[0] for p in parts], dev)
-    ready, stream = None, 0
-    if dev.type == "cuda":
-        cur = torch.cuda.current_stream(dev)
-        ready, stream = torch.cuda.Event(), int(cur.cuda_stream)
-        ready.record(cur)
     pinned = all(p[1].device.type == "cpu" and p[1].is_pinned() for p in parts)
     plan = _Plan(tab, sl, max((int(p[0].numel()) for p in parts), default=0), lens, offs, addrs,
-                 int(lens.sum()), pinned, ready, stream)
+                 int(lens.sum()), pinned, Upload.after(dev))
     if cache is not None:
         if len(cache) >= 8:
             cache.clear()
@@ -286,8 +279,8 @@ def _launch(kv: "PagedKV", plan: _Plan, sel: Sequence[int], gather: bool, shift:
     lid = layer_ids(sel, dev)
     if dev.type == "cuda":
         stream = torch.cuda.current_stream(dev)
-        if plan.ready is not None and int(stream.cuda_stream) != plan.stream:
-            stream.wait_event(plan.ready)  # the tables were copied up on another stream
+        if plan.ready is not None:
+            plan.ready.wait_on(stream)  # the tables may have been copied up on another stream
         for t in (table.addrs, table.base, plan.tab, plan.slots, lid):
             t.record_stream(stream)
     args = (kbase, qbase, sbase, table.addrs, lid, plan.tab, plan.slots, sb, stok, sh, sd, kv.block_size,
@@ -554,8 +547,9 @@ def gather_coded(kv: "PagedKV", parts: Sequence[Any], layers: Sequence[int] | No
     """The device's ``gather_coded`` (:class:`lmcache_core.device.CodedPart` parts, whole chunks).
     Images in host memory are written from device memory on accelerators (``stage``: see
     :data:`STAGE`): in groups (:data:`GROUPS`), each one copy-engine batch, on a copy stream of
-    their own while the kernel codes the next group (see :class:`_Side`). ``cache``: a dict the caller keeps for exactly this batch
-    (its slot and image tensors unchanged), where the checked tables are kept between calls."""
+    their own while the kernel codes the next group (see :class:`_Side`). ``cache``: a dict the
+    caller keeps for exactly this batch (its slot and image tensors unchanged), where the checked
+    tables are kept between calls."""
     _coded(kv, parts, layers, True, checked, stage, cache)
 
 

@@ -271,33 +271,49 @@ def to_device(values: "list[int] | torch.Tensor", dtype: "torch.dtype", device: 
     return t.to(device, non_blocking=True)
 
 
-_LAYER_IDS: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Any, int]] = OrderedDict()
+class Upload:
+    """Where a cached table's host-to-device copy was queued (:func:`to_device` does not wait): a
+    kernel on another stream waits for it, so it never reads the table before it lands."""
+
+    __slots__ = ("event", "stream")
+
+    def __init__(self, device: "torch.device") -> None:
+        import torch
+
+        cur = torch.cuda.current_stream(device)
+        self.event, self.stream = torch.cuda.Event(), int(cur.cuda_stream)
+        self.event.record(cur)
+
+    @staticmethod
+    def after(device: "torch.device") -> "Upload | None":
+        """The upload just queued on ``device``'s current stream (None off CUDA: copies are done)."""
+        return Upload(device) if device.type == "cuda" else None
+
+    def wait_on(self, stream: Any) -> None:
+        """``stream`` (a torch CUDA stream) waits for the upload unless it queued it itself."""
+        if int(stream.cuda_stream) != self.stream:
+            stream.wait_event(self.event)
+
+
+_LAYER_IDS: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Upload | None]] = OrderedDict()
 
 
 def layer_ids(sel: Sequence[int], device: "torch.device") -> "torch.Tensor":
-    """The selected layers as an int32 tensor on ``device``, cached (the same few repeat). Its
-    host-to-device copy was queued on the stream of the first call; a caller on another stream
-    waits for it (an event), so a kernel never reads the ids before they land."""
+    """The selected layers as an int32 tensor on ``device``, cached (the same few repeat); a caller
+    on another stream than the first waits for its upload (:class:`Upload`)."""
     import torch
 
     key = (str(device), tuple(sel))
     hit = _LAYER_IDS.get(key)
     if hit is None:
         t = to_device(list(sel), torch.int32, device)
-        ev, stream = None, 0
-        if device.type == "cuda":
-            cur = torch.cuda.current_stream(device)
-            ev, stream = torch.cuda.Event(), int(cur.cuda_stream)
-            ev.record(cur)
-        _LAYER_IDS[key] = hit = (t, ev, stream)
+        _LAYER_IDS[key] = (t, Upload.after(device))
         while len(_LAYER_IDS) > 512:
             _LAYER_IDS.popitem(last=False)
         return t
-    t, ev, stream = hit
-    if ev is not None:
-        cur = torch.cuda.current_stream(device)
-        if int(cur.cuda_stream) != stream:
-            cur.wait_event(ev)
+    t, upload = hit
+    if upload is not None:
+        upload.wait_on(torch.cuda.current_stream(device))
     return t
 
 
