@@ -51,13 +51,14 @@ def assert_fp8_loaded(src_c, dst_c, blocks) -> None:
 def assert_host_chain_meets_kv_codec(make_engine, fp8_engine, shared, writer_codec: str, reader_codec: str,
                                      options: str = "") -> None:
     """An exact engine whose disk tier codes ``writer_codec`` (a host chain starting with fp8) stores
-    the 100 tokens; a kv_codec fp8 engine with the tier codec ``reader_codec`` (the chain's rest)
-    loads them all, the fp8 codec's values bit for bit: the two write the same chunks."""
+    the 100 tokens; a kv_codec fp8 engine with the tier codec ``reader_codec`` (the chain's rest,
+    "" for none) loads them all, the fp8 codec's values bit for bit: the two write the same chunks."""
     src_c, src = paged(1)
     blocks = torch.arange(7)
     writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec={writer_codec}{options}"])
     writer.store(TOKENS, src, blocks, wait=True)
-    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB&codec={reader_codec}{options}"])
+    reader_query = f"&codec={reader_codec}" if reader_codec else ""
+    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB{reader_query}{options}"])
     dst_c, dst = paged(4)
     assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
     assert_fp8_loaded(src_c, dst_c, blocks)
@@ -129,7 +130,7 @@ def test_disk_holds_the_coded_form_and_a_fresh_engine_loads_part_of_it(fp8_engin
 
 
 def test_fp8_and_exact_chunks_never_meet_but_a_tier_codec_fp8_is_the_same_form(make_engine, fp8_engine, tmp_path):
-    src_c, src = paged(1)
+    _, src = paged(1)
     blocks = torch.arange(7)
     exact = make_engine(src.geometry)
     exact.store(TOKENS, src, blocks, wait=True)
@@ -140,13 +141,7 @@ def test_fp8_and_exact_chunks_never_meet_but_a_tier_codec_fp8_is_the_same_form(m
     exact.clear()
     assert exact.lookup(TOKENS).hit_tokens == 0
     # an exact engine whose disk tier codes fp8 writes the same chunks under the same keys
-    shared = tmp_path / "shared"
-    writer = make_engine(src.geometry, tiers=[f"disk://{shared}?capacity=256MiB&codec=fp8"])
-    writer.store(TOKENS, src, blocks, wait=True)
-    reader = fp8_engine(tiers=[f"disk://{shared}?capacity=256MiB"])
-    dst_c, dst = paged(2)
-    assert reader.retrieve(TOKENS, dst, blocks).hit_tokens == 100
-    assert_fp8_loaded(src_c, dst_c, blocks)
+    assert_host_chain_meets_kv_codec(make_engine, fp8_engine, tmp_path / "shared", "fp8", "")
 
 
 def test_a_bad_fp8_stream_is_a_miss_even_with_a_valid_tag():
