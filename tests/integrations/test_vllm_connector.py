@@ -188,18 +188,25 @@ def test_kv_codec_fp8_stores_and_loads_through_the_connector(vh: ModuleType, vll
     conn = {**where, "chunk_size": CHUNK, "device": "cpu", "kv_codec": "fp8", "log_level": "INFO"}
     prompts = _prompts(vh)
     long_ = prompts["seed"]["long"]
+    # The load phase starts once the seed's chunks are on disk: a request that arrives while an
+    # identical prefix is still being stored misses it (with vLLM's prefix cache on, as by
+    # default, vLLM's own blocks serve it), and on a busy 2-core CI host that window is real.
+    stored = {"glob": f"{disk}/**/*.kv", "count": len(chunk_keys(long_, Namespace("any", SIGNATURE), CHUNK))}
     try:
         a = vh.run_driver(vllm_python, {"model": str(tiny_model), "connector": conn, "prefix_caching": False,
                                         "phases": [
             {"name": "seed", "max_tokens": 8, "prompts": {"long": long_}},
-            {"name": "load", "max_tokens": 8, "prompts": {"long_same": long_,
-                                                          "long_other": prompts["load"]["long_other"]}},
+            {"name": "load", "max_tokens": 8, "wait_files": stored,
+             "prompts": {"long_same": long_, "long_other": prompts["load"]["long_other"]}},
         ]}, work, f"fp8-{mode}")
     finally:
         if daemon is not None:
             daemon.stop()  # SIGTERM: it finishes its queued disk writes on the way down
     load = a.phase("load")
-    assert load["long_same"]["num_cached_tokens"] == 599 and load["long_other"]["num_cached_tokens"] == 512
+    why = "\n".join(line for line in a.log.splitlines() if "lmcache" in line or "phase" in line)[-4000:]
+    if daemon is not None:
+        why += "\ndaemon log:\n" + daemon.log.read_text(errors="replace")[-3000:]
+    assert load["long_same"]["num_cached_tokens"] == 599 and load["long_other"]["num_cached_tokens"] == 512, why
     assert all(len(load[p]["tokens"]) == 8 for p in ("long_same", "long_other"))
     assert a.metric("vllm:lmcache_core_loaded_tokens") >= 599 + 512
     fingerprint = a.result["fingerprint"]

@@ -17,6 +17,7 @@ share the 30-60 s startup.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -147,6 +148,15 @@ def run(spec_path: str, out_path: str) -> None:
             deadline = time.time() + 600
             while not os.path.exists(phase["wait_for"]) and time.time() < deadline:
                 time.sleep(0.05)
+        if phase.get("wait_files"):  # {"glob": pattern, "count": n}: e.g. an earlier phase's stores on disk
+            want = phase["wait_files"]
+            deadline, found = time.time() + float(want.get("timeout_s", 120)), 0
+            while time.time() < deadline:
+                found = len(glob.glob(want["glob"], recursive=True))
+                if found >= want["count"]:
+                    break
+                time.sleep(0.05)
+            print(f"phase {phase['name']}: {found} of {want['count']} files {want['glob']!r} present", flush=True)
         ids = list(phase["prompts"])
         prompts, lora_requests = [], []
         for i in ids:
