@@ -163,6 +163,7 @@ class _Plan:
     tab: Any = None
     aligned: bool = False
     max_n: int = 0
+    ready: tuple[Any, ...] = ()  # the table's upload (triton_copy.Upload), waited for by other streams
 
 
 @dataclass
@@ -532,7 +533,9 @@ class KVTransfer:
         """One kernel launch for the plan's chunks the kernel reaches in place."""
         if plan.near:
             near, nsig = self._subset(batch, sig, plan.near)
-            prep = triton_copy.Prepared(plan.tab, self._slots(near, nsig), len(near), plan.max_n, plan.aligned)
+            slots, uploaded = self._slots(near, nsig)
+            prep = triton_copy.Prepared(plan.tab, slots, len(near), plan.max_n, plan.aligned,
+                                        plan.ready + (uploaded,))
             triton_copy.run(kv, plan.table, prep, sel, gather, self._programs(sel))
             self.stats.direct += len(near)
             self.stats.launches += 1
@@ -623,7 +626,7 @@ class KVTransfer:
                 rows, aligned = triton_copy.chunk_rows(near, kv.layers[0].k.element_size())
                 prep = triton_copy.prepare(kv, table, near, rows=rows, rows_aligned=aligned,
                                            slots=near[0][0])  # slots are supplied per call
-                plan.tab, plan.aligned = prep.tab, prep.aligned
+                plan.tab, plan.aligned, plan.ready = prep.tab, prep.aligned, prep.ready
                 plan.max_n = max(int(s.numel()) for s, _ in near)
         self._plans.insert(0, (key, weakref.ref(kv), plan))
         del self._plans[_BATCHES:]
@@ -698,15 +701,17 @@ class KVTransfer:
                     f"{s_tok}, head {s_head}, dim {s_dim}), so a run of tokens is not one copy")
         return None
 
-    def _slots(self, items: Batch, sig: "_Sig | None") -> "torch.Tensor":
-        """The batch's slots concatenated on the KV device; cached by identity and version
-        (inference-mode tensors keep no version counter and are concatenated afresh)."""
+    def _slots(self, items: Batch, sig: "_Sig | None") -> "tuple[torch.Tensor, Any]":
+        """The batch's slots concatenated on the KV device and where that was queued
+        (:class:`triton_copy.Upload`: a kernel on another stream waits for it); cached by identity
+        and version (inference-mode tensors keep no version counter and are concatenated afresh)."""
         key = self._key(sig, items)
-        dev_slots = self._slot_cache.get(key)
-        if dev_slots is _MISS:
+        hit = self._slot_cache.get(key)
+        if hit is _MISS:
             dev_slots = triton_copy.concat_slots([s for s, _ in items], self.device)
-            self._slot_cache.put(key, None, items, dev_slots)
-        return dev_slots
+            hit = (dev_slots, triton_copy.Upload.after(self.device))
+            self._slot_cache.put(key, None, items, hit)
+        return hit
 
     # -- staged ------------------------------------------------------------------------------
     def _ensure_ring(self, nbytes: int) -> None:
@@ -890,7 +895,8 @@ class KVTransfer:
         whole = triton_copy.prepare(kv, table, list(group) * len(ring_slots), slots=slots, rows=rows,
                                     rows_aligned=aligned)
         m = 6 * len(group)
-        return [triton_copy.Prepared(whole.tab[k * m:(k + 1) * m], slots, len(group), whole.max_n, whole.aligned)
+        return [triton_copy.Prepared(whole.tab[k * m:(k + 1) * m], slots, len(group), whole.max_n, whole.aligned,
+                                     whole.ready)
                 for k in range(len(ring_slots))]
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,

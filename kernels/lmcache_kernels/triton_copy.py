@@ -326,6 +326,7 @@ class Prepared:
     n_chunks: int
     max_n: int
     aligned: bool
+    ready: tuple[Upload | None, ...] = ()  # where ``tab`` and ``slots`` were queued (:class:`Upload`)
 
 
 def prepare(kv: "PagedKV", table: PlaneTable, batch: Batch, *, slots: "torch.Tensor | None" = None,
@@ -352,7 +353,8 @@ def prepare(kv: "PagedKV", table: PlaneTable, batch: Batch, *, slots: "torch.Ten
             raise ValueError(f"chunk address {rows[i]:#x} is not a multiple of the element size {elem}")
         rows[i] = delta // elem
     tab = to_device(rows, torch.int64, dev)
-    return Prepared(tab, slots, len(batch), max_n, bool(rows_aligned))
+    # one event after both: slots built here, or by the caller on this stream, came first
+    return Prepared(tab, slots, len(batch), max_n, bool(rows_aligned), (Upload.after(dev),))
 
 
 def concat_slots(slots: Sequence["torch.Tensor"], device: "torch.device") -> "torch.Tensor":
@@ -391,8 +393,11 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
     n_work = n_tiles * prep.n_chunks * len(sel) * g.kv_planes
     grid = (min(n_work, programs) if programs > 0 else n_work,)
     sb, stok, sh, sd = table.strides
-    if dev.type == "cuda":  # cached tables may come from another stream: keep them alive for this one
+    if dev.type == "cuda":  # cached tables may come from another stream: landed, and kept alive for this one
         stream = torch.cuda.current_stream(dev)
+        for upload in prep.ready:
+            if upload is not None:
+                upload.wait_on(stream)
         for t in (table.addrs, table.base, prep.slots, prep.tab, lid):
             t.record_stream(stream)
     _kernel()[grid](

@@ -74,6 +74,43 @@ def test_engine_style_calls_are_bit_exact(kind: str, mode: str) -> None:
         assert stats.launches <= 2 * kv.geometry.num_layers * (2 if mode == "staged" else 1) + 2
 
 
+def test_cached_tables_wait_for_their_upload_on_another_stream() -> None:
+    """A batch's kernel table is uploaded on the stream of its first call without the host waiting;
+    a later call on another stream reuses it and must wait for that upload (else its kernel may read
+    a table not there yet: wrong slots). Stream A sleeps before the first call, so its upload is
+    queued behind the sleep; B's kernel must still be waiting when the host looks."""
+    import time
+
+    dev = CUDADevice(0, TransferOptions(store_mode="direct", load_mode="direct"))
+    kv, _ = make_kv("vllm_flash", device="cuda", num_blocks=32, generator=_gen(1))
+    host_kv, _ = make_kv("vllm_flash", num_blocks=32, generator=_gen(1))
+    slots = random_slots(96, kv, _gen(2)).cuda()
+    def chunk() -> "torch.Tensor":
+        buf = dev.alloc_host(kv.geometry.nbytes(96))
+        return buf.view(kv.layers[0].k.dtype).view(kv.geometry.shape(96))
+    warm, c = chunk(), chunk()
+    a, b, w = dev.new_stream(), dev.new_stream(), dev.new_stream()
+    with dev.use_stream(w):  # caches the slot check, the slots and the layer ids, landed
+        dev.gather(kv, slots, warm)
+    torch.cuda.synchronize()
+    with dev.use_stream(a):
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time
+        t0 = time.monotonic()
+        dev.gather(kv, slots, c)  # a new chunk address: a new plan, its table queued behind the sleep
+    with dev.use_stream(b):
+        dev.gather(kv, slots, c)  # the same batch: the cached table
+    issued = time.monotonic() - t0
+    time.sleep(0.05)
+    waiting = not b.query()
+    a_busy = not a.query()
+    torch.cuda.synchronize()
+    assert a_busy and issued < 0.5, f"the calls took {issued:.2f} s on the host: they waited for stream A"
+    assert waiting, "the call on stream B did not wait for the table stream A uploaded"
+    want = chunk_like(host_kv, 96)
+    reference.gather_batch(host_kv, [(slots.cpu(), want)])
+    assert torch.equal(bits(c), bits(want)) and torch.equal(bits(warm), bits(want))
+
+
 def test_mapped_pinned_memory_probe() -> None:
     dev = CUDADevice(0)
     ok, why = dev.transfer.mapped_host()
