@@ -230,9 +230,11 @@ class LMCacheCoreConnector(KVConnectorBase_V1):
             note_without_shared_tier(engine)
             self._scheduler = VLLMScheduler(engine, self.block_size, self.options,
                                             can_load=self.can_load, can_save=self.can_save)
-        logger.info("lmcache-core connector (%s, %s): model %r, chunk layout %s, chunk_size %d, tiers %s, "
-                    "tp %d, pp %d", role.name, kv_role, self.model, self.geometry.signature,
-                    self.config.chunk_size, list(self.config.tiers), self.tp_size, self.pp_size)
+        where = f"daemon {self.config.daemon}" if self.config.daemon else f"tiers {list(self.config.tiers)}"
+        codec = f", kv_codec {self.config.kv_codec}" if self.config.kv_codec not in ("", "none") else ""
+        logger.info("lmcache-core connector (%s, %s): model %r, chunk layout %s, chunk_size %d, %s%s, tp %d, pp %d",
+                    role.name, kv_role, self.model, self.geometry.signature, self.config.chunk_size, where, codec,
+                    self.tp_size, self.pp_size)
 
     # -- identity: shards, stages, failure policy -----------------------------------------------
     def _stage_layers(self, stage: int) -> tuple[list[str], tuple[int, int]]:
