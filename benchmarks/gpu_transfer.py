@@ -180,6 +180,8 @@ VARIANTS = {
     # copies stand for, so a figure over the H2D ceiling is the codec's gain)
     "engine_fp8": ({}, "layerwise_fp8"),
     "batched_fp8": ({}, "batched_fp8"),
+    # the staged groups as runs H-J had them (runs of layers of every chunk, GROUP_ORDER "layers")
+    "batched_fp8_layer_groups": ({}, "batched_fp8"),
 }
 
 
@@ -252,6 +254,11 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
         dev = device_cls(0, TransferOptions(**opts))
         stream = dev.new_stream()
         row: dict[str, Any] = {"style": style, **opts}
+        if style.endswith("_fp8"):
+            from lmcache_kernels import fp8 as fp8_kernels
+
+            fp8_kernels.GROUP_ORDER = "layers" if name.endswith("_layer_groups") else "chunks"
+            row["group_order"] = fp8_kernels.GROUP_ORDER
         for T in shape.tokens:
             n = T // shape.chunk
             if style.endswith("_fp8"):
@@ -293,6 +300,10 @@ def store_load(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, reps: in
         if style.endswith("_fp8"):
             row["fp8_kernel_off"] = dev._fp8_off  # non-empty: it fell back to the torch reference
         results[name] = row
+    if images:
+        from lmcache_kernels import fp8 as fp8_kernels
+
+        fp8_kernels.GROUP_ORDER = "chunks"
     del caches, kv, chunks
     free_device_memory(cuda)
     return results
@@ -1177,7 +1188,8 @@ def plot(res: dict[str, Any], png: str) -> None:
     toks = sorted(int(k) for k in next(iter(sl.values())) if k.isdigit())
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     show = ["engine_default", "engine_direct", "engine_staged", "batched_direct", "batched_staged_1chunk_4s",
-            "batched_staged_128m_3s", "torch_reference", "engine_fp8", "batched_fp8"]
+            "batched_staged_128m_3s", "torch_reference", "engine_fp8", "batched_fp8",
+            "batched_fp8_layer_groups"]
     for ax, key, ceil_key, title in ((axes[0], "store_GBps", "d2h_GBps", "store: paged GPU -> pinned chunks"),
                                      (axes[1], "load_GBps", "h2d_GBps", "load: pinned chunks -> paged GPU")):
         top = 0.0

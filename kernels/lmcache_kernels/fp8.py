@@ -309,11 +309,18 @@ def _runs(sel: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-#: a staged call is pipelined in at most this many groups of at least GROUP_BYTES of image each:
-#: runs of layers, or (a call of one layer) runs of chunks; the copy engines move one group while
-#: the kernel codes the next, so only one group's kernel time is not hidden behind the link
+#: a staged call is pipelined in at most this many groups of at least GROUP_BYTES of image each;
+#: the copy engines move one group while the kernel codes the next, so only one group's kernel
+#: time is not hidden behind the link
 GROUPS = 8
 GROUP_BYTES = 16 << 20
+#: what a group of a call over several layers is: ``"chunks"``, runs of chunks with every layer of
+#: the call (a chunk's layers are one range of its image: one copy per chunk, as large as copies
+#: get), falling back to runs of layers when there are fewer chunks than groups; ``"layers"``, runs
+#: of layers of every chunk (a copy per chunk per group: 2 MiB pieces for Llama-3-8B's 256-token
+#: chunks, which ran at 91% of the H2D ceiling in runs I-J). A call of one layer is cut in runs of
+#: chunks either way.
+GROUP_ORDER = "chunks"
 
 
 def _groups(plan: _Plan, l0: int, l1: int) -> list[tuple[int, int, int, int]]:
@@ -321,13 +328,14 @@ def _groups(plan: _Plan, l0: int, l1: int) -> list[tuple[int, int, int, int]]:
     n_chunks = len(plan.lens)
     total = (l1 - l0) * plan.layer_bytes
     want = max(1, min(GROUPS, total // max(1, GROUP_BYTES)))
-    if l1 - l0 >= want:
-        step = -(-(l1 - l0) // want)
-        return [(a, min(a + step, l1), 0, n_chunks) for a in range(l0, l1, step)]
-    if l1 - l0 > 1:  # fewer layers than groups: a group per layer
-        return [(a, a + 1, 0, n_chunks) for a in range(l0, l1)]
-    # one layer: runs of chunks of about total / want bytes each
-    cut = np.searchsorted(plan.offs + plan.lens, np.arange(1, want, dtype=np.uint64) * np.uint64(total // want),
+    if l1 - l0 > 1 and (GROUP_ORDER == "layers" or n_chunks < want):
+        if l1 - l0 >= want:
+            step = -(-(l1 - l0) // want)
+            return [(a, min(a + step, l1), 0, n_chunks) for a in range(l0, l1, step)]
+        return [(a, a + 1, 0, n_chunks) for a in range(l0, l1)]  # fewer layers than groups: one each
+    # runs of chunks of about 1 / want of the bytes each (every chunk's share is the same per layer)
+    per = plan.layer_bytes // want
+    cut = np.searchsorted(plan.offs + plan.lens, np.arange(1, want, dtype=np.uint64) * np.uint64(per),
                           side="left") + 1
     bounds = sorted({0, n_chunks, *(int(c) for c in cut if 0 < c < n_chunks)})
     return [(l0, l1, a, b) for a, b in zip(bounds, bounds[1:])]

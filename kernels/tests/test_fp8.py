@@ -470,10 +470,13 @@ def _coded_setup(seed: int, kind: str = "vllm_flash"):
     return kv, caches, parts, refs
 
 
-def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
-    """With groups of a few bytes: a call over 3 layers is 3 groups of every chunk, a call of one
-    layer is groups of chunks; each group one kernel launch and one copy batch, bit for bit the
-    reference (gather, and a scatter of token ranges)."""
+@pytest.mark.parametrize("order", ["chunks", "layers"])
+def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch, order):
+    """With groups of a few bytes (3 at most): a call over 3 layers of 4 chunks is 3 runs of
+    chunks with every layer (GROUP_ORDER "chunks"; runs of layers with 8 groups, more than the
+    chunks) or 3 groups of a layer of every chunk ("layers"), a call of one layer is runs of
+    chunks; each group one kernel launch and one copy batch, bit for bit the reference (gather,
+    and a scatter of token ranges)."""
     _skip_without_kernel()
     from lmcache_core.device import CodedPart
     from lmcache_kernels.testing import make_kv
@@ -481,6 +484,7 @@ def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
     monkeypatch.setattr(fp8, "STAGE", "always")
     monkeypatch.setattr(fp8, "GROUP_BYTES", 1)
     monkeypatch.setattr(fp8, "GROUPS", 3)
+    monkeypatch.setattr(fp8, "GROUP_ORDER", order)
     monkeypatch.setattr(fp8, "_COPIER_OFF", {})
     launches, batches = [], []
     launch = fp8._launch
@@ -488,11 +492,24 @@ def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
     stage_copies = fp8._stage_copies  # the memmove stand-in on a CPU, cuMemcpyBatchAsync on a GPU
     monkeypatch.setattr(fp8, "_stage_copies", lambda *a: (batches.append(len(a[4])), stage_copies(*a))[1])
     kv, _, parts, refs = _coded_setup(21)
+    by_layer = [((0,), (0, 4)), ((1,), (0, 4)), ((2,), (0, 4))]
     fp8.gather_coded(kv, parts)
-    assert launches == [((0,), (0, 4)), ((1,), (0, 4)), ((2,), (0, 4))] and batches == [4, 4, 4]
+    if order == "layers":
+        assert launches == by_layer and batches == [4, 4, 4]
+    else:
+        assert launches == [((0, 1, 2), (0, 2)), ((0, 1, 2), (2, 3)), ((0, 1, 2), (3, 4))] and batches == [2, 1, 1]
     for p, r in zip(parts, refs):
         assert _first_diff(p.image.to(DEV), r) == ""
         p.image.fill_(0x55)
+    if order == "chunks":  # more groups than chunks: runs of layers again
+        monkeypatch.setattr(fp8, "GROUPS", 8)
+        del launches[:], batches[:]
+        fp8.gather_coded(kv, parts)
+        assert launches == by_layer and batches == [4, 4, 4]
+        for p, r in zip(parts, refs):
+            assert _first_diff(p.image.to(DEV), r) == ""
+            p.image.fill_(0x55)
+        monkeypatch.setattr(fp8, "GROUPS", 3)
     del launches[:], batches[:]
     fp8.gather_coded(kv, parts, layers=(1,))  # one layer: 3 runs of chunks
     fp8.gather_coded(kv, parts, layers=(0,))
@@ -513,7 +530,11 @@ def test_staged_calls_run_in_groups_of_layers_or_chunks(monkeypatch):
     del launches[:]
     fp8.scatter_coded(got_kv, sub, layers=(0, 1))
     fp8.scatter_coded(got_kv, sub, layers=(2,))
-    assert launches[:2] == [((0,), (0, 4)), ((1,), (0, 4))] and len(launches) == 5
+    if order == "layers":
+        assert launches[:2] == [((0,), (0, 4)), ((1,), (0, 4))] and len(launches) == 5
+    else:
+        assert [c for _, c in launches] == [(0, 2), (2, 3), (3, 4)] * 2
+        assert [sel for sel, _ in launches] == [(0, 1)] * 3 + [(2,)] * 3
     for w, c in zip(want_c, got_c):
         assert torch.equal(w.view(torch.int16), c.view(torch.int16))
 

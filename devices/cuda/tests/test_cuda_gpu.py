@@ -85,6 +85,7 @@ def test_cached_tables_wait_for_their_upload_on_another_stream() -> None:
     kv, _ = make_kv("vllm_flash", device="cuda", num_blocks=32, generator=_gen(1))
     host_kv, _ = make_kv("vllm_flash", num_blocks=32, generator=_gen(1))
     slots = random_slots(96, kv, _gen(2)).cuda()
+
     def chunk() -> "torch.Tensor":
         buf = dev.alloc_host(kv.geometry.nbytes(96))
         return buf.view(kv.layers[0].k.dtype).view(kv.geometry.shape(96))
