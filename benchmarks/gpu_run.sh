@@ -10,6 +10,7 @@
 # (STEPS=p2p: nixl conformance -> nixl-gpu.json; nixl_vram.py -> nixl-vram.json; p2p.py --device cuda -> p2p-gpu.json)
 # (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
+# (STEPS=conformance_ringdma: the conformance suite with LMCACHE_KV_RING_COPY=dma -> cuda-gpu-ringdma.json)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
 #  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
@@ -72,6 +73,15 @@ if want conformance; then
     else
         echo "conformance not run (lmcache_conformance not importable or --quick)"
     fi
+fi
+
+# The same suite with the staged path's ring <-> cache half on the copy engines (ring_copy dma):
+# the pipelining contract's load then needs no SM beside its GEMMs.
+if want conformance_ringdma; then
+    LMCACHE_KV_RING_COPY=dma timeout 240 $PY -m lmcache_core.cli conformance --device cuda \
+        --report "$OUT/cuda-gpu-ringdma.json" >"$OUT/conformance-ringdma.log" 2>&1
+    echo "conformance (ring_copy dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-ringdma.log" | tail -n 1)"
+    grep -i -E "overlap|FAIL" "$OUT/conformance-ringdma.log" | head -n 10
 fi
 
 # Copy-engine batches (mode dma, cuMemcpyBatchAsync through ctypes): probed in a child process

@@ -175,6 +175,8 @@ VARIANTS = {
                                       staging_slots=4, copy_streams=2), "batched"),
     "batched_staged_128m_3s": (dict(store_mode="staged", load_mode="staged", staging_bytes=128 * MiB,
                                     staging_slots=3), "batched"),
+    "engine_ringdma": (dict(ring_copy="dma"), "layerwise"),  # defaults, the ring's half on the copy engines
+    "batched_ringdma": (dict(ring_copy="dma"), "batched"),
     "torch_reference": (dict(store_mode="torch", load_mode="torch"), "batched"),
     # kv_codec=fp8: the engine's calls with the chunks in fp8 form (GB/s are of the bf16 KV the
     # copies stand for, so a figure over the H2D ceiling is the codec's gain)
@@ -618,9 +620,14 @@ LAYERWISE = {
                            staged_copies="each"),  # one torch DMA per chunk (the way until 2026-12-02)
     "dma": dict(load_mode="dma"),  # copy-engine batches, no kernel
     "auto": {},  # the defaults: what a user gets
+    # the ring's half in device memory as copy-engine batches too (ring_copy "dma"): no byte of
+    # the load needs an SM, so a GEMM holding every SM cannot hold the load back
+    "staged_8s_ringdma": dict(load_mode="staged", stream_priority="high", staging_slots=8, ring_copy="dma"),
+    "auto_ringdma": dict(ring_copy="dma"),
 }
 # also measured beside large GEMMs (8192^2, the conformance suite's size): they hold every SM
-LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_8s", "staged_4s", "auto")
+LAYERWISE_BIG = ("direct", "direct_hi_p16", "dma", "staged_8s", "staged_4s", "auto", "staged_8s_ringdma",
+                 "auto_ringdma")
 
 
 def layerwise(shape: Shape, timer: Timer, cuda: bool, device_cls: Any, variants: list[str] | None = None,

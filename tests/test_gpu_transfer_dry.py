@@ -18,7 +18,7 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_transfer.py"), "--dry-run", "--out", str(tmp_path),
          "--sections", "ceilings,store_load,layouts,concurrent,layerwise", "--variants",
-         "direct_hi_p16,dma,staged_8s,auto", "--timeline", "2", "--profile"],
+         "direct_hi_p16,dma,staged_8s,auto,staged_8s_ringdma", "--timeline", "2", "--profile"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_transfer.json").read_text())
@@ -44,6 +44,8 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
         staged = row["staged_8s"]
         assert staged["bit_exact"] and staged["transfer_stats"]["staged"] > 0
         assert staged["transfer_stats"]["batches"] > 0  # the ring's copies went as batches
+        ringdma = row["staged_8s_ringdma"]  # the ring's device half on the copy engines too
+        assert ringdma["bit_exact"] and ringdma["transfer_stats"]["ring_batches"] > 0
     cases = res["layouts"]["rows"]
     assert {"vllm_blocks_heads/float8_e4m3fn", "mla/bfloat16", "flashinfer/bfloat16"} <= set(cases)
     for case in cases.values():

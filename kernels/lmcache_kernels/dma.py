@@ -49,6 +49,11 @@ class HostCopier:
         for d, s, n in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
             ctypes.memmove(d, s, n)
 
+    def copy_within(self, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray", stream: Any,
+                    device_index: int = 0) -> None:
+        """Copies whose both sides are in the device's memory (here: host memory)."""
+        self.copy(dsts, srcs, sizes, stream, True, device_index)
+
 
 class DriverCopier:
     """``cuMemcpyBatchAsync`` through ``ctypes``: the CUDA 13 entry point (``_v2``, 8 arguments)
@@ -71,22 +76,28 @@ class DriverCopier:
         self._lock = threading.Lock()
         self.plain = False  # set once the driver refused the hinted attributes
 
-    def _attributes(self, to_device: bool, device_index: int, plain: bool = False) -> _MemcpyAttributes:
+    def _attributes(self, to_device: bool | None, device_index: int, plain: bool = False) -> _MemcpyAttributes:
         """Stream-ordered sources, location hints and the overlap flag; ``plain``: no hints and
-        no flag (a driver that refuses the hinted form gets this one)."""
+        no flag (a driver that refuses the hinted form gets this one). ``to_device`` None: both
+        sides in the device's memory."""
         key = (to_device, device_index, plain)
         a = self._attrs.get(key)
         if a is None:
             host, dev = _MemLocation(_LOC_HOST, 0), _MemLocation(_LOC_DEVICE, device_index)
             if plain:
                 host = dev = _MemLocation(0, 0)
-            a = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM, host if to_device else dev, dev if to_device else host,
-                                  0 if plain else _PREFER_OVERLAP_WITH_COMPUTE)
+            src, dst = (dev, dev) if to_device is None else (host, dev) if to_device else (dev, host)
+            a = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM, src, dst, 0 if plain else _PREFER_OVERLAP_WITH_COMPUTE)
             self._attrs[key] = a
         return a
 
-    def copy(self, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray", stream: Any, to_device: bool,
-             device_index: int = 0) -> None:
+    def copy_within(self, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray", stream: Any,
+                    device_index: int = 0) -> None:
+        """Device-to-device copies on the copy engines (both sides in ``device_index``'s memory)."""
+        self.copy(dsts, srcs, sizes, stream, None, device_index)
+
+    def copy(self, dsts: "np.ndarray", srcs: "np.ndarray", sizes: "np.ndarray", stream: Any,
+             to_device: bool | None, device_index: int = 0) -> None:
         n = int(sizes.shape[0])
         if n == 0:
             return

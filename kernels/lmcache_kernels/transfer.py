@@ -9,7 +9,9 @@ Four paths, chosen per call by :class:`TransferOptions` (``LMCACHE_KV_*`` env):
   each ring group to the host chunks with one ``cuMemcpyBatchAsync`` on a copy stream
   (the reverse for loads; one torch DMA per chunk where batches are unavailable or
   ``staged_copies="each"``); the kernel of group ``i + 1`` runs while group ``i`` is on
-  the bus, and it touches only device memory, so it holds SMs for microseconds.
+  the bus, and it touches only device memory, so it holds SMs for microseconds. With
+  ``ring_copy="dma"`` the copy engines move the ring's half too (device-to-device
+  batches, one copy per run of tokens contiguous in the cache), so no byte needs an SM.
 - ``dma``: no kernel: the copy engines move every run of tokens that is contiguous in
   its chunk and in the cache (within a block, or across consecutive blocks where the
   layout puts them one after another), one ``cuMemcpyBatchAsync`` per call (:mod:`.dma`), so a
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 MODES = ("auto", "direct", "staged", "dma", "torch")
 PRIORITIES = ("normal", "high")
 STAGED_COPIES = ("batch", "each")
+RING_COPIES = ("kernel", "dma")
 # Winners measured on an H100 (docs/benchmarks.md, "GPU transfer (H100)").
 AUTO = {"store_layer": "direct", "load_layer": "direct", "store_many": "staged", "load_many": "staged"}
 
@@ -88,6 +91,12 @@ class TransferOptions:
     # An auto per-layer call (load or store) moving at least this many bytes of one layer goes
     # staged where its ring copies can be batched; 0 never (see KVTransfer._auto_layer_call).
     staged_min_layer_bytes: int = 16 << 20
+    # How the staged path moves a group between the device ring and the paged cache: "kernel",
+    # an uncapped copy kernel (a few microseconds on every SM, but it waits for SMs a large GEMM
+    # holds); "dma", one copy-engine batch of device-to-device copies, one per run of tokens
+    # contiguous in the cache, so no byte of the transfer needs an SM (where the ring copies
+    # are batched and the layout keeps a token's heads together; else the kernel).
+    ring_copy: str = "kernel"
 
     def __post_init__(self) -> None:
         for name in ("store_mode", "load_mode"):
@@ -103,6 +112,8 @@ class TransferOptions:
             raise ValueError(f"dma_min_run_bytes must be 0 (never) or positive, got {self.dma_min_run_bytes}")
         if self.staged_copies not in STAGED_COPIES:
             raise ValueError(f"staged_copies must be one of {', '.join(STAGED_COPIES)}, got {self.staged_copies!r}")
+        if self.ring_copy not in RING_COPIES:
+            raise ValueError(f"ring_copy must be one of {', '.join(RING_COPIES)}, got {self.ring_copy!r}")
         if self.stream_priority not in PRIORITIES:
             raise ValueError(f"stream_priority must be one of {', '.join(PRIORITIES)}, got {self.stream_priority!r}")
 
@@ -111,7 +122,7 @@ class TransferOptions:
         """``LMCACHE_KV_STORE_MODE``, ``LMCACHE_KV_LOAD_MODE``, ``LMCACHE_KV_COPY_STREAMS``,
         ``LMCACHE_KV_STAGING_BYTES``, ``LMCACHE_KV_STAGING_SLOTS``, ``LMCACHE_KV_LAYER_PROGRAMS``,
         ``LMCACHE_KV_STREAM_PRIORITY``, ``LMCACHE_KV_DMA_MIN_RUN_BYTES``, ``LMCACHE_KV_STAGED_COPIES``,
-        ``LMCACHE_KV_STAGED_MIN_LAYER_BYTES``; ``overrides`` win."""
+        ``LMCACHE_KV_STAGED_MIN_LAYER_BYTES``, ``LMCACHE_KV_RING_COPY``; ``overrides`` win."""
         env = os.environ if env is None else env
         kw: dict[str, Any] = {}
         for key, name, conv in (("STORE_MODE", "store_mode", str), ("LOAD_MODE", "load_mode", str),
@@ -120,7 +131,8 @@ class TransferOptions:
                                 ("STREAM_PRIORITY", "stream_priority", str),
                                 ("DMA_MIN_RUN_BYTES", "dma_min_run_bytes", int),
                                 ("STAGED_COPIES", "staged_copies", str),
-                                ("STAGED_MIN_LAYER_BYTES", "staged_min_layer_bytes", int)):
+                                ("STAGED_MIN_LAYER_BYTES", "staged_min_layer_bytes", int),
+                                ("RING_COPY", "ring_copy", str)):
             value = env.get(f"LMCACHE_KV_{key}")
             if value:
                 try:
@@ -148,6 +160,7 @@ class TransferStats:
     torch: int = 0
     launches: int = 0
     dmas: int = 0
+    ring_batches: int = 0  # staged groups moved between the ring and the cache by the copy engines
     fallbacks: list[str] = field(default_factory=list)
 
 
@@ -175,6 +188,7 @@ class _StageLayout:
     batch: bool  # the ring's copies go as one copy-engine batch per group
     preps: dict[tuple[int, int], Any] = field(default_factory=dict)  # (group, l0 or -1) -> a table per ring slot
     copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, layers) -> copy list
+    moves: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # the same -> ring/cache copies
     cached: bool = True  # kept for later calls (False: inference-mode slots, built for this call only)
 
 
@@ -361,6 +375,7 @@ class KVTransfer:
         self._auto = _Memo(_BATCHES)
         self._dma_broken = ""
         self._dma_stream: Any = None
+        self._side_lock = threading.Lock()
         self._sigs: dict[tuple[Any, ...], _Sig] = {}
         self._sig_lock = threading.RLock()  # RLock: a weak-reference callback may run inside it
 
@@ -399,6 +414,7 @@ class KVTransfer:
             "stream_priority": self.options.stream_priority, "dma_min_run_bytes": self.options.dma_min_run_bytes,
             "staged_copies": self.options.staged_copies,
             "staged_min_layer_bytes": self.options.staged_min_layer_bytes,
+            "ring_copy": self.options.ring_copy,
             "mapped_host": self._mapped[0] if self._mapped else None,
         }
 
@@ -849,20 +865,28 @@ class KVTransfer:
         # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer;
         # the tables of every ring slot are built (one upload) the first time a group is moved,
         # only this slot's where the layout is not kept (inference-mode slots: no batch key)
-        pkey = (gi, l0 if nl > 1 else -1)
-        preps = lay.preps.get(pkey)
-        if preps is not None:
-            prep = preps[slot_i]
-        elif lay.cached:
-            preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl,
-                                                        list(range(len(self._ring))))
-            prep = preps[slot_i]
-        else:
-            prep = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl, [slot_i])[0]
-        programs = 0  # the kernel only touches device memory: a few microseconds on every SM
+
+        def move() -> None:
+            """The group between the ring slot and the cache on ``cur``: copy engines or kernel."""
+            if self._ring_dma(kv, lay, gi, group, slot_i, run, gather, cur):
+                return
+            pkey = (gi, l0 if nl > 1 else -1)
+            preps = lay.preps.get(pkey)
+            if preps is not None:
+                prep = preps[slot_i]
+            elif lay.cached:
+                preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl,
+                                                            list(range(len(self._ring))))
+                prep = preps[slot_i]
+            else:
+                prep = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl, [slot_i])[0]
+            # the kernel only touches device memory: a few microseconds on every SM (programs 0)
+            triton_copy.run(kv, table, prep, run, gather, 0)
+            self.stats.launches += 1
+
         if gather:
             self.streams.wait(cur, self._ring_free[slot_i])
-            triton_copy.run(kv, table, prep, run, True, programs)
+            move()
             self.streams.wait(cs, self.streams.record(cur))
             self._ring_copies(kv, lay, gi, group, slot_i, run, True, cs)
             self._ring_free[slot_i] = self.streams.record(cs)
@@ -870,9 +894,8 @@ class KVTransfer:
             self.streams.wait(cs, self._ring_free[slot_i])
             self._ring_copies(kv, lay, gi, group, slot_i, run, False, cs)
             self.streams.wait(cur, self.streams.record(cs))
-            triton_copy.run(kv, table, prep, run, False, programs)
+            move()
             self._ring_free[slot_i] = self.streams.record(cur)
-        self.stats.launches += 1
 
     def _stage_preps(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], l0: int, nl: int,
                      ring_slots: list[int]) -> list[Any]:
@@ -938,6 +961,89 @@ class KVTransfer:
                 view = ring[off: off + count * elem].view(dtype).view(nl, g.kv_planes, n, g.hidden)
                 part = chunk[l0: l0 + nl, :, :n]
                 self._copy(part, view) if gather else self._copy(view, part)
+
+    def _ring_dma(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
+                  run: list[int], gather: bool, cur: Any) -> bool:
+        """With ``ring_copy="dma"``: the group between its ring slot and the cache as one
+        copy-engine batch on ``cur`` (device to device, one copy per run of tokens per layer and
+        plane), True once queued; False where the kernel must move it (the option is off, the
+        ring copies are not batched, the layout splits a token's heads, the copy engines failed)."""
+        import numpy as np
+
+        if self.options.ring_copy != "dma" or not lay.batch or self._dma_broken:
+            return False
+        ck = (slot_i, gi, len(run))
+        tab = lay.moves.get(ck)
+        if tab is None:
+            tab = lay.moves[ck] = self._ring_move_table(kv, group, lay.offsets[gi], slot_i, len(run))
+        if tab is False:
+            return False
+        ring, rel, size, plane, planes = tab
+        dev = rel + planes[run[0] * kv.geometry.kv_planes + plane]
+        dsts, srcs = (ring, dev) if gather else (dev, ring)
+        try:
+            self._issue_batch(cur, lambda handle: self._copier.copy_within(
+                dsts.view(np.uint64), srcs.view(np.uint64), size.view(np.uint64), handle, self.device.index or 0))
+        except Exception as exc:  # noqa: BLE001 - the copy engines' fault: the kernel moves it
+            self._disable_dma(f"{type(exc).__name__}: {exc}")
+            return False
+        self.stats.ring_batches += 1
+        self.stats.batches += 1
+        self.stats.dmas += int(size.shape[0])
+        return True
+
+    def _ring_move_table(self, kv: "PagedKV", group: Batch, offsets: list[int], slot_i: int, nl: int) -> Any:
+        """For a group laid in ring slot ``slot_i`` as ``[nl, P, n, hidden]`` per chunk: per copy,
+        its ring address, its byte offset from its cache plane's base, its bytes and which of the
+        run's ``nl * P`` planes it is in, plus every plane's base address (one run of tokens per
+        copy, contiguous in the cache); False where a token's heads are not contiguous there."""
+        import numpy as np
+        import torch
+
+        if self._dma_unusable(kv) is not None:
+            return False
+        g = kv.geometry
+        P = g.kv_planes
+        elem = kv.layers[0].k.element_size()
+        table, _ = triton_copy.plane_table(kv)
+        s_blk, s_tok = table.strides[0], table.strides[1]
+        across = s_blk == kv.block_size * s_tok
+        base = int(self._ring[slot_i].data_ptr())
+        row = g.hidden * elem
+        cols: list[list[Any]] = [[], [], [], []]
+        for (s, _), off in zip(group, offsets):
+            n = int(s.numel())
+            starts, blk, boff, lens = dma.runs(s.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
+                                               kv.block_size, across)
+            rel = (blk * s_blk + boff * s_tok) * elem
+            for j in range(nl * P):  # plane j of the run: layer j // P, plane j % P
+                cols[0].append(base + off + (j * n + starts) * row)
+                cols[1].append(rel)
+                cols[2].append(lens * row)
+                cols[3].append(np.full(starts.shape, j, dtype=np.int64))
+        planes = np.array([int(pl.data_ptr()) for lp in kv.layers
+                           for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))], dtype=np.int64)
+        return tuple(np.concatenate(col).astype(np.int64) for col in cols) + (planes,)
+
+    def _issue_batch(self, cur: Any, issue: Any) -> None:
+        """``issue(stream handle)`` queued in stream order on ``cur``: on its handle, or, for the
+        legacy default stream (which the batch call refuses), on a side stream joined to it both
+        ways; with the device's context current for the driver."""
+        handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
+        if not isinstance(self._copier, dma.DriverCopier):
+            issue(handle)
+            return
+        with self.streams.backend.device(self.device):  # the driver copies in the current context
+            if handle:
+                issue(handle)
+                return
+            with self._side_lock:  # not self._lock: the staged path holds that one here
+                if self._dma_stream is None:
+                    self._dma_stream = self.streams.new()
+            side = self._dma_stream
+            self.streams.wait(side, self.streams.record(cur))
+            issue(side.cuda_stream)
+            self.streams.wait(cur, self.streams.record(side))
 
     def _ring_table(self, kv: "PagedKV", group: Batch, offsets: list[int], slot_i: int, nl: int) -> Any:
         """Per copy of a group at layer 0: its chunk-side byte address, its ring address, its
@@ -1012,28 +1118,10 @@ class KVTransfer:
         host = (host0[None, :] + ls[:, None] * st_l[None, :] + ps[:, None] * st_p[None, :]).ravel()
         dev = (rel[None, :] + planes[ls * P + ps][:, None]).ravel()
         sizes = np.tile(size, len(sel) * P)
-        cur = self.streams.current()
-        handle = getattr(cur, "cuda_stream", 0) if cur is not None else 0
         dsts, srcs = (host, dev) if gather else (dev, host)
-
-        def issue(stream: Any) -> None:
-            self._copier.copy(dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64), stream,
-                              not gather, self.device.index or 0)
-
-        if not isinstance(self._copier, dma.DriverCopier):
-            issue(handle)
-        else:
-            with self.streams.backend.device(self.device):  # the driver copies in the current context
-                if handle:
-                    issue(handle)
-                else:  # the legacy default stream, which the call refuses: a side stream joined to it
-                    with self._lock:
-                        if self._dma_stream is None:
-                            self._dma_stream = self.streams.new()
-                    side = self._dma_stream
-                    self.streams.wait(side, self.streams.record(cur))
-                    issue(side.cuda_stream)
-                    self.streams.wait(cur, self.streams.record(side))
+        self._issue_batch(self.streams.current(), lambda stream: self._copier.copy(
+            dsts.view(np.uint64), srcs.view(np.uint64), sizes.view(np.uint64), stream, not gather,
+            self.device.index or 0))
         self.stats.dma += len(items)
         self.stats.batches += 1
         self.stats.dmas += int(sizes.shape[0])

@@ -744,3 +744,53 @@ def test_inference_mode_chunks_with_ordinary_slots_are_still_cached(monkeypatch)
     xfer.gather(kv, batch, None)
     assert len(walks) == before + 1 and len(xfer._sigs) == 2  # a new key: planned again
     _assert_chunks_hold_kv(kv, batch)
+
+
+@pytest.mark.skipif(not KERNEL_OK, reason=f"Triton kernel cannot run here: {KERNEL_WHY}")
+@pytest.mark.parametrize("kind", ["vllm_flash", "flashinfer", "mla", "vllm_blocks_heads"])
+@pytest.mark.parametrize("layers", [None, (1,), (0, 2)])
+def test_ring_copy_dma_moves_the_ring_with_copy_engines_bit_for_bit(kind: str, layers) -> None:
+    # ring_copy="dma": the staged path's ring <-> cache half goes as copy-engine batches (device to
+    # device), so no SM is needed; several groups (small slots), partial chunks, per-layer and
+    # multi-layer calls. A layout whose token splits its heads (vllm_blocks_heads) keeps the kernel.
+    pin = DEVICE.type == "cuda"
+    opts = TransferOptions(store_mode="staged", load_mode="staged", staging_bytes=6000, staging_slots=2,
+                           ring_copy="dma")
+    xfer = KVTransfer(DEVICE, opts, BACKEND)
+    kv, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(21))
+    ref_kv, _ = make_kv(kind, num_blocks=16, generator=torch.Generator().manual_seed(21))
+    batch = _batch(kv, [8, 5, 8], 22, pin=pin)
+    from lmcache_kernels import reference
+
+    xfer.gather(kv, batch, layers)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for slots, chunk in batch:
+        want = chunk_like(ref_kv, chunk.shape[2])
+        reference.gather_batch(ref_kv, [(slots, want)], layers)
+        assert torch.equal(bits(chunk), bits(want)), kind
+    by_copy = kind != "vllm_blocks_heads"
+    groups = xfer.stats.ring_batches
+    several = layers is None and kind != "mla"  # else the chunks' rows are small enough to share a slot
+    assert (groups >= (2 if several else 1)) if by_copy else (groups == 0 and xfer.stats.launches > 0), \
+        (kind, xfer.stats)
+    kv2, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(23))
+    ref2, _ = make_kv(kind, num_blocks=16, generator=torch.Generator().manual_seed(23))
+    launches = xfer.stats.launches
+    xfer.scatter(kv2, batch, layers)
+    reference.scatter_batch(ref2, [(s, c.cpu()) for s, c in batch], layers)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for got, want in zip(kv2.layers, ref2.layers):  # every plane, so no byte outside the slots moved
+        for a, b in ((got.k, want.k), (got.v, want.v)):
+            if a is not None:
+                assert torch.equal(bits(a.cpu()), bits(b)), kind
+    assert (xfer.stats.ring_batches > groups and xfer.stats.launches == launches) if by_copy else \
+        xfer.stats.ring_batches == 0, (kind, xfer.stats)
+
+
+def test_ring_copy_option_is_checked_and_read_from_the_environment() -> None:
+    assert TransferOptions().ring_copy == "kernel"
+    assert TransferOptions.from_env({"LMCACHE_KV_RING_COPY": "DMA"}).ring_copy == "dma"
+    with pytest.raises(ValueError, match="ring_copy must be one of kernel, dma"):
+        TransferOptions(ring_copy="sm")
