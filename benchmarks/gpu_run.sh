@@ -11,6 +11,7 @@
 # (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=conformance_ringdma: the conformance suite with LMCACHE_KV_RING_COPY=dma -> cuda-gpu-ringdma.json)
+# (STEPS=ce: benchmarks/ce_copies.py, per-copy cost of cuMemcpyBatchAsync by direction and size -> ce-copies.json)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
 #  CONNECTOR_ARGS / DAEMON_ARGS add connector_gpu.py options, e.g. "--layouts vllm032_flash --tokens 4096";
@@ -82,6 +83,12 @@ if want conformance_ringdma; then
         --report "$OUT/cuda-gpu-ringdma.json" >"$OUT/conformance-ringdma.log" 2>&1
     echo "conformance (ring_copy dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-ringdma.log" | tail -n 1)"
     grep -i -E "overlap|FAIL" "$OUT/conformance-ringdma.log" | head -n 10
+fi
+
+# What a copy-engine batch costs per copy, device to device and host to device, by copy size.
+if want ce; then
+    timeout 120 $PY benchmarks/ce_copies.py --json "$OUT/ce-copies.json" >"$OUT/ce-copies.log" 2>&1
+    echo "ce copies rc=$?"; cat "$OUT/ce-copies.log"
 fi
 
 # Copy-engine batches (mode dma, cuMemcpyBatchAsync through ctypes): probed in a child process

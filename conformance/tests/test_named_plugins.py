@@ -233,7 +233,7 @@ def test_overlap_under_the_threshold_fails_with_both_figures() -> None:
 
 
 def test_published_cuda_figure_does_not_meet_the_threshold() -> None:
-    """The H100 report's overlap (measured under the old 2% rule) fails the current suite:
+    """The published H100 report's overlap (58.3% on 2026-12-07) fails the current suite:
     docs/vendors.md says so rather than the threshold being lowered."""
     path = REPO / "docs" / "conformance" / "cuda-h100.json"
     if not path.exists():
