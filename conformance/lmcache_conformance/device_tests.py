@@ -488,7 +488,17 @@ def judge_overlap(device_name: str, figures: dict[str, float]) -> str | None:
     return (f"{device_name} declares async_copy but hid {hidden:.1%} of load time behind compute, "
             f"under the required {required:.0%} (load {figures['load_ms']:.2f} ms, compute "
             f"{figures['compute_ms']:.2f} ms, both {figures['both_ms']:.2f} ms, load time exposed to compute "
-            f"{figures['exposed_load_ms']:.2f} ms)")
+            f"{figures['exposed_load_ms']:.2f} ms)" + _timeline_text(figures))
+
+
+def _timeline_text(figures: dict[str, float]) -> str:
+    """Where an accelerator's exposed load time went, from :func:`measure_overlap`'s timeline run."""
+    if "timeline_first_ready_ms" not in figures:
+        return ""
+    return (f"; timeline run: start_retrieve {figures['timeline_start_host_ms']:.2f} ms of host, layer 0 ready "
+            f"at {figures['timeline_first_ready_ms']:.2f} ms, later layers stalled compute "
+            f"{figures['timeline_stall_ms']:.2f} ms (at most {figures['timeline_max_stall_ms']:.2f} ms once), "
+            f"compute {figures['timeline_compute_ms']:.2f} of {figures['timeline_total_ms']:.2f} ms")
 
 
 def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.EngineKV, block_ids: list[int],
@@ -550,6 +560,41 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
         end = time.perf_counter()
         return end - t0, exposed + (end - tf)
 
+    def timeline() -> dict[str, float]:
+        """One more pipelined run (not in the timed figures) with timing events on the compute
+        stream: when each layer's load was ready for compute (after its wait) and when its
+        compute ended, so a failing figure says where the exposed time went: the host's
+        ``start_retrieve`` (lookup and fetch, the device idle), layer 0's load, or later layers'
+        loads arriving after the previous layer's compute ended (stalls)."""
+        event = getattr(getattr(torch, dev.type, None), "Event", None)
+        if not accel or event is None:
+            return {}
+        try:
+            sync()
+            ev0 = event(enable_timing=True)
+            ev0.record()
+            h0 = time.perf_counter()
+            task = eng.start_retrieve(tokens, dst.kv, block_ids)
+            start_host = time.perf_counter() - h0
+            ready, done = [], []
+            for _ in task:
+                ready.append(event(enable_timing=True))
+                ready[-1].record()
+                compute()
+                done.append(event(enable_timing=True))
+                done[-1].record()
+            task.finish()
+            sync()
+            r = [ev0.elapsed_time(e) for e in ready]
+            d = [ev0.elapsed_time(e) for e in done]
+        except Exception as exc:  # noqa: BLE001 - a figure, not the contract: say why it is missing
+            return {"timeline_error": f"{type(exc).__name__}: {exc}"}  # type: ignore[dict-item]
+        stalls = [max(0.0, r[i] - d[i - 1]) for i in range(1, len(r))]
+        return {"timeline_start_host_ms": round(start_host * 1e3, 3), "timeline_first_ready_ms": round(r[0], 3),
+                "timeline_stall_ms": round(sum(stalls), 3), "timeline_max_stall_ms": round(max(stalls, default=0.0), 3),
+                "timeline_compute_ms": round(sum(b - a for a, b in zip(r, d)), 3),
+                "timeline_total_ms": round(d[-1], 3)}
+
     def time_compute() -> float:
         sync()
         t0 = time.perf_counter()
@@ -576,6 +621,7 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
                 break
         comp = min(time_compute() for _ in range(rounds))
         runs = [pipelined(True) for _ in range(rounds)]
+        line = timeline()
     finally:
         torch.set_num_threads(threads)
     both = min(r[0] for r in runs)
@@ -587,7 +633,7 @@ def measure_overlap(device: "Device", eng: Any, tokens: list[int], dst: h.Engine
             "compute_ms": round(comp * 1e3, 3), "both_ms": round(both * 1e3, 3),
             "exposed_load_ms": round(exposed * 1e3, 3),
             "load_bytes": int(dst.kv.geometry.nbytes(len(block_ids) * dst.block_size)),
-            "compute_matrix": int(work["a"].shape[0]), "compute_reps_per_layer": int(work["reps"])}
+            "compute_matrix": int(work["a"].shape[0]), "compute_reps_per_layer": int(work["reps"]), **line}
 
 
 class DeviceZeroCopyTests(DeviceContract):

@@ -232,6 +232,16 @@ def test_overlap_under_the_threshold_fails_with_both_figures() -> None:
                                   "overlap_required_fraction": 0.10}) is None
 
 
+def test_overlap_failure_names_where_the_time_went_when_a_timeline_ran() -> None:
+    line = {"timeline_start_host_ms": 1.25, "timeline_first_ready_ms": 2.5, "timeline_stall_ms": 4.75,
+            "timeline_max_stall_ms": 0.5, "timeline_compute_ms": 23.0, "timeline_total_ms": 30.25}
+    msg = judge_overlap("cuda", {**FIGURES, **line, "overlap_hidden_fraction": 0.5, "overlap_required_fraction": 0.8})
+    assert msg is not None and "start_retrieve 1.25 ms of host, layer 0 ready at 2.50 ms" in msg
+    assert "later layers stalled compute 4.75 ms (at most 0.50 ms once), compute 23.00 of 30.25 ms" in msg
+    plain = judge_overlap("cuda", {**FIGURES, "overlap_hidden_fraction": 0.5, "overlap_required_fraction": 0.8})
+    assert plain is not None and "timeline" not in plain
+
+
 def test_published_cuda_figure_does_not_meet_the_threshold() -> None:
     """The published H100 report's overlap (58.3% on 2026-12-07) fails the current suite:
     docs/vendors.md says so rather than the threshold being lowered."""
