@@ -11,6 +11,7 @@
 # (STEPS=dma: conformance and connector_gpu.py with LMCACHE_KV_LOAD_MODE=dma -> cuda-gpu-dma.json, dma/)
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=conformance_ringdma: the conformance suite with LMCACHE_KV_RING_COPY=dma -> cuda-gpu-ringdma.json)
+# (STEPS=start_profile: benchmarks/start_profile.py and the pipelining contract alone -> start-profile.json)
 # (STEPS=ce: benchmarks/ce_copies.py, per-copy cost of cuMemcpyBatchAsync by direction and size -> ce-copies.json)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
@@ -83,6 +84,18 @@ if want conformance_ringdma; then
         --report "$OUT/cuda-gpu-ringdma.json" >"$OUT/conformance-ringdma.log" 2>&1
     echo "conformance (ring_copy dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-ringdma.log" | tail -n 1)"
     grep -i -E "overlap|FAIL" "$OUT/conformance-ringdma.log" | head -n 10
+fi
+
+# Where a layer-by-layer load's start goes on the host (the conformance pipelining shape), then
+# that contract alone.
+if want start_profile; then
+    timeout 120 $PY benchmarks/start_profile.py --device cuda --json "$OUT/start-profile.json" \
+        >"$OUT/start-profile.log" 2>&1
+    echo "start profile rc=$?"; head -n 45 "$OUT/start-profile.log"
+    timeout 150 $PY -m lmcache_core.cli conformance --device cuda --contract pipelining \
+        --report "$OUT/cuda-gpu-pipelining.json" >"$OUT/conformance-pipelining.log" 2>&1
+    echo "pipelining rc=$? :: $(grep -E 'passed|failed' "$OUT/conformance-pipelining.log" | tail -n 1)"
+    grep -i -E "overlap" "$OUT/conformance-pipelining.log" | head -n 3
 fi
 
 # What a copy-engine batch costs per copy, device to device and host to device, by copy size.

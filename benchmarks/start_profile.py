@@ -1,0 +1,84 @@
+"""Where a layer-by-layer load's start goes on the host: cProfile of ``CacheEngine.start_retrieve``
+for the conformance suite's pipelining shape (16 layers of 32 MiB, chunks of 1024 tokens, random
+blocks) on a device, after a warm-up, plus the wall time of each start. Prints the top functions;
+``--json`` writes the times and the profile rows.
+
+Usage: python benchmarks/start_profile.py --device cuda --json out/start-profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--small", action="store_true", help="a toy shape (for a CPU check of the script)")
+    args = ap.parse_args()
+
+    from lmcache_conformance import harness as h
+    from lmcache_conformance.device_tests import DeviceContract, KVShape
+    from lmcache_core.plugins import get_plugin_manager, resolve_device
+
+    dev = resolve_device(args.device, get_plugin_manager())
+    shape = (KVShape(num_layers=4, num_heads=2, head_dim=16, block_size=16, num_blocks=64) if args.small
+             else KVShape(num_layers=16, num_heads=8, head_dim=128, block_size=16, num_blocks=512))
+    chunk = 256 if args.small else 1024
+    src = DeviceContract.kv_for(dev, "vllm_flash", "float16", seed=51, shape=shape)
+    n = shape.slots
+    sp = h.place(src, n, seed=51)
+    tokens = h.tokens_for(n, seed=51)
+    eng = h.make_engine(dev, src, ["memory://?capacity=2GiB"], chunk_size=chunk)
+    try:
+        eng.store(tokens, src.kv, list(sp.block_ids), wait=True)
+        eng.flush(timeout=60)
+        eng.pool.wait_reserve(30)
+        dst = DeviceContract.kv_for(dev, "vllm_flash", "float16", seed=52, shape=shape)
+        blocks = list(h.place(dst, n, seed=53).block_ids)
+        starts, totals = [], []
+        for _ in range(args.reps + 1):
+            dev.synchronize()
+            t0 = time.perf_counter()
+            task = eng.start_retrieve(tokens, dst.kv, blocks)
+            t1 = time.perf_counter()
+            task.finish()
+            dev.synchronize()
+            starts.append((t1 - t0) * 1e3)
+            totals.append((time.perf_counter() - t0) * 1e3)
+        starts, totals = starts[1:], totals[1:]  # the first is a warm-up
+        prof = cProfile.Profile()
+        dev.synchronize()
+        prof.enable()
+        task = eng.start_retrieve(tokens, dst.kv, blocks)
+        prof.disable()
+        task.finish()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("cumulative").print_stats(35)
+        stats.sort_stats("tottime").print_stats(20)
+        rows = [{"function": f"{fn[0]}:{fn[1]}({fn[2]})", "calls": int(st[1]), "own_ms": st[2] * 1e3,
+                 "cum_ms": st[3] * 1e3} for fn, st in stats.stats.items()]  # type: ignore[attr-defined]
+        rows.sort(key=lambda r: -r["cum_ms"])
+    finally:
+        eng.close()
+    print(f"start_retrieve ms: median {statistics.median(starts):.2f} (min {min(starts):.2f}, max {max(starts):.2f}); "
+          f"start + load ms: median {statistics.median(totals):.2f}; transfer {eng.device.describe()}")
+    print(out.getvalue()[:9000])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"start_ms": starts, "total_ms": totals, "profile": rows[:60]},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
