@@ -34,6 +34,24 @@ def _cpu_staged(num_blocks: int, seed: int):
     return kv, KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged"), None)
 
 
+def _gathered_as_reference(xfer, kind: str, seed: int, batch_seed: int, layers):
+    """A 16-block cache of ``kind`` on DEVICE and a batch of three chunks (8, 5 and 8 tokens)
+    ``xfer`` gathered from it, each asserted bit for bit what torch gathers from a host twin."""
+    from lmcache_kernels import reference
+
+    kv, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(seed))
+    ref_kv, _ = make_kv(kind, num_blocks=16, generator=torch.Generator().manual_seed(seed))
+    batch = _batch(kv, [8, 5, 8], batch_seed, pin=DEVICE.type == "cuda")
+    xfer.gather(kv, batch, layers)
+    if BACKEND is not None:
+        BACKEND.synchronize()
+    for slots, chunk in batch:
+        want = chunk_like(ref_kv, chunk.shape[2])
+        reference.gather_batch(ref_kv, [(slots, want)], layers)
+        assert torch.equal(bits(chunk), bits(want)), kind
+    return kv, batch
+
+
 def _assert_chunks_hold_kv(kv, batch) -> None:
     """Each chunk's first tokens are ``kv`` at its slots, bit for bit (gathered again by torch)."""
     backend = torch.cuda if kv.device.type == "cuda" else None
@@ -53,18 +71,7 @@ def test_every_path_round_trips_bit_for_bit(mode: str, layers) -> None:
     # a staging slot smaller than the batch forces several groups through the ring
     opts = TransferOptions(store_mode=mode, load_mode=mode, staging_bytes=6000, staging_slots=2)
     xfer = KVTransfer(DEVICE, opts, BACKEND)
-    kv, _ = make_kv("vllm_blocks_heads", device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(1))
-    ref_kv, _ = make_kv("vllm_blocks_heads", num_blocks=16, generator=torch.Generator().manual_seed(1))
-    batch = _batch(kv, [8, 5, 8], 2, pin=DEVICE.type == "cuda")
-    xfer.gather(kv, batch, layers)
-    if BACKEND is not None:
-        BACKEND.synchronize()
-    for slots, chunk in batch:
-        want = chunk_like(ref_kv, chunk.shape[2])
-        from lmcache_kernels import reference
-
-        reference.gather_batch(ref_kv, [(slots, want)], layers)
-        assert torch.equal(bits(chunk), bits(want))
+    _, batch = _gathered_as_reference(xfer, "vllm_blocks_heads", 1, 2, layers)
     stats = xfer.stats
     assert {"direct": stats.direct, "staged": stats.staged, "torch": stats.torch}[mode] == 3
     # load the chunks into a second, different cache and read them back
@@ -753,22 +760,12 @@ def test_ring_copy_dma_moves_the_ring_with_copy_engines_bit_for_bit(kind: str, l
     # ring_copy="dma": the staged path's ring <-> cache half goes as copy-engine batches (device to
     # device), so no SM is needed; several groups (small slots), partial chunks, per-layer and
     # multi-layer calls. A layout whose token splits its heads (vllm_blocks_heads) keeps the kernel.
-    pin = DEVICE.type == "cuda"
     opts = TransferOptions(store_mode="staged", load_mode="staged", staging_bytes=6000, staging_slots=2,
                            ring_copy="dma")
     xfer = KVTransfer(DEVICE, opts, BACKEND)
-    kv, _ = make_kv(kind, device=DEVICE, num_blocks=16, generator=torch.Generator().manual_seed(21))
-    ref_kv, _ = make_kv(kind, num_blocks=16, generator=torch.Generator().manual_seed(21))
-    batch = _batch(kv, [8, 5, 8], 22, pin=pin)
+    _, batch = _gathered_as_reference(xfer, kind, 21, 22, layers)
     from lmcache_kernels import reference
 
-    xfer.gather(kv, batch, layers)
-    if BACKEND is not None:
-        BACKEND.synchronize()
-    for slots, chunk in batch:
-        want = chunk_like(ref_kv, chunk.shape[2])
-        reference.gather_batch(ref_kv, [(slots, want)], layers)
-        assert torch.equal(bits(chunk), bits(want)), kind
     by_copy = kind != "vllm_blocks_heads"
     groups = xfer.stats.ring_batches
     several = layers is None and kind != "mla"  # else the chunks' rows are small enough to share a slot
