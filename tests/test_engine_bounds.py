@@ -238,12 +238,14 @@ def test_slots_are_the_engines_own_tensor_even_under_inference_mode() -> None:
         mapping = torch.arange(64, dtype=torch.int32)
         from_slots = CacheEngine._slots(kv, None, mapping, 16, 32)
         from_blocks = CacheEngine._slots(kv, torch.tensor([3, 1]), None, 0, 32)
+        sliced = CacheEngine._slot_ranges(kv, [3, 1], None, [(0, 16), (16, 32)])  # per chunk: views of one
         mapping[16:32] = 0
-    for out in (from_slots, from_blocks):
+    for out in (from_slots, from_blocks, *sliced):
         assert not out.is_inference() and out.dtype == torch.int64
         assert out._version >= 0  # an ordinary tensor keeps a version counter (an inference one raises)
     assert from_slots.tolist() == list(range(16, 32))
     assert from_blocks.tolist() == list(range(48, 64)) + list(range(16, 32))
+    assert [r.tolist() for r in sliced] == [list(range(48, 64)), list(range(16, 32))]
 
 
 def test_a_request_converts_and_checks_its_block_table_once_not_per_chunk(tmp_path, monkeypatch) -> None:
