@@ -27,22 +27,16 @@ def main() -> int:
     args = ap.parse_args()
 
     from lmcache_conformance import harness as h
-    from lmcache_conformance.device_tests import DeviceContract, KVShape
+    from lmcache_conformance.device_tests import DeviceContract, KVShape, PipeliningTests
     from lmcache_core.plugins import get_plugin_manager, resolve_device
 
     dev = resolve_device(args.device, get_plugin_manager())
     shape = (KVShape(num_layers=4, num_heads=2, head_dim=16, block_size=16, num_blocks=64) if args.small
              else KVShape(num_layers=16, num_heads=8, head_dim=128, block_size=16, num_blocks=512))
     chunk = 256 if args.small else 1024
-    src = DeviceContract.kv_for(dev, "vllm_flash", "float16", seed=51, shape=shape)
     n = shape.slots
-    sp = h.place(src, n, seed=51)
-    tokens = h.tokens_for(n, seed=51)
-    eng = h.make_engine(dev, src, ["memory://?capacity=2GiB"], chunk_size=chunk)
+    _, _, tokens, eng = PipeliningTests()._stored(dev, shape, chunk, seed=51)  # the contract's own set-up
     try:
-        eng.store(tokens, src.kv, list(sp.block_ids), wait=True)
-        eng.flush(timeout=60)
-        eng.pool.wait_reserve(30)
         dst = DeviceContract.kv_for(dev, "vllm_flash", "float16", seed=52, shape=shape)
         blocks = list(h.place(dst, n, seed=53).block_ids)
         starts, totals = [], []

@@ -998,32 +998,21 @@ class KVTransfer:
         run's ``nl * P`` planes it is in, plus every plane's base address (one run of tokens per
         copy, contiguous in the cache); False where a token's heads are not contiguous there."""
         import numpy as np
-        import torch
 
         if self._dma_unusable(kv) is not None:
             return False
-        g = kv.geometry
-        P = g.kv_planes
-        elem = kv.layers[0].k.element_size()
-        table, _ = triton_copy.plane_table(kv)
-        s_blk, s_tok = table.strides[0], table.strides[1]
-        across = s_blk == kv.block_size * s_tok
         base = int(self._ring[slot_i].data_ptr())
-        row = g.hidden * elem
+        row = kv.geometry.hidden * kv.layers[0].k.element_size()
         cols: list[list[Any]] = [[], [], [], []]
         for (s, _), off in zip(group, offsets):
             n = int(s.numel())
-            starts, blk, boff, lens = dma.runs(s.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
-                                               kv.block_size, across)
-            rel = (blk * s_blk + boff * s_tok) * elem
-            for j in range(nl * P):  # plane j of the run: layer j // P, plane j % P
+            starts, rel, nbytes = self._cache_runs(kv, s)
+            for j in range(nl * kv.geometry.kv_planes):  # plane j of the run: layer j // P, plane j % P
                 cols[0].append(base + off + (j * n + starts) * row)
                 cols[1].append(rel)
-                cols[2].append(lens * row)
+                cols[2].append(nbytes)
                 cols[3].append(np.full(starts.shape, j, dtype=np.int64))
-        planes = np.array([int(pl.data_ptr()) for lp in kv.layers
-                           for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))], dtype=np.int64)
-        return tuple(np.concatenate(col).astype(np.int64) for col in cols) + (planes,)
+        return tuple(np.concatenate(col).astype(np.int64) for col in cols) + (self._plane_bases(kv),)
 
     def _issue_batch(self, cur: Any, issue: Any) -> None:
         """``issue(stream handle)`` queued in stream order on ``cur``: on its handle, or, for the
@@ -1080,31 +1069,47 @@ class KVTransfer:
         every cache here keyed by ``_version``, slots changed behind torch's back (through a
         numpy alias or ``.data``) must come in a new tensor."""
         import numpy as np
-        import torch
 
         key = self._key(sig, items, chunks=True)
         tab = self._runs.get(key, kv)
         if tab is not _MISS:
             return tab
-        g = kv.geometry
         elem = kv.layers[0].k.element_size()
+        cols: list[list[Any]] = [[], [], [], [], []]
+        for s, c in items:
+            starts, rel, nbytes = self._cache_runs(kv, s)
+            st = c.stride()
+            cols[0].append(int(c.data_ptr()) + starts * (st[2] * elem))
+            cols[1].append(rel)
+            cols[2].append(nbytes)
+            cols[3].append(np.full(starts.shape, st[0] * elem, dtype=np.int64))
+            cols[4].append(np.full(starts.shape, st[1] * elem, dtype=np.int64))
+        tab = tuple(np.concatenate(col).astype(np.int64) for col in cols) + (self._plane_bases(kv),)
+        self._runs.put(key, kv, items, tab)
+        return tab
+
+    @staticmethod
+    def _cache_runs(kv: "PagedKV", slots: "torch.Tensor") -> Any:
+        """A chunk's runs of tokens contiguous in the cache (within a block, or on into the next
+        where the layout puts block ``b + 1`` after block ``b``): each run's first token in the
+        chunk, its byte offset from a plane's base and its bytes."""
+        import torch
+
         table, _ = triton_copy.plane_table(kv)
         s_blk, s_tok = table.strides[0], table.strides[1]
         across = s_blk == kv.block_size * s_tok  # blocks follow each other: a run may cross into the next
-        cols: list[list[Any]] = [[], [], [], [], []]
-        for s, c in items:
-            starts, blk, off, lens = dma.runs(s.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
-                                              kv.block_size, across)
-            st = c.stride()
-            cols[0].append(int(c.data_ptr()) + starts * (st[2] * elem))
-            cols[1].append((blk * s_blk + off * s_tok) * elem)
-            cols[2].append(lens * (g.hidden * elem))
-            cols[3].append(np.full(starts.shape, st[0] * elem, dtype=np.int64))
-            cols[4].append(np.full(starts.shape, st[1] * elem, dtype=np.int64))
-        planes = [int(pl.data_ptr()) for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))]
-        tab = tuple(np.concatenate(col).astype(np.int64) for col in cols) + (np.array(planes, dtype=np.int64),)
-        self._runs.put(key, kv, items, tab)
-        return tab
+        starts, blk, off, lens = dma.runs(slots.reshape(-1).to(device="cpu", dtype=torch.int64).numpy(),
+                                          kv.block_size, across)
+        elem = kv.layers[0].k.element_size()
+        return starts, (blk * s_blk + off * s_tok) * elem, lens * (kv.geometry.hidden * elem)
+
+    @staticmethod
+    def _plane_bases(kv: "PagedKV") -> Any:
+        """Every layer's plane base addresses, layer-major (K then V; MLA: one plane a layer)."""
+        import numpy as np
+
+        return np.array([int(pl.data_ptr()) for lp in kv.layers for pl in ((lp.k,) if lp.v is None else (lp.k, lp.v))],
+                        dtype=np.int64)
 
     def _dma(self, kv: "PagedKV", table: Any, items: Batch, sel: list[int], gather: bool,
              sig: "_Sig | None") -> None:
