@@ -108,3 +108,49 @@ def test_cache_engine_round_trip_through_the_stream_device() -> None:
     assert torch.equal(bits(a), bits(b))
     # whole-request calls go through the kernels (staged or direct), never the torch fallback
     assert dev.transfer.stats.torch == 0 and dev.transfer.stats.direct + dev.transfer.stats.staged > 0
+
+
+def test_a_layerwise_load_queues_layer_0_at_its_start_and_ramps_the_window_in_its_waits() -> None:
+    # The device is idle while start_retrieve runs on the host: it queues only layer 0, and each
+    # wait queues at most RAMP more until LOOKAHEAD layers are ahead; lookahead >= the layer count
+    # still queues everything at the start. Every layer lands bit for bit either way.
+    from lmcache_core.config import Config
+    from lmcache_core.device import DeviceCapabilities
+    from lmcache_core.engine import CacheEngine, LayerwiseRetrieve
+    from lmcache_core.layout import slot_mapping
+
+    layers = 10
+    g = torch.Generator().manual_seed(5)
+    kv, _ = make_kv("vllm_flash", num_layers=layers, num_blocks=12, block_size=8, heads=2, head_dim=16, generator=g)
+    cfg = Config.load(overrides={"tiers": ["memory://?capacity=16MiB"], "chunk_size": 32}, env={})
+    tokens = list(range(7, 71))
+    blocks = list(range(8))
+
+    class Queued(HostStreamDevice):  # copies still run at each record_event; the engine queues them as on a GPU
+        capabilities = DeviceCapabilities(async_copy=True)
+
+    with CacheEngine(kv.geometry, cfg, model="window", device=Queued(0)) as eng:
+        assert eng.store(tokens, kv, blocks, wait=True) == 64
+        for lookahead, queued_at_start in ((None, 1), (layers, layers)):
+            dst, _ = make_kv("vllm_flash", num_layers=layers, num_blocks=12, block_size=8, heads=2, head_dim=16,
+                             generator=g)
+            task = eng.start_retrieve(tokens, dst, [11, 10, 9, 8, 4, 5, 6, 7], lookahead=lookahead)
+            window = task.lookahead
+            queued = [sum(e is not None for e in task.events)]
+            for _ in task:
+                queued.append(sum(e is not None for e in task.events))
+            task.finish()
+            assert queued[0] == queued_at_start
+            if lookahead is None:
+                ramp, full = LayerwiseRetrieve.RAMP, LayerwiseRetrieve.LOOKAHEAD
+                assert window == full
+                # after wait i: through min(i + window, what was queued + RAMP - 1), capped at the layers
+                want, q = [], 1
+                for i in range(layers):
+                    q = min(layers, max(i + 1, min(i + window + 1, q + ramp)))
+                    want.append(q)
+                assert queued[1:] == want and want[:3] == [3, 5, 7]
+            a, b = chunk_like(kv, 64), chunk_like(dst, 64)
+            reference.gather_batch(kv, [(slot_mapping(torch.tensor(blocks), 8, 0, 64), a)])
+            reference.gather_batch(dst, [(slot_mapping(torch.tensor([11, 10, 9, 8, 4, 5, 6, 7]), 8, 0, 64), b)])
+            assert torch.equal(bits(a), bits(b))  # every layer, every token
