@@ -353,7 +353,8 @@ class CacheEngine:
             raise ValueError("pass block_ids (the request's block table) or slots")
         if not isinstance(block_ids, torch.Tensor):
             ids = list(block_ids)
-            if any(isinstance(b, (float, bool)) for b in ids):
+            kinds = set(map(type, ids))  # one pass in C (a generator of isinstance calls was half the slot time)
+            if kinds - {int} and any(issubclass(k, (float, bool)) for k in kinds):
                 raise LayoutError(f"block ids must be integers, got {ids[:8]}")
             block_ids = torch.as_tensor(ids, dtype=torch.int64)
         return slot_mapping(block_ids, kv.block_size, start, end, num_blocks=kv.num_blocks)
