@@ -741,9 +741,10 @@ class LayerwiseRetrieve:
     is first waited for.
 
     The start queues only layer 0 and each ``wait_layer`` then queues at most ``RAMP`` more
-    until the window is full: the device sits idle while the start runs on the host (queueing
-    a layer costs 0.2-0.3 ms of host on an H100 host), whereas a layer queued inside a wait
-    costs host time while layer 0's copy is already running. A caller passing ``lookahead``
+    until the window is full: the device sits idle while the start runs on the host (on an H100
+    host a later layer's queueing costs a few hundred microseconds, layer 0's about 1.5 ms as it
+    builds a new batch's tables: docs/benchmarks.md, run O), whereas a layer queued inside a
+    wait costs host time while layer 0's copy is already running. A caller passing ``lookahead``
     of the layer count or more gets everything queued by the start."""
 
     LOOKAHEAD = 4
