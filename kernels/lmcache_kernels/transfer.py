@@ -40,7 +40,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from . import dma, reference, triton_copy
 from .reference import Batch, layer_list
@@ -187,7 +187,8 @@ class _StageLayout:
     offsets: list[list[int]]  # each chunk's byte offset in its slot
     batch: bool  # the ring's copies go as one copy-engine batch per group
     preps: dict[tuple[int, int], Any] = field(default_factory=dict)  # (group, l0 or -1) -> a table per ring slot
-    copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (slot, group, layers) -> copy list
+    # (slot, group, layers) -> copy list; slot -1: the same relative to a ring slot's base
+    copies: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     moves: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # the same -> ring/cache copies
     cached: bool = True  # kept for later calls (False: inference-mode slots, built for this call only)
 
@@ -580,18 +581,19 @@ class KVTransfer:
                         self._ring_failed is None, chunks=True)
         got = self._auto.get(key, kv)
         if got is _MISS:
-            got = self._decide_layer_call(kv, batch, gather)
+            got = self._decide_layer_call(kv, batch, gather, sig)
             self._auto.put(key, kv, batch, got)
         return got
 
-    def _decide_layer_call(self, kv: "PagedKV", batch: Batch, gather: bool) -> str | None:
+    def _decide_layer_call(self, kv: "PagedKV", batch: Batch, gather: bool, sig: "_Sig | None") -> str | None:
         o = self.options
         items = [(s, c) for s, c in batch if int(s.numel()) > 0]
-        if not items or not all(self._dma_chunk_ok(kv, c) for _, c in items):
+        sig = sig if len(items) == len(batch) else None  # the sig of ``items`` where they are the batch
+        if not items or not self._chunks_dma_ok(kv, items, sig):
             return None
         layer_bytes = kv.geometry.bytes_per_token // kv.geometry.num_layers * sum(int(s.numel()) for s, _ in items)
         if 0 < o.staged_min_layer_bytes <= layer_bytes and self._ring_failed is None \
-                and triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items):
+                and triton_copy.plane_table(kv)[0] is not None and self._copier_ok(kv, items, sig):
             return "staged"
         if not gather and o.dma_min_run_bytes > 0 and self._dma_unusable(kv) is None:
             size = self._run_table(kv, items, self._sig(items))[2]
@@ -833,7 +835,7 @@ class KVTransfer:
             return lay
         per_item = self._stage_bytes(kv, items, nl)  # the ring holds the largest (sized by _staged)
         cap = self._ring[0].numel()
-        lay = _StageLayout([], [], bool(self._copier_ok(kv, items)), cached=key is not None)
+        lay = _StageLayout([], [], bool(self._copier_ok(kv, items, sig)), cached=key is not None)
         used = cap
         for i, nbytes in enumerate(per_item):
             if used + nbytes > cap:
@@ -846,14 +848,28 @@ class KVTransfer:
         self._layouts.put(key, kv, items, lay)
         return lay
 
-    def _copier_ok(self, kv: "PagedKV", items: Batch) -> bool:
+    def _copier_ok(self, kv: "PagedKV", items: Batch, sig: "_Sig | None" = None) -> bool:
         """Whether the ring's copies can go as one copy-engine batch per group (``staged_copies``
         is ``batch``, the binding loads, every chunk pinned host memory in token-major order)."""
         if self.options.staged_copies != "batch" or self._dma_broken:
             return False
         if self._copier is None:
             self._copier, self._copier_why = dma.copier(self.device)
-        return self._copier is not None and all(self._dma_chunk_ok(kv, c) for _, c in items)
+        return self._copier is not None and self._chunks_dma_ok(kv, items, sig)
+
+    def _chunks_dma_ok(self, kv: "PagedKV", items: Batch, sig: "_Sig | None") -> bool:
+        """:meth:`_dma_chunk_ok` for every chunk of ``items``, kept on their sig (``items``' own):
+        a batch's first layer asked it up to three times, one ``is_pinned`` driver query per
+        chunk each time."""
+        key = ("dma_ok", kv.device.type, kv.geometry.hidden)  # all the answer depends on besides the chunks
+        if sig is not None:
+            hit = sig.extra.get(key)
+            if hit is not None:
+                return hit
+        ok = all(self._dma_chunk_ok(kv, c) for _, c in items)
+        if sig is not None:
+            sig.extra[key] = ok
+        return ok
 
     def _stage_group(self, kv: "PagedKV", table: Any, items: Batch, lay: "_StageLayout", gi: int,
                      run: list[int], gather: bool, cur: Any) -> None:
@@ -863,23 +879,26 @@ class KVTransfer:
         l0, nl = run[0], len(run)
         group = [items[k] for k in lay.groups[gi]]
         # a per-layer table gives the chunk a layer stride of 0, so one table serves every layer;
-        # the tables of every ring slot are built (one upload) the first time a group is moved,
-        # only this slot's where the layout is not kept (inference-mode slots: no batch key)
+        # the tables of every group and ring slot are built (one upload) the first time a group
+        # is moved, only this group's and slot's where the layout is not kept (inference-mode
+        # slots: no batch key)
 
         def move() -> None:
             """The group between the ring slot and the cache on ``cur``: copy engines or kernel."""
             if self._ring_dma(kv, lay, gi, group, slot_i, run, gather, cur):
                 return
-            pkey = (gi, l0 if nl > 1 else -1)
-            preps = lay.preps.get(pkey)
+            first = l0 if nl > 1 else -1
+            preps = lay.preps.get((gi, first))
             if preps is not None:
                 prep = preps[slot_i]
-            elif lay.cached:
-                preps = lay.preps[pkey] = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl,
-                                                            list(range(len(self._ring))))
-                prep = preps[slot_i]
+            elif lay.cached:  # every group's tables for every ring slot, in one upload
+                built = self._stage_preps(kv, table, items, lay, range(len(lay.groups)), range(len(self._ring)),
+                                          l0, nl)
+                for g_i, tabs in enumerate(built):
+                    lay.preps[(g_i, first)] = tabs
+                prep = built[gi][slot_i]
             else:
-                prep = self._stage_preps(kv, table, group, lay.offsets[gi], l0, nl, [slot_i])[0]
+                prep = self._stage_preps(kv, table, items, lay, [gi], [slot_i], l0, nl)[0][0]
             # the kernel only touches device memory: a few microseconds on every SM (programs 0)
             triton_copy.run(kv, table, prep, run, gather, 0)
             self.stats.launches += 1
@@ -897,30 +916,46 @@ class KVTransfer:
             move()
             self._ring_free[slot_i] = self.streams.record(cur)
 
-    def _stage_preps(self, kv: "PagedKV", table: Any, group: Batch, offsets: list[int], l0: int, nl: int,
-                     ring_slots: list[int]) -> list[Any]:
-        """The kernel's tables, one per ring slot of ``ring_slots``, for a group whose chunks lie in
-        the slot as ``[nl, P, n, hidden]`` views at ``offsets``: one slot tensor and one table
-        upload for all."""
+    def _stage_preps(self, kv: "PagedKV", table: Any, items: Batch, lay: "_StageLayout", groups: Iterable[int],
+                     ring_slots: Iterable[int], l0: int, nl: int) -> list[list[Any]]:
+        """The kernel's tables of ``items``' ``groups`` of ``lay``, per group one per ring slot of
+        ``ring_slots``: each group's chunks lie in the slot as ``[nl, P, n, hidden]`` views at
+        its offsets. Built with numpy and uploaded with the groups' slots as one buffer (one
+        pinned copy, one event); each table's slot column points into that one slot tensor."""
+        import numpy as np
+
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
-        rows: list[int] = []
-        for ri in ring_slots:
-            base = int(self._ring[ri].data_ptr())
-            start = 0
-            for (s, _), off in zip(group, offsets):
-                n = int(s.numel())
-                s_l, s_p, s_t = (g.kv_planes * n * g.hidden if nl > 1 else 0), n * g.hidden, g.hidden
-                rows += [base + off - l0 * s_l * elem, s_l, s_p, s_t, start, n]
-                start += n
-        aligned = all(r % 16 == 0 for r in rows[0::6]) and g.hidden % (16 // elem) == 0
-        slots = triton_copy.concat_slots([s for s, _ in group], self.device)
-        whole = triton_copy.prepare(kv, table, list(group) * len(ring_slots), slots=slots, rows=rows,
-                                    rows_aligned=aligned)
-        m = 6 * len(group)
-        return [triton_copy.Prepared(whole.tab[k * m:(k + 1) * m], slots, len(group), whole.max_n, whole.aligned,
-                                     whole.ready)
-                for k in range(len(ring_slots))]
+        groups, ring_slots = list(groups), list(ring_slots)
+        idx = [k for gi in groups for k in lay.groups[gi]]
+        ns = np.fromiter((int(items[k][0].numel()) for k in idx), dtype=np.int64, count=len(idx))
+        offs = np.fromiter((o for gi in groups for o in lay.offsets[gi]), dtype=np.int64, count=len(idx))
+        bases = np.fromiter((int(self._ring[ri].data_ptr()) for ri in ring_slots), dtype=np.int64,
+                            count=len(ring_slots))
+        s_l = g.kv_planes * ns * g.hidden if nl > 1 else np.zeros_like(ns)
+        addr = bases[:, None] + (offs - l0 * s_l * elem)[None, :]  # [ring slots, chunks], bytes
+        delta = addr - int(table.base.data_ptr())
+        if (delta % elem).any():
+            raise ValueError(f"a staging ring address is not a multiple of the element size {elem}")
+        rows = np.empty(addr.shape + (6,), dtype=np.int64)
+        rows[..., 0] = delta // elem
+        rows[..., 1] = s_l
+        rows[..., 2] = ns * g.hidden
+        rows[..., 3] = g.hidden
+        rows[..., 4] = np.cumsum(ns) - ns  # where each chunk's slots start in the uploaded slot tensor
+        rows[..., 5] = ns
+        aligned = bool((addr % 16 == 0).all()) and g.hidden % (16 // elem) == 0
+        tab, slots, ready = triton_copy.upload_with_slots(rows, [items[k][0] for k in idx], self.device)
+        out: list[list[Any]] = []
+        first = 0
+        for gi in groups:
+            m = len(lay.groups[gi])
+            max_n = int(ns[first:first + m].max()) if m else 0
+            out.append([triton_copy.Prepared(tab[(r * len(idx) + first) * 6:(r * len(idx) + first + m) * 6], slots,
+                                             m, max_n, aligned, (ready,))
+                        for r in range(len(ring_slots))])
+            first += m
+        return out
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
                      run: list[int], gather: bool, cs: Any) -> None:
@@ -933,8 +968,11 @@ class KVTransfer:
         if lay.batch and not self._dma_broken:
             ck = (slot_i, gi, nl)
             tab = lay.copies.get(ck)
-            if tab is None:
-                tab = lay.copies[ck] = self._ring_table(kv, group, lay.offsets[gi], slot_i, nl)
+            if tab is None:  # the group's copies relative to a ring slot's base, built once for all slots
+                rel = lay.copies.get((-1, gi, nl))
+                if rel is None:
+                    rel = lay.copies[(-1, gi, nl)] = self._ring_table(kv, group, lay.offsets[gi], nl)
+                tab = lay.copies[ck] = (rel[0], rel[1] + int(self._ring[slot_i].data_ptr()), rel[2], rel[3])
             chunk0, ring, size, st_l = tab
             chunk = chunk0 + l0 * st_l
             dsts, srcs = (chunk, ring) if gather else (ring, chunk)
@@ -1034,15 +1072,15 @@ class KVTransfer:
             issue(side.cuda_stream)
             self.streams.wait(cur, self.streams.record(side))
 
-    def _ring_table(self, kv: "PagedKV", group: Batch, offsets: list[int], slot_i: int, nl: int) -> Any:
-        """Per copy of a group at layer 0: its chunk-side byte address, its ring address, its
-        bytes and its chunk's layer stride in bytes (one copy per chunk when the chunk's
+    @staticmethod
+    def _ring_table(kv: "PagedKV", group: Batch, offsets: list[int], nl: int) -> Any:
+        """Per copy of a group at layer 0: its chunk-side byte address, its byte offset in a ring
+        slot, its bytes and its chunk's layer stride in bytes (one copy per chunk when the chunk's
         ``[nl, P, n]`` block is contiguous, else one per (layer, plane))."""
         import numpy as np
 
         g = kv.geometry
         elem = kv.layers[0].k.element_size()
-        base = int(self._ring[slot_i].data_ptr())
         cols: list[list[int]] = [[], [], [], []]
         for (s, c), off in zip(group, offsets):
             n = int(s.numel())
@@ -1055,7 +1093,7 @@ class KVTransfer:
                           for l in range(nl) for p in range(g.kv_planes)]
             for c_off, r_off, size in pieces:
                 cols[0].append(int(c.data_ptr()) + c_off)
-                cols[1].append(base + off + r_off)
+                cols[1].append(off + r_off)
                 cols[2].append(size)
                 cols[3].append(st[0] * elem)
         return tuple(np.asarray(col, dtype=np.int64) for col in cols)

@@ -28,6 +28,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .reference import Batch, check_chunk, check_slots, layer_list
@@ -357,13 +358,48 @@ def prepare(kv: "PagedKV", table: PlaneTable, batch: Batch, *, slots: "torch.Ten
     return Prepared(tab, slots, len(batch), max_n, bool(rows_aligned), (Upload.after(dev),))
 
 
+def upload_with_slots(rows: Any, slots: Sequence["torch.Tensor"], device: "torch.device"
+                      ) -> "tuple[torch.Tensor, torch.Tensor, Upload | None]":
+    """``rows`` (an int64 numpy array, the kernel's chunk tables) and ``slots`` concatenated on
+    ``device`` and where that was queued: host slots go with the rows as one pinned buffer and
+    one host-to-device copy (a staged batch's first layer paid one pinning, one copy and one
+    event per ring group and table before); slots already on the device are concatenated there."""
+    import torch
+
+    flat = torch.from_numpy(rows.reshape(-1))
+    parts, devices = _flat_slots(slots)
+    if device.type == "cpu" or devices != {"cpu"}:
+        return to_device(flat, torch.int64, device), concat_slots(parts, device), Upload.after(device)
+    n = flat.numel()
+    host = torch.empty(n + sum(map(torch.Tensor.numel, parts)), dtype=torch.int64, pin_memory=True)
+    host[:n].copy_(flat)
+    if len(parts) == 1:
+        host[n:].copy_(parts[0])
+    else:
+        torch.cat(parts, out=host[n:])
+    dev = host.to(device, non_blocking=True)
+    return dev[:n], dev[n:], Upload.after(device)
+
+
+def _flat_slots(slots: Sequence["torch.Tensor"]) -> "tuple[Sequence[torch.Tensor], set[str]]":
+    """``slots`` as 1-D int64 tensors (the same list where they all are: the engine's per-chunk
+    slices, checked in C-level passes instead of a reshape and a conversion per part) and the
+    device types they are on."""
+    import torch
+
+    devices = {d.type for d in set(map(attrgetter("device"), slots))}
+    if set(map(attrgetter("dtype"), slots)) == {torch.int64} and set(map(torch.Tensor.dim, slots)) == {1}:
+        return slots, devices
+    return [s.reshape(-1).to(torch.int64) for s in slots], devices
+
+
 def concat_slots(slots: Sequence["torch.Tensor"], device: "torch.device") -> "torch.Tensor":
     """All slots in one int64 tensor on ``device`` (concatenated where they already are)."""
     import torch
 
-    parts = [s.reshape(-1).to(torch.int64) for s in slots]
+    parts, _ = _flat_slots(slots)
     if all(p.device == device for p in parts):
-        return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        return torch.cat(list(parts)) if len(parts) > 1 else parts[0].contiguous()
     return to_device(torch.cat([p.cpu() for p in parts]), torch.int64, device)
 
 

@@ -589,7 +589,7 @@ def test_inference_mode_slots_build_only_the_ring_slot_in_use(monkeypatch) -> No
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        built.append(len(out))
+        built.append(sum(map(len, out)))  # tables built: one per (group, ring slot)
         return out
 
     monkeypatch.setattr(xfer, "_stage_preps", spy)
@@ -608,6 +608,51 @@ def test_inference_mode_slots_build_only_the_ring_slot_in_use(monkeypatch) -> No
     for layer in range(len(kv.layers)):
         xfer.scatter(kv, batch, (layer,))
     assert built == [4]
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+@pytest.mark.parametrize("gather", [False, True])
+def test_a_batch_filling_several_ring_groups_builds_all_their_tables_at_once(monkeypatch, gather) -> None:
+    # a request larger than a ring slot is staged in several groups per layer: the first layer
+    # builds the tables of every group and ring slot in one pass (one upload of rows and slots),
+    # every later layer reuses them, and each group's slot column points at its own chunks
+    from lmcache_kernels import reference
+
+    cpu = torch.device("cpu")
+    kv, _ = make_kv("vllm_flash", device=cpu, num_blocks=32, generator=torch.Generator().manual_seed(71))
+    g = kv.geometry
+    chunk_bytes = g.kv_planes * 8 * g.hidden * kv.layers[0].k.element_size()  # one layer of 8 tokens
+    xfer = KVTransfer(cpu, TransferOptions(store_mode="staged", load_mode="staged", staging_slots=3,
+                                           staging_bytes=2 * chunk_bytes), None)
+    built: list[tuple[int, int]] = []
+    real = xfer._stage_preps
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        built.append((len(out), len(out[0])))
+        return out
+
+    monkeypatch.setattr(xfer, "_stage_preps", spy)
+    sizes = [8, 5, 8, 3, 8, 7, 8]  # seven chunks, two a ring slot: four groups
+    batch = _batch(kv, sizes, 72)
+    torch_x = KVTransfer(cpu, TransferOptions(store_mode="torch", load_mode="torch"), None)
+    if not gather:
+        want = [(s, c.clone()) for s, c in batch]
+        for layer in range(len(kv.layers)):
+            xfer.scatter(kv, batch, (layer,))
+        got = [(s, chunk_like(kv, max(sizes))) for s, _ in batch]
+        torch_x.gather(kv, got)
+    else:
+        for layer in range(len(kv.layers)):
+            xfer.gather(kv, batch, (layer,))
+        got = batch
+        want = [(s, chunk_like(kv, max(sizes))) for s, _ in batch]
+        reference.gather_batch(kv, want, range(len(kv.layers)))
+    assert built == [(4, 3)], built  # once, every group, every ring slot
+    assert xfer.stats.staged == len(sizes) * len(kv.layers)
+    for (s, a), (_, b) in zip(want, got):
+        n = int(s.numel())
+        assert torch.equal(bits(a[:, :, :n]), bits(b[:, :, :n]))
 
 
 @pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
