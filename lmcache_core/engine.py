@@ -319,6 +319,9 @@ class CacheEngine:
             return []
         lo, hi = min(a for a, _ in bounds), max(b for _, b in bounds)
         whole = cls._slots(kv, block_ids, slots, lo, hi)
+        sizes = [b - a for a, b in bounds]
+        if sum(sizes) == hi - lo and all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:])):
+            return list(whole.split(sizes))  # ranges that tile the span: one C call for all views
         return [whole[a - lo:b - lo] for a, b in bounds]
 
     @staticmethod
