@@ -12,6 +12,7 @@
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=conformance_ringdma: the conformance suite with LMCACHE_KV_RING_COPY=dma -> cuda-gpu-ringdma.json)
 # (STEPS=start_profile: benchmarks/start_profile.py and the pipelining contract alone -> start-profile.json)
+# (STEPS=start_layerwise: start_profile.py at the layer-wise shape, START_TOKENS=4096,32768 -> start-profile-layerwise-T.json)
 # (STEPS=ce: benchmarks/ce_copies.py, per-copy cost of cuMemcpyBatchAsync by direction and size -> ce-copies.json)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
 # (STEPS picks what runs; one device call is at most 10 minutes, so split the steps over two;
@@ -27,6 +28,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 QUICK=${1:-}
 STEPS=${STEPS:-tests,connector,conformance,transfer}
+START_TOKENS=${START_TOKENS:-4096,32768}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 {
@@ -84,6 +86,15 @@ if want conformance_ringdma; then
         --report "$OUT/cuda-gpu-ringdma.json" >"$OUT/conformance-ringdma.log" 2>&1
     echo "conformance (ring_copy dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-ringdma.log" | tail -n 1)"
     grep -i -E "overlap|FAIL" "$OUT/conformance-ringdma.log" | head -n 10
+fi
+
+# The same profile at gpu_transfer.py's layer-wise shape (Llama-3-8B's KV, chunks of 256), per size.
+if want start_layerwise; then
+    for t in ${START_TOKENS//,/ }; do
+        timeout 150 $PY benchmarks/start_profile.py --device cuda --shape layerwise --tokens "$t" \
+            --json "$OUT/start-profile-layerwise-$t.json" >"$OUT/start-profile-layerwise-$t.log" 2>&1
+        echo "start profile layerwise $t rc=$?"; grep -E "^(start_retrieve|first waits)" "$OUT/start-profile-layerwise-$t.log"
+    done
 fi
 
 # Where a layer-by-layer load's start goes on the host (the conformance pipelining shape), then
