@@ -12,6 +12,7 @@
 # (STEPS=staged: conformance and connector_gpu.py (and with daemon its --daemon run) with staged transfers -> staged/)
 # (STEPS=conformance_ringdma: the conformance suite with LMCACHE_KV_RING_COPY=dma -> cuda-gpu-ringdma.json)
 # (STEPS=start_profile: benchmarks/start_profile.py and the pipelining contract alone -> start-profile.json)
+# (STEPS=upload: benchmarks/upload_cost.py, the host cost of each call of a table upload -> upload-cost.json)
 # (STEPS=start_layerwise: start_profile.py at the layer-wise shape, START_TOKENS=4096,32768 -> start-profile-layerwise-T.json)
 # (STEPS=ce: benchmarks/ce_copies.py, per-copy cost of cuMemcpyBatchAsync by direction and size -> ce-copies.json)
 # (STEPS=lookup: benchmarks/lookup.py, key hashing + memory-tier lookup on this host's CPU -> lookup.log, lookup-gpu.json)
@@ -86,6 +87,12 @@ if want conformance_ringdma; then
         --report "$OUT/cuda-gpu-ringdma.json" >"$OUT/conformance-ringdma.log" 2>&1
     echo "conformance (ring_copy dma) rc=$? :: $(grep -E 'passed|failed|skipped' "$OUT/conformance-ringdma.log" | tail -n 1)"
     grep -i -E "overlap|FAIL" "$OUT/conformance-ringdma.log" | head -n 10
+fi
+
+# What one small table upload's torch calls cost the host, call by call.
+if want upload; then
+    timeout 120 $PY benchmarks/upload_cost.py --device cuda --json "$OUT/upload-cost.json" >"$OUT/upload-cost.log" 2>&1
+    echo "upload cost rc=$?"; cat "$OUT/upload-cost.log"
 fi
 
 # The same profile at gpu_transfer.py's layer-wise shape (Llama-3-8B's KV, chunks of 256), per size.
