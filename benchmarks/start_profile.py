@@ -93,6 +93,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "tokens": n, "chunk": chunk, "layers": shape.num_layers,
                                                "start_ms": starts, "total_ms": totals, "phases_ms": phases,
                                                "first_waits_ms": waits,
+                                               "transfer": eng.device.describe(),
                                                "profile": rows[:60]}, indent=1))
     return 0
 

@@ -52,3 +52,37 @@ def test_dry_run_measures_every_cpu_section_and_checks_bits(tmp_path: Path) -> N
         for name in ("engine_default", "engine_staged", "batched_default"):
             cells = [v for t, v in case[name].items() if t.isdigit()]
             assert cells and all(v["store_bit_exact"] and v["load_bit_exact"] for v in cells), (case["kind"], name)
+
+
+def test_start_profile_times_each_phase_of_a_layer_wise_start_on_the_host_queued_device(tmp_path: Path) -> None:
+    # the profile the GPU session runs (STEPS=start_layerwise), on the host stream device that queues
+    # its copies layer by layer: every wrapped step is restored (a kernel fault would show as the
+    # transfer's fallback) and the phases add up to the start
+    import os
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "start_profile.py"), "--device", "host-queued", "--small",
+         "--shape", "layerwise", "--tokens", "256", "--reps", "2", "--json", str(tmp_path / "sp.json")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.loads((tmp_path / "sp.json").read_text())
+    assert res["shape"] == "layerwise" and res["tokens"] == 256 and res["layers"] == 8
+    assert res["transfer"]["transfer"]["kernel"], res["transfer"]  # no wrapper broke the kernel path
+    ph = res["phases_ms"]
+    for step in ("lookup", "fetch", "slots", "copy_batch", "queue_layers", "queue_layers.stage_preps",
+                 "queue_layers.kernel_launch", "queue_layers.check_slots"):
+        assert ph[step] > 0, (step, ph)
+    assert ph["queue_layers.stage_preps"] <= ph["queue_layers"]
+    top = ph["start"] - ph["other"]
+    assert abs(top - sum(v for k, v in ph.items() if k not in ("start", "other") and "." not in k)) < 1e-6
+    assert len(res["first_waits_ms"]) == 6
+
+
+def test_upload_cost_prints_each_call_on_the_cpu(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "upload_cost.py"), "--device", "cpu", "--reps",
+                          "5", "--json", str(tmp_path / "u.json")], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "u.json").read_text())["rows"]
+    assert set(rows) == {"8 x 1024 tokens", "128 x 256 tokens"}
+    assert all(v > 0 for r in rows.values() for v in r.values())
