@@ -298,10 +298,6 @@ def slot_mapping(block_ids: "torch.Tensor", block_size: int, start: int, end: in
     return every[lo:lo + (end - start)]
 
 
-def _one_dim(t: "torch.Tensor") -> bool:
-    return t.dim() == 1
-
-
 def check_slots(kv: "PagedKV", batch: Sequence[tuple["torch.Tensor", Any]]) -> None:
     """Raise LayoutError unless every slot of ``batch`` is an integer in ``[0, blocks * block_size)``.
 
@@ -312,13 +308,15 @@ def check_slots(kv: "PagedKV", batch: Sequence[tuple["torch.Tensor", Any]]) -> N
 
     total = kv.num_blocks * kv.block_size
     slots_of = [s for s, _ in batch]
-    for dt in set(map(attrgetter("dtype"), slots_of)):  # per distinct dtype, not per tensor
+    dtypes = set(map(attrgetter("dtype"), slots_of))
+    for dt in dtypes:  # per distinct dtype, not per tensor
         if dt.is_floating_point or dt.is_complex or dt == torch.bool:
             raise LayoutError(f"slots must be integers, got a {dt} tensor")
     groups: dict[Any, list["torch.Tensor"]] = {}
-    if len(slots_of) > 1 and len(set(map(attrgetter("device"), slots_of))) == 1 \
-            and all(map(_one_dim, slots_of)):
-        groups[slots_of[0].device] = [torch.cat(slots_of)]  # one C call (the engine's per-chunk slices)
+    if len(slots_of) > 1 and len(dtypes) == 1 and len(set(map(attrgetter("device"), slots_of))) == 1 \
+            and set(map(torch.Tensor.dim, slots_of)) == {1}:
+        # one C call (the engine's per-chunk slices); one dtype, so no promotion between parts
+        groups[slots_of[0].device] = [torch.cat(slots_of).to(torch.int64)]
     else:
         for slots in slots_of:
             if slots.numel():
