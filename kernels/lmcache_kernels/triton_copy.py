@@ -27,7 +27,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -170,6 +170,7 @@ class PlaneTable:
     base: "torch.Tensor"  # a one-element tensor of the moved integer type on the KV device
     strides: tuple[int, int, int, int]  # (block, token, head, dim) in elements
     aligned: bool  # every plane base 16-byte aligned and block/token/head strides multiples of VEC
+    streams: set[int] = field(default_factory=set, init=False, compare=False, repr=False)  # used on (:func:`use_on`)
 
 
 class _PlaneCache:
@@ -296,25 +297,45 @@ class Upload:
             stream.wait_event(self.event)
 
 
-_LAYER_IDS: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Upload | None]] = OrderedDict()
+def use_on(stream: Any, seen: set[int], uploads: Sequence["Upload | None"], tensors: Sequence["torch.Tensor"]
+           ) -> None:
+    """Once per stream: ``stream`` waits for ``uploads`` and the caching allocator learns that
+    ``tensors`` are used on it (``record_stream``). ``seen`` holds the streams already done: a
+    later launch on one of them is stream-ordered after the first one's waits, and a block keeps
+    the streams recorded on it until it is freed (every launch did both before: five
+    ``record_stream`` calls and the upload waits, a good part of a launch's host time)."""
+    sid = int(stream.cuda_stream)
+    if sid in seen:
+        return
+    for upload in uploads:
+        if upload is not None:
+            upload.wait_on(stream)
+    for t in tensors:
+        t.record_stream(stream)
+    seen.add(sid)
 
 
-def layer_ids(sel: Sequence[int], device: "torch.device") -> "torch.Tensor":
+_LAYER_IDS: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Upload | None, set[int]]] = OrderedDict()
+
+
+def layer_ids(sel: Sequence[int], device: "torch.device", stream: Any = None) -> "torch.Tensor":
     """The selected layers as an int32 tensor on ``device``, cached (the same few repeat); a caller
-    on another stream than the first waits for its upload (:class:`Upload`)."""
+    on another stream than the first waits for its upload and records its use there, once per
+    stream (:func:`use_on`; ``stream``: the caller's current stream where it has it)."""
     import torch
 
     key = (str(device), tuple(sel))
     hit = _LAYER_IDS.get(key)
     if hit is None:
         t = to_device(list(sel), torch.int32, device)
-        _LAYER_IDS[key] = (t, Upload.after(device))
+        upload = Upload.after(device)
+        _LAYER_IDS[key] = (t, upload, {upload.stream} if upload is not None else set())
         while len(_LAYER_IDS) > 512:
             _LAYER_IDS.popitem(last=False)
         return t
-    t, upload = hit
+    t, upload, seen = hit
     if upload is not None:
-        upload.wait_on(torch.cuda.current_stream(device))
+        use_on(stream if stream is not None else torch.cuda.current_stream(device), seen, (upload,), (t,))
     return t
 
 
@@ -328,6 +349,7 @@ class Prepared:
     max_n: int
     aligned: bool
     ready: tuple[Upload | None, ...] = ()  # where ``tab`` and ``slots`` were queued (:class:`Upload`)
+    streams: set[int] = field(default_factory=set, init=False, compare=False, repr=False)  # used on (:func:`use_on`)
 
 
 def prepare(kv: "PagedKV", table: PlaneTable, batch: Batch, *, slots: "torch.Tensor | None" = None,
@@ -418,7 +440,8 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
         return
     dev = kv.device
     elem = kv.layers[0].k.element_size()
-    lid = layer_ids(sel, dev)
+    stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+    lid = layer_ids(sel, dev, stream)
     g = kv.geometry
     block_h = triton.next_power_of_2(g.hidden)
     block_t = max(1, min(triton.next_power_of_2(prep.max_n), TILE_BYTES // (block_h * elem)))
@@ -429,13 +452,9 @@ def run(kv: "PagedKV", table: PlaneTable, prep: Prepared, layers: Sequence[int] 
     n_work = n_tiles * prep.n_chunks * len(sel) * g.kv_planes
     grid = (min(n_work, programs) if programs > 0 else n_work,)
     sb, stok, sh, sd = table.strides
-    if dev.type == "cuda":  # cached tables may come from another stream: landed, and kept alive for this one
-        stream = torch.cuda.current_stream(dev)
-        for upload in prep.ready:
-            if upload is not None:
-                upload.wait_on(stream)
-        for t in (table.addrs, table.base, prep.slots, prep.tab, lid):
-            t.record_stream(stream)
+    if stream is not None:  # cached tables may come from another stream: landed, and kept alive for this one
+        use_on(stream, table.streams, (), (table.addrs, table.base))
+        use_on(stream, prep.streams, prep.ready, (prep.slots, prep.tab))
     _kernel()[grid](
         table.base, table.addrs, lid, prep.tab, prep.slots, sb, stok, sh, sd, kv.block_size,
         P=g.kv_planes, DIM=g.head_dim, HIDDEN=g.hidden, BLOCK_T=block_t, BLOCK_H=block_h,
