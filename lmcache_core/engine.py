@@ -62,8 +62,18 @@ class RetrieveResult:
 
 
 _OPEN_ENGINES: "weakref.WeakSet[CacheEngine]" = weakref.WeakSet()
-HOST_POOL_RESERVE = 1 << 30  # bytes of idle pinned chunk buffers kept ready on pinned-memory devices
+SLAB_MIN, SLAB_MAX = 64 << 20, 1 << 30  # pinned slabs the pool carves chunk buffers from (memory.BufferPool)
 AT_EXIT_FLUSH_S = 30.0  # all engines together
+
+
+def slab_size(chunk_buffer: int) -> int:
+    """The pinned slab for chunk buffers of ``chunk_buffer`` bytes: a power of two holding at least
+    four of them (the tail lost is under a quarter, under an eighth for a buffer just over a power
+    of two), within [SLAB_MIN, SLAB_MAX]; 0 where a buffer is too large to carve (each is then
+    allocated alone). Not larger: the reserve's thread pins a slab at a time, and a slab's pinning
+    holds the driver's lock that a step arriving meanwhile waits for."""
+    slab = max(SLAB_MIN, 1 << (4 * chunk_buffer - 1).bit_length())
+    return slab if slab <= SLAB_MAX else 0
 
 
 def _flush_at_exit() -> None:
@@ -134,10 +144,13 @@ class CacheEngine:
             self.pool: BufferPool = self.daemon.pool
         else:
             # Pinned allocation is ~1 GB/s: on devices with pinned buffers keep a reserve of whole
-            # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches).
-            reserve = (min(HOST_POOL_RESERVE, self.config.host_pool_size)
-                       if self.device.capabilities.pinned_memory else 0)
-            self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size, reserve_bytes=reserve)
+            # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches),
+            # carved from power-of-two slabs (torch's pinned allocator rounds each allocation up).
+            pinned = self.device.capabilities.pinned_memory
+            self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size,
+                                   reserve_bytes=self.config.host_pool_reserve if pinned else 0,
+                                   slab_bytes=slab_size(chunkmod.HEADER_SIZE + geometry.nbytes(self.config.chunk_size))
+                                   if pinned else 0)
         chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
         #: kv_codec: the device's copies code the KV (fp8: half the bytes); chunk buffers, every
         #: tier and the key namespace hold that form, and reads hand it to the device still coded

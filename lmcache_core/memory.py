@@ -92,7 +92,7 @@ class BufferPool:
     counts the allocations made on a caller's thread."""
 
     def __init__(self, allocate: Callable[[int], "torch.Tensor"] | None = None,
-                 max_idle_bytes: int = 1 << 30, reserve_bytes: int = 0) -> None:
+                 max_idle_bytes: int = 1 << 30, reserve_bytes: int = 0, slab_bytes: int = 0) -> None:
         if allocate is None:
             import torch
 
@@ -106,8 +106,13 @@ class BufferPool:
         self._idle_bytes = 0
         self._live: set[int] = set()
         self._live_bytes = 0
-        self.allocations = 0  # fresh allocations, for zero-copy tests
-        self.sync_allocations = 0  # of those, made on the caller's thread
+        self.allocations = 0  # fresh buffers (not reused), for zero-copy tests
+        self.host_allocations = 0  # calls to ``allocate`` (a slab serves many fresh buffers)
+        self.sync_allocations = 0  # of those calls, made on a caller's thread
+        self.slab_bytes = slab_bytes
+        self._slab: "torch.Tensor | None" = None  # the slab being carved, and its next free offset
+        self._slab_off = 0
+        self._carve = threading.Lock()  # one carver at a time; held across a slab's allocation
         self.reserve_bytes = min(reserve_bytes, max_idle_bytes)
         self._reserve_size = 0  # the size the refiller keeps ready
         self._refill = threading.Condition(self._lock)
@@ -135,9 +140,7 @@ class BufferPool:
             if self.reserve_bytes and size >= self._reserve_size:  # the largest (whole chunks)
                 self._wake_refiller(size)
         if buf is None:
-            buf = self._new(size)
-            with self._lock:
-                self.sync_allocations += 1
+            buf = self._new(size, caller=True)
         with self._lock:
             self._live.add(id(buf))
             self._live_bytes += size
@@ -150,13 +153,48 @@ class BufferPool:
     def unprepare(self) -> None:
         """Drop what ``prepare`` set aside and ``acquire`` did not take."""
 
-    def _new(self, size: int) -> PooledBuffer:
+    def _new(self, size: int, caller: bool = False) -> PooledBuffer:
+        if self.slab_bytes and size <= self.slab_bytes // 4:
+            buf = self._carved(size, caller)
+            if buf is not None:
+                return buf
         backing = self._allocate(size + ALIGN)
         shift = (-backing.data_ptr()) % ALIGN
         buf = PooledBuffer(self, backing, backing[shift : shift + size])
+        self._count(caller, fresh_from_allocator=True)
+        return buf
+
+    def _carved(self, size: int, caller: bool) -> "PooledBuffer | None":
+        """The next ``size`` bytes (a multiple of ALIGN) of the slab in use; only the reserve's
+        thread allocates a new slab, outside the carving lock (a caller's thread allocates a lone
+        buffer instead: pinning a whole slab would cost its step several times a buffer's time),
+        else None."""
+        with self._carve:
+            buf = self._cut(size)
+        if buf is None and not caller:
+            slab = self._allocate(self.slab_bytes)
+            with self._carve:
+                self._slab, self._slab_off = slab, (-slab.data_ptr()) % ALIGN
+                buf = self._cut(size)
+            self._count(caller, fresh_from_allocator=True)
+        elif buf is not None:
+            self._count(caller, fresh_from_allocator=False)
+        return buf
+
+    def _cut(self, size: int) -> "PooledBuffer | None":
+        """(Under the carving lock.) ``size`` bytes of the slab in use, if it has them."""
+        slab, off = self._slab, self._slab_off
+        if slab is None or off + size > slab.numel():
+            return None
+        self._slab_off = off + size
+        return PooledBuffer(self, slab, slab[off : off + size])
+
+    def _count(self, caller: bool, fresh_from_allocator: bool) -> None:
         with self._lock:
             self.allocations += 1
-        return buf
+            if fresh_from_allocator:
+                self.host_allocations += 1
+                self.sync_allocations += caller
 
     # -- the background reserve ------------------------------------------------------------
     def _wake_refiller(self, size: int) -> None:
@@ -230,6 +268,8 @@ class BufferPool:
         if self._refiller is not None:
             self._refiller.join(timeout=5)
         self.clear()
+        with self._carve:
+            self._slab = None
 
     def _give_back(self, buf: PooledBuffer) -> None:
         with self._lock:

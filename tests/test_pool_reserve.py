@@ -126,3 +126,50 @@ def test_engine_loads_and_stores_hold_the_reserve_while_they_copy(tmp_path) -> N
         assert eng.pool._transfers == 1
         dropped.abort()
         assert eng.pool._transfers == 0
+
+
+def test_the_reserve_carves_whole_chunk_buffers_from_power_of_two_slabs() -> None:
+    # torch's pinned allocator rounds every allocation up to a power of two: a chunk buffer (a
+    # 4 KiB header over a power-of-two payload) allocated alone pinned twice its size
+    asked: list[tuple[int, str]] = []
+
+    def alloc(n: int) -> torch.Tensor:
+        asked.append((n, threading.current_thread().name))
+        return torch.empty(n, dtype=torch.uint8)
+
+    slab, size = 16 * CHUNK, CHUNK + 4096
+    per_slab = (slab - 4096) // size  # at worst a slab's base needs a 4 KiB shift
+    pool = BufferPool(alloc, max_idle_bytes=64 * CHUNK, reserve_bytes=20 * size, slab_bytes=slab)
+    first = pool.acquire(size)  # nothing carved yet: the caller allocates its buffer alone
+    assert asked == [(size + 4096, "MainThread")] and pool.sync_allocations == 1
+    assert pool.wait_reserve(5)
+    slabs = [n for n, who in asked[1:]]
+    assert slabs and set(slabs) == {slab} and len(slabs) <= -(-20 // per_slab)
+    assert {who for _, who in asked[1:]} == {"lmcache-pool-reserve"}
+    bufs = [pool.acquire(size) for _ in range(20)]  # from the reserve: no allocation on this thread
+    assert pool.sync_allocations == 1 and pool.host_allocations == 1 + len(slabs)
+    spans = sorted((b.address, b.address + b.capacity) for b in bufs)
+    assert all(a % 4096 == 0 for a, _ in spans)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "carved buffers overlap"
+    for i, b in enumerate(bufs):
+        b.view().fill_(i)
+    assert all(int(b.view()[0]) == i and int(b.view()[-1]) == i for i, b in enumerate(bufs))
+    big = pool.acquire(8 * CHUNK)  # over a quarter of a slab: allocated alone
+    assert asked[-1] == (8 * CHUNK + 4096, "MainThread") and big.address % 4096 == 0
+    for b in [first, big, *bufs]:
+        b.release()
+    assert pool.live_count() == 0
+    made = pool.allocations
+    pool.acquire(size).release()  # reused, not carved again
+    assert pool.allocations == made
+    pool.close()
+
+
+def test_slab_size_holds_four_chunk_buffers_within_bounds() -> None:
+    from lmcache_core.engine import SLAB_MAX, SLAB_MIN, slab_size
+
+    llama8b = 4096 + 32 * 2 * 256 * 8 * 128 * 2  # a 256-token chunk of Llama-3-8B plus its header
+    s = slab_size(llama8b)
+    assert s == 256 << 20 and s // llama8b == 7
+    assert slab_size(4096 + 64 * 1024) == SLAB_MIN
+    assert slab_size(SLAB_MAX) == 0  # too large to carve: allocated alone
