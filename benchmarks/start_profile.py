@@ -66,7 +66,7 @@ def main() -> int:
             starts.append((t1 - t0) * 1e3)
             totals.append((time.perf_counter() - t0) * 1e3)
         starts, totals = starts[1:], totals[1:]  # the first is a warm-up
-        phases, waits = _phase_times(dev, eng, tokens, dst.kv, blocks, args.reps)
+        phases, waits, counts = _phase_times(dev, eng, tokens, dst.kv, blocks, args.reps)
         prof = cProfile.Profile()
         dev.synchronize()
         prof.enable()
@@ -88,11 +88,12 @@ def main() -> int:
     print("start_retrieve by phase, median ms (wall clock, not profiled; queue_layers.* lie inside queue_layers): "
           + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     print("first waits, median ms: " + ", ".join(f"{w:.3f}" for w in waits))
+    print("calls in the start: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(out.getvalue()[:20000])
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "tokens": n, "chunk": chunk, "layers": shape.num_layers,
                                                "start_ms": starts, "total_ms": totals, "phases_ms": phases,
-                                               "first_waits_ms": waits,
+                                               "first_waits_ms": waits, "calls": counts,
                                                "transfer": eng.device.describe(),
                                                "profile": rows[:60]}, indent=1))
     return 0
@@ -154,7 +155,8 @@ _TRANSFER_STEPS = ("check_slots", "_auto_layer_call", "_plan", "_stage_layout", 
                    "_ring_table")
 
 
-def _phase_times(dev, eng, tokens, kv, blocks, reps: int) -> tuple[dict[str, float], list[float]]:
+def _phase_times(dev, eng, tokens, kv, blocks, reps: int
+                 ) -> tuple[dict[str, float], list[float], dict[str, int]]:
     """Median wall time of each phase of ``start_retrieve`` (a wrapper's clock around the engine's
     own steps, about a microsecond each: cProfile's per-call cost distorts the small torch calls),
     the rest of the start outside them, the transfer layer's steps inside the layer queueing
@@ -166,10 +168,17 @@ def _phase_times(dev, eng, tokens, kv, blocks, reps: int) -> tuple[dict[str, flo
     from lmcache_core.engine import CacheEngine, LayerwiseRetrieve
 
     spent: dict[str, float] = {}
+    calls: dict[str, int] = {}  # of the last run: how many times each wrapped step ran
     wraps = [(eng, "lookup", "lookup"), (eng.tiers, "get_many", "fetch"), (CacheEngine, "_slot_ranges", "slots"),
              (eng, "_copy_batch", "copy_batch"), (LayerwiseRetrieve, "_load", "queue_layers")]
     wraps += [(xfer.KVTransfer, name, f"queue_layers.{name.lstrip('_')}") for name in _TRANSFER_STEPS]
-    wraps += [(triton_copy, "run", "queue_layers.kernel_launch")]
+    wraps += [(triton_copy, "run", "queue_layers.kernel_launch"),
+              (triton_copy, "upload_with_slots", "queue_layers.upload")]
+    import torch
+
+    if dev.name == "cuda":  # the CUDA runtime calls everywhere in the start (``cuda.*``: across phases)
+        wraps += [(torch.cuda, "current_stream", "cuda.current_stream"), (torch.cuda.Event, "record", "cuda.event_record"),
+                  (torch.cuda.Stream, "wait_event", "cuda.wait_event"), (torch.cuda.Event, "__init__", "cuda.event_new")]
     saved = []
     for owner, attr, label in wraps:
         raw = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr)
@@ -184,6 +193,7 @@ def _phase_times(dev, eng, tokens, kv, blocks, reps: int) -> tuple[dict[str, flo
                 return _fn(*a, **k)
             finally:
                 spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t
+                calls[_label] = calls.get(_label, 0) + 1
 
         setattr(owner, attr, classmethod(timed) if isinstance(raw, classmethod)
                 else staticmethod(timed) if isinstance(raw, staticmethod) else timed)
@@ -192,12 +202,14 @@ def _phase_times(dev, eng, tokens, kv, blocks, reps: int) -> tuple[dict[str, flo
     try:
         for _ in range(reps + 1):
             spent.clear()
+            calls.clear()
             dev.synchronize()
             t0 = time.perf_counter()
             task = eng.start_retrieve(tokens, kv, blocks)
             total = time.perf_counter() - t0
             row = {k: v * 1e3 for k, v in spent.items()}  # before the waits queue the rest: the start only
             row["queue_layers"] = row.get("queue_layers", 0.0)
+            counts = dict(calls)
             w = []
             for i in range(min(6, task.num_layers)):
                 t1 = time.perf_counter()
@@ -216,7 +228,7 @@ def _phase_times(dev, eng, tokens, kv, blocks, reps: int) -> tuple[dict[str, flo
     keys = sorted({k for r in runs for k in r}, key=lambda k: (k.startswith("queue_layers."), k))
     out = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
     out["other"] = out["start"] - sum(v for k, v in out.items() if k != "start" and "." not in k)
-    return out, [statistics.median(w[i] for w in waits) for i in range(len(waits[0]))]
+    return out, [statistics.median(w[i] for w in waits) for i in range(len(waits[0]))], counts
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def test_start_profile_times_each_phase_of_a_layer_wise_start_on_the_host_queued
     top = ph["start"] - ph["other"]
     assert abs(top - sum(v for k, v in ph.items() if k not in ("start", "other") and "." not in k)) < 1e-6
     assert len(res["first_waits_ms"]) == 6
+    calls = res["calls"]  # how often each step ran in the start (the waits not counted)
+    assert calls["lookup"] == 1 and calls["queue_layers"] == 1 and calls["queue_layers.upload"] >= 1, calls
 
 
 def test_upload_cost_prints_each_call_on_the_cpu(tmp_path: Path) -> None:
