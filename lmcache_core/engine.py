@@ -67,12 +67,13 @@ AT_EXIT_FLUSH_S = 30.0  # all engines together
 
 
 def slab_size(chunk_buffer: int) -> int:
-    """The pinned slab for chunk buffers of ``chunk_buffer`` bytes: a power of two holding at least
-    four of them (the tail lost is under a quarter, under an eighth for a buffer just over a power
-    of two), within [SLAB_MIN, SLAB_MAX]; 0 where a buffer is too large to carve (each is then
-    allocated alone). Not larger: the reserve's thread pins a slab at a time, and a slab's pinning
-    holds the driver's lock that a step arriving meanwhile waits for."""
-    slab = max(SLAB_MIN, 1 << (4 * chunk_buffer - 1).bit_length())
+    """The pinned slab for chunk buffers of ``chunk_buffer`` bytes: the smallest power of two that
+    holds at least three of them, within [SLAB_MIN, SLAB_MAX]; 0 where a buffer is too large to
+    carve (each is then allocated alone). A 32 MiB chunk and its header: 128 MiB holding three,
+    a quarter of it unused, where alone each pinned 64 MiB. Not larger: the reserve's thread pins
+    a slab at a time, and the driver's lock it holds meanwhile stalls a step that arrives (a
+    run with 512 MiB slabs saw a 4K-token load wait 250 ms)."""
+    slab = max(SLAB_MIN, 1 << (3 * chunk_buffer - 1).bit_length())
     return slab if slab <= SLAB_MAX else 0
 
 

@@ -89,7 +89,17 @@ class BufferPool:
     with the quiet period), and never while a device copy into or out of the pool's buffers is
     under way (:meth:`transfer_begun` / :meth:`transfer_done`: a layer-by-layer load takes no
     buffer, so the quiet period alone let the refill run beside its copies). ``sync_allocations``
-    counts the allocations made on a caller's thread."""
+    counts the allocations made on a caller's thread.
+
+    With ``slab_bytes``, the reserve's buffers (up to a third of it each) are carved one after
+    another out of slabs of that size, each one allocation; a caller's thread carves what is
+    left of the slab in use, else allocates its buffer alone (pinning a whole slab would cost
+    its step several buffers' time). torch's pinned allocator rounds every allocation up to a
+    power of two, so a whole-chunk buffer (a 4 KiB header over a power-of-two payload)
+    allocated alone pins twice its size and takes twice the time; a power-of-two slab is
+    pinned as asked. A slab's memory returns to the allocator when the last buffer carved
+    from it is dropped; the uncarved tail of the slab in use is not counted in the idle or
+    live bytes."""
 
     def __init__(self, allocate: Callable[[int], "torch.Tensor"] | None = None,
                  max_idle_bytes: int = 1 << 30, reserve_bytes: int = 0, slab_bytes: int = 0) -> None:
@@ -112,7 +122,7 @@ class BufferPool:
         self.slab_bytes = slab_bytes
         self._slab: "torch.Tensor | None" = None  # the slab being carved, and its next free offset
         self._slab_off = 0
-        self._carve = threading.Lock()  # one carver at a time; held across a slab's allocation
+        self._carve = threading.Lock()  # one carver at a time (a slab is allocated outside it)
         self.reserve_bytes = min(reserve_bytes, max_idle_bytes)
         self._reserve_size = 0  # the size the refiller keeps ready
         self._refill = threading.Condition(self._lock)
@@ -154,7 +164,7 @@ class BufferPool:
         """Drop what ``prepare`` set aside and ``acquire`` did not take."""
 
     def _new(self, size: int, caller: bool = False) -> PooledBuffer:
-        if self.slab_bytes and size <= self.slab_bytes // 4:
+        if self.slab_bytes and size <= self.slab_bytes // 3:
             buf = self._carved(size, caller)
             if buf is not None:
                 return buf

@@ -154,7 +154,7 @@ def test_the_reserve_carves_whole_chunk_buffers_from_power_of_two_slabs() -> Non
     for i, b in enumerate(bufs):
         b.view().fill_(i)
     assert all(int(b.view()[0]) == i and int(b.view()[-1]) == i for i, b in enumerate(bufs))
-    big = pool.acquire(8 * CHUNK)  # over a quarter of a slab: allocated alone
+    big = pool.acquire(8 * CHUNK)  # over a third of a slab: allocated alone
     assert asked[-1] == (8 * CHUNK + 4096, "MainThread") and big.address % 4096 == 0
     for b in [first, big, *bufs]:
         b.release()
@@ -165,11 +165,11 @@ def test_the_reserve_carves_whole_chunk_buffers_from_power_of_two_slabs() -> Non
     pool.close()
 
 
-def test_slab_size_holds_four_chunk_buffers_within_bounds() -> None:
+def test_slab_size_holds_three_chunk_buffers_within_bounds() -> None:
     from lmcache_core.engine import SLAB_MAX, SLAB_MIN, slab_size
 
     llama8b = 4096 + 32 * 2 * 256 * 8 * 128 * 2  # a 256-token chunk of Llama-3-8B plus its header
     s = slab_size(llama8b)
-    assert s == 256 << 20 and s // llama8b == 7
+    assert s == 128 << 20 and s // llama8b == 3  # alone, each pinned 64 MiB
     assert slab_size(4096 + 64 * 1024) == SLAB_MIN
     assert slab_size(SLAB_MAX) == 0  # too large to carve: allocated alone
