@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -364,6 +365,10 @@ class KVTransfer:
         self._next_slot = 0
         self._ring_gen = 0
         self._layouts = _Memo(_BATCHES)
+        #: a staged batch's kernel tables on the device, by everything they are computed from
+        #: (addresses and sizes, no tensor identity): later requests of the same shape reuse them
+        #: and upload only their slots (:meth:`_stage_preps`)
+        self._stage_tabs: OrderedDict[tuple[Any, ...], tuple["torch.Tensor", Any, bool]] = OrderedDict()
         self._ring_failed: tuple[int, str] | None = None  # (slot bytes, why) of a ring that could not be allocated
         self._copy_streams: list[Any] = []
         self._plans: list[tuple[tuple[Any, ...], Any, _Plan]] = []
@@ -921,7 +926,9 @@ class KVTransfer:
         """The kernel's tables of ``items``' ``groups`` of ``lay``, per group one per ring slot of
         ``ring_slots``: each group's chunks lie in the slot as ``[nl, P, n, hidden]`` views at
         its offsets. Built with numpy and uploaded with the groups' slots as one buffer (one
-        pinned copy, one event); each table's slot column points into that one slot tensor."""
+        pinned copy, one event); each table's slot column points into that one slot tensor. The
+        tables are kept by the numbers they are computed from, so a later batch of the same shape
+        (the same chunk sizes in the same ring places) uploads only its slots."""
         import numpy as np
 
         g = kv.geometry
@@ -932,6 +939,42 @@ class KVTransfer:
         offs = np.fromiter((o for gi in groups for o in lay.offsets[gi]), dtype=np.int64, count=len(idx))
         bases = np.fromiter((int(self._ring[ri].data_ptr()) for ri in ring_slots), dtype=np.int64,
                             count=len(ring_slots))
+        slots_of = [items[k][0] for k in idx]
+        key = (int(table.base.data_ptr()), elem, g.kv_planes, g.hidden, l0 if nl > 1 else -1, nl, bases.tobytes(),
+               offs.tobytes(), ns.tobytes())  # all the rows depend on (l0 only through a layer stride)
+        hit = self._stage_tabs.get(key)
+        if hit is not None:  # the same shape as an earlier batch: its tables, and this batch's slots
+            self._stage_tabs.move_to_end(key)
+            tab, tab_ready, aligned = hit
+            _, slots, ready = triton_copy.upload_with_slots(np.empty((0, 6), dtype=np.int64), slots_of, self.device)
+            readies: tuple[Any, ...] = (tab_ready, ready)
+        else:
+            rows, aligned = self._stage_rows(kv, table, bases, offs, ns, l0, nl)
+            tab, slots, ready = triton_copy.upload_with_slots(rows, slots_of, self.device)
+            readies = (ready,)
+            self._stage_tabs[key] = (tab, ready, aligned)
+            while len(self._stage_tabs) > _BATCHES:
+                self._stage_tabs.popitem(last=False)
+        out: list[list[Any]] = []
+        first = 0
+        for gi in groups:
+            m = len(lay.groups[gi])
+            max_n = int(ns[first:first + m].max()) if m else 0
+            out.append([triton_copy.Prepared(tab[(r * len(idx) + first) * 6:(r * len(idx) + first + m) * 6], slots,
+                                             m, max_n, aligned, readies)
+                        for r in range(len(ring_slots))])
+            first += m
+        return out
+
+    @staticmethod
+    def _stage_rows(kv: "PagedKV", table: Any, bases: Any, offs: Any, ns: Any, l0: int, nl: int) -> tuple[Any, bool]:
+        """The kernel table rows ``[ring slots, chunks, 6]`` of chunks of ``ns`` tokens at ring
+        offsets ``offs`` in the ring slots at ``bases``, and whether every address is 16-byte
+        aligned: a function of these numbers alone."""
+        import numpy as np
+
+        g = kv.geometry
+        elem = kv.layers[0].k.element_size()
         s_l = g.kv_planes * ns * g.hidden if nl > 1 else np.zeros_like(ns)
         addr = bases[:, None] + (offs - l0 * s_l * elem)[None, :]  # [ring slots, chunks], bytes
         delta = addr - int(table.base.data_ptr())
@@ -944,18 +987,7 @@ class KVTransfer:
         rows[..., 3] = g.hidden
         rows[..., 4] = np.cumsum(ns) - ns  # where each chunk's slots start in the uploaded slot tensor
         rows[..., 5] = ns
-        aligned = bool((addr % 16 == 0).all()) and g.hidden % (16 // elem) == 0
-        tab, slots, ready = triton_copy.upload_with_slots(rows, [items[k][0] for k in idx], self.device)
-        out: list[list[Any]] = []
-        first = 0
-        for gi in groups:
-            m = len(lay.groups[gi])
-            max_n = int(ns[first:first + m].max()) if m else 0
-            out.append([triton_copy.Prepared(tab[(r * len(idx) + first) * 6:(r * len(idx) + first + m) * 6], slots,
-                                             m, max_n, aligned, (ready,))
-                        for r in range(len(ring_slots))])
-            first += m
-        return out
+        return rows, bool((addr % 16 == 0).all()) and g.hidden % (16 // elem) == 0
 
     def _ring_copies(self, kv: "PagedKV", lay: "_StageLayout", gi: int, group: Batch, slot_i: int,
                      run: list[int], gather: bool, cs: Any) -> None:

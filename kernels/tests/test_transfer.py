@@ -656,6 +656,40 @@ def test_a_batch_filling_several_ring_groups_builds_all_their_tables_at_once(mon
 
 
 @pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
+@pytest.mark.parametrize("gather", [False, True])
+def test_a_later_request_of_the_same_shape_reuses_the_tables_and_moves_its_own_slots(monkeypatch, gather) -> None:
+    # a staged batch's kernel tables are a function of the ring's addresses and the chunks' sizes
+    # alone: a later request of the same shape (other chunks, other slots) reuses them and uploads
+    # only its slots, and every request's chunks still land bit for bit at their own slots
+    from lmcache_kernels import reference
+
+    kv, xfer = _cpu_staged(64, 97)
+    torch_x = KVTransfer(torch.device("cpu"), TransferOptions(store_mode="torch", load_mode="torch"), None)
+    rows: list[int] = []
+    real = KVTransfer._stage_rows
+    monkeypatch.setattr(KVTransfer, "_stage_rows", staticmethod(lambda *a: (rows.append(1), real(*a))[1]))
+    layers = range(len(kv.layers))
+    for seed, sizes in ((110, [8, 5, 8]), (111, [8, 5, 8]), (112, [8, 5, 8]), (113, [8, 6, 8])):
+        batch = _batch(kv, sizes, seed)  # random slots of their own, drawn again per request
+        if gather:
+            for layer in layers:
+                xfer.gather(kv, batch, (layer,))
+            want = [(s, chunk_like(kv, max(sizes))) for s, _ in batch]
+            reference.gather_batch(kv, want, layers)
+            got = batch
+        else:
+            want = [(s, c.clone()) for s, c in batch]
+            for layer in layers:
+                xfer.scatter(kv, batch, (layer,))
+            got = [(s, chunk_like(kv, max(sizes))) for s, _ in batch]
+            torch_x.gather(kv, got)
+        for (sl, a), (_, b) in zip(want, got):
+            n = int(sl.numel())
+            assert torch.equal(bits(a[:, :, :n]), bits(b[:, :, :n])), (seed, n)
+    assert len(rows) == 2, rows  # the first shape once for its three requests, then the other shape
+
+
+@pytest.mark.skipif(not CPU_KERNEL_OK, reason=f"Triton interpreter unavailable: {CPU_KERNEL_WHY}")
 def test_many_requests_loaded_layer_by_layer_keep_their_tables(monkeypatch) -> None:
     # one engine step loading 12 requests layer by layer interleaves 12 batches on one transfer:
     # each batch's ring tables are built once, not again at every layer (the caches hold them all)
