@@ -691,11 +691,23 @@ class KVTransfer:
         return near, far, by_dma
 
     @staticmethod
-    def _dma_chunk_ok(kv: "PagedKV", c: "torch.Tensor") -> bool:
+    def _dma_chunk_ok(kv: "PagedKV", c: "torch.Tensor", pinned: "dict[int, bool] | None" = None) -> bool:
         """A chunk the copy engines can take: host memory, pinned (or KV on the host too), and
-        token-major (each token's hidden vector contiguous, tokens one after another)."""
-        return c.device.type == "cpu" and (c.is_pinned() or kv.device.type == "cpu") and c.stride(3) == 1 \
-            and c.stride(2) == kv.geometry.hidden
+        token-major (each token's hidden vector contiguous, tokens one after another). ``pinned``
+        keeps the answer per allocation (a storage is pinned as a whole) for one call: each
+        ``is_pinned`` is a driver query, and every storage stays alive while the call holds its
+        chunks, so no address is reused within it."""
+        if c.device.type != "cpu" or c.stride(3) != 1 or c.stride(2) != kv.geometry.hidden:
+            return False
+        if kv.device.type == "cpu":
+            return True
+        if pinned is None:
+            return c.is_pinned()
+        base = c.untyped_storage().data_ptr()
+        hit = pinned.get(base)
+        if hit is None:
+            hit = pinned[base] = c.is_pinned()
+        return hit
 
     def _disable_dma(self, why: str) -> None:
         """Copy-engine batches failed: never again in this process (the kernel paths stay)."""
@@ -871,7 +883,8 @@ class KVTransfer:
             hit = sig.extra.get(key)
             if hit is not None:
                 return hit
-        ok = all(self._dma_chunk_ok(kv, c) for _, c in items)
+        pinned: dict[int, bool] = {}  # per allocation: chunks carved from one pool slab share it
+        ok = all(self._dma_chunk_ok(kv, c, pinned) for _, c in items)
         if sig is not None:
             sig.extra[key] = ok
         return ok

@@ -870,3 +870,27 @@ def test_ring_copy_option_is_checked_and_read_from_the_environment() -> None:
     assert TransferOptions.from_env({"LMCACHE_KV_RING_COPY": "DMA"}).ring_copy == "dma"
     with pytest.raises(ValueError, match="ring_copy must be one of kernel, dma"):
         TransferOptions(ring_copy="sm")
+
+
+def test_copy_engine_check_asks_the_driver_once_per_allocation_not_per_chunk(monkeypatch) -> None:
+    # each is_pinned is a driver query (about 5 us on a GPU host, 128 of them at 32K tokens);
+    # chunks carved from one pool slab share their allocation, and one answer serves them all
+    from types import SimpleNamespace
+
+    hidden = 16
+    kv = SimpleNamespace(device=torch.device("cuda"), geometry=SimpleNamespace(hidden=hidden))
+    slab, alone = torch.empty(3 * 2 * 2 * 4 * hidden), torch.empty(2 * 2 * 4 * hidden)
+    chunks = [slab[i * 256:(i + 1) * 256].view(2, 2, 4, hidden) for i in range(3)] + [alone.view(2, 2, 4, hidden)]
+    asked: list[int] = []
+    answer = {slab.data_ptr(): True, alone.data_ptr(): True}
+
+    def is_pinned(t: torch.Tensor) -> bool:
+        asked.append(t.data_ptr())
+        return answer[t.untyped_storage().data_ptr()]
+
+    monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
+    xfer = KVTransfer(torch.device("cpu"), TransferOptions(), None)
+    items = [(torch.arange(4), c) for c in chunks]
+    assert xfer._chunks_dma_ok(kv, items, None) and len(asked) == 2
+    answer[alone.data_ptr()] = False  # one pageable chunk: the batch is not for the copy engines
+    assert not xfer._chunks_dma_ok(kv, items, None)
