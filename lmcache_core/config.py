@@ -136,9 +136,9 @@ class Config:
         "Upper bound of host buffer bytes held by the buffer pool (idle buffers kept for reuse).",
         size=True, minimum=0))
     host_pool_reserve: int = field(default=4 * 1024**3, metadata=_meta(
-        "Bytes of whole-chunk pinned buffers the pool allocates ahead in a background thread (on devices "
-        "with pinned memory, capped by host_pool_size), so a store that fills the cache does not pin "
-        "memory on the engine's step (pinning runs at about 2 GB/s); 0 turns it off.",
+        "Bytes of whole-chunk pinned buffers the pool allocates ahead in a background thread (embedded mode, "
+        "on devices with pinned memory, capped by host_pool_size), so a store that fills the cache does not "
+        "pin memory on the engine's step (about 1 GB/s of chunk buffers); 0 turns it off.",
         size=True, minimum=0))
     max_inflight_bytes: int = field(default=4 * 1024**3, metadata=_meta(
         "Upper bound of host bytes of chunks in flight (gathered and not yet handed to the tiers, "

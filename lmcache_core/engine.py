@@ -72,7 +72,8 @@ def slab_size(chunk_buffer: int) -> int:
     carve (each is then allocated alone). A 32 MiB chunk and its header: 128 MiB holding three,
     a quarter of it unused, where alone each pinned 64 MiB. Not larger: the reserve's thread pins
     a slab at a time, and a step that arrives meanwhile waits for the driver's lock it holds
-    (pinning runs at about 2 GB/s: 64 ms for 128 MiB)."""
+    (chunk buffers alone pinned at about 1 GB/s of buffer, twice that in pinned bytes: a 128 MiB
+    slab takes about 64 ms)."""
     slab = max(SLAB_MIN, 1 << (3 * chunk_buffer - 1).bit_length())
     return slab if slab <= SLAB_MAX else 0
 
