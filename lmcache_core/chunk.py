@@ -278,14 +278,28 @@ class ChunkBuffer:
     def nbytes(self) -> int:
         return self.buf.capacity
 
-    def kv(self) -> "torch.Tensor":
-        """The payload as ``[layers, planes, tokens, hidden]`` of the KV dtype (no copy)."""
-        if self.header.codec != "none":
+    def kv(self, first: int = 0, end: int | None = None) -> "torch.Tensor":
+        """The payload as ``[layers, planes, tokens, hidden]`` of the KV dtype (no copy); with
+        ``first``/``end``, only those tokens (the same view as slicing the third dimension)."""
+        h = self.header
+        if h.codec != "none":
             raise ChunkError("kv() on an encoded chunk; decode it first")
-        g = self.header.geometry
-        return self.buf.view(HEADER_SIZE, self.header.payload_len).view(torch_dtype(g.dtype)).view(
-            g.shape(self.header.num_tokens)
-        )
+        g = h.geometry
+        n = h.num_tokens
+        end = n if end is None else end
+        if not 0 <= first <= end <= n:
+            raise ChunkError(f"tokens [{first}:{end}] of a chunk of {n}")
+        dtype = torch_dtype(g.dtype)
+        t = self.buf.typed(dtype)
+        elem = t.element_size()
+        layers, planes, hidden = g.num_layers, g.kv_planes, g.hidden
+        # the view's bounds are checked here: the buffer may be carved from a larger allocation,
+        # whose storage as_strided would check against instead
+        if h.payload_len != layers * planes * n * hidden * elem or HEADER_SIZE + h.payload_len > self.buf.capacity:
+            raise ChunkError(f"payload of {h.payload_len} bytes does not hold {n} tokens of {g.signature} "
+                             f"in a buffer of {self.buf.capacity}")
+        return t.as_strided((layers, planes, end - first, hidden), (planes * n * hidden, n * hidden, hidden, 1),
+                            t.storage_offset() + HEADER_SIZE // elem + first * hidden)
 
     def coded(self) -> "torch.Tensor":
         """The stored payload as a 1-D uint8 tensor (no copy): what a device codec gathers into

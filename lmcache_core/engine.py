@@ -319,7 +319,7 @@ class CacheEngine:
         """What the device copies for ``(chunk, slots, first, end)`` parts: the tokens
         ``first..end`` of each chunk's plain KV, or of its coded image."""
         if self.kv_wire == "none":
-            return [(slots, c.kv()[:, :, first:end]) for c, slots, first, end in parts]
+            return [(slots, c.kv(first, end)) for c, slots, first, end in parts]
         return [CodedPart(slots, c.coded(), c.num_tokens, first) for c, slots, first, end in parts]
 
     # -- slots ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class BufferError_(RuntimeError):
 class PooledBuffer:
     """A 4096-aligned host byte buffer with a reference count."""
 
-    __slots__ = ("_pool", "_backing", "tensor", "capacity", "_refs", "__weakref__")
+    __slots__ = ("_pool", "_backing", "tensor", "capacity", "_refs", "_typed", "__weakref__")
 
     def __init__(self, pool: "BufferPool", backing: "torch.Tensor", tensor: "torch.Tensor") -> None:
         self._pool = pool
@@ -42,6 +42,22 @@ class PooledBuffer:
         self.tensor = tensor  # 1-D uint8, aligned, len == capacity
         self.capacity = int(tensor.numel())
         self._refs = 1
+        self._typed: "dict[torch.dtype, torch.Tensor] | None" = None
+
+    def typed(self, dtype: "torch.dtype") -> "torch.Tensor":
+        """The whole buffer as a 1-D tensor of ``dtype``, made once per dtype outside inference
+        mode (a view made inside it could not be written outside it), for views of a chunk's
+        payload in one ``as_strided`` (a chain of views and a slice cost three times as much)."""
+        typed = self._typed
+        if typed is None:
+            typed = self._typed = {}
+        t = typed.get(dtype)
+        if t is None:
+            import torch
+
+            with torch.inference_mode(False):
+                t = typed[dtype] = self.tensor.view(dtype)
+        return t
 
     @property
     def refs(self) -> int:

@@ -163,3 +163,34 @@ def test_layout_errors_are_clear():
     assert PagedKV.from_vllm([torch.zeros(8, 2, 16, 8)], head_dim=4).kind == "vllm_blocks_heads"
     with pytest.raises(LayoutError, match="block table has 1 blocks"):
         slot_mapping(torch.tensor([3]), 16, 0, 17)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("planes", [2, 1])
+def test_kv_token_ranges_are_the_sliced_view_of_a_carved_buffer(dtype: torch.dtype, planes: int) -> None:
+    # kv(first, end) is one as_strided over the buffer's typed view: the same elements as the view
+    # chain and slice it replaced, for chunks carved side by side from one slab, where a wrong
+    # offset or stride would read the neighbour's tokens
+    geom = ChunkGeometry(L, H, D, str(dtype).replace("torch.", ""), kv_planes=planes)
+    pool = BufferPool(slab_bytes=1 << 20, reserve_bytes=0)
+    pool._slab, pool._slab_off = torch.empty(1 << 20, dtype=torch.uint8), 0  # carved as the reserve does
+    keys = chunk_keys(list(range(1, 2 * 13 + 1)), Namespace("m", "sig"), 13)
+    chunks = [new_chunk(pool, k, geom, 13) for k in keys]
+    assert pool.host_allocations == 0  # both cut from the one slab
+    for i, c in enumerate(chunks):
+        old = c.buf.view(HEADER_SIZE, c.header.payload_len).view(dtype).view(geom.shape(13))
+        old.copy_(torch.randn(old.shape, generator=torch.Generator().manual_seed(i)).to(dtype))
+    for c in chunks:
+        old = c.buf.view(HEADER_SIZE, c.header.payload_len).view(dtype).view(geom.shape(13))
+        for first, end in ((0, 13), (0, 5), (4, 13), (7, 7), (12, 13)):
+            got = c.kv(first, end)
+            assert got.shape == old[:, :, first:end].shape and got.stride() == old[:, :, first:end].stride()
+            assert got.data_ptr() == old[:, :, first:end].data_ptr()
+            assert torch.equal(got, old[:, :, first:end])
+        assert torch.equal(c.kv(), old)
+        with pytest.raises(ChunkError, match="tokens"):
+            c.kv(3, 14)
+    with torch.inference_mode():  # a view taken inside inference mode is still writable outside it
+        chunks[0].kv(0, 4)
+    chunks[0].kv(0, 4).zero_()
+    assert not chunks[0].kv(0, 4).any() and chunks[0].kv(4, 13).any()
