@@ -105,6 +105,18 @@ def wait_finished(w: VLLMWorker, req: str, kind: int, timeout: float = 120.0) ->
     return time.perf_counter()
 
 
+def pool_marks(engine: CacheEngine) -> tuple[int, int]:
+    """The pool's allocator calls so far: all of them, and those made on a caller's thread (the
+    reserve's background pinning holds the driver's lock beside a timed phase; the caller's
+    stalls the phase itself)."""
+    return getattr(engine.pool, "host_allocations", 0), getattr(engine.pool, "sync_allocations", 0)
+
+
+def pool_during(engine: CacheEngine, before: tuple[int, int]) -> dict[str, int]:
+    now = pool_marks(engine)
+    return {"allocator_calls": now[0] - before[0], "on_the_step": now[1] - before[1]}
+
+
 def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: int) -> dict[str, Any]:
     dtype = getattr(torch, a.dtype)
     nblocks = (a.tokens + a.block - 1) // a.block
@@ -145,9 +157,11 @@ def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: in
     engine.tiers.delete(engine.keys(warm))
     sync(a.device)
     allocs = engine.pool.allocations
+    marks = pool_marks(engine)
     t0 = time.perf_counter()
     step(src, StepPlan(saves=(SaveSpec("store_warm", warm, tuple(src_blocks)),)))
     out["store_warm_s"] = wait_finished(src, "store_warm", 0) - t0
+    out["pool_during"] = {"store_warm": pool_during(engine, marks)}
     engine.flush()
     out["store_warm_GBps"] = nbytes / out["store_warm_s"] / 1e9
     out["store_warm_fresh_allocations"] = engine.pool.allocations - allocs
@@ -175,9 +189,11 @@ def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: in
     # 3. async load into fresh zeros
     for t in dst_caches.values():
         t.zero_()
+    marks = pool_marks(engine)
     t0 = time.perf_counter()
     step(dst, StepPlan(loads=(LoadSpec("aload", tokens, tuple(dst_blocks), 0, a.tokens, is_async=True),)))
     out["async_load_s"] = wait_finished(dst, "aload", 1) - t0
+    out["pool_during"]["async_load"] = pool_during(engine, marks)
     sync(a.device)
     out["async_bit_exact"] = bool(torch.equal(token_kv(dst, dst_blocks, 0, a.tokens),
                                               token_kv(src, src_blocks, 0, a.tokens)))
@@ -231,8 +247,10 @@ def run_layout(layout: str, a: argparse.Namespace, engine: CacheEngine, seed: in
             return min(times)
 
         compute_s = best(lambda: [compute(i) for i in range(a.layers)])
+        marks = pool_marks(engine)
         piped_s = best(lambda: step(dst, StepPlan(loads=(LoadSpec("pipe", tokens, tuple(dst_blocks), 0,
                                                                   a.tokens),)), compute))
+        out["pool_during"]["pipelined"] = pool_during(engine, marks)
         shorter = min(compute_s, out["load_s"])
         out["pipeline"] = {"compute_s": compute_s, "load_s": out["load_s"], "pipelined_s": piped_s,
                            "matmul_n": a.compute_dim, "matmuls_per_layer": iters, "matmul_ms": mm_s * 1e3,
