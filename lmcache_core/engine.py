@@ -24,7 +24,7 @@ from .device import CodedPart, Device, Event
 from .errors import ConfigError, LayoutError
 from .keys import ChunkKey, KeyExtras, Namespace, chunk_keys, sglang_chunk_keys
 from .layout import ChunkGeometry, PagedKV, slot_mapping
-from .memory import BufferPool
+from .memory import BufferPool, round_up
 from .metrics import Metrics, serve
 from .plugins import PluginManager, build_stores, get_plugin_manager, resolve_device
 from .storage import StoreContext
@@ -151,7 +151,7 @@ class CacheEngine:
             pinned = self.device.capabilities.pinned_memory
             self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size,
                                    reserve_bytes=self.config.host_pool_reserve if pinned else 0,
-                                   slab_bytes=slab_size(chunkmod.HEADER_SIZE + geometry.nbytes(self.config.chunk_size))
+                                   slab_bytes=slab_size(round_up(chunkmod.HEADER_SIZE + geometry.nbytes(self.config.chunk_size)))
                                    if pinned else 0)
         chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
         #: kv_codec: the device's copies code the KV (fp8: half the bytes); chunk buffers, every

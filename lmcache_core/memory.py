@@ -107,15 +107,19 @@ class BufferPool:
     buffer, so the quiet period alone let the refill run beside its copies). ``sync_allocations``
     counts the allocations made on a caller's thread.
 
-    With ``slab_bytes``, the reserve's buffers (up to a third of it each) are carved one after
-    another out of slabs of that size, each one allocation; a caller's thread carves what is
-    left of the slab in use, else allocates its buffer alone (pinning a whole slab would cost
+    With ``slab_bytes``, the reserve's buffers (whole chunks, up to a third of it each) are carved
+    one after another out of slabs of that size, each one allocation; a caller's thread carves a
+    whole-chunk buffer from what is left of the slab in use, else allocates it alone (as every
+    other size) (pinning a whole slab would cost
     its step several buffers' time). torch's pinned allocator rounds every allocation up to a
     power of two, so a whole-chunk buffer (a 4 KiB header over a power-of-two payload)
     allocated alone pins twice its size and takes twice the time; a power-of-two slab is
     pinned as asked. A slab's memory returns to the allocator when the last buffer carved
-    from it is dropped; the uncarved tail of the slab in use is not counted in the idle or
-    live bytes."""
+    from it is dropped, so a buffer dropped (past ``max_idle_bytes``) while a sibling lives frees
+    nothing: at worst a slab stays pinned for one live buffer (128 MiB for a 32 MiB chunk, where
+    alone it pins 64 MiB); buffers carved together are a request's chunks, which a tier keeps
+    and evicts together. The uncarved tail of the slab in use is not counted in the idle or live
+    bytes."""
 
     def __init__(self, allocate: Callable[[int], "torch.Tensor"] | None = None,
                  max_idle_bytes: int = 1 << 30, reserve_bytes: int = 0, slab_bytes: int = 0) -> None:
@@ -180,7 +184,9 @@ class BufferPool:
         """Drop what ``prepare`` set aside and ``acquire`` did not take."""
 
     def _new(self, size: int, caller: bool = False) -> PooledBuffer:
-        if self.slab_bytes and size <= self.slab_bytes // 3:
+        # only whole-chunk buffers (the reserve's size) share slabs: a partial chunk kept long in
+        # a tier would hold a whole slab pinned for its few bytes
+        if self.slab_bytes and size == self._reserve_size and size <= self.slab_bytes // 3:
             buf = self._carved(size, caller)
             if buf is not None:
                 return buf

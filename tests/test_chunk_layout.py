@@ -9,7 +9,7 @@ from lmcache_core.chunk import HEADER_SIZE, decode_image, new_chunk, seal
 from lmcache_core.errors import ChunkError, LayoutError
 from lmcache_core.keys import Namespace, chunk_keys
 from lmcache_core.layout import ChunkGeometry, PagedKV, slot_mapping
-from lmcache_core.memory import BufferPool
+from lmcache_core.memory import BufferPool, round_up
 
 from .conftest import random_kv
 
@@ -174,6 +174,7 @@ def test_kv_token_ranges_are_the_sliced_view_of_a_carved_buffer(dtype: torch.dty
     geom = ChunkGeometry(L, H, D, str(dtype).replace("torch.", ""), kv_planes=planes)
     pool = BufferPool(slab_bytes=1 << 20, reserve_bytes=0)
     pool._slab, pool._slab_off = torch.empty(1 << 20, dtype=torch.uint8), 0  # carved as the reserve does
+    pool._reserve_size = round_up(HEADER_SIZE + geom.nbytes(13))  # whole chunks of 13 tokens
     keys = chunk_keys(list(range(1, 2 * 13 + 1)), Namespace("m", "sig"), 13)
     chunks = [new_chunk(pool, k, geom, 13) for k in keys]
     assert pool.host_allocations == 0  # both cut from the one slab

@@ -154,6 +154,9 @@ def test_the_reserve_carves_whole_chunk_buffers_from_power_of_two_slabs() -> Non
     for i, b in enumerate(bufs):
         b.view().fill_(i)
     assert all(int(b.view()[0]) == i and int(b.view()[-1]) == i for i, b in enumerate(bufs))
+    tail = pool.acquire(4096)  # a partial chunk: alone, never in a slab it would keep pinned
+    assert asked[-1] == (2 * 4096, "MainThread") and pool.sync_allocations == 2
+    tail.release()
     big = pool.acquire(8 * CHUNK)  # over a third of a slab: allocated alone
     assert asked[-1] == (8 * CHUNK + 4096, "MainThread") and big.address % 4096 == 0
     for b in [first, big, *bufs]:
