@@ -149,10 +149,10 @@ class CacheEngine:
             # chunks allocated ahead, off the engine's step (the memory tier keeps what it caches),
             # carved from power-of-two slabs (torch's pinned allocator rounds each allocation up).
             pinned = self.device.capabilities.pinned_memory
+            whole_chunk = round_up(chunkmod.HEADER_SIZE + geometry.nbytes(self.config.chunk_size))
             self.pool = BufferPool(self.device.alloc_host, self.config.host_pool_size,
                                    reserve_bytes=self.config.host_pool_reserve if pinned else 0,
-                                   slab_bytes=slab_size(round_up(chunkmod.HEADER_SIZE + geometry.nbytes(self.config.chunk_size)))
-                                   if pinned else 0)
+                                   slab_bytes=slab_size(whole_chunk) if pinned else 0)
         chunkmod.bind_integrity_key(self.pool, self.config.integrity_secret())  # this engine's own key
         #: kv_codec: the device's copies code the KV (fp8: half the bytes); chunk buffers, every
         #: tier and the key namespace hold that form, and reads hand it to the device still coded

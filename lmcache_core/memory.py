@@ -109,12 +109,11 @@ class BufferPool:
 
     With ``slab_bytes``, the reserve's buffers (whole chunks, up to a third of it each) are carved
     one after another out of slabs of that size, each one allocation; a caller's thread carves a
-    whole-chunk buffer from what is left of the slab in use, else allocates it alone (as every
-    other size) (pinning a whole slab would cost
-    its step several buffers' time). torch's pinned allocator rounds every allocation up to a
-    power of two, so a whole-chunk buffer (a 4 KiB header over a power-of-two payload)
-    allocated alone pins twice its size and takes twice the time; a power-of-two slab is
-    pinned as asked. A slab's memory returns to the allocator when the last buffer carved
+    whole-chunk buffer from what is left of the slab in use, else allocates it alone, as every
+    other size (pinning a whole slab would cost its step several buffers' time). torch's pinned
+    allocator rounds every allocation up to a power of two, so a whole-chunk buffer (a 4 KiB
+    header over a power-of-two payload) allocated alone pins twice its size and takes twice the
+    time; a power-of-two slab is pinned as asked. A slab's memory returns to the allocator when the last buffer carved
     from it is dropped, so a buffer dropped (past ``max_idle_bytes``) while a sibling lives frees
     nothing: at worst a slab stays pinned for one live buffer (128 MiB for a 32 MiB chunk, where
     alone it pins 64 MiB); buffers carved together are a request's chunks, which a tier keeps

@@ -665,7 +665,8 @@ class KVTransfer:
         if mode == "dma":  # host chunks to the copy engines, the rest as ``direct`` would take them
             why = self._dma_unusable(kv)
             host = [i for i in idx if batch[i][1].device.type == "cpu"]
-            if why is None and all(self._dma_chunk_ok(kv, batch[i][1]) for i in host):
+            pinned: dict[int, bool] = {}
+            if why is None and all(self._dma_chunk_ok(kv, batch[i][1], pinned) for i in host):
                 by_dma, idx = host, [i for i in idx if batch[i][1].device.type != "cpu"]
             else:
                 why = why or "chunks not pinned or not token-major"
@@ -691,7 +692,7 @@ class KVTransfer:
         return near, far, by_dma
 
     @staticmethod
-    def _dma_chunk_ok(kv: "PagedKV", c: "torch.Tensor", pinned: "dict[int, bool] | None" = None) -> bool:
+    def _dma_chunk_ok(kv: "PagedKV", c: "torch.Tensor", pinned: dict[int, bool]) -> bool:
         """A chunk the copy engines can take: host memory, pinned (or KV on the host too), and
         token-major (each token's hidden vector contiguous, tokens one after another). ``pinned``
         keeps the answer per allocation (a storage is pinned as a whole) for one call: each
@@ -701,8 +702,6 @@ class KVTransfer:
             return False
         if kv.device.type == "cpu":
             return True
-        if pinned is None:
-            return c.is_pinned()
         base = c.untyped_storage().data_ptr()
         hit = pinned.get(base)
         if hit is None:
